@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv and install
+# torch==2.13.0 FIRST (any other torch spec would pull several GB of CUDA wheels), then the
+# project with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= quant,hf,test
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/aigc-opt demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/minilm_int8.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,53 @@
+"""aigc_opt: make trained models smaller and faster for a named piece of hardware, and prove it.
+
+Example:
+    >>> import aigc_opt as ao, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    >>> m = ao.Model(net.eval(), example_inputs=(torch.randn(8, 64),), target="host")
+    >>> q = ao.quantize(m, "int8-dynamic")          # a new Model; m is untouched
+    >>> report = ao.compare(m, q, iters=20)         # doctest: +SKIP
+    >>> print(report)                               # doctest: +SKIP
+
+``import aigc_opt`` needs only torch and numpy; every optional backend is imported when used.
+"""
+
+__version__ = "0.1.0"
+
+from . import errors
+from .bench import Fidelity, Measurement, Report, benchmark, compare
+from .model import Model
+from .passes import (
+    COMPILE_BACKENDS,
+    PASS_TYPES,
+    QUANT_METHODS,
+    Compile,
+    Pass,
+    PassRecord,
+    Quantize,
+    compile,
+    quantize,
+)
+from .pipeline import Pipeline
+from .target import Target
+
+__all__ = [
+    "__version__",
+    "errors",
+    "Model",
+    "Target",
+    "Pass",
+    "PassRecord",
+    "Pipeline",
+    "Quantize",
+    "quantize",
+    "Compile",
+    "compile",
+    "QUANT_METHODS",
+    "COMPILE_BACKENDS",
+    "PASS_TYPES",
+    "benchmark",
+    "compare",
+    "Measurement",
+    "Fidelity",
+    "Report",
+]

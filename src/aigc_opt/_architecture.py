@@ -1,0 +1,113 @@
+"""How a saved torch Model's module is rebuilt without unpickling code from the save directory.
+
+A saved ``format="torch"`` Model holds weights (``weights.pt``, loaded with ``weights_only=True``)
+and an *architecture spec* in its manifest: JSON that names a builder and its arguments. Loading
+builds a fresh skeleton from the spec, replays the recorded passes' structural changes on it
+(the ModelOpt convert/restore idea), then loads the weights into it.
+
+Builders:
+- ``"hf"``: a Hugging Face ``transformers`` model class and its config (only classes that
+  ``transformers`` itself exports are accepted).
+- ``"aigc_opt"``: modules defined by aigc_opt (e.g. the sentence-embedding wrapper).
+- ``"factory"``: the user's own importable function; imported only with ``trust=True`` (a
+  manifest could otherwise name any function), or replaced by ``Model.load(..., module=...)``.
+- ``"custom"``: nothing to rebuild from; the user passes a skeleton with ``module=``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._registry import Registry
+from .errors import ConfigError, UnsupportedModelError
+
+__all__ = ["describe_architecture", "build_architecture", "AIGC_MODULES", "factory_path"]
+
+# aigc_opt's own module classes that can be rebuilt from JSON: name -> builder(**kwargs).
+AIGC_MODULES: Registry[Callable[..., torch.nn.Module]] = Registry("aigc_opt module")
+
+
+def factory_path(factory: Callable[..., Any] | str) -> str:
+    """``"package.module:function"`` for an importable function, refusing lambdas and locals."""
+    if isinstance(factory, str):
+        if ":" not in factory:
+            raise ConfigError(f"factory {factory!r} must look like 'package.module:function'.")
+        return factory
+    module, qualname = getattr(factory, "__module__", None), getattr(factory, "__qualname__", "")
+    if not module or "<" in qualname or module == "__main__":
+        raise ConfigError(
+            f"factory {factory!r} cannot be imported again by name (it is a lambda, a local "
+            "function or defined in __main__); move it into an importable module, or pass "
+            "module=... to Model.load instead."
+        )
+    return f"{module}:{qualname}"
+
+
+def describe_architecture(module: torch.nn.Module, factory: Callable[..., Any] | str | None = None,
+                          factory_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON spec from which ``module``'s skeleton can be built again."""
+    if factory is not None:
+        return {"builder": "factory", "factory": factory_path(factory), "kwargs": dict(factory_kwargs or {})}
+    spec = getattr(module, "aigc_architecture", None)
+    if callable(spec):
+        return {"builder": "aigc_opt", **spec()}
+    # Import transformers only for its own models: it is heavy and optional.
+    from_transformers = any(c.__module__.startswith("transformers.") for c in type(module).__mro__)
+    if from_transformers and isinstance(module, _pretrained_model_class()):
+        return {"builder": "hf", "class": type(module).__name__, "config": module.config.to_dict()}
+    cls = type(module)
+    return {"builder": "custom", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _pretrained_model_class() -> type:
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
+
+
+def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
+    builder = spec.get("builder")
+    if builder == "aigc_opt":
+        from . import hf  # noqa: F401  (registers the sentence-embedding module)
+
+        return AIGC_MODULES.get(spec["name"])(**spec.get("kwargs", {}))
+    if builder == "hf":
+        return build_hf(spec["class"], spec["config"])
+    if builder == "factory":
+        if not trust:
+            raise UnsupportedModelError(
+                f"This Model was saved from your own factory {spec['factory']!r}. Importing a function "
+                "named in a file runs code, so it needs consent: pass trust=True if you trust this "
+                "directory, or pass module=<a freshly built instance of the same architecture>."
+            )
+        mod_name, _, qualname = spec["factory"].partition(":")
+        obj: Any = importlib.import_module(mod_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj(**spec.get("kwargs", {}))
+    if builder == "custom":
+        raise UnsupportedModelError(
+            f"This Model was saved from a custom module of class {spec.get('class')!r} with no factory "
+            "recorded, so its structure cannot be rebuilt from the files. Pass module=<a freshly "
+            "built instance of that class> to Model.load (or save it with ao.Model(..., "
+            "factory='package.module:function'))."
+        )
+    raise UnsupportedModelError(f"Unknown architecture builder {builder!r} in the manifest.")
+
+
+def build_hf(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    from ._deps import require
+
+    transformers = require("transformers", extra="hf", purpose="Loading a saved Hugging Face model")
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise UnsupportedModelError(
+            f"{class_name!r} is not a transformers model class; the manifest may be damaged."
+        )
+    config_cls = cls.config_class
+    model = cls(config_cls.from_dict(config))
+    return model.eval()

@@ -1,0 +1,160 @@
+"""``ao.benchmark`` and ``ao.compare``: interleaved timing, memory, size and output fidelity."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._tree import batch_size, normalize_inputs
+from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
+from .fidelity import FidelityAccumulator
+from .measurement import Measurement, ratio_ci
+from .probes import count_flops, on_device, peak_memory_bytes, pinned_threads, timed_call
+from .report import Entry, Report
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["benchmark", "compare"]
+
+log = logging.getLogger("aigc_opt")
+
+
+def _batches(inputs: Any, model: Model) -> list[Any]:
+    """``inputs`` is a list of batches, or one batch (tuple / dict / tensor); None = example inputs."""
+    if inputs is None:
+        if model.example_inputs is None:
+            raise InvalidInputError(
+                f"No inputs to measure {model.name} on: pass inputs=[batch, ...] or build the "
+                "Model with example_inputs=."
+            )
+        return [model.example_inputs]
+    if isinstance(inputs, list):
+        if not inputs:
+            raise InvalidInputError("inputs is an empty list; give at least one batch.")
+        return [normalize_inputs(b, what=f"inputs[{i}]") for i, b in enumerate(inputs)]
+    return [normalize_inputs(inputs, what="inputs")]
+
+
+def _check_counts(warmup: int, iters: int) -> None:
+    if not isinstance(iters, int) or iters < 1:
+        raise ConfigError(f"iters must be an int >= 1, got {iters!r}.")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}.")
+
+
+def _progress(total: int, desc: str, verbose: bool | None) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    # disable=None: tqdm hides itself when stderr is not a terminal.
+    return tqdm(total=total, desc=desc, disable=None if verbose is None else not verbose, leave=False)
+
+
+def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters: int,
+             threads: int | None, verbose: bool | None, memory: bool) -> list[Measurement]:
+    """Time every model round-robin: each round runs each model once on the same batch, the
+    starting model rotating, so drift and noise spread evenly over all of them."""
+    for m in models:
+        if not hasattr(m, "run") or not hasattr(m, "format"):
+            raise UnsupportedModelError(f"benchmark/compare take ao.Model objects, got {type(m).__name__}.")
+    per_model = [[on_device(m, b) for b in batches] for m in models]
+    devices = [m.device for m in models]
+    samples: list[list[float]] = [[] for _ in models]
+    with pinned_threads(threads) as num_threads:
+        for m, own, dev in zip(models, per_model, devices):
+            for i in range(warmup):
+                timed_call(m, own[i % len(own)], dev)
+        bar = _progress(iters, "benchmark", verbose)
+        for r in range(iters):
+            k = r % len(models)
+            for j in (*range(k, len(models)), *range(k)):
+                samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        results = []
+        for m, own, dev, s in zip(models, per_model, devices, samples):
+            dtype_peak = m.target.peak("fp32")
+            results.append(Measurement(
+                name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
+                samples=s,
+                batch_size=batch_size(own[0]),
+                device=dev,
+                num_threads=num_threads,
+                target=m.target.name,
+                memory_bytes=m.memory_bytes(),
+                size_bytes=m.size_bytes(),
+                num_parameters=m.num_parameters(),
+                peak_memory_bytes=peak_memory_bytes(m, own[0], dev) if memory else None,
+                flops=count_flops(m, own[0]),
+                target_peak_tflops=dtype_peak,
+                simulated=any(r.simulated for r in m.history),
+                passes=[r.summary() for r in m.history],
+            ))
+    return results
+
+
+def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int = 30,
+              threads: int | None = None, memory: bool = True, verbose: bool | None = None) -> Measurement:
+    """Measure one model: latency samples (p50/p90/p99, 95% intervals), throughput, memory, size.
+
+    Args:
+        inputs: a list of batches, or one batch (tuple / dict / tensor); default: the
+            model's example inputs.
+        warmup: untimed calls before measuring. iters: timed calls.
+        threads: intra-op threads to pin while measuring (default: torch's current setting).
+
+    Example:
+        >>> m = ao.Model(net, example_inputs=(x,))            # doctest: +SKIP
+        >>> print(ao.benchmark(m, iters=50))                  # doctest: +SKIP
+    """
+    _check_counts(warmup, iters)
+    return _measure([model], _batches(inputs, model), warmup=warmup, iters=iters, threads=threads,
+                    verbose=verbose, memory=memory)[0]
+
+
+def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int = 3, iters: int = 30,
+            threads: int | None = None, eval_fn: Callable[[Model], float] | None = None,
+            output_fn: Callable[[Any], Any] | None = None, top1: bool = True, memory: bool = True,
+            verbose: bool | None = None) -> Report:
+    """Measure candidates against a baseline, interleaved in one run, with output fidelity.
+
+    Timing alternates between the models round by round (A/B/A/B...), so machine noise hits
+    all of them; latency ratios come with paired-bootstrap 95% intervals. Fidelity compares
+    every candidate's outputs with the baseline's on every batch (max abs error, cosine, top-1).
+
+    Args:
+        inputs: a list of batches, or one batch; default: the baseline's example inputs.
+        eval_fn: optional ``fn(model) -> float`` task metric (e.g. accuracy), run per model.
+        output_fn: optional ``fn(outputs) -> outputs`` applied before fidelity (e.g. pick logits).
+        top1: report top-1 agreement (argmax of the last dimension); turn off for outputs
+            that are not scores, such as embeddings.
+
+    Example:
+        >>> report = ao.compare(m, q, inputs=batches)         # doctest: +SKIP
+        >>> print(report); report.to_markdown()               # doctest: +SKIP
+    """
+    if not candidates:
+        raise ConfigError("compare needs at least one candidate: ao.compare(baseline, candidate, ...).")
+    _check_counts(warmup, iters)
+    batches = _batches(inputs, baseline)
+    models = [baseline, *candidates]
+    measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,
+                            verbose=verbose, memory=memory)
+    select = output_fn or (lambda out: out)
+    accumulators = [FidelityAccumulator(c.name, top1=top1) for c in candidates]
+    for batch in batches:
+        reference = select(baseline.run(batch))
+        for c, acc in zip(candidates, accumulators):
+            acc.add(reference, select(c.run(batch)))
+    metrics = [eval_fn(m) if eval_fn else None for m in models]
+    base = Entry(measurement=measurements[0], metric=metrics[0])
+    entries = []
+    for meas, acc, metric in zip(measurements[1:], accumulators, metrics[1:]):
+        entries.append(Entry(measurement=meas, fidelity=acc.result(), metric=metric,
+                             latency_ratio=ratio_ci(measurements[0].samples, meas.samples)))
+    return Report(baseline=base, candidates=entries, batches=len(batches), iters=iters, warmup=warmup)

@@ -1,0 +1,120 @@
+"""What is measured around a model call: timing with device sync, peak memory, FLOPs, threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._tree import map_tensors
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["timed_call", "peak_memory_bytes", "count_flops", "pinned_threads", "on_device"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def on_device(model: Model, batch: Any) -> Any:
+    """Move a batch to the model's device once, so copies are not timed."""
+    device = model.device
+    return map_tensors(lambda t: t.to(device), batch)
+
+
+def timed_call(model: Model, batch: Any, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    model.run(batch)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def pinned_threads(num_threads: int | None) -> Iterator[int]:
+    """Run with ``num_threads`` intra-op threads (default: as set), restoring the old value."""
+    old = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The CPU profiler's C++ side prints start/stop lines to fd 2; keep them off the user's console."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory_bytes(model: Model, batch: Any, device: str) -> int | None:
+    """Peak memory allocated while running one batch, above what was held before the call.
+
+    CUDA: the caching allocator's peak. CPU: the profiler's record of every allocation and
+    free of the call, summed in time order (process RSS cannot tell two models apart).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model.run(batch)
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model.run(batch)
+        events = sorted(
+            (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+            key=lambda e: e.start_ns(),
+        )
+    except Exception:  # profiler internals vary across torch builds; memory is optional
+        return None
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return int(peak)
+
+
+def count_flops(model: Model, batch: Any) -> int | None:
+    """FLOPs of one batch by torch.utils.flop_counter; None when nothing could be counted
+    (compiled or quantized kernels are opaque to the counter)."""
+    if model.format != "torch":
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..runtime.torch_module import unwrap
+
+    eager = model._derive(unwrap(model.artifact))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            eager.run(batch)
+    except Exception:
+        return None
+    total = int(counter.get_total_flops())
+    return total or None

@@ -1,0 +1,159 @@
+"""Report: a baseline and its candidates, rendered as a text table, markdown, JSON, pandas, HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fidelity import Fidelity
+from .measurement import Measurement
+
+__all__ = ["Report", "Entry"]
+
+
+@dataclass
+class Entry:
+    """One column of a Report: a measurement, and for candidates fidelity and latency ratio."""
+
+    measurement: Measurement
+    fidelity: Fidelity | None = None
+    metric: float | None = None
+    # candidate median latency / baseline median latency, with a 95% interval: (point, lo, hi)
+    latency_ratio: tuple[float, float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "measurement": self.measurement.to_dict(),
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "metric": self.metric,
+            "latency_ratio": list(self.latency_ratio) if self.latency_ratio else None,
+        }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+@dataclass
+class Report:
+    """Result of ``ao.compare``. ``print(report)`` shows a table: rows are what was measured,
+    columns the baseline and each candidate."""
+
+    baseline: Entry
+    candidates: list[Entry]
+    batches: int
+    iters: int
+    warmup: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [self.baseline, *self.candidates]
+
+    def candidate(self, index: int = 0) -> Entry:
+        return self.candidates[index]
+
+    def rows(self) -> list[tuple[str, list[str]]]:
+        """(label, one cell per entry) for every row of the table."""
+        es = self.entries
+        rows: list[tuple[str, list[str]]] = []
+
+        def add(label: str, cells: list[str]) -> None:
+            rows.append((label, cells))
+
+        m = [e.measurement for e in es]
+        add("latency p50 (ms)", [_ms(x.median) for x in m])
+        add("  95% CI of p50 (ms)", [f"{_ms(x.median_ci95[0])}-{_ms(x.median_ci95[1])}" for x in m])
+        add("latency p90 (ms)", [_ms(x.p90) for x in m])
+        add("latency p99 (ms)", [_ms(x.p99) for x in m])
+        add("latency mean (ms) ±95%", [f"{_ms(x.mean)} ±{_ms((x.mean_ci95[1] - x.mean_ci95[0]) / 2)}" for x in m])
+        add("latency vs baseline", ["1.00x"] + [
+            f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if (r := e.latency_ratio) else "-" for e in self.candidates])
+        add("speed-up", ["1.00x"] + [f"{1 / r[0]:.2f}x" if (r := e.latency_ratio) else "-" for e in self.candidates])
+        add("throughput (samples/s)", [f"{x.throughput:.1f}" for x in m])
+        add("size on disk (MB)", [_mb(x.size_bytes) for x in m])
+        add("weights in memory (MB)", [_mb(x.memory_bytes) for x in m])
+        add("peak run memory (MB)", [_mb(x.peak_memory_bytes) for x in m])
+        add("parameters (M)", [f"{x.num_parameters / 1e6:.2f}" if x.num_parameters else "-" for x in m])
+        if any(x.flops for x in m):
+            add("GFLOP per batch", [f"{x.flops / 1e9:.2f}" if x.flops else "-" for x in m])
+            add("fp32 roofline used", [f"{100 * r:.1f}%" if (r := x.roofline_fraction) else "-" for x in m])
+        fid = [e.fidelity for e in self.candidates]
+        add("cosine vs baseline (mean)", ["1"] + [f"{f.cosine_mean:.5f}" if f else "-" for f in fid])
+        add("cosine vs baseline (min)", ["1"] + [f"{f.cosine_min:.5f}" if f else "-" for f in fid])
+        add("max abs error", ["0"] + [f"{f.max_abs_error:.3g}" if f else "-" for f in fid])
+        if any(f and f.top1_agreement is not None for f in fid):
+            add("top-1 agreement", ["1"] + [
+                f"{f.top1_agreement:.3f}" if f and f.top1_agreement is not None else "-" for f in fid])
+        if any(e.metric is not None for e in es):
+            add("eval metric", [f"{e.metric:.4f}" if e.metric is not None else "-" for e in es])
+        return rows
+
+    def _warnings(self) -> list[str]:
+        out = list(self.notes)
+        for e in self.entries:
+            x = e.measurement
+            if x.noisy:
+                out.append(f"{x.name}: latency spread is high (IQR {_ms(x.iqr)} ms > 25% of the median); "
+                           "run again with nothing else on the machine or more iters.")
+            if x.simulated:
+                out.append(f"{x.name}: low precision is SIMULATED (fake-quant); its latency is not a speed claim.")
+        return out
+
+    def _footer(self) -> list[str]:
+        b = self.baseline.measurement
+        return [
+            f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size}, "
+            f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up",
+            *[f"{e.measurement.name}: {' -> '.join(e.measurement.passes) or 'no passes'}" for e in self.candidates],
+            *[f"warning: {w}" for w in self._warnings()],
+        ]
+
+    def __str__(self) -> str:
+        header = ["", *[e.measurement.name for e in self.entries]]
+        body = [[label, *cells] for label, cells in self.rows()]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        lines = [fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body]]
+        return "\n".join(lines + [""] + self._footer())
+
+    def to_markdown(self) -> str:
+        header = ["metric", *[e.measurement.name for e in self.entries]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in self.rows()]
+        return "\n".join(lines + [""] + [f"- {line}" for line in self._footer()]) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline.to_dict(),
+            "candidates": [e.to_dict() for e in self.candidates],
+            "batches": self.batches, "iters": self.iters, "warmup": self.warmup,
+            "warnings": self._warnings(),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_pandas(self) -> Any:
+        """The table as a pandas DataFrame (needs pandas)."""
+        from .._deps import require
+
+        pd = require("pandas", extra=None, purpose="Report.to_pandas()")
+        return pd.DataFrame({e.measurement.name: cells for e, cells in zip(
+            self.entries, zip(*[cells for _, cells in self.rows()]))}, index=[label for label, _ in self.rows()])
+
+    def _repr_html_(self) -> str:
+        header = "".join(f"<th>{html.escape(h)}</th>" for h in ["", *[e.measurement.name for e in self.entries]])
+        body = "".join(
+            "<tr>" + f"<th style='text-align:left'>{html.escape(label)}</th>"
+            + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+            for label, cells in self.rows()
+        )
+        foot = "".join(f"<li>{html.escape(line)}</li>" for line in self._footer())
+        return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table><ul>{foot}</ul>"

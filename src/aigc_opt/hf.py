@@ -1,0 +1,127 @@
+"""Hugging Face transformers models as ao.Models (extra ``aigc-opt[hf]``).
+
+Example:
+    >>> import aigc_opt as ao
+    >>> m = ao.Model.from_hf("path/to/all-MiniLM-L6-v2", task="sentence-embedding")  # doctest: +SKIP
+    >>> batch = ao.hf.tokenize(m.tokenizer, ["a sentence", "another"], seq_len=32)  # doctest: +SKIP
+    >>> m(**batch).shape                                                             # doctest: +SKIP
+    torch.Size([2, 384])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._architecture import AIGC_MODULES, build_hf
+from ._deps import quiet_import_logs, require
+from ._registry import Registry
+from .errors import ConfigError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .target import Target
+
+__all__ = ["from_hf", "tokenize", "SentenceEmbedder", "TASKS"]
+
+# task -> the transformers Auto class that builds its model
+TASKS: Registry[str] = Registry("task")
+TASKS.register("feature-extraction", "AutoModel")
+TASKS.register("sentence-embedding", "AutoModel")
+TASKS.register("text-classification", "AutoModelForSequenceClassification")
+TASKS.register("causal-lm", "AutoModelForCausalLM")
+
+
+def _transformers() -> Any:
+    return require("transformers", extra="hf", purpose="Loading a Hugging Face model")
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """A transformer encoder with mean pooling over real tokens and L2 normalization, as
+    sentence-transformers computes embeddings for all-MiniLM-L6-v2."""
+
+    def __init__(self, encoder: torch.nn.Module, normalize: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    def aigc_architecture(self) -> dict[str, Any]:
+        return {"name": "sentence-embedder", "kwargs": {
+            "encoder_class": type(self.encoder).__name__,
+            "config": self.encoder.config.to_dict(),
+            "normalize": self.normalize,
+        }}
+
+
+@AIGC_MODULES.register("sentence-embedder")
+def _build_sentence_embedder(encoder_class: str, config: dict[str, Any], normalize: bool) -> SentenceEmbedder:
+    return SentenceEmbedder(build_hf(encoder_class, config), normalize=normalize).eval()
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128, pad_to_max: bool = True) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts`` into one batch of keyword inputs (padded to ``seq_len`` by default,
+    so every batch has the same shape: compiled models then compile once)."""
+    if isinstance(texts, str) or not texts:
+        raise ConfigError(f"texts must be a non-empty list of strings, got {texts!r}.")
+    encoded = tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+                        max_length=seq_len, return_tensors="pt")
+    return dict(encoded)
+
+
+def from_hf(
+    path: str | os.PathLike[str],
+    *,
+    task: str = "feature-extraction",
+    target: str | Target = "host",
+    example_texts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    name: str | None = None,
+) -> Model:
+    """Load a transformers model and its tokenizer from ``path`` (a local directory, or a hub
+    id when online) and wrap it as an ao.Model with tokenizer-made example inputs.
+
+    Args:
+        task: ``"feature-extraction"`` (hidden states), ``"sentence-embedding"`` (pooled,
+            normalized embeddings), ``"text-classification"`` or ``"causal-lm"``.
+        example_texts: texts for the example batch (default: a fixed sentence repeated).
+        batch_size, seq_len: shape of the example batch.
+
+    The tokenizer is kept as ``model.tokenizer``.
+    """
+    from .model import Model
+
+    auto_name = TASKS.get(task)
+    transformers = _transformers()
+    local = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        with quiet_import_logs():  # transformers may import torchao while loading
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
+            module = getattr(transformers, auto_name).from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(
+            f"Could not load a transformers model from {str(path)!r}: {str(e).splitlines()[0]} "
+            "Give a directory with config.json, the weights and the tokenizer files."
+        ) from e
+    module.eval()
+    if task == "sentence-embedding":
+        module = SentenceEmbedder(module).eval()
+    texts = list(example_texts) if example_texts else ["aigc_opt makes models smaller and faster."] * batch_size
+    example = tokenize(tokenizer, texts[:batch_size], seq_len=seq_len)
+    model = Model(module, example_inputs=example, target=target,
+                  name=name or os.path.basename(os.path.normpath(str(path))))
+    model.tokenizer = tokenizer  # type: ignore[attr-defined]
+    return model

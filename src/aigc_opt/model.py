@@ -1,0 +1,288 @@
+"""Model: one artifact plus what is needed to reason about it (format, target, inputs, history).
+
+A Model is treated as immutable: every pass returns a new Model and leaves its input untouched.
+
+Example:
+    >>> import aigc_opt as ao, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    >>> m = ao.Model(net, example_inputs=(torch.randn(2, 8),), target="host")
+    >>> m(torch.randn(3, 8)).shape
+    torch.Size([3, 4])
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._architecture import build_architecture, describe_architecture
+from ._deps import library_versions
+from ._store import atomic_directory, read_manifest, verify_files, write_manifest
+from ._tree import Inputs, describe, normalize_inputs
+from .errors import AigcOptError, InvalidInputError, UnsupportedModelError
+from .passes.base import PASS_TYPES, PassRecord
+from .runtime import runtime_for
+from .runtime.torch_module import unwrap
+from .target import Target
+
+__all__ = ["Model"]
+
+log = logging.getLogger("aigc_opt")
+
+WEIGHTS = "weights.pt"
+EXAMPLE_INPUTS = "example_inputs.pt"
+
+
+class Model:
+    """A model artifact for a hardware target.
+
+    Args:
+        artifact: an ``nn.Module`` (format ``"torch"``).
+        example_inputs: one batch that runs the model: a tuple of positional arguments, a dict
+            of keyword arguments (as Hugging Face models take), or a single tensor. It is run
+            once here, so a mistake shows now and not deep inside a pass.
+        target: where the model will run: ``"host"`` (this machine), a built-in name such as
+            ``"nvidia-h100-sxm"`` (``aigc-opt targets`` lists them), or an ``ao.Target``.
+        factory: optional importable function (or ``"package.module:function"``) that builds
+            this module's architecture, so that ``Model.load`` can rebuild it; Hugging Face
+            models and aigc_opt's own modules need none.
+        factory_kwargs: JSON-serializable keyword arguments for ``factory``.
+        name: a label for reports (defaults to the module's class name).
+    """
+
+    tokenizer: Any = None  # set by Model.from_hf
+
+    def __init__(
+        self,
+        artifact: Any,
+        *,
+        example_inputs: Any = None,
+        target: str | Target = "host",
+        factory: Callable[..., Any] | str | None = None,
+        factory_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+        validate: bool = True,
+    ):
+        if isinstance(artifact, Model):
+            raise UnsupportedModelError("artifact is already an ao.Model; use it directly.")
+        if not isinstance(artifact, torch.nn.Module):
+            raise UnsupportedModelError(
+                f"ao.Model takes a torch.nn.Module, got {type(artifact).__name__}. "
+                "ONNX files and TensorRT engines come with the export issue (ao.Model.from_onnx)."
+            )
+        if unwrap(artifact).training:
+            log.warning("Model %s was in training mode; aigc_opt switches it to eval() (dropout off).",
+                        type(artifact).__name__)
+            artifact.eval()
+        self.artifact: Any = artifact
+        self.format = "torch"
+        self.target: Target = Target.get(target)
+        self.example_inputs: Inputs | None = (
+            None if example_inputs is None else normalize_inputs(example_inputs, what="example_inputs")
+        )
+        self.history: tuple[PassRecord, ...] = ()
+        self.name = name or type(unwrap(artifact)).__name__
+        self.architecture = describe_architecture(unwrap(artifact), factory, factory_kwargs)
+        if validate and self.example_inputs is not None:
+            self._validate_example_inputs()
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one batch, whatever the format: ``model(x)`` or ``model(**encoded)``."""
+        if args and kwargs:
+            raise InvalidInputError("Pass either positional or keyword inputs, not both.")
+        return self.run(kwargs if kwargs else args)
+
+    def run(self, inputs: Any) -> Any:
+        """Run one batch given as a tuple (positional), a dict (keyword) or a tensor."""
+        return runtime_for(self.format).run(self.artifact, normalize_inputs(inputs))
+
+    @property
+    def device(self) -> str:
+        return runtime_for(self.format).device(self.artifact)
+
+    def _validate_example_inputs(self) -> None:
+        try:
+            self.run(self.example_inputs)
+        except AigcOptError:
+            raise
+        except Exception as e:
+            raise InvalidInputError(
+                f"example_inputs {describe(self.example_inputs)} do not run {self.name}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass one batch exactly "
+                "as the model is called: a tuple for model(*args) or a dict for model(**kwargs)."
+            ) from e
+
+    # ------------------------------------------------------------------ facts
+    def parameters_and_buffers(self) -> list[torch.Tensor]:
+        module = unwrap(self.artifact)
+        return [*module.parameters(), *module.buffers()]
+
+    def num_parameters(self) -> int:
+        """Number of parameters (logical elements, whatever their storage precision)."""
+        return sum(p.numel() for p in unwrap(self.artifact).parameters())
+
+    def memory_bytes(self) -> int:
+        """Bytes the weights and buffers take in memory (quantized storage counted as stored)."""
+        seen: set[int] = set()
+        total = 0
+        for tensor in self.parameters_and_buffers():
+            for leaf in _storage_leaves(tensor):
+                storage = leaf.untyped_storage()
+                key = storage.data_ptr() if storage.data_ptr() else id(storage)
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+        return total
+
+    def size_bytes(self) -> int:
+        """Bytes the weights take on disk when saved."""
+        counter = _ByteCounter()
+        torch.save(unwrap(self.artifact).state_dict(), counter)
+        return counter.count
+
+    def summary(self) -> str:
+        lines = [repr(self)] + [f"  {i}. {r.summary()}" for i, r in enumerate(self.history, 1)]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        passes = ", ".join(r.pass_type for r in self.history) or "none"
+        return (f"Model({self.name}, format={self.format!r}, target={self.target.name!r}, "
+                f"params={self.num_parameters() / 1e6:.2f}M, memory={self.memory_bytes() / 1e6:.1f} MB, "
+                f"passes=[{passes}])")
+
+    # ------------------------------------------------------------------ derivation (for passes)
+    def _derive(self, artifact: Any, *, format: str | None = None) -> Model:
+        """A new Model sharing this one's target, inputs and history, with another artifact."""
+        new = copy.copy(self)
+        new.artifact = artifact
+        new.format = format or self.format
+        return new
+
+    def _with_record(self, record: PassRecord) -> Model:
+        self.history = (*self.history, record)
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model to directory ``path`` atomically: ``weights.pt``, ``example_inputs.pt``
+        and ``manifest.json`` (format, target, history, versions, sha256 of every file).
+
+        An existing saved Model at ``path`` is replaced; any other non-empty directory is refused.
+        """
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            torch.save(unwrap(self.artifact).state_dict(), tmp / WEIGHTS)
+            if self.example_inputs is not None:
+                torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
+            write_manifest(tmp, {
+                "aigc_opt_version": __version__,
+                "name": self.name,
+                "format": self.format,
+                "target": self.target.to_dict(),
+                "architecture": self.architecture,
+                "history": [r.to_dict() for r in self.history],
+                "versions": library_versions(),
+            })
+        log.info("saved %s to %s", self.name, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        target: str | Target | None = None,
+        module: torch.nn.Module | None = None,
+        trust: bool = False,
+    ) -> Model:
+        """Load a directory written by :meth:`save`, checking every file's sha256 first.
+
+        Args:
+            target: run it for another target than the one saved.
+            module: a freshly built instance of the architecture, for custom modules saved
+                without a factory (its weights are replaced by the saved ones).
+            trust: allow what runs code from the save: importing a recorded factory, and
+                unpickling weights that ``weights_only=True`` refuses. Only for directories
+                you trust.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        verify_files(path, manifest)
+        if manifest["format"] != "torch":
+            raise UnsupportedModelError(f"Saved format {manifest['format']!r} is not supported by this version.")
+        history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
+        spec = manifest["architecture"]
+        skeleton = copy.deepcopy(module) if module is not None else build_architecture(spec, trust=trust)
+        for record in history:
+            pass_ = PASS_TYPES.get(record.pass_type).from_config(record.config, where=f"manifest of {path}")
+            skeleton = pass_.restore(skeleton, record)
+        state = _load_tensors(path / WEIGHTS, trust=trust)
+        try:
+            unwrap(skeleton).load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise UnsupportedModelError(
+                f"The saved weights in {str(path)!r} do not fit the rebuilt module: "
+                f"{str(e).splitlines()[0]} Pass module= an instance of the saved architecture."
+            ) from None
+        unwrap(skeleton).eval()
+        example = _load_tensors(path / EXAMPLE_INPUTS, trust=trust) if (path / EXAMPLE_INPUTS).exists() else None
+        model = cls.__new__(cls)
+        model.artifact = skeleton
+        model.format = manifest["format"]
+        model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
+        model.example_inputs = example
+        model.history = history
+        model.name = manifest.get("name", type(unwrap(skeleton)).__name__)
+        model.architecture = spec
+        return model
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
+        """Wrap a Hugging Face transformers model (needs ``aigc-opt[hf]``); see :func:`aigc_opt.hf.from_hf`."""
+        from .hf import from_hf
+
+        return from_hf(path, **kwargs)
+
+
+def _storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Plain tensors holding a (possibly subclassed, e.g. int8-quantized) tensor's data."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [leaf for n in names for leaf in _storage_leaves(getattr(tensor, n))]
+
+
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that counts bytes (to size a save without writing it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = len(memoryview(b).cast("B"))
+        self.count += n
+        return n
+
+
+def _load_tensors(path: Path, *, trust: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # torch raises UnpicklingError for anything outside the allowlist
+        if trust:
+            raise
+        raise UnsupportedModelError(
+            f"{str(path)!r} holds objects that safe loading (weights_only=True) refuses: "
+            f"{str(e).splitlines()[0]} If you trust this directory, load it with trust=True."
+        ) from None

@@ -1,0 +1,11 @@
+"""Passes: one module per technique, each a frozen dataclass of settings with check/apply."""
+
+from .base import PASS_TYPES, Pass, PassRecord, register_pass, runtime_field
+from .compile import COMPILE_BACKENDS, Compile, compile
+from .quantize import QUANT_METHODS, Quantize, quant_method, quantize
+
+__all__ = [
+    "PASS_TYPES", "Pass", "PassRecord", "register_pass", "runtime_field",
+    "COMPILE_BACKENDS", "Compile", "compile",
+    "QUANT_METHODS", "Quantize", "quant_method", "quantize",
+]

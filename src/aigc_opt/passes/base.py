@@ -1,0 +1,215 @@
+"""The Pass protocol: settings as a frozen dataclass, ``check`` before ``apply``, a PassRecord.
+
+A pass never changes the Model it is given: it works on a copy and returns a new Model whose
+``history`` ends with the PassRecord of what it did. A pass that can change a module's
+*structure* (quantization replaces weights with int8 tensors) also knows how to ``restore`` that
+structure on a freshly built skeleton, which is how ``Model.load`` rebuilds a saved model
+without unpickling code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._deps import library_versions
+from .._registry import Registry
+from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+
+__all__ = ["Pass", "PassRecord", "PASS_TYPES", "register_pass", "runtime_field"]
+
+CONFIG_VERSION = 1
+
+
+def runtime_field(**kwargs: Any) -> Any:
+    """A setting that holds data or a function: passed at run time, never written to a recipe."""
+    return field(metadata={"runtime": True}, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PassRecord:
+    """What one pass did to a Model: kept in ``Model.history`` and in the saved manifest."""
+
+    pass_type: str
+    config: dict[str, Any]
+    seconds: float
+    format_before: str
+    format_after: str
+    size_before: int
+    size_after: int
+    params_before: int
+    params_after: int
+    changed: bool = True
+    # True when low precision is only simulated (fake-quant): no speed may be claimed from it.
+    simulated: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PassRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def summary(self) -> str:
+        ratio = self.size_after / self.size_before if self.size_before else float("nan")
+        sim = " [simulated]" if self.simulated else ""
+        try:
+            described = PASS_TYPES.get(self.pass_type).from_config(self.config).describe()
+        except AigcOptError:
+            described = self.pass_type
+        return (f"{described}{sim}: {self.format_before}->{self.format_after}, "
+                f"size x{ratio:.2f}, {self.seconds:.2f}s")
+
+
+PASS_TYPES: Registry[type[Pass]] = Registry("pass")
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a Pass type loadable from recipes and saved manifests."""
+    PASS_TYPES.register(cls.__name__, cls)
+    return cls
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base of every pass. Subclasses are frozen dataclasses of their settings and implement
+    ``check_static`` (format/target/dependencies), optionally ``check_model``, and ``run``."""
+
+    # Formats the pass accepts, and what it turns a format into (same format by default).
+    input_formats: ClassVar[tuple[str, ...]] = ("torch",)
+
+    def output_format(self, fmt: str) -> str:
+        return fmt
+
+    # ------------------------------------------------------------------ checks (no work done)
+    def check_static(self, fmt: str, target: Target) -> None:
+        """Refuse, before any work, what the format, target or installed extras cannot do."""
+        if fmt not in self.input_formats:
+            raise UnsupportedModelError(
+                f"{self.describe()} takes a model in format {' or '.join(map(repr, self.input_formats))}, "
+                f"but got format {fmt!r}. Reorder the pipeline so it runs before the model leaves that format."
+            )
+
+    def check_model(self, model: Model) -> None:
+        """Checks that need the model itself (its layers, its example inputs)."""
+
+    def check(self, model: Model) -> None:
+        self.check_static(model.format, model.target)
+        self.check_model(model)
+
+    # ------------------------------------------------------------------ work
+    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        """Return ``(new_artifact, details)``; must not modify ``model``. Subclasses implement."""
+        raise NotImplementedError
+
+    def simulated(self) -> bool:
+        return False
+
+    def apply(self, model: Model) -> Model:
+        """Check, then run on a copy; returns a new Model with this pass's record appended."""
+        self.check(model)
+        start = time.perf_counter()
+        try:
+            artifact, details = self.run(model)
+        except AigcOptError:
+            raise
+        except Exception as e:
+            raise PassError(f"{self.describe()} failed: {type(e).__name__}: {e}") from e
+        seconds = time.perf_counter() - start
+        new = model._derive(artifact, format=self.output_format(model.format))
+        record = PassRecord(
+            pass_type=type(self).__name__,
+            config=self.config_dict(),
+            seconds=round(seconds, 4),
+            format_before=model.format,
+            format_after=new.format,
+            size_before=model.memory_bytes(),
+            size_after=new.memory_bytes(),
+            params_before=model.num_parameters(),
+            params_after=new.num_parameters(),
+            changed=details.pop("changed", True),
+            simulated=self.simulated(),
+            details=details,
+        )
+        return new._with_record(record)
+
+    def __call__(self, model: Model) -> Model:
+        return self.apply(model)
+
+    def restore(self, module: Any, record: PassRecord) -> Any:
+        """Replay this pass's structural change on a freshly built skeleton (default: none)."""
+        return module
+
+    # ------------------------------------------------------------------ settings as data
+    def describe(self) -> str:
+        """``Quantize(method='int8-dynamic')``: the settings that differ from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        first = next((f.name for f in dataclasses.fields(self) if f.init), None)
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config_dict().items()
+                             if k == first or _plain(defaults.get(k, object())) != v)
+        return f"{type(self).__name__}({settings})"
+
+    def config_dict(self) -> dict[str, Any]:
+        """The serializable settings (runtime-only fields such as datasets are left out)."""
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.init and not f.metadata.get("runtime")
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_type": type(self).__name__, "_version": CONFIG_VERSION, "_data": self.config_dict()}
+
+    @classmethod
+    def from_config(cls, data: dict[str, Any], *, where: str = "recipe") -> Pass:
+        """Build from settings, refusing unknown keys with the list of known ones."""
+        if not isinstance(data, dict):
+            raise RecipeError(f"{where}: settings for {cls.__name__} must be a mapping, got {data!r}.")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise RecipeError(
+                f"{where}: {cls.__name__} has no setting(s) {unknown}; its settings are {sorted(fields)}."
+            )
+        runtime = sorted(k for k in data if fields[k].metadata.get("runtime"))
+        if runtime:
+            raise RecipeError(f"{where}: {runtime} hold data or functions and are given at run time, "
+                              "not in a recipe.")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints.get(k)) else v
+                  for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise RecipeError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise RecipeError(f"{where}: bad settings for {cls.__name__}: {e}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Settings as JSON/YAML-friendly values."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "value") and isinstance(getattr(value, "value"), str):  # str Enums
+        return value.value
+    return value
+
+
+def validate_choice(owner: str, field_name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Raise ConfigError naming the field, the value and the allowed values."""
+    if value not in allowed:
+        from ..errors import closest
+
+        hint = closest(str(value), [str(a) for a in allowed])
+        did = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{owner}: {field_name}={value!r} is not allowed.{did} Allowed: {list(allowed)}.")

@@ -1,0 +1,159 @@
+"""Compile: turn a model into fused, device-specific code.
+
+Backends live in a registry (``COMPILE_BACKENDS``). ``"inductor"`` is ``torch.compile``; its
+first call compiles (seconds to minutes), so when the Model has example inputs the pass makes
+that call itself and records the compile time apart from the steady-state latency.
+
+Example:
+    >>> import aigc_opt as ao, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+    >>> m = ao.Model(net, example_inputs=(torch.randn(2, 16),))
+    >>> c = ao.compile(m, "inductor")  # doctest: +SKIP
+    >>> c.history[-1].details["compile_seconds"]  # doctest: +SKIP
+    4.2
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .._registry import Registry
+from ..errors import IncompatibleTargetError, MissingDependencyError
+from ..runtime.torch_module import unwrap
+from .base import Pass, PassRecord, register_pass, validate_choice
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+
+__all__ = ["Compile", "compile", "COMPILE_BACKENDS", "CompileBackend"]
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileBackend:
+    name: str
+    check: Callable[[Compile, Target], None]
+    build: Callable[[torch.nn.Module, Compile], Any]
+    description: str
+
+
+COMPILE_BACKENDS: Registry[CompileBackend] = Registry("compile backend")
+
+
+@register_pass
+@dataclass(frozen=True)
+class Compile(Pass):
+    """Compile with ``backend`` (see ``ao.COMPILE_BACKENDS.names()``).
+
+    Args:
+        backend: ``"inductor"`` (torch.compile).
+        mode: torch.compile mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``.
+        dynamic: compile for dynamic shapes (True), static shapes (False) or let torch decide (None).
+        warmup_iters: calls on the example inputs after the compiling one, to record
+            steady-state latency apart from compile time (0 to skip).
+    """
+
+    backend: str = "inductor"
+    _: KW_ONLY
+    mode: str = "default"
+    dynamic: bool | None = None
+    fullgraph: bool = False
+    warmup_iters: int = 3
+
+    def __post_init__(self) -> None:
+        COMPILE_BACKENDS.get(self.backend)
+        validate_choice("Compile", "mode", self.mode, INDUCTOR_MODES)
+        validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"Compile: warmup_iters must be an int >= 0, got {self.warmup_iters!r}.")
+
+    def check_static(self, fmt: str, target: Target) -> None:
+        super().check_static(fmt, target)
+        COMPILE_BACKENDS.get(self.backend).check(self, target)
+
+    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        module = copy.deepcopy(unwrap(model.artifact))
+        compiled = COMPILE_BACKENDS.get(self.backend).build(module, self)
+        details: dict[str, Any] = {"backend": self.backend}
+        if model.example_inputs is None:
+            details["compile_seconds"] = None
+            details["note"] = "No example inputs: compilation happens on the first call."
+            return compiled, details
+        from ..runtime import runtime_for
+
+        runtime = runtime_for(model.format)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            # A note to tensor-subclass authors (torchao), not to our users.
+            warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
+            runtime.run(compiled, model.example_inputs)
+        details["compile_seconds"] = round(time.perf_counter() - start, 3)
+        steady = []
+        for _ in range(self.warmup_iters):
+            start = time.perf_counter()
+            runtime.run(compiled, model.example_inputs)
+            steady.append(time.perf_counter() - start)
+        if steady:
+            details["steady_latency_seconds"] = round(statistics.median(steady), 6)
+        return compiled, details
+
+    def restore(self, module: Any, record: PassRecord) -> Any:
+        # Compilation is not saved: it is replayed lazily, and runs again on the first call.
+        return COMPILE_BACKENDS.get(self.backend).build(unwrap(module), self)
+
+
+def compile(model: Model, backend: str = "inductor", **settings: Any) -> Model:  # noqa: A001
+    """One-line form of ``Compile(backend, **settings).apply(model)``."""
+    return Compile(backend, **settings).apply(model)
+
+
+# ---------------------------------------------------------------------------------- backends
+def _cxx_compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _check_inductor(settings: Compile, target: Target) -> None:
+    if target.device_type not in ("cpu", "cuda"):
+        raise IncompatibleTargetError(
+            f"Compile('inductor') generates code for CPUs and NVIDIA GPUs; target {target.name!r} is a "
+            f"{target.device_type} device. Use an export-based backend for it instead."
+        )
+    if target.device_type == "cpu" and _cxx_compiler() is None:
+        raise MissingDependencyError(
+            "a C++ compiler", None, "Compile('inductor') on a CPU target",
+            install="install g++ (Debian/Ubuntu: apt-get install g++) or set CXX",
+        )
+    if target.device_type == "cuda" and not torch.cuda.is_available():
+        raise IncompatibleTargetError(
+            f"Compile('inductor') for CUDA target {target.name!r} must run on a machine with that GPU, "
+            "and torch.cuda.is_available() is False here. Compile on the target machine."
+        )
+
+
+def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
+    return torch.compile(module, backend="inductor", mode=settings.mode, dynamic=settings.dynamic,
+                         fullgraph=settings.fullgraph)
+
+
+COMPILE_BACKENDS.register("inductor", CompileBackend(
+    name="inductor", check=_check_inductor, build=_build_inductor,
+    description="torch.compile with TorchInductor (C++/OpenMP on CPU, Triton on CUDA)",
+))

@@ -1,0 +1,185 @@
+"""Pipeline: passes run in order, the whole chain checked before any work, saved as a recipe.
+
+Example:
+    >>> import aigc_opt as ao
+    >>> pipe = ao.Pipeline([ao.Quantize("int8-dynamic"), ao.Compile("inductor")])
+    >>> pipe.save("recipe.yaml")                          # doctest: +SKIP
+    >>> optimized = ao.Pipeline.load("recipe.yaml")(model)  # doctest: +SKIP
+
+A recipe file::
+
+    aigc_opt_recipe: 1
+    passes:
+      - Quantize: {method: int8-dynamic}
+      - Compile: {backend: inductor, mode: default}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import AigcOptError, ConfigError, PassError, RecipeError
+from .passes.base import PASS_TYPES, Pass
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .target import Target
+
+__all__ = ["Pipeline", "RECIPE_VERSION"]
+
+log = logging.getLogger("aigc_opt")
+RECIPE_VERSION = 1
+
+
+class Pipeline:
+    """An ordered list of passes applied as one.
+
+    Calling it (``pipe(model)`` or ``pipe.apply(model)``) first checks every pass against the
+    format each will see and the target, then runs them, showing progress. If a pass fails the
+    error says which one, after which others, with the original cause chained.
+    """
+
+    def __init__(self, passes: Iterable[Pass]):
+        self.passes: tuple[Pass, ...] = tuple(passes)
+        bad = [p for p in self.passes if not isinstance(p, Pass)]
+        if bad:
+            raise ConfigError(f"Pipeline takes Pass objects (e.g. ao.Quantize(...)), got {bad!r}.")
+
+    def __repr__(self) -> str:
+        return f"Pipeline([{', '.join(p.describe() for p in self.passes)}])"
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.passes == other.passes
+
+    # ------------------------------------------------------------------ running
+    def check(self, model: Model) -> None:
+        """Check the whole chain on the formats each pass will see, before any work."""
+        self.check_chain(model.format, model.target)
+        if self.passes:
+            self.passes[0].check(model)
+
+    def check_chain(self, fmt: str, target: Target) -> None:
+        for i, p in enumerate(self.passes):
+            try:
+                p.check_static(fmt, target)
+            except AigcOptError as e:
+                e.add_note(f"(pipeline step {i + 1} of {len(self.passes)}: {p.describe()}; nothing was run)")
+                raise
+            fmt = p.output_format(fmt)
+
+    def apply(self, model: Model, *, verbose: bool | None = None) -> Model:
+        self.check(model)
+        bar = _progress(len(self.passes), verbose)
+        done: list[str] = []
+        try:
+            for i, p in enumerate(self.passes):
+                if bar is not None:
+                    bar.set_description(type(p).__name__)
+                log.info("pipeline step %d/%d: %s", i + 1, len(self.passes), p.describe())
+                try:
+                    model = p.apply(model)
+                except AigcOptError as e:
+                    e.add_note(_where(i, p, done, len(self.passes)))
+                    raise
+                except Exception as e:
+                    raise PassError(f"{p.describe()} failed: {e}. {_where(i, p, done, len(self.passes))}") from e
+                done.append(type(p).__name__)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return model
+
+    __call__ = apply
+
+    # ------------------------------------------------------------------ recipes
+    def to_dict(self) -> dict[str, Any]:
+        return {"aigc_opt_recipe": RECIPE_VERSION,
+                "passes": [{type(p).__name__: p.config_dict()} for p in self.passes]}
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "recipe") -> Pipeline:
+        if not isinstance(data, dict) or "passes" not in data:
+            raise RecipeError(f"{where}: a recipe is a mapping with a 'passes' list, got {str(data)[:80]!r}.")
+        unknown = sorted(set(data) - {"aigc_opt_recipe", "passes"})
+        if unknown:
+            raise RecipeError(f"{where}: unknown top-level key(s) {unknown}; allowed: aigc_opt_recipe, passes.")
+        version = data.get("aigc_opt_recipe", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise RecipeError(f"{where}: recipe version {version!r} is not supported; this aigc_opt reads "
+                              f"version {RECIPE_VERSION}.")
+        if not isinstance(data["passes"], list):
+            raise RecipeError(f"{where}: 'passes' must be a list, got {type(data['passes']).__name__}.")
+        passes = []
+        for i, item in enumerate(data["passes"]):
+            here = f"{where}, pass {i + 1}"
+            if isinstance(item, str):
+                item = {item: {}}
+            if not isinstance(item, dict) or len(item) != 1:
+                raise RecipeError(f"{here}: write each pass as {{PassName: {{setting: value}}}}, got {item!r}.")
+            (name, settings), = item.items()
+            if name not in PASS_TYPES:
+                from .errors import UnknownNameError
+
+                raise RecipeError(f"{here}: {UnknownNameError('pass', name, PASS_TYPES.names())}")
+            passes.append(PASS_TYPES.get(name).from_config(settings or {}, where=here))
+        return cls(passes)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the recipe as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            from ._deps import require
+
+            yaml = require("yaml", extra=None, package="pyyaml", purpose="Saving a YAML recipe")
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Pipeline:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
+        if path.suffix in (".yaml", ".yml"):
+            from ._deps import require
+
+            yaml = require("yaml", extra=None, package="pyyaml", purpose="Loading a YAML recipe")
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise RecipeError(f"{str(path)!r} is not valid YAML: {e}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(data, where=str(path))
+
+
+def _where(i: int, p: Pass, done: Sequence[str], total: int) -> str:
+    after = f"after {', '.join(done)}" if done else "as the first pass"
+    return f"(pipeline step {i + 1} of {total}: {type(p).__name__} failed {after}; the input model is unchanged)"
+
+
+def _progress(total: int, verbose: bool | None) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, disable=None if verbose is None else not verbose, leave=False, unit="pass")

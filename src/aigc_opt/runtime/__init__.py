@@ -1,0 +1,12 @@
+"""Runtime adapters: one per artifact format, so ``model(*inputs)`` works whatever the format.
+
+Each adapter takes the artifact and a batch and returns torch tensors in the structure the
+original model returned. New formats (ONNX Runtime, TensorRT) register here.
+"""
+
+from __future__ import annotations
+
+from .base import RUNTIMES, Runtime, runtime_for
+from . import torch_module as _torch_module  # noqa: F401  (registers "torch")
+
+__all__ = ["RUNTIMES", "Runtime", "runtime_for"]

@@ -1,0 +1,406 @@
+"""Target: the hardware a model is optimized for, as data.
+
+Built-in targets are TOML files in ``aigc_opt/targets/`` (one per device, each number with its
+public source). ``Target.detect()`` describes the machine this runs on, ``Target.measure()``
+fills its peak FLOP/s and memory bandwidth by micro-benchmark. Passes ask a Target what is
+possible (``target.supports_dtype("bf16")``, ``target.has_backend("tensorrt")``); they never
+branch on device names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import platform
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError, UnknownNameError
+
+__all__ = ["Target", "DEVICE_TYPES", "DTYPES"]
+
+log = logging.getLogger("aigc_opt")
+
+DeviceType = Literal["cpu", "cuda", "mps", "tpu", "fpga"]
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps", "tpu", "fpga")
+DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
+
+_REQUIRED = ("name", "device_type", "arch", "memory_gb")
+# The names a user may give for "the machine I am running on".
+_HOST_NAMES = ("host", "auto", "local")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """One piece of hardware: what it is, how fast it is, and what can run on it.
+
+    Example:
+        >>> import aigc_opt as ao
+        >>> t = ao.Target.get("nvidia-h100-sxm")
+        >>> t.device_type, t.supports_dtype("fp8")
+        ('cuda', True)
+    """
+
+    name: str
+    device_type: DeviceType
+    arch: str
+    memory_gb: float
+    description: str = ""
+    vendor: str = ""
+    mem_bandwidth_gbs: float | None = None
+    cores: int | None = None
+    simd_width_bits: int | None = None
+    peak_tflops: Mapping[str, float] = field(default_factory=dict)
+    dtypes: tuple[str, ...] = ("fp32",)
+    backends: tuple[str, ...] = ("torch",)
+    features: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    match: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)
+    notes: str = ""
+    # "builtin", "detected" or "measured": where the numbers came from.
+    origin: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.device_type not in DEVICE_TYPES:
+            raise ConfigError(
+                f"Target {self.name!r}: device_type {self.device_type!r} is not one of {DEVICE_TYPES}."
+            )
+        unknown = [d for d in (*self.dtypes, *self.peak_tflops) if d not in DTYPES]
+        if unknown:
+            raise ConfigError(
+                f"Target {self.name!r}: unknown dtype(s) {unknown}; use names from {DTYPES}."
+            )
+        for key in ("memory_gb", "mem_bandwidth_gbs"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"Target {self.name!r}: {key} must be a positive number, got {value!r}.")
+        # Keep the dataclass hashable and immutable: tuples and read-only mappings only.
+        for key in ("dtypes", "backends", "features", "aliases", "match"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        object.__setattr__(self, "peak_tflops", _FrozenDict(self.peak_tflops))
+        object.__setattr__(self, "sources", _FrozenDict(self.sources))
+
+    # ----------------------------------------------------------------- questions passes ask
+    def supports_dtype(self, dtype: str) -> bool:
+        """True when the hardware runs ``dtype`` natively (fast), not by emulation."""
+        return dtype in self.dtypes
+
+    def has_backend(self, backend: str) -> bool:
+        """True when ``backend`` (e.g. ``"torch"``, ``"onnxruntime-cuda"``, ``"tensorrt"``) runs here."""
+        return backend in self.backends or any(b.startswith(backend + "-") for b in self.backends)
+
+    def has_feature(self, feature: str) -> bool:
+        return feature in self.features
+
+    @property
+    def torch_device(self) -> str:
+        """The torch device string models for this target run on."""
+        return {"cpu": "cpu", "cuda": "cuda", "mps": "mps"}.get(self.device_type, "cpu")
+
+    def peak(self, dtype: str) -> float | None:
+        """Peak dense TFLOP/s (TOPS for integers) for ``dtype``, or None when unknown."""
+        return self.peak_tflops.get(dtype)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def get(cls, name: str | Target) -> Target:
+        """A built-in target by name or alias, or the host for ``"host"``.
+
+        Raises :class:`UnknownNameError` listing the closest names when ``name`` is unknown.
+        """
+        if isinstance(name, Target):
+            return name
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"A target is a name (str) or an ao.Target, got {type(name).__name__}: {name!r}."
+            )
+        key = name.strip().lower()
+        if key in _HOST_NAMES:
+            return cls.detect()
+        builtins = _builtin_targets()
+        for target in builtins.values():
+            if key == target.name or key in target.aliases:
+                return target
+        aliases = [a for t in builtins.values() for a in t.aliases]
+        raise UnknownNameError("target", name, [*builtins, "host"], also=aliases)
+
+    @classmethod
+    def list(cls) -> list[Target]:
+        """All built-in targets, sorted by name."""
+        return [t for _, t in sorted(_builtin_targets().items())]
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Target:
+        """Load a target from a TOML file with the schema in ``docs/targets.md``."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"Target file {str(path)!r} does not exist.") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"Target file {str(path)!r} is not valid TOML: {e}.") from None
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "target data") -> Target:
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise ConfigError(f"{where}: missing required field(s) {missing}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}.")
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["peak_tflops"] = dict(self.peak_tflops)
+        out["sources"] = dict(self.sources)
+        for key in ("dtypes", "backends", "features", "aliases", "match"):
+            out[key] = list(out[key])
+        return out
+
+    def replace(self, **changes: Any) -> Target:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def detect(cls) -> Target:
+        """Describe the machine this process runs on (its first CUDA GPU if there is one)."""
+        return _detect_host()
+
+    def measure(self, *, refresh: bool = False) -> Target:
+        """This host's measured peak FLOP/s per dtype and memory bandwidth (cached on disk).
+
+        Only meaningful for the machine the process runs on: it refuses a built-in target of
+        another device type, since the numbers would describe this machine, not that one.
+        """
+        from ._measure import measure_host
+
+        host = _detect_host()
+        if self.device_type != host.device_type:
+            raise ConfigError(
+                f"Target.measure() measures this machine ({host.device_type}), but {self.name!r} is "
+                f"a {self.device_type} target; call ao.Target.detect().measure() on that hardware."
+            )
+        numbers = measure_host(self.torch_device, refresh=refresh)
+        sources = dict(self.sources)
+        sources.update({k: "measured by Target.measure()" for k in ("mem_bandwidth_gbs",)})
+        sources.update({f"peak_tflops.{d}": "measured by Target.measure()" for d in numbers["peak_tflops"]})
+        return self.replace(
+            mem_bandwidth_gbs=numbers["mem_bandwidth_gbs"],
+            peak_tflops={**self.peak_tflops, **numbers["peak_tflops"]},
+            sources=sources,
+            origin="measured",
+        )
+
+    def summary(self) -> str:
+        peaks = ", ".join(f"{d} {v:g}" for d, v in self.peak_tflops.items())
+        bw = f"{self.mem_bandwidth_gbs:g} GB/s" if self.mem_bandwidth_gbs else "? GB/s"
+        return f"{self.name} ({self.device_type}, {self.arch}, {self.memory_gb:g} GB, {bw}; TFLOP/s: {peaks or '?'})"
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes, so a frozen Target stays frozen all the way down."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("Target fields are read-only; use target.replace(...) to make a new one.")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FrozenDict:
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_FrozenDict, (dict(self),))
+
+
+@functools.cache
+def _builtin_targets() -> dict[str, Target]:
+    targets = {}
+    for entry in resources.files("aigc_opt").joinpath("targets").iterdir():
+        if entry.name.endswith(".toml"):
+            with entry.open("rb") as f:
+                data = tomllib.load(f)
+            target = Target.from_dict(data, where=f"built-in target {entry.name}")
+            if target.name != entry.name[: -len(".toml")]:
+                raise ConfigError(f"built-in target {entry.name}: name {target.name!r} != file name")
+            targets[target.name] = target
+    return targets
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _host_memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return 1.0
+
+
+def _cpu_arch(machine: str, flags: set[str]) -> tuple[str, tuple[str, ...], int | None]:
+    """(arch string, dtypes with native fast paths, SIMD width in bits) from the CPU flags."""
+    dtypes = ["fp32", "int8"]
+    if machine in ("x86_64", "amd64", "AMD64"):
+        if {"amx_bf16", "amx_int8"} <= flags:
+            arch = "x86_64-amx"
+        elif "avx512_vnni" in flags:
+            arch = "x86_64-avx512_vnni"
+        elif "avx512f" in flags:
+            arch = "x86_64-avx512"
+        elif "avx2" in flags:
+            arch = "x86_64-avx2"
+        else:
+            arch = "x86_64"
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            dtypes.append("bf16")
+        if "avx512_fp16" in flags or "amx_fp16" in flags:
+            dtypes.append("fp16")
+        simd = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
+        return arch, tuple(dtypes), simd
+    if machine in ("aarch64", "arm64"):
+        arch = "aarch64-sve" if "sve" in flags else "aarch64"
+        if "bf16" in flags:
+            dtypes.append("bf16")
+        if "fphp" in flags or "asimdhp" in flags or platform.system() == "Darwin":
+            dtypes.append("fp16")
+        return arch, tuple(dtypes), 128
+    return machine, tuple(dtypes), None
+
+
+_INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                      "amx_bf16", "amx_int8", "amx_fp16", "avx_vnni", "sve", "bf16", "i8mm", "asimddp")
+
+
+def _detect_host() -> Target:
+    import torch
+
+    if torch.cuda.is_available():
+        return _detect_cuda(torch)
+    machine = platform.machine()
+    flags = _cpu_flags()
+    arch, dtypes, simd = _cpu_arch(machine, flags)
+    model_name = _cpu_model_name()
+    backends = ["torch", "onnxruntime-cpu"]
+    device_type: DeviceType = "cpu"
+    if platform.system() == "Darwin" and machine == "arm64" and torch.backends.mps.is_available():
+        device_type, backends = "mps", ["torch", "onnxruntime-coreml", "coreml"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return Target(
+        name="host",
+        description=f"this machine: {model_name}, {cores} usable cores",
+        vendor=model_name.split()[0] if model_name else "",
+        device_type=device_type,
+        arch=arch,
+        memory_gb=round(_host_memory_gb(), 1),
+        cores=cores,
+        simd_width_bits=simd,
+        dtypes=dtypes,
+        backends=tuple(backends),
+        features=tuple(f for f in _INTERESTING_FLAGS if f in flags),
+        sources={"memory_gb": "os.sysconf", "cores": "os.sched_getaffinity"},
+        notes="Detected at run time; call .measure() for peak FLOP/s and bandwidth.",
+        origin="detected",
+    )
+
+
+def _detect_cuda(torch: Any) -> Target:
+    props = torch.cuda.get_device_properties(0)
+    arch = f"sm_{props.major}{props.minor}"
+    # A known GPU keeps its spec-sheet numbers; only what was read off the device is replaced.
+    known = _best_match(props.name, "cuda")
+    if known is not None:
+        return known.replace(name="host", arch=arch, memory_gb=round(props.total_memory / 1e9, 1),
+                             description=f"this machine: {props.name}", origin="detected")
+    dtypes = ["fp32", "fp16", "int8"]
+    if props.major >= 8:
+        dtypes += ["bf16", "tf32"]
+    if (props.major, props.minor) >= (8, 9):
+        dtypes.append("fp8")
+    return Target(
+        name="host",
+        description=f"this machine: {props.name}",
+        vendor="NVIDIA",
+        device_type="cuda",
+        arch=arch,
+        memory_gb=round(props.total_memory / 1e9, 1),
+        cores=props.multi_processor_count,
+        dtypes=tuple(dtypes),
+        backends=("torch", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt"),
+        features=("tensor_cores",) if props.major >= 7 else (),
+        sources={"memory_gb": "torch.cuda.get_device_properties"},
+        origin="detected",
+    )
+
+
+def _best_match(device_name: str, device_type: str) -> Target | None:
+    """The built-in target whose longest ``match`` string occurs in ``device_name`` ("NVIDIA L4"
+    is a prefix of "NVIDIA L40S", so the longest, most specific match wins)."""
+    best, best_len = None, 0
+    for target in _builtin_targets().values():
+        if target.device_type != device_type:
+            continue
+        for pattern in target.match:
+            if pattern.lower() in device_name.lower() and len(pattern) > best_len:
+                best, best_len = target, len(pattern)
+    return best
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Target):
+        return obj.to_dict()
+    raise TypeError(type(obj).__name__)
+
+
+def targets_table(targets: list[Target]) -> str:
+    """A plain-text table of targets (used by ``aigc-opt targets``)."""
+    rows = [("name", "device", "arch", "memory", "bandwidth", "fp32", "bf16/fp16", "int8", "backends")]
+    for t in targets:
+        half = t.peak("bf16") or t.peak("fp16")
+        rows.append((
+            t.name, t.device_type, t.arch, f"{t.memory_gb:g} GB",
+            f"{t.mem_bandwidth_gbs:g} GB/s" if t.mem_bandwidth_gbs else "-",
+            f"{t.peak('fp32'):g}" if t.peak("fp32") else "-",
+            f"{half:g}" if half else "-",
+            f"{t.peak('int8'):g}" if t.peak("int8") else "-",
+            ",".join(t.backends),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(peak numbers: dense TFLOP/s, TOPS for int8)"
+
+
+def targets_json(targets: list[Target]) -> str:
+    return json.dumps([t.to_dict() for t in targets], indent=2, default=_json_default)
