@@ -103,13 +103,16 @@ class Quantize(Pass):
         spec = self.spec
         if fmt not in spec.formats:
             raise UnsupportedModelError(
-                f"Quantize(method={self.method!r}) takes format {' or '.join(spec.formats)}, got {fmt!r}."
+                f"Quantize(method={self.method!r}) takes a model in format {' or '.join(map(repr, spec.formats))}, "
+                f"but got format {fmt!r}. Quantize before the model leaves that format (e.g. before Export)."
             )
         if target.device_type not in spec.device_types:
+            usable = [n for n in QUANT_METHODS if target.device_type in QUANT_METHODS.get(n).device_types]
             raise IncompatibleTargetError(
                 f"Quantize(method={self.method!r}) runs on {'/'.join(spec.device_types)} devices, but target "
-                f"{target.name!r} is a {target.device_type} device. Pick a method for it from "
-                f"{[n for n in QUANT_METHODS if target.device_type in QUANT_METHODS.get(n).device_types]}."
+                f"{target.name!r} is a {target.device_type} device. "
+                + (f"Methods for it: {usable}." if usable else
+                   f"No quantization method supports {target.device_type} targets yet.")
             )
         if spec.target_dtype and not target.supports_dtype(spec.target_dtype):
             raise IncompatibleTargetError(

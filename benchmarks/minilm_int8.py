@@ -1,0 +1,115 @@
+"""all-MiniLM-L6-v2: fp32 eager vs aigc_opt int8-dynamic (eager and + inductor), with references.
+
+Measured side by side in one interleaved run per batch size (ao.compare), sequence 128, on the
+sentences shipped with aigc_opt. Candidates:
+- fp32 + inductor: what compilation alone gives (so int8's share of the gain is visible);
+- int8-dynamic (eager): torchao int8, no compile;
+- int8-dynamic + inductor: the demo's recipe;
+- torch.ao quantize_dynamic (per-tensor): the deprecated built-in, as a reference peer.
+
+Writes benchmarks/results/minilm_int8.json and .md. Run alone on the machine:
+    .venv/bin/python benchmarks/minilm_int8.py [--iters 40] [--batch-sizes 1 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import aigc_opt as ao  # noqa: E402
+from aigc_opt.demo import load_minilm, sentence_batches  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def torch_ao_dynamic(model: ao.Model) -> ao.Model:
+    """torch.ao's per-tensor dynamic int8 (deprecated upstream), wrapped for comparison."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model.artifact), {torch.nn.Linear},
+                                                        dtype=torch.qint8)
+    return ao.Model(module, example_inputs=model.example_inputs, target=model.target,
+                    name="torch.ao-dynamic-per-tensor")
+
+
+def run(batch_size: int, iters: int, seq_len: int) -> dict:
+    base = load_minilm(batch_size=batch_size, seq_len=seq_len)
+    base.name = "fp32"
+    batches = sentence_batches(base, batch_size=batch_size, seq_len=seq_len)[:5]
+    started = time.perf_counter()
+    fp32_compiled = ao.compile(base, "inductor")
+    int8 = ao.quantize(base, "int8-dynamic")
+    int8_compiled = ao.compile(int8, "inductor")
+    peer = torch_ao_dynamic(base)
+    prep = time.perf_counter() - started
+    report = ao.compare(base, fp32_compiled, int8, int8_compiled, peer, inputs=batches, iters=iters,
+                        top1=False, verbose=False)
+    print(f"\n=== batch {batch_size}, sequence {seq_len} ===")
+    print(report)
+    rows = []
+    for label, entry in zip(["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor",
+                             "torch.ao dynamic per-tensor"], report.candidates):
+        ratio, lo, hi = entry.latency_ratio
+        rows.append({
+            "variant": label, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
+            "p50_ms": entry.measurement.median * 1e3, "p90_ms": entry.measurement.p90 * 1e3,
+            "cosine_mean": entry.fidelity.cosine_mean, "cosine_min": entry.fidelity.cosine_min,
+            "size_mb": entry.measurement.size_bytes / 1e6,
+        })
+    return {
+        "batch_size": batch_size, "seq_len": seq_len, "iters": iters, "prep_seconds": prep,
+        "compile_seconds": {"fp32": fp32_compiled.history[-1].details["compile_seconds"],
+                            "int8": int8_compiled.history[-1].details["compile_seconds"]},
+        "baseline_p50_ms": report.baseline.measurement.median * 1e3,
+        "baseline_size_mb": report.baseline.measurement.size_bytes / 1e6,
+        "rows": rows, "report": report.to_dict(), "report_markdown": report.to_markdown(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    host = ao.Target.detect()
+    results = {
+        "benchmark": "minilm_int8", "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "versions": __import__("aigc_opt._deps", fromlist=["x"]).library_versions(),
+        "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "minilm_int8.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# all-MiniLM-L6-v2: fp32 eager vs int8-dynamic ({results['date']})", "",
+             f"Machine: {host.description}, {host.arch}, {torch.get_num_threads()} threads. "
+             f"Sequence {args.seq_len}; {args.iters} interleaved rounds per model; latency ratio = "
+             "candidate p50 / fp32-eager p50 with a paired-bootstrap 95% interval; cosine = per-sentence "
+             "embedding cosine against fp32 eager on the shipped sentences.", ""]
+    for r in results["runs"]:
+        lines += [f"## batch {r['batch_size']} (fp32 eager p50 {r['baseline_p50_ms']:.1f} ms, "
+                  f"{r['baseline_size_mb']:.1f} MB)", "",
+                  "| variant | latency vs fp32 | 95% CI | p50 ms | p90 ms | cosine mean | cosine min | size MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {x['variant']} | {x['latency_ratio']:.2f}x | {x['ratio_ci95'][0]:.2f}-{x['ratio_ci95'][1]:.2f} "
+                  f"| {x['p50_ms']:.1f} | {x['p90_ms']:.1f} | {x['cosine_mean']:.4f} | {x['cosine_min']:.4f} "
+                  f"| {x['size_mb']:.1f} |" for x in r["rows"]]
+        lines += ["", f"Compile time: fp32 {r['compile_seconds']['fp32']:.1f} s, int8 "
+                  f"{r['compile_seconds']['int8']:.1f} s (first call, apart from the latencies above).", ""]
+    (RESULTS / "minilm_int8.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

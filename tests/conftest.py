@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import aigc_opt as ao  # noqa: E402
+from toy_models import make_mlp  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Target.measure() caches under $AIGC_OPT_CACHE: keep tests off the user's cache.
+    monkeypatch.setenv("AIGC_OPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(8, 32)
+
+
+@pytest.fixture
+def mlp_model(x) -> ao.Model:
+    return ao.Model(make_mlp(), example_inputs=(x,), target="host", factory=make_mlp)
+
+
+def state_snapshot(model: ao.Model) -> dict[str, torch.Tensor]:
+    from aigc_opt.runtime.torch_module import unwrap
+
+    return {k: v.detach().clone() for k, v in unwrap(model.artifact).state_dict().items()}
+
+
+def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert type(a[k]) is type(b[k]), k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="session")
+def minilm() -> ao.Model:
+    from aigc_opt.demo import load_minilm
+
+    return load_minilm(batch_size=4, seq_len=32)

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.bench.measurement import Measurement, median_ci, ratio_ci
+from aigc_opt.errors import ConfigError, InvalidInputError
+from toy_models import DictOut, make_mlp
+
+
+def test_median_ci_covers_the_true_median_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    hits = 0
+    trials = 400
+    for _ in range(trials):
+        sample = rng.lognormal(mean=0.0, sigma=0.5, size=40)  # skewed like latencies; median 1.0
+        lo, hi = median_ci(sample)
+        hits += lo <= 1.0 <= hi
+    assert 0.90 <= hits / trials <= 0.995
+
+
+def test_ratio_ci_recovers_a_known_ratio_and_pairs_rounds():
+    rng = np.random.default_rng(1)
+    drift = rng.lognormal(0, 0.3, size=60)  # machine noise shared by both models in a round
+    base = 10.0 * drift
+    cand = 4.0 * drift * rng.lognormal(0, 0.02, size=60)
+    point, lo, hi = ratio_ci(base, cand)
+    assert lo <= 0.4 <= hi and abs(point - 0.4) < 0.02
+    assert hi - lo < 0.05  # pairing cancels the shared noise
+
+
+def test_measurement_statistics():
+    m = Measurement(name="m", samples=[0.01] * 9 + [0.02], batch_size=4, device="cpu", num_threads=1, flops=10**9,
+                    target_peak_tflops=1.0)
+    assert m.median == 0.01 and m.p99 > m.p90 >= m.median
+    assert m.throughput == pytest.approx(400)
+    assert m.achieved_tflops == pytest.approx(0.1) and m.roofline_fraction == pytest.approx(0.1)
+    assert not m.noisy
+    noisy = Measurement(name="n", samples=[0.01, 0.02, 0.03, 0.04], batch_size=1, device="cpu", num_threads=1)
+    assert noisy.noisy and "noisy" in str(noisy)
+
+
+def test_benchmark_one_model(mlp_model):
+    meas = ao.benchmark(mlp_model, iters=12, warmup=1)
+    assert len(meas.samples) == 12 and all(s > 0 for s in meas.samples)
+    assert meas.batch_size == 8 and meas.num_parameters == mlp_model.num_parameters()
+    assert meas.size_bytes == mlp_model.size_bytes() and meas.memory_bytes == mlp_model.memory_bytes()
+    # 8x32 -> 64 -> 64 -> 10 linear layers: 2 * 8 * (32*64 + 64*64 + 64*10) FLOPs
+    assert meas.flops == 2 * 8 * (32 * 64 + 64 * 64 + 64 * 10)
+    assert meas.peak_memory_bytes and meas.peak_memory_bytes >= 8 * 64 * 4  # at least one hidden activation
+    lo, hi = meas.median_ci95
+    assert lo <= meas.median <= hi
+
+
+def test_benchmark_pins_threads_and_restores():
+    before = torch.get_num_threads()
+    meas = ao.benchmark(ao.Model(make_mlp(), example_inputs=(torch.randn(2, 32),)), iters=3, threads=1)
+    assert meas.num_threads == 1 and torch.get_num_threads() == before
+
+
+def test_compare_interleaves_and_measures_fidelity(mlp_model, x):
+    q = ao.quantize(mlp_model, "int8-dynamic")
+    batches = [x, torch.randn(8, 32), (torch.randn(8, 32),)]
+    calls = []
+    original_run = ao.Model.run
+
+    def spy(self, inputs):
+        calls.append(self is q)
+        return original_run(self, inputs)
+
+    try:
+        ao.Model.run = spy
+        report = ao.compare(mlp_model, q, inputs=batches, iters=10, warmup=0, memory=False)
+    finally:
+        ao.Model.run = original_run
+    timed = calls[:20]
+    assert timed.count(True) == 10 and timed.count(False) == 10
+    assert all(timed[i] != timed[i + 1] for i in range(0, 20, 2))  # each round runs both models
+    assert timed[0::2] != [timed[0]] * 10  # the model going first alternates between rounds
+    entry = report.candidate()
+    assert entry.fidelity.samples == 24
+    assert 0.995 < entry.fidelity.cosine_mean <= 1.0 and entry.fidelity.cosine_min <= entry.fidelity.cosine_mean
+    assert 0 < entry.fidelity.max_abs_error < 0.1
+    assert 0.8 <= entry.fidelity.top1_agreement <= 1.0
+    point, lo, hi = entry.latency_ratio
+    assert lo <= point <= hi
+
+
+def test_fidelity_is_exact_for_identical_models_and_detects_a_broken_one(mlp_model, x):
+    same = ao.compare(mlp_model, mlp_model, inputs=[x], iters=2, memory=False)
+    f = same.candidate().fidelity
+    assert f.max_abs_error == 0 and f.cosine_min == pytest.approx(1.0) and f.top1_agreement == 1.0
+    broken_net = make_mlp()
+    with torch.no_grad():
+        broken_net.head.weight.mul_(-1)
+    broken = ao.Model(broken_net)
+    f = ao.compare(mlp_model, broken, inputs=[x], iters=2, memory=False).candidate().fidelity
+    assert f.cosine_mean < 0.5 and f.top1_agreement < 0.5
+
+
+def test_compare_dict_outputs_and_eval_fn():
+    m = ao.Model(DictOut(), example_inputs={"features": torch.randn(4, 16)})
+    q = ao.quantize(m, "int8-dynamic")
+    report = ao.compare(m, q, iters=3, memory=False, eval_fn=lambda model: float(model.num_parameters()))
+    f = report.candidate().fidelity
+    assert set(f.per_output) == {"hidden", "logits"} and f.primary_output == "hidden"
+    assert report.baseline.metric == report.candidate().metric == m.num_parameters()
+
+
+def test_report_renderings(mlp_model, x):
+    q = ao.quantize(mlp_model, "int8-dynamic")
+    report = ao.compare(mlp_model, q, inputs=[x], iters=5)
+    text = str(report)
+    for row in ("latency p50 (ms)", "latency p90 (ms)", "95% CI", "throughput", "size on disk", "peak run memory",
+                "parameters", "cosine vs baseline", "max abs error", "top-1 agreement"):
+        assert row in text
+    assert "MLP+Quantize" in text
+    md = report.to_markdown()
+    assert md.startswith("| metric | MLP | MLP+Quantize |") and "|---|---|---|" in md
+    data = json.loads(report.to_json())
+    assert len(data["candidates"][0]["measurement"]["samples"]) == 5
+    assert data["candidates"][0]["fidelity"]["cosine_mean"] > 0.99
+    assert "<table>" in report._repr_html_()
+
+
+def test_bad_benchmark_inputs():
+    m = ao.Model(make_mlp())
+    with pytest.raises(InvalidInputError, match="example_inputs"):
+        ao.benchmark(m)
+    with pytest.raises(InvalidInputError, match="empty list"):
+        ao.benchmark(m, inputs=[])
+    with pytest.raises(ConfigError, match="iters"):
+        ao.benchmark(m, inputs=torch.randn(2, 32), iters=0)
+    with pytest.raises(ConfigError, match="at least one candidate"):
+        ao.compare(m, inputs=torch.randn(2, 32))
+    with pytest.raises(InvalidInputError, match="cannot be compared"):
+        ao.compare(ao.Model(DictOut()), ao.Model(_TupleOut()), inputs=[{"features": torch.randn(2, 16)}],
+                   iters=1, memory=False)
+    with pytest.raises(InvalidInputError, match=r"shape \(2, 4\).*\(2, 16\)"):
+        ao.compare(ao.Model(_Identity()), ao.Model(_Half()), inputs=[torch.randn(2, 16)], iters=1, memory=False)
+
+
+class _TupleOut(torch.nn.Module):
+    def forward(self, features):
+        return (features,)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class _Half(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :4]

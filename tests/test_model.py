@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.errors import (
+    ConfigError,
+    IntegrityError,
+    InvalidInputError,
+    NotASavedModelError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
+from conftest import assert_state_equal, state_snapshot
+from toy_models import MLP, DictOut, Payload, make_mlp
+
+
+def test_model_runs_with_positional_and_keyword_inputs(x):
+    m = ao.Model(make_mlp(), example_inputs=x)  # a lone tensor becomes (x,)
+    assert m.example_inputs[0] is x
+    assert torch.allclose(m(x), make_mlp()(x))
+    d = ao.Model(DictOut(), example_inputs={"features": torch.randn(2, 16)})
+    out = d(features=torch.randn(3, 16), scale=torch.tensor(2.0))
+    assert set(out) == {"hidden", "logits"} and out["logits"].shape == (3, 4)
+
+
+def test_target_can_be_name_target_or_host(x):
+    assert ao.Model(make_mlp(), target="h100").target.name == "nvidia-h100-sxm"
+    t4 = ao.Target.get("t4")
+    assert ao.Model(make_mlp(), target=t4).target is t4
+    assert ao.Model(make_mlp()).target.name == "host"
+    with pytest.raises(UnknownNameError, match="'tpu-v9'"):
+        ao.Model(make_mlp(), target="tpu-v9")
+
+
+def test_example_inputs_that_do_not_run_the_model_are_refused():
+    with pytest.raises(InvalidInputError) as info:
+        ao.Model(make_mlp(), example_inputs=(torch.randn(4, 7),))
+    msg = str(info.value)
+    assert "(4, 7)" in msg and "MLP" in msg and "mat1 and mat2" in msg
+    with pytest.raises(InvalidInputError, match="missing"):
+        ao.Model(DictOut(), example_inputs={"scale": torch.tensor(1.0)})
+    with pytest.raises(InvalidInputError, match="got str"):
+        ao.Model(make_mlp(), example_inputs="not a tensor")
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(UnsupportedModelError, match="got function"):
+        ao.Model(lambda x: x)
+    m = ao.Model(make_mlp())
+    with pytest.raises(UnsupportedModelError, match="already an ao.Model"):
+        ao.Model(m)
+
+
+def test_training_mode_is_switched_to_eval_with_a_warning(caplog):
+    net = make_mlp().train()
+    with caplog.at_level("WARNING", logger="aigc_opt"):
+        ao.Model(net)
+    assert not net.training and "training mode" in caplog.text
+
+
+def test_facts(mlp_model):
+    net = make_mlp()
+    assert mlp_model.num_parameters() == sum(p.numel() for p in net.parameters())
+    assert mlp_model.memory_bytes() == 4 * mlp_model.num_parameters()
+    assert mlp_model.size_bytes() > mlp_model.memory_bytes()  # plus the zip container
+    assert "MLP" in repr(mlp_model) and "passes=[none]" in repr(mlp_model)
+
+
+def test_save_load_round_trip_with_factory(mlp_model, tmp_path, x):
+    q = ao.quantize(mlp_model, "int8-dynamic")
+    q.save(tmp_path / "q")
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["format"] == "torch" and manifest["target"]["name"] == "host"
+    assert [h["pass_type"] for h in manifest["history"]] == ["Quantize"]
+    assert set(manifest["files"]) == {"weights.pt", "example_inputs.pt"}
+    assert all(len(v) == 64 for v in manifest["files"].values())
+    assert "torch" in manifest["versions"]
+    # The factory is a code path named in a file: it needs explicit trust...
+    with pytest.raises(UnsupportedModelError, match="trust=True"):
+        ao.Model.load(tmp_path / "q")
+    loaded = ao.Model.load(tmp_path / "q", trust=True)
+    assert torch.equal(loaded(x), q(x))
+    assert [r.pass_type for r in loaded.history] == ["Quantize"]
+    assert torch.equal(loaded.example_inputs[0], x)
+    # ...or a skeleton given by the caller.
+    skeleton = MLP()
+    loaded2 = ao.Model.load(tmp_path / "q", module=skeleton, target="t4")
+    assert torch.equal(loaded2(x), q(x)) and loaded2.target.name == "nvidia-t4"
+    assert type(skeleton.fc1.weight) is torch.nn.Parameter  # the given skeleton is not modified
+
+
+def test_custom_module_without_factory_needs_a_skeleton(tmp_path, x):
+    m = ao.Model(MLP(), example_inputs=(x,))
+    m.save(tmp_path / "m")
+    with pytest.raises(UnsupportedModelError, match="module="):
+        ao.Model.load(tmp_path / "m")
+    loaded = ao.Model.load(tmp_path / "m", module=MLP(seed=5))
+    assert torch.equal(loaded(x), m(x))
+    with pytest.raises(UnsupportedModelError, match="do not fit"):
+        ao.Model.load(tmp_path / "m", module=MLP(hidden=8))
+
+
+def test_lambda_factory_is_refused():
+    with pytest.raises(ConfigError, match="cannot be imported again"):
+        ao.Model(make_mlp(), factory=lambda: make_mlp())
+
+
+def test_changed_artifact_is_detected(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    weights = tmp_path / "m" / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[-200] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="'weights.pt'.*changed"):
+        ao.Model.load(tmp_path / "m", trust=True)
+
+
+def test_changed_manifest_is_detected(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    path = tmp_path / "m" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["target"]["device_type"] = "cuda"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="manifest.json.*changed"):
+        ao.Model.load(tmp_path / "m", trust=True)
+
+
+def test_missing_file_is_detected(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    (tmp_path / "m" / "example_inputs.pt").unlink()
+    with pytest.raises(IntegrityError, match="missing 'example_inputs.pt'"):
+        ao.Model.load(tmp_path / "m", trust=True)
+
+
+def test_loading_a_directory_that_is_not_a_saved_model(tmp_path):
+    with pytest.raises(NotASavedModelError, match="no manifest.json"):
+        ao.Model.load(tmp_path)
+    with pytest.raises(NotASavedModelError, match="not a directory"):
+        ao.Model.load(tmp_path / "nowhere")
+    (tmp_path / "manifest.json").write_text('{"something": "else"}')
+    with pytest.raises(NotASavedModelError, match="not an aigc_opt manifest"):
+        ao.Model.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(IntegrityError, match="not valid JSON"):
+        ao.Model.load(tmp_path)
+
+
+def test_save_is_atomic_and_protects_other_directories(mlp_model, tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    mlp_model.save(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    # A save that fails half-way leaves the previous save intact and no temporary directory.
+    import aigc_opt.model as model_mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model_mod, "write_manifest", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ao.quantize(mlp_model, "int8-dynamic").save(target)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # Overwriting a saved Model is fine; overwriting unrelated data is refused.
+    ao.quantize(mlp_model, "int8-dynamic").save(target)
+    assert json.loads((target / "manifest.json").read_text())["history"][0]["pass_type"] == "Quantize"
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(NotASavedModelError, match="not a saved Model"):
+        mlp_model.save(other)
+    assert (other / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_unsafe_pickle_is_refused_without_trust(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    # Replace the example inputs with a pickled arbitrary object and re-sign the manifest,
+    # as a malicious author could: weights_only loading must still refuse it.
+    import aigc_opt._store as store
+
+    torch.save({"x": Payload()}, tmp_path / "m" / "example_inputs.pt")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    for key in ("files", "manifest_sha256", "aigc_opt_manifest"):
+        manifest.pop(key)
+    store.write_manifest(tmp_path / "m", manifest)
+    with pytest.raises(UnsupportedModelError, match="weights_only=True"):
+        ao.Model.load(tmp_path / "m", module=MLP())
