@@ -182,5 +182,8 @@ def test_inductor_compiles_and_records_compile_time_apart(mlp_model, x, tmp_path
 def test_int8_then_inductor(mlp_model, x):
     fast = ao.compile(ao.quantize(mlp_model, "int8-dynamic"))
     assert [r.pass_type for r in fast.history] == ["Quantize", "Compile"]
+    assert fast.is_compiled and not mlp_model.is_compiled
+    with pytest.raises(UnsupportedModelError, match="Put it before Compile"):
+        ao.quantize(fast, "int8-dynamic")
     cos = torch.nn.functional.cosine_similarity(fast(x), mlp_model(x), dim=1)
     assert cos.min() > 0.995

@@ -109,3 +109,11 @@ def test_pass_refuses_a_format_it_does_not_take(mlp_model):
     onnx_like = mlp_model._derive(mlp_model.artifact, format="onnx")
     with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
         ao.quantize(onnx_like, "int8-dynamic")
+
+
+def test_structural_pass_after_compile_is_refused_up_front(mlp_model, monkeypatch):
+    ran = []
+    monkeypatch.setattr(ao.Compile, "run", lambda self, m: ran.append(1))
+    with pytest.raises(UnsupportedModelError, match="before Compile") as info:
+        ao.Pipeline([ao.Compile("inductor"), ao.Quantize("int8-dynamic")])(mlp_model)
+    assert ran == [] and "step 2 of 2" in "".join(info.value.__notes__)

@@ -106,6 +106,11 @@ class Model:
         return runtime_for(self.format).run(self.artifact, normalize_inputs(inputs))
 
     @property
+    def is_compiled(self) -> bool:
+        """True once a compiling pass (e.g. Compile('inductor')) has wrapped the artifact."""
+        return unwrap(self.artifact) is not self.artifact
+
+    @property
     def device(self) -> str:
         return runtime_for(self.format).device(self.artifact)
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AigcOptError, ConfigError, PassError, RecipeError
+from .errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
 from .passes.base import PASS_TYPES, Pass
 
 if TYPE_CHECKING:
@@ -62,18 +62,25 @@ class Pipeline:
     # ------------------------------------------------------------------ running
     def check(self, model: Model) -> None:
         """Check the whole chain on the formats each pass will see, before any work."""
-        self.check_chain(model.format, model.target)
+        self.check_chain(model.format, model.target, compiled=model.is_compiled)
         if self.passes:
             self.passes[0].check(model)
 
-    def check_chain(self, fmt: str, target: Target) -> None:
+    def check_chain(self, fmt: str, target: Target, *, compiled: bool = False) -> None:
+        """Check each pass against the format (and compiled state) it will see, and the target."""
         for i, p in enumerate(self.passes):
             try:
                 p.check_static(fmt, target)
+                if compiled and not p.accepts_compiled:
+                    raise UnsupportedModelError(
+                        f"{p.describe()} changes the model's structure and cannot follow a compiling pass; "
+                        "put it before Compile."
+                    )
             except AigcOptError as e:
                 e.add_note(f"(pipeline step {i + 1} of {len(self.passes)}: {p.describe()}; nothing was run)")
                 raise
             fmt = p.output_format(fmt)
+            compiled = compiled or p.compiles
 
     def apply(self, model: Model, *, verbose: bool | None = None) -> Model:
         self.check(model)

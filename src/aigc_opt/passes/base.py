@@ -87,6 +87,10 @@ class Pass:
 
     # Formats the pass accepts, and what it turns a format into (same format by default).
     input_formats: ClassVar[tuple[str, ...]] = ("torch",)
+    # Whether the pass can take a model already wrapped by a compiler (structural passes such
+    # as quantization must run before compilation), and whether it compiles.
+    accepts_compiled: ClassVar[bool] = True
+    compiles: ClassVar[bool] = False
 
     def output_format(self, fmt: str) -> str:
         return fmt
@@ -105,6 +109,11 @@ class Pass:
 
     def check(self, model: Model) -> None:
         self.check_static(model.format, model.target)
+        if not self.accepts_compiled and model.is_compiled:
+            raise UnsupportedModelError(
+                f"{self.describe()} changes the model's structure and cannot run on a compiled model "
+                f"(passes so far: {[r.pass_type for r in model.history]}). Put it before Compile."
+            )
         self.check_model(model)
 
     # ------------------------------------------------------------------ work

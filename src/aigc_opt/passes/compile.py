@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -65,6 +65,8 @@ class Compile(Pass):
         warmup_iters: calls on the example inputs after the compiling one, to record
             steady-state latency apart from compile time (0 to skip).
     """
+
+    compiles: ClassVar[bool] = True
 
     backend: str = "inductor"
     _: KW_ONLY

@@ -20,7 +20,7 @@ import copy
 import fnmatch
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -76,6 +76,8 @@ class Quantize(Pass):
         skip: module names (fnmatch patterns such as ``"classifier"`` or ``"*.pooler.*"``) to
             leave in full precision.
     """
+
+    accepts_compiled: ClassVar[bool] = False
 
     method: str = "int8-dynamic"
     _: KW_ONLY
