@@ -93,15 +93,50 @@ def test_save_load_round_trip_with_factory(mlp_model, tmp_path, x):
     assert type(skeleton.fc1.weight) is torch.nn.Parameter  # the given skeleton is not modified
 
 
-def test_custom_module_without_factory_needs_a_skeleton(tmp_path, x):
-    m = ao.Model(MLP(), example_inputs=(x,))
+def test_custom_module_without_factory_needs_a_skeleton_or_trust(tmp_path, x):
+    m = ao.quantize(ao.Model(MLP(), example_inputs=(x,)), "int8-dynamic")
     m.save(tmp_path / "m")
-    with pytest.raises(UnsupportedModelError, match="module="):
+    with pytest.raises(UnsupportedModelError, match="module=.*trust=True"):
         ao.Model.load(tmp_path / "m")
     loaded = ao.Model.load(tmp_path / "m", module=MLP(seed=5))
     assert torch.equal(loaded(x), m(x))
+    pickled = ao.Model.load(tmp_path / "m", trust=True)  # the saved module.pt, with consent
+    assert torch.equal(pickled(x), m(x)) and [r.pass_type for r in pickled.history] == ["Quantize"]
     with pytest.raises(UnsupportedModelError, match="do not fit"):
         ao.Model.load(tmp_path / "m", module=MLP(hidden=8))
+
+
+def test_saved_directory_has_normal_permissions(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    assert (tmp_path / "m").stat().st_mode & 0o755 == 0o755
+
+
+def test_failed_swap_puts_the_previous_save_back(mlp_model, tmp_path, monkeypatch):
+    target = tmp_path / "m"
+    mlp_model.save(target)
+    before = (target / "manifest.json").read_text()
+    import os as os_mod
+
+    real_rename = os_mod.rename
+
+    def rename(src, dst):
+        if str(src).startswith(str(tmp_path / ".m.tmp-")):
+            raise OSError("rename interrupted")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os_mod, "rename", rename)
+    with pytest.raises(OSError, match="interrupted"):
+        ao.quantize(mlp_model, "int8-dynamic").save(target)
+    monkeypatch.undo()
+    assert (target / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert ao.Model.load(target, trust=True).history == ()
+
+
+def test_manifest_without_required_fields(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"aigc_opt_manifest": 1, "format": "torch"}')
+    with pytest.raises(NotASavedModelError, match="lacks the field"):
+        ao.Model.load(tmp_path)
 
 
 def test_lambda_factory_is_refused():

@@ -11,11 +11,13 @@ Builders:
 - ``"aigc_opt"``: modules defined by aigc_opt (e.g. the sentence-embedding wrapper).
 - ``"factory"``: the user's own importable function; imported only with ``trust=True`` (a
   manifest could otherwise name any function), or replaced by ``Model.load(..., module=...)``.
-- ``"custom"``: nothing to rebuild from; the user passes a skeleton with ``module=``.
+- ``"custom"``: nothing to rebuild from; the user passes a skeleton with ``module=``, or
+  ``trust=True`` to unpickle the ``module.pt`` saved beside the weights.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +27,8 @@ import torch
 from ._registry import Registry
 from .errors import ConfigError, UnsupportedModelError
 
-__all__ = ["describe_architecture", "build_architecture", "AIGC_MODULES", "factory_path"]
+__all__ = ["describe_architecture", "build_architecture", "AIGC_MODULES", "factory_path", "structure_only",
+           "materialize"]
 
 # aigc_opt's own module classes that can be rebuilt from JSON: name -> builder(**kwargs).
 AIGC_MODULES: Registry[Callable[..., torch.nn.Module]] = Registry("aigc_opt module")
@@ -91,10 +94,10 @@ def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
         return obj(**spec.get("kwargs", {}))
     if builder == "custom":
         raise UnsupportedModelError(
-            f"This Model was saved from a custom module of class {spec.get('class')!r} with no factory "
-            "recorded, so its structure cannot be rebuilt from the files. Pass module=<a freshly "
-            "built instance of that class> to Model.load (or save it with ao.Model(..., "
-            "factory='package.module:function'))."
+            f"This Model was saved from a custom module of class {spec.get('class')!r}, which cannot be "
+            "rebuilt from data. Either pass module=<a freshly built instance of that class> to "
+            "Model.load, or trust=True to unpickle the saved module.pt (this runs code from the "
+            "file: only for directories you trust). Saving with ao.Model(..., factory=...) also works."
         )
     raise UnsupportedModelError(f"Unknown architecture builder {builder!r} in the manifest.")
 
@@ -111,3 +114,32 @@ def build_hf(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
     config_cls = cls.config_class
     model = cls(config_cls.from_dict(config))
     return model.eval()
+
+
+def structure_only(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and persistent buffers live on the meta device
+    (no memory), kept so a custom module's structure can be pickled before any pass ran.
+    Non-persistent buffers (not in the state dict, so not in the saved weights) stay real."""
+    kept = {id(b) for m in module.modules() for name, b in m._buffers.items()
+            if b is not None and name in m._non_persistent_buffers_set}
+    memo: dict[int, Any] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in kept or id(tensor) in memo:
+            continue
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = (torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else meta)
+    return copy.deepcopy(module, memo)
+
+
+def materialize(module: torch.nn.Module) -> torch.nn.Module:
+    """Give a :func:`structure_only` module real (zero) CPU tensors, so passes can be
+    replayed on it before the saved weights are loaded in."""
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_meta:
+                    real = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                    store[name] = (torch.nn.Parameter(real, requires_grad=tensor.requires_grad)
+                                   if isinstance(tensor, torch.nn.Parameter) else real)
+    return module

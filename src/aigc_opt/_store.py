@@ -34,8 +34,12 @@ def _fsync_tree(root: Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-        fd = os.open(root, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -65,19 +69,31 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets normal permissions
+    old: Path | None = None
     try:
         yield tmp
         _fsync_tree(tmp)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "previous"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
+        if old is not None and old.exists() and not target.exists():
+            os.rename(old, target)  # put the previous save back
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _manifest_digest(manifest: dict[str, Any]) -> str:
@@ -117,6 +133,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{str(path)!r} has manifest version {manifest['aigc_opt_manifest']!r}; this aigc_opt "
             f"reads version {MANIFEST_VERSION}. Upgrade aigc-opt to load it."
         )
+    missing = [k for k in ("format", "target", "architecture", "history", "files") if k not in manifest]
+    if missing:
+        raise NotASavedModelError(f"{str(path)!r} lacks the field(s) {missing}; it was not written by Model.save.")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise IntegrityError(
             f"{str(path)!r} was changed after it was saved (its checksum does not match). "

@@ -21,9 +21,10 @@ from ._deps import quiet_import_logs, require
 from ._registry import Registry
 from .errors import ConfigError, UnsupportedModelError
 
+from .target import Target
+
 if TYPE_CHECKING:
     from .model import Model
-    from .target import Target
 
 __all__ = ["from_hf", "tokenize", "SentenceEmbedder", "TASKS"]
 
@@ -119,9 +120,12 @@ def from_hf(
     module.eval()
     if task == "sentence-embedding":
         module = SentenceEmbedder(module).eval()
+    resolved = Target.get(target)
+    if resolved.device_type == "cuda" and torch.cuda.is_available():
+        module.to("cuda")  # run where the target is (inputs follow the module)
     texts = list(example_texts) if example_texts else ["aigc_opt makes models smaller and faster."] * batch_size
     example = tokenize(tokenizer, texts[:batch_size], seq_len=seq_len)
-    model = Model(module, example_inputs=example, target=target,
+    model = Model(module, example_inputs=example, target=resolved,
                   name=name or os.path.basename(os.path.normpath(str(path))))
     model.tokenizer = tokenizer  # type: ignore[attr-defined]
     return model

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._architecture import build_architecture, describe_architecture
+from ._architecture import build_architecture, describe_architecture, materialize, structure_only
 from ._deps import library_versions
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
 from ._tree import Inputs, describe, normalize_inputs
@@ -39,6 +39,7 @@ log = logging.getLogger("aigc_opt")
 
 WEIGHTS = "weights.pt"
 EXAMPLE_INPUTS = "example_inputs.pt"
+PICKLED_MODULE = "module.pt"
 
 
 class Model:
@@ -91,6 +92,8 @@ class Model:
         self.history: tuple[PassRecord, ...] = ()
         self.name = name or type(unwrap(artifact)).__name__
         self.architecture = describe_architecture(unwrap(artifact), factory, factory_kwargs)
+        # A custom module's structure before any pass, without its weights (see save()).
+        self._skeleton = structure_only(unwrap(artifact)) if self.architecture["builder"] == "custom" else None
         if validate and self.example_inputs is not None:
             self._validate_example_inputs()
 
@@ -186,6 +189,11 @@ class Model:
         path = Path(path)
         with atomic_directory(path) as tmp:
             torch.save(unwrap(self.artifact).state_dict(), tmp / WEIGHTS)
+            if self._skeleton is not None:
+                # Nothing can rebuild a custom module from data, so its structure (before any
+                # pass, weights on the meta device: a few KB) is pickled; it is read only with
+                # Model.load(..., trust=True), otherwise module= gives the skeleton.
+                torch.save(self._skeleton, tmp / PICKLED_MODULE)
             if self.example_inputs is not None:
                 torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
             write_manifest(tmp, {
@@ -213,11 +221,14 @@ class Model:
 
         Args:
             target: run it for another target than the one saved.
-            module: a freshly built instance of the architecture, for custom modules saved
-                without a factory (its weights are replaced by the saved ones).
-            trust: allow what runs code from the save: importing a recorded factory, and
-                unpickling weights that ``weights_only=True`` refuses. Only for directories
-                you trust.
+            module: a freshly built instance of the architecture, for custom modules (its
+                weights are replaced by the saved ones; the instance itself is not modified).
+            trust: allow what runs code from the save: importing the recorded factory, or
+                unpickling a custom module's ``module.pt``. Only for directories you trust.
+                Weights are always read with ``weights_only=True`` first.
+
+        Hugging Face models and aigc_opt's own modules are rebuilt from their recorded config
+        and need neither ``module`` nor ``trust``.
         """
         path = Path(path)
         manifest = read_manifest(path)
@@ -225,10 +236,18 @@ class Model:
         if manifest["format"] != "torch":
             raise UnsupportedModelError(f"Saved format {manifest['format']!r} is not supported by this version.")
         history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
+        passes = [PASS_TYPES.get(r.pass_type).from_config(r.config, where=f"manifest of {path}") for r in history]
         spec = manifest["architecture"]
-        skeleton = copy.deepcopy(module) if module is not None else build_architecture(spec, trust=trust)
-        for record in history:
-            pass_ = PASS_TYPES.get(record.pass_type).from_config(record.config, where=f"manifest of {path}")
+        structure = None
+        if module is not None:
+            skeleton = copy.deepcopy(module)
+            structure = structure_only(module)
+        elif spec.get("builder") == "custom" and trust and (path / PICKLED_MODULE).exists():
+            structure = torch.load(path / PICKLED_MODULE, map_location="cpu", weights_only=False)
+            skeleton = materialize(copy.deepcopy(structure))
+        else:
+            skeleton = build_architecture(spec, trust=trust)
+        for pass_, record in zip(passes, history):
             skeleton = pass_.restore(skeleton, record)
         state = _load_tensors(path / WEIGHTS, trust=trust)
         try:
@@ -238,16 +257,25 @@ class Model:
                 f"The saved weights in {str(path)!r} do not fit the rebuilt module: "
                 f"{str(e).splitlines()[0]} Pass module= an instance of the saved architecture."
             ) from None
-        unwrap(skeleton).eval()
-        example = _load_tensors(path / EXAMPLE_INPUTS, trust=trust) if (path / EXAMPLE_INPUTS).exists() else None
+        model = cls._loaded(path, manifest, skeleton, history, target)
+        if spec.get("builder") == "custom":
+            model._skeleton = structure
+        return model
+
+    @classmethod
+    def _loaded(cls, path: Path, manifest: dict[str, Any], module: Any, history: tuple[PassRecord, ...],
+                target: str | Target | None) -> Model:
+        unwrap(module).eval()
+        example_path = path / EXAMPLE_INPUTS
         model = cls.__new__(cls)
-        model.artifact = skeleton
+        model.artifact = module
         model.format = manifest["format"]
         model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
-        model.example_inputs = example
+        model.example_inputs = _load_tensors(example_path, trust=False) if example_path.exists() else None
         model.history = history
-        model.name = manifest.get("name", type(unwrap(skeleton)).__name__)
-        model.architecture = spec
+        model.name = manifest.get("name", type(unwrap(module)).__name__)
+        model.architecture = manifest["architecture"]
+        model._skeleton = None
         return model
 
     @classmethod
@@ -282,11 +310,13 @@ class _ByteCounter(io.RawIOBase):
 
 
 def _load_tensors(path: Path, *, trust: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; full unpickling only when trusted and needed."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # torch raises UnpicklingError for anything outside the allowlist
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError for anything outside its allowlist
         if trust:
-            raise
+            log.warning("%s needs full unpickling (weights_only=True refused it); trusting it as asked.", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
         raise UnsupportedModelError(
             f"{str(path)!r} holds objects that safe loading (weights_only=True) refuses: "
             f"{str(e).splitlines()[0]} If you trust this directory, load it with trust=True."

@@ -185,11 +185,11 @@ class Target:
         """
         from ._measure import measure_host
 
-        host = _detect_host()
-        if self.device_type != host.device_type:
+        if self.origin == "builtin":
             raise ConfigError(
-                f"Target.measure() measures this machine ({host.device_type}), but {self.name!r} is "
-                f"a {self.device_type} target; call ao.Target.detect().measure() on that hardware."
+                f"Target.measure() measures this machine, but {self.name!r} is a built-in spec-sheet "
+                "target and the numbers would describe this machine, not it. Call "
+                "ao.Target.detect().measure() (on that hardware, to measure it)."
             )
         numbers = measure_host(self.torch_device, refresh=refresh)
         sources = dict(self.sources)

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._tree import batch_size, normalize_inputs
-from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
+from .._tree import batch_size, describe, normalize_inputs
+from ..errors import AigcOptError, ConfigError, InvalidInputError, UnsupportedModelError
 from .fidelity import FidelityAccumulator
 from .measurement import Measurement, ratio_ci
 from .probes import count_flops, on_device, peak_memory_bytes, pinned_threads, timed_call
@@ -37,11 +37,28 @@ def _batches(inputs: Any, model: Model) -> list[Any]:
     return [normalize_inputs(inputs, what="inputs")]
 
 
-def _check_counts(warmup: int, iters: int) -> None:
+def _check_counts(warmup: int, iters: int, threads: int | None = None) -> None:
     if not isinstance(iters, int) or iters < 1:
         raise ConfigError(f"iters must be an int >= 1, got {iters!r}.")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}.")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be an int >= 1 or None (keep torch's setting), got {threads!r}.")
+
+
+def _check_runs(models: Sequence[Model], batches: list[list[Any]]) -> None:
+    """Run every model once on every batch, so a bad batch fails here with its index, typed."""
+    for m, own in zip(models, batches):
+        for i, batch in enumerate(own):
+            try:
+                m.run(batch)
+            except AigcOptError:
+                raise
+            except Exception as e:
+                raise InvalidInputError(
+                    f"inputs[{i}] {describe(batch)} does not run {m.name}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}"
+                ) from e
 
 
 def _progress(total: int, desc: str, verbose: bool | None) -> Any:
@@ -61,6 +78,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
         if not hasattr(m, "run") or not hasattr(m, "format"):
             raise UnsupportedModelError(f"benchmark/compare take ao.Model objects, got {type(m).__name__}.")
     per_model = [[on_device(m, b) for b in batches] for m in models]
+    _check_runs(models, per_model)
     devices = [m.device for m in models]
     samples: list[list[float]] = [[] for _ in models]
     with pinned_threads(threads) as num_threads:
@@ -82,7 +100,8 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             results.append(Measurement(
                 name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
                 samples=s,
-                batch_size=batch_size(own[0]),
+                # rounds cycle through the batches: the mean size is the samples per call
+                batch_size=sum(batch_size(b) for b in own) / len(own),
                 device=dev,
                 num_threads=num_threads,
                 target=m.target.name,
@@ -107,12 +126,14 @@ def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int =
             model's example inputs.
         warmup: untimed calls before measuring. iters: timed calls.
         threads: intra-op threads to pin while measuring (default: torch's current setting).
+            Code compiled by inductor for CPU fixes its OpenMP thread count when it compiles,
+            so for compiled models this only affects the eager parts.
 
     Example:
         >>> m = ao.Model(net, example_inputs=(x,))            # doctest: +SKIP
         >>> print(ao.benchmark(m, iters=50))                  # doctest: +SKIP
     """
-    _check_counts(warmup, iters)
+    _check_counts(warmup, iters, threads)
     return _measure([model], _batches(inputs, model), warmup=warmup, iters=iters, threads=threads,
                     verbose=verbose, memory=memory)[0]
 
@@ -140,7 +161,7 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     """
     if not candidates:
         raise ConfigError("compare needs at least one candidate: ao.compare(baseline, candidate, ...).")
-    _check_counts(warmup, iters)
+    _check_counts(warmup, iters, threads)
     batches = _batches(inputs, baseline)
     models = [baseline, *candidates]
     measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class Fidelity:
     top1_agreement: float | None
     samples: int
     primary_output: str
+    nonfinite: int = 0  # NaN/inf output values the baseline did not have
     per_output: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,13 +44,19 @@ class _Stats:
     def __init__(self, *, top1: bool) -> None:
         self.top1 = top1
         self.max_abs = 0.0
+        self.nonfinite = 0  # NaN/inf values in the candidate beyond those in the baseline
         self.cos: list[torch.Tensor] = []
         self.top1_hits = 0
         self.top1_total = 0
 
     def add(self, ref: torch.Tensor, out: torch.Tensor) -> None:
         ref, out = ref.detach().float().cpu(), out.detach().float().cpu()
-        self.max_abs = max(self.max_abs, float((ref - out).abs().max()) if ref.numel() else 0.0)
+        bad = int((~torch.isfinite(out)).sum()) - int((~torch.isfinite(ref)).sum())
+        self.nonfinite += max(bad, 0)
+        if ref.numel():
+            diff = float((ref - out).abs().max())
+            # NaN compares false with everything: max() would silently drop it.
+            self.max_abs = math.nan if math.isnan(diff) or math.isnan(self.max_abs) else max(self.max_abs, diff)
         r = ref.reshape(ref.shape[0], -1) if ref.dim() > 1 else ref.reshape(1, -1)
         o = out.reshape(r.shape)
         self.cos.append(torch.nn.functional.cosine_similarity(r, o, dim=1, eps=1e-12))
@@ -60,7 +68,8 @@ class _Stats:
     def summary(self) -> dict[str, float | None]:
         cos = torch.cat(self.cos) if self.cos else torch.ones(1)
         return {
-            "max_abs_error": self.max_abs,
+            "max_abs_error": float("inf") if self.nonfinite else self.max_abs,
+            "nonfinite": self.nonfinite,
             "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()),
             "top1_agreement": self.top1_hits / self.top1_total if self.top1_total else None,
@@ -101,8 +110,10 @@ class FidelityAccumulator:
             raise InvalidInputError(f"{self.name}: no floating-point outputs to compare.")
         per = {k: s.summary() for k, s in self.stats.items()}
         primary = next(iter(per))
+        maxes = [float(p["max_abs_error"]) for p in per.values()]
         return Fidelity(
-            max_abs_error=max(float(p["max_abs_error"] or 0.0) for p in per.values()),
+            max_abs_error=math.nan if any(math.isnan(m) for m in maxes) else max(maxes),
+            nonfinite=sum(int(p["nonfinite"] or 0) for p in per.values()),
             cosine_mean=float(per[primary]["cosine_mean"] or 0.0),
             cosine_min=float(per[primary]["cosine_min"] or 0.0),
             top1_agreement=per[primary]["top1_agreement"],

@@ -23,7 +23,8 @@ def median_ci(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
 
     Latency samples are skewed (a long right tail), so no normal approximation is assumed:
     the ranks come from the binomial(n, 1/2) distribution of how many samples fall below
-    the true median.
+    the true median. With fewer than 6 samples no 95% interval exists; [min, max] is returned
+    (its coverage is lower: 75% for n=3).
     """
     x = np.sort(np.asarray(samples, dtype=float))
     n = len(x)
@@ -67,7 +68,7 @@ class Measurement:
 
     name: str
     samples: list[float]
-    batch_size: int
+    batch_size: float  # samples per call (the mean when batches differ in size)
     device: str
     num_threads: int
     target: str = "host"
@@ -135,7 +136,8 @@ class Measurement:
 
     @property
     def roofline_fraction(self) -> float | None:
-        """Achieved FLOP/s as a fraction of the target's peak for the model's dtype."""
+        """Achieved FLOP/s (counted in the model's eager fp32 form) as a fraction of the
+        target's fp32 peak; None when either is unknown."""
         achieved = self.achieved_tflops
         return achieved / self.target_peak_tflops if achieved and self.target_peak_tflops else None
 

@@ -102,6 +102,8 @@ class Report:
             if x.noisy:
                 out.append(f"{x.name}: latency spread is high (IQR {_ms(x.iqr)} ms > 25% of the median); "
                            "run again with nothing else on the machine or more iters.")
+            if e.fidelity is not None and e.fidelity.nonfinite:
+                out.append(f"{x.name}: {e.fidelity.nonfinite} output value(s) are NaN/inf where the baseline's are finite.")
             if x.simulated:
                 out.append(f"{x.name}: low precision is SIMULATED (fake-quant); its latency is not a speed claim.")
         return out
@@ -138,7 +140,8 @@ class Report:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+        """JSON text; NaN and infinity (a broken candidate) are written as null, as JSON has none."""
+        return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
 
     def to_pandas(self) -> Any:
         """The table as a pandas DataFrame (needs pandas)."""
@@ -157,3 +160,13 @@ class Report:
         )
         foot = "".join(f"<li>{html.escape(line)}</li>" for line in self._footer())
         return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table><ul>{foot}</ul>"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
