@@ -72,7 +72,8 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
                             "int8": int8_compiled.history[-1].details["compile_seconds"]},
         "baseline_p50_ms": report.baseline.measurement.median * 1e3,
         "baseline_size_mb": report.baseline.measurement.size_bytes / 1e6,
-        "rows": rows, "report": report.to_dict(), "report_markdown": report.to_markdown(),
+        "rows": rows, "warnings": report._warnings(), "report": report.to_dict(),
+        "report_markdown": report.to_markdown(),
     }
 
 
@@ -107,6 +108,7 @@ def main() -> None:
                   f"| {x['size_mb']:.1f} |" for x in r["rows"]]
         lines += ["", f"Compile time: fp32 {r['compile_seconds']['fp32']:.1f} s, int8 "
                   f"{r['compile_seconds']['int8']:.1f} s (first call, apart from the latencies above).", ""]
+        lines += [f"- warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
     (RESULTS / "minilm_int8.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
