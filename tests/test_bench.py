@@ -186,3 +186,12 @@ def test_nan_outputs_are_reported_not_hidden(mlp_model, x):
 def test_mixed_batch_sizes_give_mean_samples_per_call(mlp_model):
     meas = ao.benchmark(mlp_model, inputs=[torch.randn(2, 32), torch.randn(6, 32)], iters=4, memory=False)
     assert meas.batch_size == 4
+
+
+def test_roofline_only_against_the_device_that_ran(mlp_model, x):
+    h100 = ao.Model(make_mlp(), example_inputs=(x,), target="h100")  # runs here on the CPU
+    meas = ao.benchmark(h100, iters=3, memory=False)
+    if meas.device == "cpu":
+        assert meas.target_peak_tflops is None and meas.roofline_fraction is None
+    measured_host = ao.Model(make_mlp(), example_inputs=(x,), target=ao.Target.detect().measure())
+    assert ao.benchmark(measured_host, iters=3, memory=False).roofline_fraction > 0

@@ -48,7 +48,10 @@ def test_bench_and_optimize_commands(tmp_path, capsys):
     assert main(["optimize", str(tmp_path / "m"), "--recipe", str(tmp_path / "recipe.yaml"),
                  "-o", str(tmp_path / "q"), "--iters", "3", "--trust"]) == 0
     out = capsys.readouterr().out
-    assert "latency vs baseline" in out and "cosine vs baseline" in out
+    assert "latency vs baseline" in out and "cosine vs baseline" in out and "top-1 agreement" in out
+    assert main(["optimize", str(tmp_path / "m"), "--recipe", str(tmp_path / "recipe.yaml"),
+                 "-o", str(tmp_path / "q"), "--iters", "3", "--trust", "--no-top1"]) == 0
+    assert "top-1 agreement" not in capsys.readouterr().out
     q = ao.Model.load(tmp_path / "q", trust=True)
     assert [r.pass_type for r in q.history] == ["Quantize"]
 
@@ -57,6 +60,9 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aigc-opt: error:") and "manifest.json" in err and "Traceback" not in err
+    ao.Model(MLP(), example_inputs=(torch.randn(2, 32),)).save(tmp_path / "c")
+    assert main(["bench", str(tmp_path / "c")]) == 2
+    assert "--trust" in capsys.readouterr().err  # the library's trust=True, in CLI words
     ao.Model(MLP(), example_inputs=(torch.randn(2, 32),), factory="toy_models:make_mlp").save(tmp_path / "m")
     (tmp_path / "r.yaml").write_text("passes:\n  - Quantise\n")
     assert main(["optimize", str(tmp_path / "m"), "--recipe", str(tmp_path / "r.yaml"), "-o",

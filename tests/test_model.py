@@ -224,3 +224,35 @@ def test_unsafe_pickle_is_refused_without_trust(mlp_model, tmp_path):
     store.write_manifest(tmp_path / "m", manifest)
     with pytest.raises(UnsupportedModelError, match="weights_only=True"):
         ao.Model.load(tmp_path / "m", module=MLP())
+
+
+def test_unimportable_factory_or_class_is_a_typed_error(tmp_path, x):
+    m = ao.Model(make_mlp(), example_inputs=(x,), factory="no_such_module_xyz:make")
+    m.save(tmp_path / "f")
+    with pytest.raises(UnsupportedModelError, match="cannot be imported here"):
+        ao.Model.load(tmp_path / "f", trust=True)
+    # A class that is gone when loading (as one defined in a script's __main__ would be).
+    import importlib
+    import sys
+
+    (tmp_path / "pkg_once").mkdir()
+    (tmp_path / "pkg_once" / "__init__.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(32, 2)\n    def forward(self, x):\n        return self.fc(x)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        net = importlib.import_module("pkg_once").Net()
+        ao.Model(net, example_inputs=(x,)).save(tmp_path / "l")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("pkg_once")
+    with pytest.raises(UnsupportedModelError, match="cannot be found in this process"):
+        ao.Model.load(tmp_path / "l", trust=True)
+
+
+def test_unpicklable_module_is_refused_at_save_and_nothing_is_written(tmp_path, x):
+    net = make_mlp()
+    net.hook = lambda t: t  # a lambda attribute cannot be pickled
+    with pytest.raises(UnsupportedModelError, match="cannot be pickled.*factory="):
+        ao.Model(net, example_inputs=(x,)).save(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

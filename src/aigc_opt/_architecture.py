@@ -88,9 +88,15 @@ def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
                 "directory, or pass module=<a freshly built instance of the same architecture>."
             )
         mod_name, _, qualname = spec["factory"].partition(":")
-        obj: Any = importlib.import_module(mod_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
+        try:
+            obj: Any = importlib.import_module(mod_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise UnsupportedModelError(
+                f"The recorded factory {spec['factory']!r} cannot be imported here ({e}). Make its module "
+                "importable (install it or add its folder to PYTHONPATH), or pass module=<an instance>."
+            ) from None
         return obj(**spec.get("kwargs", {}))
     if builder == "custom":
         raise UnsupportedModelError(
@@ -103,16 +109,16 @@ def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
 
 
 def build_hf(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
-    from ._deps import require
+    from ._deps import quiet_import_logs, require
 
     transformers = require("transformers", extra="hf", purpose="Loading a saved Hugging Face model")
-    cls = getattr(transformers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise UnsupportedModelError(
-            f"{class_name!r} is not a transformers model class; the manifest may be damaged."
-        )
-    config_cls = cls.config_class
-    model = cls(config_cls.from_dict(config))
+    with quiet_import_logs():  # transformers imports its model modules (and torchao) lazily
+        cls = getattr(transformers, class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise UnsupportedModelError(
+                f"{class_name!r} is not a transformers model class; the manifest may be damaged."
+            )
+        model = cls(cls.config_class.from_dict(config))
     return model.eval()
 
 

@@ -37,7 +37,7 @@ def _targets(args: argparse.Namespace) -> int:
     targets = Target.list()
     if args.detect or args.measure:
         host = Target.detect()
-        targets = [host.measure() if args.measure else host]
+        targets = [host.measure(refresh=args.refresh) if args.measure else host]
     print(targets_json(targets) if args.json else targets_table(targets))
     return 0
 
@@ -65,7 +65,7 @@ def _optimize(args: argparse.Namespace) -> int:
     print(optimized.summary())
     if not args.no_compare and model.example_inputs is not None:
         print()
-        print(compare(model, optimized, iters=args.iters))
+        print(compare(model, optimized, iters=args.iters, top1=not args.no_top1))
     return 0
 
 
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--json", action="store_true")
     targets.add_argument("--detect", action="store_true", help="describe this machine instead")
     targets.add_argument("--measure", action="store_true", help="measure this machine's FLOP/s and bandwidth")
+    targets.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     targets.set_defaults(func=_targets)
 
     bench = sub.add_parser("bench", help="benchmark a saved model on its example inputs")
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("-o", "--output", required=True, help="directory to save the optimized model to")
     optimize.add_argument("--iters", type=int, default=30)
     optimize.add_argument("--no-compare", action="store_true", help="skip the before/after report")
+    optimize.add_argument("--no-top1", action="store_true",
+                          help="leave out top-1 agreement (for outputs that are not scores, e.g. embeddings)")
     optimize.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
     optimize.set_defaults(func=_optimize)
     return parser
@@ -120,8 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except AigcOptError as e:
         notes = "".join(f"\n  {n}" for n in getattr(e, "__notes__", []))
-        print(f"aigc-opt: error: {e}{notes}", file=sys.stderr)
+        hint = "\n  (from the command line, trust=True is --trust)" if "trust=True" in str(e) else ""
+        print(f"aigc-opt: error: {e}{notes}{hint}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `aigc-opt targets --json | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ class UnknownNameError(ConfigError, LookupError):
         # "also": other accepted spellings (aliases) used for suggestions but not listed.
         hint = closest(str(name), [*known, *sorted(set(also) - set(known))])
         did_you_mean = f" Did you mean {', '.join(repr(h) for h in hint)}?" if hint else ""
+        plural = kind + ("es" if kind.endswith("s") else "s")
         super().__init__(
-            f"Unknown {kind} {name!r}.{did_you_mean} Known {kind}s: {', '.join(known)}."
+            f"Unknown {kind} {name!r}.{did_you_mean} Known {plural}: {', '.join(known)}."
         )
         self.kind, self.name, self.known, self.suggestions = kind, name, known, hint
 

@@ -16,6 +16,7 @@ import copy
 import io
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,13 @@ class Model:
                 # Nothing can rebuild a custom module from data, so its structure (before any
                 # pass, weights on the meta device: a few KB) is pickled; it is read only with
                 # Model.load(..., trust=True), otherwise module= gives the skeleton.
-                torch.save(self._skeleton, tmp / PICKLED_MODULE)
+                try:
+                    torch.save(self._skeleton, tmp / PICKLED_MODULE)
+                except (pickle.PicklingError, AttributeError, TypeError) as e:
+                    raise UnsupportedModelError(
+                        f"{self.name}'s module cannot be pickled ({e}). Build the Model with "
+                        "factory='package.module:function' so it can be rebuilt from data."
+                    ) from None
             if self.example_inputs is not None:
                 torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
             write_manifest(tmp, {
@@ -243,7 +250,14 @@ class Model:
             skeleton = copy.deepcopy(module)
             structure = structure_only(module)
         elif spec.get("builder") == "custom" and trust and (path / PICKLED_MODULE).exists():
-            structure = torch.load(path / PICKLED_MODULE, map_location="cpu", weights_only=False)
+            try:
+                structure = torch.load(path / PICKLED_MODULE, map_location="cpu", weights_only=False)
+            except (AttributeError, ImportError) as e:  # its class is not importable here
+                raise UnsupportedModelError(
+                    f"The saved module's class ({spec.get('class')!r}) cannot be found in this process: {e}. "
+                    "Import or define it first (a class defined in a script's __main__ exists only in that "
+                    "script), or pass module=<an instance>."
+                ) from None
             skeleton = materialize(copy.deepcopy(structure))
         else:
             skeleton = build_architecture(spec, trust=trust)

@@ -148,7 +148,7 @@ class Target:
             raise ConfigError(f"Target file {str(path)!r} does not exist.") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Target file {str(path)!r} is not valid TOML: {e}.") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict({"origin": "file", **data}, where=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "target data") -> Target:
@@ -185,10 +185,10 @@ class Target:
         """
         from ._measure import measure_host
 
-        if self.origin == "builtin":
+        if self.origin not in ("detected", "measured"):
             raise ConfigError(
-                f"Target.measure() measures this machine, but {self.name!r} is a built-in spec-sheet "
-                "target and the numbers would describe this machine, not it. Call "
+                f"Target.measure() measures this machine, but {self.name!r} is a spec-sheet target "
+                f"(origin {self.origin!r}) and the numbers would describe this machine, not it. Call "
                 "ao.Target.detect().measure() (on that hardware, to measure it)."
             )
         numbers = measure_host(self.torch_device, refresh=refresh)

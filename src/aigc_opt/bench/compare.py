@@ -96,7 +96,8 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             bar.close()
         results = []
         for m, own, dev, s in zip(models, per_model, devices, samples):
-            dtype_peak = m.target.peak("fp32")
+            # A peak from another device's spec sheet would make a meaningless fraction.
+            dtype_peak = m.target.peak("fp32") if dev.split(":")[0] == m.target.torch_device else None
             results.append(Measurement(
                 name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
                 samples=s,

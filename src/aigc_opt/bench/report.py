@@ -111,7 +111,7 @@ class Report:
     def _footer(self) -> list[str]:
         b = self.baseline.measurement
         return [
-            f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size}, "
+            f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size:g}, "
             f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up",
             *[f"{e.measurement.name}: {' -> '.join(e.measurement.passes) or 'no passes'}" for e in self.candidates],
             *[f"warning: {w}" for w in self._warnings()],
