@@ -18,13 +18,16 @@ from .bench import Fidelity, Measurement, Report, benchmark, compare
 from .model import Model
 from .passes import (
     COMPILE_BACKENDS,
+    EXPORTERS,
     PASS_TYPES,
     QUANT_METHODS,
     Compile,
+    Export,
     Pass,
     PassRecord,
     Quantize,
     compile,
+    export,
     quantize,
 )
 from .pipeline import Pipeline
@@ -43,6 +46,9 @@ __all__ = [
     "Compile",
     "compile",
     "QUANT_METHODS",
+    "Export",
+    "export",
+    "EXPORTERS",
     "COMPILE_BACKENDS",
     "PASS_TYPES",
     "benchmark",

@@ -43,11 +43,12 @@ def is_available(module: str) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_import_logs() -> Iterator[None]:
+def quiet_import_logs(*extra: str) -> Iterator[None]:
     """Hold back the warnings torchao logs while importing (it is imported by us or by
     transformers): one per optional CUDA/CUTLASS extension it cannot load, which on a CPU
-    machine is all of them, and torch's pytree deprecation notes for its enums."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    machine is all of them, and torch's pytree deprecation notes for its enums; plus the
+    loggers named in ``extra``."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", *extra)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

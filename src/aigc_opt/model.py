@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import os
 import pickle
@@ -30,7 +29,7 @@ from ._store import atomic_directory, read_manifest, verify_files, write_manifes
 from ._tree import Inputs, describe, normalize_inputs
 from .errors import AigcOptError, InvalidInputError, UnsupportedModelError
 from .passes.base import PASS_TYPES, PassRecord
-from .runtime import runtime_for
+from .runtime import RUNTIMES, runtime_for
 from .runtime.torch_module import unwrap
 from .target import Target
 
@@ -131,32 +130,17 @@ class Model:
             ) from e
 
     # ------------------------------------------------------------------ facts
-    def parameters_and_buffers(self) -> list[torch.Tensor]:
-        module = unwrap(self.artifact)
-        return [*module.parameters(), *module.buffers()]
-
     def num_parameters(self) -> int:
         """Number of parameters (logical elements, whatever their storage precision)."""
-        return sum(p.numel() for p in unwrap(self.artifact).parameters())
+        return runtime_for(self.format).facts(self.artifact, size=False)["num_parameters"]
 
     def memory_bytes(self) -> int:
         """Bytes the weights and buffers take in memory (quantized storage counted as stored)."""
-        seen: set[int] = set()
-        total = 0
-        for tensor in self.parameters_and_buffers():
-            for leaf in _storage_leaves(tensor):
-                storage = leaf.untyped_storage()
-                key = storage.data_ptr() if storage.data_ptr() else id(storage)
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-        return total
+        return runtime_for(self.format).facts(self.artifact, size=False)["memory_bytes"]
 
     def size_bytes(self) -> int:
         """Bytes the weights take on disk when saved."""
-        counter = _ByteCounter()
-        torch.save(unwrap(self.artifact).state_dict(), counter)
-        return counter.count
+        return runtime_for(self.format).facts(self.artifact)["size_bytes"]
 
     def summary(self) -> str:
         lines = [repr(self)] + [f"  {i}. {r.summary()}" for i, r in enumerate(self.history, 1)]
@@ -188,6 +172,8 @@ class Model:
         An existing saved Model at ``path`` is replaced; any other non-empty directory is refused.
         """
         path = Path(path)
+        if self.format != "torch":
+            return self._save_other_format(path)
         with atomic_directory(path) as tmp:
             torch.save(unwrap(self.artifact).state_dict(), tmp / WEIGHTS)
             if self._skeleton is not None:
@@ -215,6 +201,23 @@ class Model:
         log.info("saved %s to %s", self.name, path)
         return path
 
+    def _save_other_format(self, path: Path) -> Path:
+        with atomic_directory(path) as tmp:
+            artifact_meta = runtime_for(self.format).save(self.artifact, tmp)
+            if self.example_inputs is not None:
+                torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
+            write_manifest(tmp, {
+                "aigc_opt_version": __version__,
+                "name": self.name,
+                "format": self.format,
+                "target": self.target.to_dict(),
+                "architecture": self.architecture,
+                "artifact": artifact_meta,
+                "history": [r.to_dict() for r in self.history],
+                "versions": library_versions(),
+            })
+        return path
+
     @classmethod
     def load(
         cls,
@@ -240,9 +243,15 @@ class Model:
         path = Path(path)
         manifest = read_manifest(path)
         verify_files(path, manifest)
-        if manifest["format"] != "torch":
-            raise UnsupportedModelError(f"Saved format {manifest['format']!r} is not supported by this version.")
         history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
+        if manifest["format"] != "torch":
+            if manifest["format"] not in RUNTIMES:
+                raise UnsupportedModelError(
+                    f"Saved format {manifest['format']!r} is not supported by this aigc_opt "
+                    f"(it reads {RUNTIMES.names()}); upgrade aigc-opt."
+                )
+            artifact = runtime_for(manifest["format"]).load(path, manifest.get("artifact", {}))
+            return cls._loaded(path, manifest, artifact, history, target)
         passes = [PASS_TYPES.get(r.pass_type).from_config(r.config, where=f"manifest of {path}") for r in history]
         spec = manifest["architecture"]
         structure = None
@@ -279,7 +288,8 @@ class Model:
     @classmethod
     def _loaded(cls, path: Path, manifest: dict[str, Any], module: Any, history: tuple[PassRecord, ...],
                 target: str | Target | None) -> Model:
-        unwrap(module).eval()
+        if isinstance(module, torch.nn.Module):
+            unwrap(module).eval()
         example_path = path / EXAMPLE_INPUTS
         model = cls.__new__(cls)
         model.artifact = module
@@ -293,34 +303,49 @@ class Model:
         return model
 
     @classmethod
+    def from_onnx(cls, path: str | os.PathLike[str], *, example_inputs: Any = None,
+                  target: str | Target = "host", name: str | None = None, validate: bool = True) -> Model:
+        """Wrap an ONNX file (from any exporter, e.g. tf2onnx) as a Model run by ONNX Runtime.
+
+        The file is checked with the ONNX checker and used in place (never modified). Outputs
+        come back as one tensor, or a tuple in graph order.
+        """
+        from ._deps import require
+        from .runtime.onnxruntime import OnnxArtifact
+
+        onnx = require("onnx", extra="onnx", purpose="Model.from_onnx")
+        require("onnxruntime", extra="onnx", purpose="Model.from_onnx")
+        path = Path(path)
+        if not path.is_file():
+            raise UnsupportedModelError(f"ONNX file {str(path)!r} does not exist.")
+        try:
+            onnx.checker.check_model(str(path))
+        except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+            raise UnsupportedModelError(
+                f"{str(path)!r} fails the ONNX checker: {str(e).strip().splitlines()[0]}"
+            ) from None
+        except Exception as e:  # not protobuf at all
+            raise UnsupportedModelError(f"{str(path)!r} is not a readable ONNX model: {e}") from None
+        model = cls.__new__(cls)
+        model.artifact = OnnxArtifact(path=path.absolute())
+        model.format = "onnx"
+        model.target = Target.get(target)
+        model.example_inputs = None if example_inputs is None else normalize_inputs(example_inputs,
+                                                                                    what="example_inputs")
+        model.history = ()
+        model.name = name or path.stem
+        model.architecture = None
+        model._skeleton = None
+        if validate and model.example_inputs is not None:
+            model._validate_example_inputs()
+        return model
+
+    @classmethod
     def from_hf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
         """Wrap a Hugging Face transformers model (needs ``aigc-opt[hf]``); see :func:`aigc_opt.hf.from_hf`."""
         from .hf import from_hf
 
         return from_hf(path, **kwargs)
-
-
-def _storage_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Plain tensors holding a (possibly subclassed, e.g. int8-quantized) tensor's data."""
-    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
-        return [tensor]
-    names, _ = tensor.__tensor_flatten__()
-    return [leaf for n in names for leaf in _storage_leaves(getattr(tensor, n))]
-
-
-class _ByteCounter(io.RawIOBase):
-    """A write-only sink that counts bytes (to size a save without writing it)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        n = len(memoryview(b).cast("B"))
-        self.count += n
-        return n
 
 
 def _load_tensors(path: Path, *, trust: bool) -> Any:

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import statistics
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .._registry import Registry
-from ..errors import IncompatibleTargetError, MissingDependencyError
+from ..errors import ConfigError, IncompatibleTargetError, MissingDependencyError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from .base import Pass, PassRecord, register_pass, validate_choice
 
@@ -45,8 +46,13 @@ INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 class CompileBackend:
     name: str
     check: Callable[[Compile, Target], None]
-    build: Callable[[torch.nn.Module, Compile], Any]
+    build: Callable[[Any, Compile], Any]
     description: str
+    settings: tuple[str, ...] = ()  # the Compile fields that apply to this backend
+    formats: tuple[str, ...] = ("torch",)  # formats it takes
+    output_format: str | None = None  # None: the format it was given
+    # Builds at run() from the Model (not lazily from a module): run(model, settings) -> (artifact, details)
+    run: Callable[[Model, Compile], tuple[Any, dict[str, Any]]] | None = None
 
 
 COMPILE_BACKENDS: Registry[CompileBackend] = Registry("compile backend")
@@ -64,9 +70,15 @@ class Compile(Pass):
         dynamic: compile for dynamic shapes (True), static shapes (False) or let torch decide (None).
         warmup_iters: calls on the example inputs after the compiling one, to record
             steady-state latency apart from compile time (0 to skip).
-    """
+        graph_optimization: onnxruntime: "disable", "basic", "extended" or "all".
+        threads: onnxruntime intra-op threads (default: the target's cores).
+        workspace_gb: tensorrt workspace limit (default: a quarter of the target's memory).
+        max_batch_multiplier: tensorrt: the optimization profile's largest batch, as a multiple
+            of the example batch.
 
-    compiles: ClassVar[bool] = True
+    Backends: ``"inductor"`` (torch models), ``"onnxruntime"`` and ``"tensorrt"`` (ONNX models,
+    see :mod:`aigc_opt.passes.compile_onnx`).
+    """
 
     backend: str = "inductor"
     _: KW_ONLY
@@ -74,21 +86,60 @@ class Compile(Pass):
     dynamic: bool | None = None
     fullgraph: bool = False
     warmup_iters: int = 3
+    graph_optimization: str = "all"
+    threads: int | None = None
+    workspace_gb: float | None = None
+    max_batch_multiplier: int = 4
 
     def __post_init__(self) -> None:
-        COMPILE_BACKENDS.get(self.backend)
+        backend = COMPILE_BACKENDS.get(self.backend)
+        for f in dataclasses.fields(self):
+            if f.name in ("backend", *backend.settings) or not f.init:
+                continue
+            if getattr(self, f.name) != f.default:
+                owners = [n for n in COMPILE_BACKENDS if f.name in COMPILE_BACKENDS.get(n).settings]
+                raise ConfigError(
+                    f"Compile: {f.name}={getattr(self, f.name)!r} applies to backend {' or '.join(owners)}, "
+                    f"not {self.backend!r} (its settings: {list(backend.settings)})."
+                )
         validate_choice("Compile", "mode", self.mode, INDUCTOR_MODES)
+        from ..runtime.onnxruntime import ORT_OPT_LEVELS
+
+        validate_choice("Compile", "graph_optimization", self.graph_optimization, ORT_OPT_LEVELS)
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"Compile: threads must be an int >= 1 or None (from the target), got {self.threads!r}.")
         validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
-            from ..errors import ConfigError
-
             raise ConfigError(f"Compile: warmup_iters must be an int >= 0, got {self.warmup_iters!r}.")
 
+    def config_dict(self) -> dict[str, Any]:
+        """The backend and the settings that apply to it (a recipe carries nothing else)."""
+        relevant = ("backend", *COMPILE_BACKENDS.get(self.backend).settings)
+        return {k: v for k, v in super().config_dict().items() if k in relevant}
+
+    @property
+    def compiles(self) -> bool:  # type: ignore[override]
+        # Only wrapping compilers (inductor) block structural passes after them; ONNX Runtime
+        # and TensorRT produce a new format, which the format check already governs.
+        return COMPILE_BACKENDS.get(self.backend).output_format is None and self.backend == "inductor"
+
+    def output_format(self, fmt: str) -> str:
+        return COMPILE_BACKENDS.get(self.backend).output_format or fmt
+
     def check_static(self, fmt: str, target: Target) -> None:
-        super().check_static(fmt, target)
-        COMPILE_BACKENDS.get(self.backend).check(self, target)
+        backend = COMPILE_BACKENDS.get(self.backend)
+        if fmt not in backend.formats:
+            hint = " Export it first: ao.Export('onnx')." if "onnx" in backend.formats else ""
+            raise UnsupportedModelError(
+                f"Compile({self.backend!r}) takes a model in format {' or '.join(map(repr, backend.formats))}, "
+                f"but got format {fmt!r}.{hint}"
+            )
+        backend.check(self, target)
 
     def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        backend = COMPILE_BACKENDS.get(self.backend)
+        if backend.run is not None:
+            return backend.run(model, self)
         module = copy.deepcopy(unwrap(model.artifact))
         compiled = COMPILE_BACKENDS.get(self.backend).build(module, self)
         details: dict[str, Any] = {"backend": self.backend}
@@ -157,5 +208,6 @@ def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
 
 COMPILE_BACKENDS.register("inductor", CompileBackend(
     name="inductor", check=_check_inductor, build=_build_inductor,
+    settings=("mode", "dynamic", "fullgraph", "warmup_iters"),
     description="torch.compile with TorchInductor (C++/OpenMP on CPU, Triton on CUDA)",
 ))

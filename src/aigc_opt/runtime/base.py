@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
 from .._registry import Registry
@@ -11,7 +12,7 @@ __all__ = ["Runtime", "RUNTIMES", "runtime_for"]
 
 
 class Runtime(Protocol):
-    """Runs one artifact format."""
+    """Runs, describes and stores one artifact format."""
 
     def run(self, artifact: Any, inputs: Inputs) -> Any:
         """Run one batch; returns torch tensors in the original output structure."""
@@ -19,6 +20,19 @@ class Runtime(Protocol):
 
     def device(self, artifact: Any) -> str:
         """Where the artifact's computation happens ("cpu", "cuda:0", ...)."""
+        ...
+
+    def facts(self, artifact: Any, *, size: bool = True) -> dict[str, int]:
+        """``num_parameters``, ``memory_bytes`` (weights in memory) and, if ``size``,
+        ``size_bytes`` (on disk; may cost a serialization)."""
+        ...
+
+    def save(self, artifact: Any, directory: Path) -> dict[str, Any]:
+        """Write the artifact's files into ``directory``; return what ``load`` needs (JSON)."""
+        ...
+
+    def load(self, directory: Path, meta: dict[str, Any]) -> Any:
+        """Rebuild the artifact from files written by ``save`` (already checksum-verified)."""
         ...
 
 

@@ -1,0 +1,260 @@
+"""Export: take a torch model out of eager PyTorch, to ONNX or to a torch.export program.
+
+Exporters live in a registry (``EXPORTERS``). ``"onnx"`` uses the current exporter
+(``torch.onnx.export(..., dynamo=True)``) with dynamic batch (and sequence) axes, the ONNX
+checker, the onnxscript graph optimizer, and numeric verification against the torch model with
+ONNX Runtime: outputs further apart than the tolerance raise :class:`FidelityError` naming the
+worst output. ``"torch.export"`` produces an ``ExportedProgram`` (saved as ``.pt2``).
+
+Example:
+    >>> onnx_model = ao.export(model, "onnx")                 # doctest: +SKIP
+    >>> onnx_model(**batch)                                   # runs in ONNX Runtime  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .._deps import quiet_import_logs, require
+from .._registry import Registry
+from .._tree import flatten_tensors, split_inputs
+from ..errors import ConfigError, FidelityError, UnsupportedModelError
+from ..runtime.torch_module import unwrap
+from .base import Pass, register_pass
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+
+__all__ = ["Export", "export", "EXPORTERS", "Exporter", "dynamic_shapes_for"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exporter:
+    name: str
+    output_format: str
+    export: Callable[[Model, Export], tuple[Any, dict[str, Any]]]
+    packages: tuple[str, ...] = ()  # optional dependencies, all in `extra`
+    extra: str | None = None
+
+
+EXPORTERS: Registry[Exporter] = Registry("export format")
+
+
+@register_pass
+@dataclass(frozen=True)
+class Export(Pass):
+    """Export to ``to`` (``"onnx"`` or ``"torch.export"``).
+
+    Args:
+        to: the format to export to.
+        dynamic: ``True``: the batch axis of every input is dynamic, and so is the sequence
+            axis of 2-D integer inputs (token ids, attention masks); ``False``: static shapes;
+            or ``{input_name: [axis, ...]}`` to choose.
+        opset: ONNX opset (default: the exporter's).
+        optimize: run the onnxscript graph optimizer (constant folding, fusions).
+        external_data: store ONNX weights beside the graph (needed past 2 GB); None: only if
+            the weights are over 1.5 GB.
+        verify: compare the exported model with the torch model on the example inputs.
+        atol, rtol: verification tolerance: |exported - torch| <= atol + rtol * |torch|.
+    """
+
+    input_formats: ClassVar[tuple[str, ...]] = ("torch",)
+
+    to: str = "onnx"
+    _: KW_ONLY
+    dynamic: bool | dict[str, list[int]] = True
+    opset: int | None = None
+    optimize: bool = True
+    external_data: bool | None = None
+    verify: bool = True
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        EXPORTERS.get(self.to)
+        if not isinstance(self.dynamic, (bool, dict)):
+            raise ConfigError(f"Export: dynamic must be True, False or {{input: [axes]}}, got {self.dynamic!r}.")
+        if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 30):
+            raise ConfigError(f"Export: opset must be an int between 7 and 30, got {self.opset!r}.")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"Export: {name} must be a number >= 0, got {value!r}.")
+
+    def output_format(self, fmt: str) -> str:
+        return EXPORTERS.get(self.to).output_format
+
+    def check_static(self, fmt: str, target: Target) -> None:
+        super().check_static(fmt, target)
+        exporter = EXPORTERS.get(self.to)
+        for package in exporter.packages:
+            require(package, extra=exporter.extra, purpose=f"Export(to={self.to!r})")
+
+    def check_model(self, model: Model) -> None:
+        if model.example_inputs is None:
+            raise UnsupportedModelError(
+                f"Export(to={self.to!r}) traces the model on its example inputs, and this Model has none: "
+                "build it with ao.Model(module, example_inputs=...)."
+            )
+        if isinstance(self.dynamic, dict) and isinstance(model.example_inputs, dict):
+            unknown = sorted(set(self.dynamic) - set(model.example_inputs))
+            if unknown:
+                raise ConfigError(f"Export: dynamic names inputs {unknown} that the model does not take; its "
+                                  f"inputs are {sorted(model.example_inputs)}.")
+
+    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        return EXPORTERS.get(self.to).export(model, self)
+
+
+def export(model: Model, to: str = "onnx", **settings: Any) -> Model:
+    """One-line form of ``Export(to, **settings).apply(model)``."""
+    return Export(to, **settings).apply(model)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def input_names(module: torch.nn.Module, inputs: Any) -> list[str]:
+    if isinstance(inputs, dict):
+        return list(inputs)
+    params = [p.name for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [params[i] if i < len(params) else f"input_{i}" for i in range(len(inputs))]
+
+
+def dynamic_shapes_for(module: torch.nn.Module, inputs: Any, dynamic: bool | dict[str, list[int]]) -> Any:
+    """torch.export ``dynamic_shapes`` for the example inputs (None when all static)."""
+    if dynamic is False:
+        return None
+    names = input_names(module, inputs)
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    specs = []
+    for name, value in zip(names, values):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            specs.append(None)
+            continue
+        if isinstance(dynamic, dict):
+            axes = dynamic.get(name, [])
+        else:  # batch; plus sequence for token-like 2-D integer inputs
+            axes = [0, 1] if value.dim() == 2 and not value.is_floating_point() else [0]
+        specs.append({axis: torch.export.Dim.DYNAMIC for axis in axes} or None)
+    return dict(zip(names, specs)) if isinstance(inputs, dict) else tuple(specs)
+
+
+def _short(e: BaseException, lines: int = 6) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    kept = [line for line in text if line.strip()][:lines]
+    return "\n".join(kept) + ("\n..." if len(text) > lines else "")
+
+
+def verify_outputs(reference: Any, exported: Any, *, atol: float, rtol: float, what: str) -> dict[str, float]:
+    """Max abs difference per output; FidelityError naming the worst one above tolerance."""
+    ref, out = flatten_tensors(reference), flatten_tensors(exported)
+    if len(ref) != len(out):
+        raise FidelityError(f"{what} returns {len(out)} outputs, the torch model {len(ref)}.")
+    diffs, worst = {}, None
+    for (name, r), o in zip(ref.items(), out.values()):
+        r, o = r.detach().float().cpu(), o.detach().float().cpu()
+        if r.shape != o.shape:
+            raise FidelityError(f"{what}: output {name!r} has shape {tuple(o.shape)}, torch gives {tuple(r.shape)}.")
+        diff = (r - o).abs()
+        diffs[name] = float(diff.max()) if diff.numel() else 0.0
+        excess = float((diff - (atol + rtol * r.abs())).max()) if diff.numel() else 0.0
+        if excess > 0 and (worst is None or excess > worst[1]):
+            worst = (name, excess)
+    if worst is not None:
+        raise FidelityError(
+            f"{what} does not match the torch model: output {worst[0]!r} differs by up to {diffs[worst[0]]:.3g} "
+            f"(tolerance {atol:g} + {rtol:g}*|value|). Raise atol/rtol if that is acceptable, or export "
+            "without optimize=True."
+        )
+    return diffs
+
+
+# ---------------------------------------------------------------------------------- exporters
+def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+    import torch.utils._pytree as pytree
+
+    from ..runtime.onnxruntime import OnnxArtifact, new_workdir
+
+    module = unwrap(model.artifact)
+    inputs = model.example_inputs
+    args, kwargs = split_inputs(inputs)
+    with torch.inference_mode():
+        reference = module(*args, **kwargs)
+    leaves, spec = pytree.tree_flatten(reference)
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    external = settings.external_data if settings.external_data is not None else weight_bytes > 1.5e9
+    workdir = new_workdir("onnx")
+    path = workdir / "model.onnx"
+    try:
+        # The exporter logs a line per missing torchvision op and warns about internals: not
+        # the user's business unless the export fails (then the error says why).
+        with quiet_import_logs("torch.onnx"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, kwargs=kwargs or None, dynamo=True, input_names=input_names(module, inputs),
+                dynamic_shapes=dynamic_shapes_for(module, inputs, settings.dynamic),
+                opset_version=settings.opset, optimize=settings.optimize, verify=False, report=False,
+                verbose=False,
+            )
+            program.save(str(path), external_data=external)
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"torch.onnx.export could not export {model.name}:\n{_short(e)}\nData-dependent control flow "
+            "(Python `if` on tensor values) is the usual cause: rewrite it with torch.where/torch.cond, "
+            "or keep the model in torch (Compile('inductor'))."
+        ) from e
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)
+    try:
+        spec_text = pytree.treespec_dumps(spec)
+    except Exception:  # an output type pytree cannot serialize: outputs come back as a tuple
+        spec_text = None
+    artifact = OnnxArtifact(path=path, output_spec=spec_text, owns_dir=True)
+    details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True)", "external_data": external,
+                               "opset": _opset(path), "outputs": len(leaves)}
+    if settings.verify:
+        from ..runtime import runtime_for
+
+        details["max_abs_diff"] = verify_outputs(reference, runtime_for("onnx").run(artifact, inputs),
+                                                 atol=settings.atol, rtol=settings.rtol, what="The ONNX export")
+    return artifact, details
+
+
+def _opset(path: Any) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _export_program(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+    module = unwrap(model.artifact)
+    inputs = model.example_inputs
+    args, kwargs = split_inputs(inputs)
+    try:
+        program = torch.export.export(module, args, kwargs=kwargs or None,
+                                      dynamic_shapes=dynamic_shapes_for(module, inputs, settings.dynamic))
+    except Exception as e:
+        raise UnsupportedModelError(f"torch.export could not export {model.name}:\n{_short(e)}") from e
+    details: dict[str, Any] = {"exporter": "torch.export.export"}
+    if settings.verify:
+        with torch.inference_mode():
+            reference = module(*args, **kwargs)
+            exported = program.module()(*args, **kwargs)
+        details["max_abs_diff"] = verify_outputs(reference, exported, atol=settings.atol, rtol=settings.rtol,
+                                                 what="The exported program")
+    return program, details
+
+
+EXPORTERS.register("onnx", Exporter(name="onnx", output_format="onnx", export=_export_onnx,
+                                    packages=("onnx", "onnxscript", "onnxruntime"), extra="onnx"))
+EXPORTERS.register("torch.export", Exporter(name="torch.export", output_format="torch.export",
+                                            export=_export_program))

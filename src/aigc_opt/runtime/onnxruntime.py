@@ -1,0 +1,193 @@
+"""Runtime for ``format="onnx"``: an ONNX file run by an ONNX Runtime InferenceSession.
+
+The artifact is an :class:`OnnxArtifact`: the model file (in a directory the artifact owns),
+the session settings (execution providers, optimization level, threads) and the output
+structure recorded at export, so outputs come back as torch tensors shaped like the original
+model's (tuple, dict or ModelOutput). Sessions are created once per artifact and cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._deps import require
+from .._tree import Inputs, describe, flatten_tensors
+from ..errors import InvalidInputError
+from .base import RUNTIMES
+
+__all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
+
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+# ONNX element types -> numpy, for casting inputs to what the session declares.
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def new_workdir(prefix: str) -> Path:
+    """A private temporary directory for an artifact's files (removed with the artifact)."""
+    return Path(tempfile.mkdtemp(prefix=f"aigc_opt-{prefix}-"))
+
+
+@dataclass(frozen=True, eq=False)
+class OnnxArtifact:
+    """An ONNX model file plus how to run it and how to shape its outputs.
+
+    Attributes:
+        path: the .onnx file (external data, if any, beside it).
+        output_spec: ``torch.utils._pytree.treespec_dumps`` of the original outputs, or None
+            for a foreign ONNX file (outputs come back as a tensor or a tuple in graph order).
+        providers: ONNX Runtime execution providers in priority order.
+        graph_optimization: "disable", "basic", "extended" or "all".
+        intra_op_threads: 0 lets ONNX Runtime decide.
+        owns_dir: delete ``path.parent`` when the artifact is garbage-collected.
+    """
+
+    path: Path
+    output_spec: str | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization: str = "all"
+    intra_op_threads: int = 0
+    owns_dir: bool = False
+    _session: list[Any] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.owns_dir:
+            weakref.finalize(self, shutil.rmtree, str(self.path.parent), True)
+
+    def with_settings(self, **changes: Any) -> OnnxArtifact:
+        """Same file, other session settings (a new session is built on first use)."""
+        keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_session"}
+        keep.update(changes, owns_dir=False)
+        new = OnnxArtifact(**keep)
+        object.__setattr__(new, "_keepalive", self)  # the file lives as long as its owner
+        return new
+
+    def session(self) -> Any:
+        if not self._session:
+            ort = require("onnxruntime", extra="onnx", purpose="Running an ONNX model")
+            options = ort.SessionOptions()
+            options.graph_optimization_level = {
+                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            }[self.graph_optimization]
+            options.intra_op_num_threads = self.intra_op_threads
+            options.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
+            self._session.append(ort.InferenceSession(str(self.path), options, providers=list(self.providers)))
+        return self._session[0]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def files(self) -> list[Path]:
+        """The model file and its external-data files."""
+        import onnx
+
+        files = [self.path]
+        model = onnx.load(str(self.path), load_external_data=False)
+        locations = {
+            entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"
+        }
+        files += [self.path.parent / loc for loc in sorted(locations)]
+        return files
+
+
+def _to_numpy(value: Any, expected: str, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().numpy()
+    else:
+        array = np.asarray(value)
+    dtype = _ORT_TYPES.get(expected)
+    if dtype is not None and array.dtype != dtype:
+        if array.dtype.kind != np.dtype(dtype).kind and not (array.dtype.kind in "iu" and np.dtype(dtype).kind in "iu"):
+            raise InvalidInputError(
+                f"Input {name!r} has dtype {array.dtype}, but the ONNX model expects {expected}."
+            )
+        array = array.astype(dtype)
+    return array
+
+
+class OnnxRuntime:
+    def run(self, artifact: OnnxArtifact, inputs: Inputs) -> Any:
+        session = artifact.session()
+        declared = session.get_inputs()
+        if isinstance(inputs, dict):
+            unknown = sorted(set(inputs) - {d.name for d in declared})
+            missing = [d.name for d in declared if d.name not in inputs]
+            if missing or unknown:
+                raise InvalidInputError(
+                    f"The ONNX model takes inputs {[d.name for d in declared]}; got {sorted(inputs)} "
+                    f"(missing {missing}, unknown {unknown})."
+                )
+            feed = {d.name: _to_numpy(inputs[d.name], d.type, d.name) for d in declared}
+        else:
+            tensors = list(flatten_tensors(inputs).values())
+            if len(tensors) != len(declared):
+                raise InvalidInputError(
+                    f"The ONNX model takes {len(declared)} inputs {[d.name for d in declared]}; got "
+                    f"{len(tensors)}: {describe(inputs)}."
+                )
+            feed = {d.name: _to_numpy(t, d.type, d.name) for d, t in zip(declared, tensors)}
+        for d in declared:
+            rank = len(d.shape)
+            if feed[d.name].ndim != rank:
+                raise InvalidInputError(
+                    f"Input {d.name!r} has rank {feed[d.name].ndim} (shape {feed[d.name].shape}), but the "
+                    f"ONNX model expects rank {rank} (shape {d.shape})."
+                )
+        outputs = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+        if artifact.output_spec is not None:
+            import torch.utils._pytree as pytree
+
+            if "transformers." in artifact.output_spec:  # its ModelOutput types register on import
+                require("transformers", extra="hf", purpose="Rebuilding Hugging Face outputs")
+
+            return pytree.tree_unflatten(outputs, pytree.treespec_loads(artifact.output_spec))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def device(self, artifact: OnnxArtifact) -> str:
+        return "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+                             for p in artifact.providers) else "cpu"
+
+    def facts(self, artifact: OnnxArtifact, *, size: bool = True) -> dict[str, int]:
+        """Parameter count and bytes of the initializers (the weights), and bytes on disk."""
+        import onnx
+
+        model = onnx.load(str(artifact.path), load_external_data=False)
+        params = nbytes = 0
+        for t in model.graph.initializer:
+            count = int(np.prod(t.dims)) if t.dims else 1
+            params += count
+            nbytes += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        return {"num_parameters": params, "memory_bytes": nbytes, "size_bytes": artifact.size_bytes()}
+
+    def save(self, artifact: OnnxArtifact, directory: Path) -> dict[str, Any]:
+        files = artifact.files()
+        for f in files:  # external-data files keep their names: the graph refers to them by name
+            shutil.copyfile(f, directory / ("model.onnx" if f == artifact.path else f.name))
+        return {"file": "model.onnx", "output_spec": artifact.output_spec, "providers": list(artifact.providers),
+                "graph_optimization": artifact.graph_optimization, "intra_op_threads": artifact.intra_op_threads}
+
+    def load(self, directory: Path, meta: dict[str, Any]) -> OnnxArtifact:
+        return OnnxArtifact(path=directory / meta["file"], output_spec=meta.get("output_spec"),
+                            providers=tuple(meta.get("providers", ("CPUExecutionProvider",))),
+                            graph_optimization=meta.get("graph_optimization", "all"),
+                            intra_op_threads=int(meta.get("intra_op_threads", 0)))
+
+
+RUNTIMES.register("onnx", OnnxRuntime())

@@ -1,0 +1,252 @@
+"""Export (ONNX, torch.export), Model.from_onnx, Compile('onnxruntime'/'tensorrt'), runtimes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.errors import (
+    ConfigError,
+    FidelityError,
+    IncompatibleTargetError,
+    InvalidInputError,
+    MissingDependencyError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
+from conftest import assert_state_equal, state_snapshot
+from toy_models import DataDependent, DictOut, SmallCNN, make_mlp
+
+onnx = pytest.importorskip("onnx", reason="the [onnx] extra is part of `make test`")
+
+
+def test_onnx_export_matches_torch_on_other_batch_sizes(mlp_model, x):
+    before = state_snapshot(mlp_model)
+    o = ao.export(mlp_model, "onnx")
+    assert_state_equal(before, state_snapshot(mlp_model))
+    assert o.format == "onnx" and mlp_model.format == "torch"
+    record = o.history[-1]
+    assert record.format_before == "torch" and record.format_after == "onnx"
+    assert record.details["max_abs_diff"]["output"] < 1e-5 and record.details["opset"] >= 18
+    for batch in (1, 3, 17):  # the batch axis is dynamic
+        xb = torch.randn(batch, 32)
+        assert torch.allclose(o(xb), mlp_model(xb), atol=1e-4)
+    assert o.num_parameters() == mlp_model.num_parameters()
+    assert o.memory_bytes() == mlp_model.memory_bytes()
+
+
+def test_cnn_export_and_static_shapes():
+    cnn = SmallCNN().eval()
+    m = ao.Model(cnn, example_inputs=(torch.randn(4, 1, 8, 8),))
+    o = ao.export(m, "onnx")
+    for batch in (1, 2, 9):
+        xb = torch.randn(batch, 1, 8, 8)
+        assert torch.allclose(o(xb), cnn(xb), atol=1e-4)
+    static = ao.export(m, "onnx", dynamic=False)
+    with pytest.raises(Exception):
+        static(torch.randn(2, 1, 8, 8))  # the exported graph has batch 4 baked in
+
+
+def test_dict_outputs_keep_their_structure():
+    m = ao.Model(DictOut(), example_inputs={"features": torch.randn(4, 16)})
+    o = ao.export(m, "onnx")
+    out = o(features=torch.randn(2, 16))
+    assert set(out) == {"hidden", "logits"} and out["logits"].shape == (2, 4)
+
+
+def test_torch_export_round_trip(mlp_model, x, tmp_path):
+    e = ao.export(mlp_model, "torch.export")
+    assert e.format == "torch.export" and torch.allclose(e(x), mlp_model(x))
+    x5 = torch.randn(5, 32)  # another batch size through the dynamic axis
+    assert torch.allclose(e(x5), mlp_model(x5), atol=1e-6)
+    e.save(tmp_path / "ep")
+    loaded = ao.Model.load(tmp_path / "ep")
+    assert loaded.format == "torch.export" and torch.equal(loaded(x), e(x))
+    assert (tmp_path / "ep" / "program.pt2").is_file()
+
+
+def test_onnx_save_load_round_trip(mlp_model, x, tmp_path):
+    c = ao.compile(ao.export(mlp_model, "onnx"), "onnxruntime")
+    c.save(tmp_path / "onnx")
+    loaded = ao.Model.load(tmp_path / "onnx")
+    assert loaded.format == "onnx" and torch.equal(loaded(x), c(x))
+    assert [r.pass_type for r in loaded.history] == ["Export", "Compile"]
+    assert loaded.artifact.providers == ("CPUExecutionProvider",)
+
+
+def test_export_errors(mlp_model):
+    with pytest.raises(UnknownNameError, match="export format"):
+        ao.Export("tflite")
+    with pytest.raises(ConfigError, match="opset"):
+        ao.Export("onnx", opset=99)
+    with pytest.raises(ConfigError, match="dynamic"):
+        ao.Export("onnx", dynamic="yes")
+    with pytest.raises(UnsupportedModelError, match="example inputs"):
+        ao.export(ao.Model(make_mlp()), "onnx")
+    with pytest.raises(UnsupportedModelError, match="could not export") as info:
+        ao.export(ao.Model(DataDependent(), example_inputs=(torch.randn(2, 4),)), "onnx")
+    assert "torch.where" in str(info.value) and len(str(info.value)) < 2000
+
+
+
+def test_export_verification_names_the_worst_output(monkeypatch):
+    from aigc_opt.runtime.onnxruntime import OnnxRuntime
+
+    real_run = OnnxRuntime.run
+
+    def off_by_a_bit(self, artifact, inputs):  # an exporter bug that moves one output
+        out = real_run(self, artifact, inputs)
+        return {**out, "logits": out["logits"] + 0.01}
+
+    monkeypatch.setattr(OnnxRuntime, "run", off_by_a_bit)
+    m = ao.Model(DictOut(), example_inputs={"features": torch.randn(4, 16)})
+    with pytest.raises(FidelityError, match="output 'logits' differs by up to 0.01"):
+        ao.export(m, "onnx")
+    assert ao.export(m, "onnx", atol=0.02).format == "onnx"  # within a looser tolerance
+
+
+def test_compile_settings_belong_to_their_backend():
+    with pytest.raises(ConfigError, match="mode='max-autotune' applies to backend inductor, not 'onnxruntime'"):
+        ao.Compile("onnxruntime", mode="max-autotune")
+    with pytest.raises(ConfigError, match="graph_optimization"):
+        ao.Compile("inductor", graph_optimization="basic")
+    assert ao.Compile("onnxruntime", threads=2).config_dict() == {
+        "backend": "onnxruntime", "graph_optimization": "all", "threads": 2}
+
+
+def test_format_flow_is_checked(mlp_model):
+    o = ao.export(mlp_model, "onnx")
+    with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
+        ao.quantize(o, "int8-dynamic")
+    with pytest.raises(UnsupportedModelError, match="Compile\\('inductor'\\) takes a model in format 'torch'"):
+        ao.compile(o, "inductor")
+    with pytest.raises(UnsupportedModelError, match="Export it first"):
+        ao.compile(mlp_model, "onnxruntime")
+    with pytest.raises(UnsupportedModelError, match="step 2 of 2"):
+        try:
+            ao.Pipeline([ao.Export("onnx"), ao.Compile("inductor")])(mlp_model)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(str(e) + "".join(e.__notes__)) from None
+
+
+def test_pipeline_export_then_onnxruntime_from_a_recipe(mlp_model, x, tmp_path):
+    pipe = ao.Pipeline([ao.Export("onnx", dynamic=True), ao.Compile("onnxruntime", graph_optimization="extended")])
+    pipe.save(tmp_path / "r.yaml")
+    out = ao.Pipeline.load(tmp_path / "r.yaml")(mlp_model)
+    assert out.format == "onnx" and out.artifact.graph_optimization == "extended"
+    assert torch.allclose(out(x), mlp_model(x), atol=1e-5)
+
+
+def test_onnxruntime_settings_from_the_target(mlp_model):
+    c = ao.compile(ao.export(mlp_model, "onnx"), "onnxruntime")
+    d = c.history[-1].details
+    assert d["providers"][-1] == "CPUExecutionProvider"
+    assert d["intra_op_threads"] == mlp_model.target.cores
+    assert c.artifact.path.name == "model.onnx" and c.artifact.path.is_file()
+    t = ao.compile(ao.export(mlp_model, "onnx"), "onnxruntime", threads=1)
+    assert t.artifact.session().get_session_options().intra_op_num_threads == 1
+
+
+def test_onnxruntime_on_a_gpu_target_without_gpu_ep_is_refused(mlp_model):
+    o = ao.export(mlp_model, "onnx")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    gpu = o._derive(o.artifact)
+    gpu.target = ao.Target.get("nvidia-l4")
+    with pytest.raises(IncompatibleTargetError, match="onnxruntime-gpu"):
+        ao.compile(gpu, "onnxruntime")
+
+
+def test_tensorrt_is_refused_clearly(mlp_model, monkeypatch):
+    o = ao.export(mlp_model, "onnx")
+    with pytest.raises(IncompatibleTargetError, match="NVIDIA GPUs"):
+        ao.compile(o, "tensorrt")  # a CPU target
+    h100 = o._derive(o.artifact)
+    h100.target = ao.Target.get("h100")
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installable here: its wheels need NVIDIA's index
+    with pytest.raises(MissingDependencyError, match='pip install "aigc-opt\\[tensorrt\\]"'):
+        ao.compile(h100, "tensorrt")
+
+
+def test_runtime_input_errors(mlp_model):
+    o = ao.export(mlp_model, "onnx")
+    with pytest.raises(InvalidInputError, match="rank 3"):
+        o(torch.randn(2, 3, 32))
+    with pytest.raises(InvalidInputError, match="takes inputs \\['x'\\]"):
+        o.run({"y": torch.randn(2, 32)})
+    with pytest.raises(InvalidInputError, match="takes 1 inputs"):
+        o(torch.randn(2, 32), torch.randn(2, 32))
+
+
+def _foreign_onnx(path):
+    """A model from 'another exporter': y = x @ W + b, z = relu(y), built with onnx.helper."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
+    b = numpy_helper.from_array(np.array([0.5, -1.0, 0.0], dtype=np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["y"]),
+         helper.make_node("Relu", ["y"], ["z"])],
+        "foreign", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return w, b
+
+
+def test_from_onnx_on_a_file_we_did_not_export(tmp_path):
+    from onnx import numpy_helper
+
+    w, b = _foreign_onnx(tmp_path / "f.onnx")
+    before = (tmp_path / "f.onnx").read_bytes()
+    m = ao.Model.from_onnx(tmp_path / "f.onnx", example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(5, 4)
+    y, z = m(x)
+    expected = x @ torch.from_numpy(numpy_helper.to_array(w)) + torch.from_numpy(numpy_helper.to_array(b))
+    assert torch.allclose(y, expected, atol=1e-6) and torch.allclose(z, expected.relu(), atol=1e-6)
+    assert m.num_parameters() == 15 and m.name == "f"
+    c = ao.compile(m, "onnxruntime")
+    assert torch.allclose(c(x)[0], expected, atol=1e-6)
+    c.save(tmp_path / "saved")
+    assert torch.allclose(ao.Model.load(tmp_path / "saved")(x)[1], expected.relu(), atol=1e-6)
+    assert (tmp_path / "f.onnx").read_bytes() == before  # the user's file is never modified
+    report = ao.compare(m, c, inputs=[x], iters=3)
+    assert report.candidate().fidelity.max_abs_error < 1e-5
+
+
+def test_from_onnx_bad_files(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="does not exist"):
+        ao.Model.from_onnx(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"definitely not protobuf")
+    with pytest.raises(UnsupportedModelError, match="junk.onnx"):
+        ao.Model.from_onnx(tmp_path / "junk.onnx")
+    from onnx import TensorProto, helper
+
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["missing_input"], ["z"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])]))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(UnsupportedModelError, match="fails the ONNX checker"):
+        ao.Model.from_onnx(tmp_path / "bad.onnx")
+
+
+@pytest.mark.slow
+def test_minilm_onnx_matches_torch_on_three_shapes(minilm, tmp_path):
+    from aigc_opt.demo import demo_sentences
+    from aigc_opt.hf import tokenize
+
+    o = ao.compile(ao.export(minilm, "onnx"), "onnxruntime")
+    for batch, seq in ((1, 16), (3, 40), (6, 128)):
+        enc = tokenize(minilm.tokenizer, demo_sentences()[:batch], seq_len=seq)
+        assert torch.allclose(o(**enc), minilm(**enc), atol=1e-4), (batch, seq)
+    o.save(tmp_path / "minilm-onnx")
+    enc = tokenize(minilm.tokenizer, demo_sentences()[:2], seq_len=24)
+    assert torch.allclose(ao.Model.load(tmp_path / "minilm-onnx")(**enc), minilm(**enc), atol=1e-4)
