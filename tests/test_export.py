@@ -117,8 +117,6 @@ def test_compile_settings_belong_to_their_backend():
 
 def test_format_flow_is_checked(mlp_model):
     o = ao.export(mlp_model, "onnx")
-    with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
-        ao.quantize(o, "int8-dynamic")
     with pytest.raises(UnsupportedModelError, match="Compile\\('inductor'\\) takes a model in format 'torch'"):
         ao.compile(o, "inductor")
     with pytest.raises(UnsupportedModelError, match="Export it first"):
@@ -250,3 +248,17 @@ def test_minilm_onnx_matches_torch_on_three_shapes(minilm, tmp_path):
     o.save(tmp_path / "minilm-onnx")
     enc = tokenize(minilm.tokenizer, demo_sentences()[:2], seq_len=24)
     assert torch.allclose(ao.Model.load(tmp_path / "minilm-onnx")(**enc), minilm(**enc), atol=1e-4)
+
+
+def test_onnx_int8_dynamic(mlp_model, x):
+    o = ao.export(mlp_model, "onnx")
+    q = ao.quantize(o, "int8-dynamic")
+    d = q.history[-1].details
+    assert q.format == "onnx" and d["int8_nodes"] == 3 and d["per_channel"] is True
+    assert q.size_bytes() < 0.5 * o.size_bytes()
+    cos = torch.nn.functional.cosine_similarity(q(x), mlp_model(x), dim=1)
+    assert cos.min() > 0.99 and not torch.equal(q(x), o(x))
+    assert o.history[-1].pass_type == "Export"  # the input is untouched
+    skipped = ao.quantize(o, "int8-dynamic", skip=("head",))  # the torch module name
+    assert skipped.history[-1].details["int8_nodes"] == 2
+    assert skipped.history[-1].details["nodes_skipped"] == ["node_linear_2", "node_linear_2_MatMul"]

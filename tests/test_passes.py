@@ -39,6 +39,13 @@ def test_int8_dynamic_quantizes_every_linear_with_real_int8_weights(mlp_model, x
     assert not torch.equal(ref, out)  # it really changed the arithmetic
 
 
+def test_per_tensor_weights(mlp_model, x):
+    q = ao.quantize(mlp_model, "int8-dynamic", per_channel=False)
+    assert q.artifact.fc1.weight.scale.numel() == 1  # one scale for the whole weight
+    assert ao.quantize(mlp_model, "int8-dynamic").artifact.fc1.weight.scale.numel() == 64
+    assert torch.nn.functional.cosine_similarity(q(x), mlp_model(x), dim=1).min() > 0.98
+
+
 def test_skip_patterns_leave_layers_in_full_precision(mlp_model):
     q = ao.quantize(mlp_model, "int8-dynamic", skip=("head",))
     assert type(q.artifact.head.weight) is torch.nn.Parameter
@@ -126,7 +133,7 @@ def test_config_serialization_round_trip():
     q = ao.Quantize("int8-dynamic", skip=("head", "*.out"))
     data = q.to_dict()
     assert data == {"_type": "Quantize", "_version": 1,
-                    "_data": {"method": "int8-dynamic", "skip": ["head", "*.out"]}}
+                    "_data": {"method": "int8-dynamic", "skip": ["head", "*.out"], "per_channel": True}}
     assert ao.Quantize.from_config(data["_data"]) == q
     assert q.describe() == "Quantize(method='int8-dynamic', skip=['head', '*.out'])"
     assert ao.Quantize().describe() == "Quantize(method='int8-dynamic')"

@@ -26,7 +26,7 @@ def test_recipe_round_trip_yaml_and_json(tmp_path):
     pipe.save(tmp_path / "r.yaml")
     data = yaml.safe_load((tmp_path / "r.yaml").read_text())
     assert data == {"aigc_opt_recipe": 1, "passes": [
-        {"Quantize": {"method": "int8-dynamic", "skip": ["head"]}},
+        {"Quantize": {"method": "int8-dynamic", "skip": ["head"], "per_channel": True}},
         {"Compile": {"backend": "inductor", "mode": "max-autotune", "dynamic": None,
                      "fullgraph": False, "warmup_iters": 3}}]}
     assert ao.Pipeline.load(tmp_path / "r.yaml") == pipe
@@ -106,9 +106,9 @@ def test_failure_names_the_pass_and_the_ones_before(mlp_model):
 
 
 def test_pass_refuses_a_format_it_does_not_take(mlp_model):
-    onnx_like = mlp_model._derive(mlp_model.artifact, format="onnx")
-    with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
-        ao.quantize(onnx_like, "int8-dynamic")
+    engine_like = mlp_model._derive(mlp_model.artifact, format="tensorrt")
+    with pytest.raises(UnsupportedModelError, match="format 'tensorrt'"):
+        ao.quantize(engine_like, "int8-dynamic")
 
 
 def test_structural_pass_after_compile_is_refused_up_front(mlp_model, monkeypatch):

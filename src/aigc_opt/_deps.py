@@ -47,8 +47,8 @@ def quiet_import_logs(*extra: str) -> Iterator[None]:
     """Hold back the warnings torchao logs while importing (it is imported by us or by
     transformers): one per optional CUDA/CUTLASS extension it cannot load, which on a CPU
     machine is all of them, and torch's pytree deprecation notes for its enums; plus the
-    loggers named in ``extra``."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", *extra)]
+    loggers named in ``extra`` ("" is the root logger)."""
+    loggers = [logging.getLogger(n or None) for n in ("torchao", "torch.utils._pytree", *extra)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -61,7 +61,7 @@ class OnnxArtifact:
     graph_optimization: str = "all"
     intra_op_threads: int = 0
     owns_dir: bool = False
-    _session: list[Any] = field(default_factory=list, repr=False)
+    _session: list[Any] = field(default_factory=list, repr=False)  # [session, declared inputs] once built
 
     def __post_init__(self) -> None:
         if self.owns_dir:
@@ -74,6 +74,12 @@ class OnnxArtifact:
         new = OnnxArtifact(**keep)
         object.__setattr__(new, "_keepalive", self)  # the file lives as long as its owner
         return new
+
+    def declared_inputs(self) -> list[tuple[str, str, int, list[Any]]]:
+        """(name, type, rank, shape) of each session input, read once (the hot path uses it)."""
+        if len(self._session) < 2:
+            self._session.append([(d.name, d.type, len(d.shape), d.shape) for d in self.session().get_inputs()])
+        return self._session[1]
 
     def session(self) -> Any:
         if not self._session:
@@ -125,32 +131,32 @@ def _to_numpy(value: Any, expected: str, name: str) -> np.ndarray:
 class OnnxRuntime:
     def run(self, artifact: OnnxArtifact, inputs: Inputs) -> Any:
         session = artifact.session()
-        declared = session.get_inputs()
+        declared = artifact.declared_inputs()
+        names = [d[0] for d in declared]
         if isinstance(inputs, dict):
-            unknown = sorted(set(inputs) - {d.name for d in declared})
-            missing = [d.name for d in declared if d.name not in inputs]
-            if missing or unknown:
+            if inputs.keys() != set(names):
+                unknown = sorted(set(inputs) - set(names))
+                missing = [n for n in names if n not in inputs]
                 raise InvalidInputError(
-                    f"The ONNX model takes inputs {[d.name for d in declared]}; got {sorted(inputs)} "
-                    f"(missing {missing}, unknown {unknown})."
+                    f"The ONNX model takes inputs {names}; got {sorted(inputs)} (missing {missing}, unknown {unknown})."
                 )
-            feed = {d.name: _to_numpy(inputs[d.name], d.type, d.name) for d in declared}
+            values = [inputs[n] for n in names]
         else:
-            tensors = list(flatten_tensors(inputs).values())
-            if len(tensors) != len(declared):
+            values = list(flatten_tensors(inputs).values())
+            if len(values) != len(declared):
                 raise InvalidInputError(
-                    f"The ONNX model takes {len(declared)} inputs {[d.name for d in declared]}; got "
-                    f"{len(tensors)}: {describe(inputs)}."
+                    f"The ONNX model takes {len(declared)} inputs {names}; got {len(values)}: {describe(inputs)}."
                 )
-            feed = {d.name: _to_numpy(t, d.type, d.name) for d, t in zip(declared, tensors)}
-        for d in declared:
-            rank = len(d.shape)
-            if feed[d.name].ndim != rank:
+        feed = {}
+        for (name, kind, rank, shape), value in zip(declared, values):
+            array = _to_numpy(value, kind, name)
+            if array.ndim != rank:
                 raise InvalidInputError(
-                    f"Input {d.name!r} has rank {feed[d.name].ndim} (shape {feed[d.name].shape}), but the "
-                    f"ONNX model expects rank {rank} (shape {d.shape})."
+                    f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the ONNX model expects "
+                    f"rank {rank} (shape {shape})."
                 )
-        outputs = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+            feed[name] = array
+        outputs = [torch.from_numpy(o) for o in session.run(None, feed)]
         if artifact.output_spec is not None:
             import torch.utils._pytree as pytree
 
