@@ -4,11 +4,13 @@ from .base import PASS_TYPES, Pass, PassRecord, register_pass, runtime_field
 from .compile import COMPILE_BACKENDS, Compile, compile
 from . import compile_onnx as _compile_onnx  # noqa: F401,E402  (registers "onnxruntime" and "tensorrt")
 from .export import EXPORTERS, Export, export
+from .prune import IMPORTANCES, PRUNE_METHODS, Prune, prune
 from .quantize import QUANT_METHODS, Quantize, quant_method, quantize
 
 __all__ = [
     "PASS_TYPES", "Pass", "PassRecord", "register_pass", "runtime_field",
     "COMPILE_BACKENDS", "Compile", "compile",
     "EXPORTERS", "Export", "export",
+    "IMPORTANCES", "PRUNE_METHODS", "Prune", "prune",
     "QUANT_METHODS", "Quantize", "quant_method", "quantize",
 ]
