@@ -195,3 +195,43 @@ def test_roofline_only_against_the_device_that_ran(mlp_model, x):
         assert meas.target_peak_tflops is None and meas.roofline_fraction is None
     measured_host = ao.Model(make_mlp(), example_inputs=(x,), target=ao.Target.detect().measure())
     assert ao.benchmark(measured_host, iters=3, memory=False).roofline_fraction > 0
+
+
+def test_adaptive_rounds_stop_when_stable_or_out_of_time(mlp_model, x):
+    stable = ao.benchmark(mlp_model, inputs=[x], rel_ci=0.5, max_time=30, memory=False)
+    assert 10 <= len(stable.samples) < 100 and stable.stop_reason.startswith("stable")
+    lo, hi = stable.median_ci95
+    assert (hi - lo) / 2 <= 0.5 * stable.median
+    rushed = ao.benchmark(mlp_model, inputs=[x], rel_ci=1e-6, max_time=0.05, memory=False)
+    assert rushed.stop_reason.startswith("time budget") and len(rushed.samples) >= 10
+    fixed = ao.benchmark(mlp_model, inputs=[x], iters=7, memory=False)
+    assert len(fixed.samples) == 7 and fixed.stop_reason == "7 rounds, as asked"
+    with pytest.raises(ConfigError, match="rel_ci"):
+        ao.benchmark(mlp_model, rel_ci=2)
+    with pytest.raises(ConfigError, match="max_time"):
+        ao.benchmark(mlp_model, max_time=0)
+
+
+def test_outliers_are_counted_not_dropped():
+    samples = [0.010 + 0.0001 * i for i in range(19)] + [0.5]  # one stall among steady calls
+    m = Measurement(name="m", samples=samples, batch_size=1, device="cpu", num_threads=1)
+    assert m.outliers == 1 and len(m.samples) == 20 and m.p99 > 0.1
+
+
+def test_arithmetic_intensity_and_peak_source(x):
+    measured = ao.Model(make_mlp(), example_inputs=(x,), target=ao.Target.detect().measure())
+    meas = ao.benchmark(measured, iters=3)
+    assert meas.peak_source == "measured on this machine"
+    assert meas.arithmetic_intensity == pytest.approx(meas.flops / (meas.memory_bytes + meas.peak_memory_bytes))
+    report = ao.compare(measured, ao.quantize(measured, "int8-dynamic"), iters=3)
+    assert "fp32 peak used (measured on this machine)" in str(report) and "outliers" in str(report)
+
+
+def test_plot_and_pandas(mlp_model, x, tmp_path):
+    report = ao.compare(mlp_model, ao.quantize(mlp_model, "int8-dynamic"), inputs=[x], iters=8, memory=False)
+    path = report.plot(tmp_path / "report.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["report.png"]  # no temporary file left
+    frame = report.to_pandas()
+    assert list(frame.columns) == ["MLP", "MLP+Quantize"] and "latency p50 (ms)" in frame.index

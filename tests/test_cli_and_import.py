@@ -45,6 +45,12 @@ def test_bench_and_optimize_commands(tmp_path, capsys):
     meas = json.loads(capsys.readouterr().out)
     assert len(meas["samples"]) == 5 and meas["batch_size"] == 4
     ao.Pipeline([ao.Quantize("int8-dynamic")]).save(tmp_path / "recipe.yaml")
+    ao.quantize(ao.Model.load(tmp_path / "m", trust=True), "int8-dynamic").save(tmp_path / "q0")
+    assert main(["bench", str(tmp_path / "q0"), "--baseline", str(tmp_path / "m"), "--iters", "4", "--trust",
+                 "--out", str(tmp_path / "rep")]) == 0
+    assert "latency vs baseline" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.json", "report.md", "report.png",
+                                                                    "report.txt"]
     assert main(["optimize", str(tmp_path / "m"), "--recipe", str(tmp_path / "recipe.yaml"),
                  "-o", str(tmp_path / "q"), "--iters", "3", "--trust"]) == 0
     out = capsys.readouterr().out

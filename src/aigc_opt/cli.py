@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import AigcOptError
 
@@ -47,8 +48,29 @@ def _bench(args: argparse.Namespace) -> int:
     from .model import Model
 
     model = Model.load(args.model_dir, target=args.target, trust=args.trust)
+    if args.baseline:
+        from .bench import compare
+
+        baseline = Model.load(args.baseline, target=args.target, trust=args.trust)
+        report = compare(baseline, model, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                         top1=not args.no_top1)
+        print(report.to_json() if args.json else report)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.json").write_text(report.to_json())
+            (out / "report.md").write_text(report.to_markdown())
+            (out / "report.txt").write_text(str(report) + "\n")
+            try:
+                report.plot(out / "report.png")
+            except AigcOptError as e:  # matplotlib missing: the text outputs still count
+                print(f"aigc-opt: no plot: {e}", file=sys.stderr)
+        return 0
     measurement = benchmark(model, iters=args.iters, warmup=args.warmup, threads=args.threads)
     print(json.dumps(measurement.to_dict(), indent=2) if args.json else measurement)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "measurement.json").write_text(json.dumps(measurement.to_dict(), indent=2))
     return 0
 
 
@@ -91,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     targets.set_defaults(func=_targets)
 
-    bench = sub.add_parser("bench", help="benchmark a saved model on its example inputs")
+    bench = sub.add_parser("bench", help="benchmark a saved model on its example inputs (or against a baseline)")
     bench.add_argument("model_dir")
+    bench.add_argument("--baseline", metavar="DIR", help="a saved baseline model: compare against it")
+    bench.add_argument("--out", metavar="DIR", help="write report.json/.md/.txt/.png (or measurement.json) here")
+    bench.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
     bench.add_argument("--target", default=None)
-    bench.add_argument("--iters", type=int, default=30)
+    bench.add_argument("--iters", type=int, default=None, help="timed rounds (default: until stable, max 20-30 s)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--json", action="store_true")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .._tree import batch_size, describe, normalize_inputs
 from ..errors import AigcOptError, ConfigError, InvalidInputError, UnsupportedModelError
 from .fidelity import FidelityAccumulator
-from .measurement import Measurement, ratio_ci
+from .measurement import Measurement, median_ci, ratio_ci
 from .probes import count_flops, on_device, peak_memory_bytes, pinned_threads, timed_call
 from .report import Entry, Report
 
@@ -37,9 +40,20 @@ def _batches(inputs: Any, model: Model) -> list[Any]:
     return [normalize_inputs(inputs, what="inputs")]
 
 
-def _check_counts(warmup: int, iters: int, threads: int | None = None) -> None:
-    if not isinstance(iters, int) or iters < 1:
-        raise ConfigError(f"iters must be an int >= 1, got {iters!r}.")
+# Adaptive measuring (iters=None): at least MIN_ROUNDS rounds, then stop once every model's
+# median has a 95% interval within ±rel_ci of it, or max_time seconds have passed.
+MIN_ROUNDS = 10
+MAX_ROUNDS = 10_000
+
+
+def _check_counts(warmup: int, iters: int | None, threads: int | None = None, max_time: float = 1.0,
+                  rel_ci: float = 0.02) -> None:
+    if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool) or iters < 1):
+        raise ConfigError(f"iters must be an int >= 1, or None to measure until stable; got {iters!r}.")
+    if not isinstance(max_time, (int, float)) or max_time <= 0:
+        raise ConfigError(f"max_time must be a number of seconds > 0, got {max_time!r}.")
+    if not isinstance(rel_ci, (int, float)) or not 0 < rel_ci < 1:
+        raise ConfigError(f"rel_ci must be a fraction between 0 and 1 (0.02 = ±2%), got {rel_ci!r}.")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an int >= 0, got {warmup!r}.")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -70,10 +84,20 @@ def _progress(total: int, desc: str, verbose: bool | None) -> Any:
     return tqdm(total=total, desc=desc, disable=None if verbose is None else not verbose, leave=False)
 
 
-def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters: int,
-             threads: int | None, verbose: bool | None, memory: bool) -> list[Measurement]:
+def _stable(samples: list[list[float]], rel_ci: float) -> bool:
+    for s in samples:
+        lo, hi = median_ci(np.asarray(s))
+        if (hi - lo) / 2 > rel_ci * float(np.median(s)):
+            return False
+    return True
+
+
+def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters: int | None,
+             threads: int | None, verbose: bool | None, memory: bool, max_time: float = 20.0,
+             rel_ci: float = 0.02) -> list[Measurement]:
     """Time every model round-robin: each round runs each model once on the same batch, the
-    starting model rotating, so drift and noise spread evenly over all of them."""
+    starting model rotating, so drift and noise spread evenly over all of them. ``iters=None``
+    keeps adding rounds until every median is known to ±``rel_ci`` (95%) or ``max_time`` passes."""
     for m in models:
         if not hasattr(m, "run") or not hasattr(m, "format"):
             raise UnsupportedModelError(f"benchmark/compare take ao.Model objects, got {type(m).__name__}.")
@@ -86,10 +110,23 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             for i in range(warmup):
                 timed_call(m, own[i % len(own)], dev)
         bar = _progress(iters, "benchmark", verbose)
-        for r in range(iters):
+        start, r = time.perf_counter(), 0
+        stop_reason = f"{iters} rounds, as asked"
+        while True:
+            if iters is not None and r >= iters:
+                break
+            if iters is None and r >= MIN_ROUNDS and r % 5 == 0:
+                if _stable(samples, rel_ci):
+                    stop_reason = f"stable: every median's 95% interval within ±{100 * rel_ci:g}% after {r} rounds"
+                    break
+                if time.perf_counter() - start > max_time or r >= MAX_ROUNDS:
+                    stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
+                                   f"was within ±{100 * rel_ci:g}%")
+                    break
             k = r % len(models)
             for j in (*range(k, len(models)), *range(k)):
                 samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
+            r += 1
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -97,7 +134,10 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
         results = []
         for m, own, dev, s in zip(models, per_model, devices, samples):
             # A peak from another device's spec sheet would make a meaningless fraction.
-            dtype_peak = m.target.peak("fp32") if dev.split(":")[0] == m.target.torch_device else None
+            same_device = dev.split(":")[0] == m.target.torch_device
+            dtype_peak = m.target.peak("fp32") if same_device else None
+            peak_source = {"builtin": "spec sheet", "file": "target file", "measured": "measured on this machine",
+                           "detected": None}.get(m.target.origin) if dtype_peak else None
             results.append(Measurement(
                 name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
                 samples=s,
@@ -112,20 +152,25 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
                 peak_memory_bytes=peak_memory_bytes(m, own[0], dev) if memory else None,
                 flops=count_flops(m, own[0]),
                 target_peak_tflops=dtype_peak,
+                peak_source=peak_source,
+                stop_reason=stop_reason,
                 simulated=any(r.simulated for r in m.history),
                 passes=[r.summary() for r in m.history],
             ))
     return results
 
 
-def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int = 30,
-              threads: int | None = None, memory: bool = True, verbose: bool | None = None) -> Measurement:
+def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int | None = None,
+              max_time: float = 20.0, rel_ci: float = 0.02, threads: int | None = None, memory: bool = True,
+              verbose: bool | None = None) -> Measurement:
     """Measure one model: latency samples (p50/p90/p99, 95% intervals), throughput, memory, size.
 
     Args:
         inputs: a list of batches, or one batch (tuple / dict / tensor); default: the
             model's example inputs.
-        warmup: untimed calls before measuring. iters: timed calls.
+        warmup: untimed calls before measuring.
+        iters: timed calls; None (default) measures until the median's 95% interval is within
+            ±``rel_ci`` (2%) or ``max_time`` seconds have passed (the reason is recorded).
         threads: intra-op threads to pin while measuring (default: torch's current setting).
             Code compiled by inductor for CPU fixes its OpenMP thread count when it compiles,
             so for compiled models this only affects the eager parts.
@@ -134,13 +179,13 @@ def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int =
         >>> m = ao.Model(net, example_inputs=(x,))            # doctest: +SKIP
         >>> print(ao.benchmark(m, iters=50))                  # doctest: +SKIP
     """
-    _check_counts(warmup, iters, threads)
+    _check_counts(warmup, iters, threads, max_time, rel_ci)
     return _measure([model], _batches(inputs, model), warmup=warmup, iters=iters, threads=threads,
-                    verbose=verbose, memory=memory)[0]
+                    verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci)[0]
 
 
-def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int = 3, iters: int = 30,
-            threads: int | None = None, eval_fn: Callable[[Model], float] | None = None,
+def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int = 3, iters: int | None = None,
+            max_time: float = 30.0, rel_ci: float = 0.02, threads: int | None = None, eval_fn: Callable[[Model], float] | None = None,
             output_fn: Callable[[Any], Any] | None = None, top1: bool = True, memory: bool = True,
             verbose: bool | None = None) -> Report:
     """Measure candidates against a baseline, interleaved in one run, with output fidelity.
@@ -151,6 +196,8 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
 
     Args:
         inputs: a list of batches, or one batch; default: the baseline's example inputs.
+        iters: interleaved rounds; None (default): until every median's 95% interval is within
+            ±``rel_ci`` or ``max_time`` seconds have passed.
         eval_fn: optional ``fn(model) -> float`` task metric (e.g. accuracy), run per model.
         output_fn: optional ``fn(outputs) -> outputs`` applied before fidelity (e.g. pick logits).
         top1: report top-1 agreement (argmax of the last dimension); turn off for outputs
@@ -162,11 +209,11 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     """
     if not candidates:
         raise ConfigError("compare needs at least one candidate: ao.compare(baseline, candidate, ...).")
-    _check_counts(warmup, iters, threads)
+    _check_counts(warmup, iters, threads, max_time, rel_ci)
     batches = _batches(inputs, baseline)
     models = [baseline, *candidates]
     measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,
-                            verbose=verbose, memory=memory)
+                            verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci)
     select = output_fn or (lambda out: out)
     accumulators = [FidelityAccumulator(c.name, top1=top1) for c in candidates]
     for batch in batches:
@@ -179,4 +226,5 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     for meas, acc, metric in zip(measurements[1:], accumulators, metrics[1:]):
         entries.append(Entry(measurement=meas, fidelity=acc.result(), metric=metric,
                              latency_ratio=ratio_ci(measurements[0].samples, meas.samples)))
-    return Report(baseline=base, candidates=entries, batches=len(batches), iters=iters, warmup=warmup)
+    return Report(baseline=base, candidates=entries, batches=len(batches), iters=len(measurements[0].samples),
+                  warmup=warmup)

@@ -78,6 +78,8 @@ class Measurement:
     peak_memory_bytes: int | None = None  # peak extra memory while running one batch
     flops: int | None = None  # per batch, from torch.utils.flop_counter (None if not countable)
     target_peak_tflops: float | None = None
+    peak_source: str | None = None  # "spec sheet", "measured on this machine", ...
+    stop_reason: str = ""  # why measuring stopped (fixed rounds, stable, time budget)
     simulated: bool = False
     passes: list[str] = field(default_factory=list)
 
@@ -126,6 +128,25 @@ class Measurement:
         return self.iqr > HIGH_SPREAD * self.median
 
     @property
+    def outliers(self) -> int:
+        """Samples above Q3 + 1.5 IQR (Tukey's fence): reported, never dropped."""
+        q1, q3 = np.percentile(self._x, [25, 75])
+        return int((self._x > q3 + 1.5 * (q3 - q1)).sum())
+
+    @property
+    def bytes_moved_estimate(self) -> int | None:
+        """Weights read once plus the peak activation memory: a lower bound on traffic."""
+        if self.memory_bytes is None:
+            return None
+        return self.memory_bytes + (self.peak_memory_bytes or 0)
+
+    @property
+    def arithmetic_intensity(self) -> float | None:
+        """FLOPs per byte moved (estimate): low values mean memory-bound, high compute-bound."""
+        moved = self.bytes_moved_estimate
+        return self.flops / moved if self.flops and moved else None
+
+    @property
     def throughput(self) -> float:
         """Samples per second at the median latency."""
         return self.batch_size / self.median
@@ -147,7 +168,8 @@ class Measurement:
             median=self.median, p90=self.p90, p99=self.p99, mean=self.mean,
             mean_ci95=list(self.mean_ci95), median_ci95=list(self.median_ci95), iqr=self.iqr,
             throughput=self.throughput, achieved_tflops=self.achieved_tflops,
-            roofline_fraction=self.roofline_fraction, noisy=self.noisy,
+            roofline_fraction=self.roofline_fraction, noisy=self.noisy, outliers=self.outliers,
+            bytes_moved_estimate=self.bytes_moved_estimate, arithmetic_intensity=self.arithmetic_intensity,
         )
         return out
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .fidelity import Fidelity
@@ -73,6 +75,7 @@ class Report:
         add("latency p90 (ms)", [_ms(x.p90) for x in m])
         add("latency p99 (ms)", [_ms(x.p99) for x in m])
         add("latency mean (ms) ±95%", [f"{_ms(x.mean)} ±{_ms((x.mean_ci95[1] - x.mean_ci95[0]) / 2)}" for x in m])
+        add("outliers (> Q3 + 1.5 IQR)", [f"{x.outliers}/{len(x.samples)}" for x in m])
         add("latency vs baseline", ["1.00x"] + [
             f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if (r := e.latency_ratio) else "-" for e in self.candidates])
         add("speed-up", ["1.00x"] + [f"{1 / r[0]:.2f}x" if (r := e.latency_ratio) else "-" for e in self.candidates])
@@ -83,7 +86,10 @@ class Report:
         add("parameters (M)", [f"{x.num_parameters / 1e6:.2f}" if x.num_parameters else "-" for x in m])
         if any(x.flops for x in m):
             add("GFLOP per batch", [f"{x.flops / 1e9:.2f}" if x.flops else "-" for x in m])
-            add("fp32 roofline used", [f"{100 * r:.1f}%" if (r := x.roofline_fraction) else "-" for x in m])
+            add("FLOP/byte (est.)", [f"{a:.1f}" if (a := x.arithmetic_intensity) else "-" for x in m])
+            sources = {x.peak_source for x in m if x.peak_source}
+            label = f"fp32 peak used ({', '.join(sorted(sources))})" if sources else "fp32 peak used"
+            add(label, [f"{100 * r:.1f}%" if (r := x.roofline_fraction) else "-" for x in m])
         fid = [e.fidelity for e in self.candidates]
         add("cosine vs baseline (mean)", ["1"] + [f"{f.cosine_mean:.5f}" if f else "-" for f in fid])
         add("cosine vs baseline (min)", ["1"] + [f"{f.cosine_min:.5f}" if f else "-" for f in fid])
@@ -112,7 +118,8 @@ class Report:
         b = self.baseline.measurement
         return [
             f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size:g}, "
-            f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up",
+            f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up"
+            + (f" ({b.stop_reason})" if b.stop_reason else ""),
             *[f"{e.measurement.name}: {' -> '.join(e.measurement.passes) or 'no passes'}" for e in self.candidates],
             *[f"warning: {w}" for w in self._warnings()],
         ]
@@ -142,6 +149,43 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; NaN and infinity (a broken candidate) are written as null, as JSON has none."""
         return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Save a figure (PNG, SVG or PDF by the suffix): latency distributions per model, and
+        speed-up vs fidelity with one point per candidate. Needs matplotlib."""
+        from .._deps import require
+
+        require("matplotlib", extra="plot", purpose="Report.plot()")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)  # no display needed
+        import matplotlib.pyplot as plt
+
+        names = [e.measurement.name for e in self.entries]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        left.boxplot([[t * 1e3 for t in e.measurement.samples] for e in self.entries], vert=False,
+                     tick_labels=names, showfliers=True)
+        left.set_xlabel("latency per batch (ms)")
+        left.set_title("latency distribution")
+        for e in self.candidates:
+            if e.latency_ratio and e.fidelity:
+                right.scatter(1 / e.latency_ratio[0], e.fidelity.cosine_mean)
+                lo, hi = 1 / e.latency_ratio[2], 1 / e.latency_ratio[1]
+                right.plot([lo, hi], [e.fidelity.cosine_mean] * 2, alpha=0.5)  # 95% interval
+                right.annotate(e.measurement.name, (1 / e.latency_ratio[0], e.fidelity.cosine_mean),
+                               fontsize=8, xytext=(4, 4), textcoords="offset points")
+        right.axvline(1.0, color="grey", linewidth=0.8)
+        right.set_xlabel("speed-up vs baseline (x, 95% interval)")
+        right.set_ylabel("cosine vs baseline (mean)")
+        right.ticklabel_format(axis="y", useOffset=False)
+        right.set_title("speed vs fidelity")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
 
     def to_pandas(self) -> Any:
         """The table as a pandas DataFrame (needs pandas)."""
