@@ -2,7 +2,9 @@
 
 from .compare import benchmark, compare
 from .fidelity import Fidelity
+from .generation import GenerationReport, GenerationStats, generation
 from .measurement import Measurement
 from .report import Entry, Report
 
-__all__ = ["benchmark", "compare", "Measurement", "Fidelity", "Report", "Entry"]
+__all__ = ["benchmark", "compare", "generation", "Measurement", "Fidelity", "Report", "Entry",
+           "GenerationReport", "GenerationStats"]

@@ -1,0 +1,168 @@
+"""Generation benchmark for causal language models (Hugging Face ``generate``).
+
+``ao.bench.generation(baseline, *candidates, prompts=..., max_new_tokens=...)`` times greedy
+generation interleaved round by round, like ``ao.compare``, and reports per model:
+time to first token (a 1-token generate: prefill + one step), time per output token (the
+rest of an N-token generate, divided by N-1), tokens/s, and against the baseline the share of
+identical greedy tokens and the first position where they diverge.
+
+Example:
+    >>> from aigc_opt.bench import generation                         # doctest: +SKIP
+    >>> rep = generation(m, ao.quantize(m, "int8-dynamic"), prompts=["Hello"], max_new_tokens=16)  # doctest: +SKIP
+    >>> print(rep)                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..runtime.torch_module import module_device, unwrap
+from .measurement import median_ci, ratio_ci
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["generation", "GenerationStats", "GenerationReport"]
+
+
+@dataclass
+class GenerationStats:
+    name: str
+    ttft: list[float]  # seconds, one per round
+    total: list[float]  # seconds for max_new_tokens tokens, one per round
+    new_tokens: int
+    batch_size: int
+    tokens: list[list[int]] = field(default_factory=list, repr=False)  # greedy ids per prompt
+    token_agreement: float | None = None
+    first_divergence: int | None = None  # earliest position (over prompts) where tokens differ
+    ttft_ratio: tuple[float, float, float] | None = None
+    tpot_ratio: tuple[float, float, float] | None = None
+
+    @property
+    def tpot(self) -> list[float]:
+        return [(t - f) / max(self.new_tokens - 1, 1) for t, f in zip(self.total, self.ttft)]
+
+    @property
+    def ttft_p50(self) -> float:
+        return float(np.median(self.ttft))
+
+    @property
+    def tpot_p50(self) -> float:
+        return float(np.median(self.tpot))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens * self.batch_size / float(np.median(self.total))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(ttft_p50=self.ttft_p50, tpot_p50=self.tpot_p50, tokens_per_second=self.tokens_per_second,
+                   ttft_ci95=list(median_ci(np.asarray(self.ttft))), tpot_ci95=list(median_ci(np.asarray(self.tpot))))
+        return out
+
+
+@dataclass
+class GenerationReport:
+    baseline: GenerationStats
+    candidates: list[GenerationStats]
+    rounds: int
+
+    def rows(self) -> list[tuple[str, list[str]]]:
+        es = [self.baseline, *self.candidates]
+        ratio = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if r else "1.00x"  # noqa: E731
+        return [
+            ("time to first token p50 (ms)", [f"{e.ttft_p50 * 1e3:.2f}" for e in es]),
+            ("TTFT vs baseline", [ratio(e.ttft_ratio) for e in es]),
+            ("time per output token p50 (ms)", [f"{e.tpot_p50 * 1e3:.2f}" for e in es]),
+            ("TPOT vs baseline", [ratio(e.tpot_ratio) for e in es]),
+            ("tokens/s", [f"{e.tokens_per_second:.1f}" for e in es]),
+            ("greedy token agreement", ["1"] + [f"{e.token_agreement:.3f}" for e in self.candidates]),
+            ("first divergence (token)", ["-"] + [str(e.first_divergence) if e.first_divergence is not None
+                                                  else "none" for e in self.candidates]),
+        ]
+
+    def __str__(self) -> str:
+        header = ["", *[e.name for e in [self.baseline, *self.candidates]]]
+        body = [[label, *cells] for label, cells in self.rows()]
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        b = self.baseline
+        return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body], "",
+                          f"batch {b.batch_size}, {b.new_tokens} new tokens (greedy), {self.rounds} interleaved rounds"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
+                "rounds": self.rounds}
+
+
+def _generate(model: Model, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> torch.Tensor:
+    module = unwrap(model.artifact)  # generate() lives on the HF model; a compile wrapper forwards to it
+    device = module_device(module)
+    with torch.inference_mode():
+        return module.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
+
+
+def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_new_tokens: int = 32,
+               rounds: int = 5, warmup: int = 1, tokenizer: Any = None) -> GenerationReport:
+    """Time greedy generation of every model interleaved, and compare tokens with the baseline.
+
+    Args:
+        prompts: the prompts, generated as one left-padded batch.
+        max_new_tokens: tokens generated per prompt (exactly: ``min_new_tokens`` is set too).
+        rounds: interleaved timing rounds (each: a 1-token and a full generate per model).
+        tokenizer: default: ``baseline.tokenizer`` (set by ``Model.from_hf``).
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+        raise ConfigError(f"max_new_tokens must be an int >= 2 (TPOT needs two tokens), got {max_new_tokens!r}.")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}.")
+    models = [baseline, *candidates]
+    for m in models:
+        if m.format != "torch" or not hasattr(unwrap(m.artifact), "generate"):
+            raise UnsupportedModelError(
+                f"{m.name} ({m.format}) has no generate(); the generation benchmark takes Hugging Face causal "
+                "LMs in format 'torch' (e.g. ao.Model.from_hf(path, task='causal-lm'))."
+            )
+    tokenizer = tokenizer or baseline.tokenizer
+    if tokenizer is None:
+        raise ConfigError("No tokenizer: pass tokenizer= or build the baseline with ao.Model.from_hf.")
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
+    prompt_len = enc["input_ids"].shape[1]
+    stats = [GenerationStats(name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
+                             ttft=[], total=[], new_tokens=max_new_tokens, batch_size=len(prompts)) for m in models]
+    for m in models:
+        for _ in range(warmup):
+            _generate(m, enc, 2, tokenizer.pad_token_id)
+    for r in range(rounds):
+        k = r % len(models)
+        for j in (*range(k, len(models)), *range(k)):
+            start = time.perf_counter()
+            _generate(models[j], enc, 1, tokenizer.pad_token_id)
+            stats[j].ttft.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = _generate(models[j], enc, max_new_tokens, tokenizer.pad_token_id)
+            stats[j].total.append(time.perf_counter() - start)
+            stats[j].tokens = out[:, prompt_len:].tolist()
+    base = np.asarray(stats[0].tokens)
+    for s in stats[1:]:
+        cand = np.asarray(s.tokens)
+        same = cand == base
+        s.token_agreement = float(same.mean())
+        diverged = [int(np.argmin(row)) for row in same if not row.all()]
+        s.first_divergence = min(diverged) if diverged else None
+        s.ttft_ratio = ratio_ci(stats[0].ttft, s.ttft)
+        s.tpot_ratio = ratio_ci(stats[0].tpot, s.tpot)
+    return GenerationReport(baseline=stats[0], candidates=stats[1:], rounds=rounds)

@@ -1,0 +1,67 @@
+"""Generation benchmark: TTFT, TPOT, tokens/s, greedy token agreement (tiny GPT-2, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.bench import generation
+from aigc_opt.errors import ConfigError, UnsupportedModelError
+from toy_models import make_mlp
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra is part of `make test`")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    from aigc_opt.demo import minilm_dir
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())  # any offline tokenizer works
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128,
+                                     vocab_size=tokenizer.vocab_size)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    enc = dict(tokenizer(["hello world"], return_tensors="pt"))
+    model = ao.Model(lm, example_inputs={"input_ids": enc["input_ids"]}, name="tiny-gpt2")
+    model.tokenizer = tokenizer
+    return model
+
+
+def test_generation_metrics_and_agreement(tiny_gpt2):
+    prompts = ["the cat sat on the", "quantization makes models"]
+    same = generation(tiny_gpt2, tiny_gpt2, prompts=prompts, max_new_tokens=6, rounds=3)
+    cand = same.candidates[0]
+    assert cand.token_agreement == 1.0 and cand.first_divergence is None
+    assert len(cand.tokens) == 2 and all(len(t) == 6 for t in cand.tokens)
+    b = same.baseline
+    assert len(b.ttft) == len(b.total) == 3 and all(0 < f < t for f, t in zip(b.ttft, b.total))
+    assert b.tpot_p50 > 0 and b.tokens_per_second == pytest.approx(12 / (sorted(b.total)[1]))
+
+    # Damage the candidate's output layer: its greedy tokens must diverge from the first one.
+    broken = ao.Model(transformers.GPT2LMHeadModel(tiny_gpt2.artifact.config).eval(), name="random-gpt2")
+    report = generation(tiny_gpt2, broken, prompts=prompts, max_new_tokens=6, rounds=2)
+    assert report.candidates[0].token_agreement < 0.5 and report.candidates[0].first_divergence == 0
+    text = str(report)
+    for row in ("time to first token", "time per output token", "tokens/s", "greedy token agreement"):
+        assert row in text
+    assert report.to_dict()["candidates"][0]["token_agreement"] < 0.5
+
+
+def test_int8_generation_runs_and_mostly_agrees(tiny_gpt2):
+    q = ao.quantize(tiny_gpt2, "int8-dynamic")
+    report = generation(tiny_gpt2, q, prompts=["a b c d"], max_new_tokens=4, rounds=2)
+    assert 0.0 <= report.candidates[0].token_agreement <= 1.0
+    assert report.candidates[0].tpot_ratio[1] <= report.candidates[0].tpot_ratio[2]
+
+
+def test_generation_bad_input(tiny_gpt2):
+    with pytest.raises(ConfigError, match="prompts"):
+        generation(tiny_gpt2, prompts="just a string")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generation(tiny_gpt2, prompts=["x"], max_new_tokens=1)
+    with pytest.raises(UnsupportedModelError, match="generate"):
+        generation(ao.Model(make_mlp()), prompts=["x"])
+    no_tok = ao.Model(tiny_gpt2.artifact)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        generation(no_tok, prompts=["x"])
