@@ -262,3 +262,14 @@ def test_onnx_int8_dynamic(mlp_model, x):
     skipped = ao.quantize(o, "int8-dynamic", skip=("head",))  # the torch module name
     assert skipped.history[-1].details["int8_nodes"] == 2
     assert skipped.history[-1].details["nodes_skipped"] == ["node_linear_2", "node_linear_2_MatMul"]
+
+
+def test_onnx_flops_are_counted_from_the_graph(mlp_model, x):
+    o = ao.export(mlp_model, "onnx")
+    expected = 2 * 8 * (32 * 64 + 64 * 64 + 64 * 10)  # the three Linear layers at batch 8
+    assert ao.benchmark(mlp_model, iters=2, memory=False).flops == expected
+    assert ao.benchmark(o, iters=2, memory=False).flops == expected
+    assert ao.benchmark(o, inputs=torch.randn(3, 32), iters=2, memory=False).flops == expected * 3 // 8
+    cnn = ao.Model(SmallCNN().eval(), example_inputs=(torch.randn(2, 1, 8, 8),))
+    torch_flops = ao.benchmark(cnn, iters=2, memory=False).flops
+    assert ao.benchmark(ao.export(cnn, "onnx"), iters=2, memory=False).flops == torch_flops

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._tree import map_tensors
+from .._tree import flatten_tensors, map_tensors
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -102,8 +102,15 @@ def peak_memory_bytes(model: Model, batch: Any, device: str) -> int | None:
 
 
 def count_flops(model: Model, batch: Any) -> int | None:
-    """FLOPs of one batch by torch.utils.flop_counter; None when nothing could be counted
-    (compiled or quantized kernels are opaque to the counter)."""
+    """FLOPs of one batch: torch.utils.flop_counter for torch modules (None when nothing could be
+    counted: quantized kernels are opaque to it), counted from the graph for ONNX models."""
+    if model.format == "onnx":
+        from .onnx_flops import count_onnx_flops
+
+        inputs = batch if isinstance(batch, dict) else dict(
+            zip([d[0] for d in model.artifact.declared_inputs()], flatten_tensors(batch).values()))
+        shapes = {k: list(v.shape) for k, v in inputs.items() if hasattr(v, "shape")}
+        return count_onnx_flops(str(model.artifact.path), shapes) or None
     if model.format != "torch":
         return None
     from torch.utils.flop_counter import FlopCounterMode
