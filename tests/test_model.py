@@ -256,3 +256,13 @@ def test_unpicklable_module_is_refused_at_save_and_nothing_is_written(tmp_path, 
     with pytest.raises(UnsupportedModelError, match="cannot be pickled.*factory="):
         ao.Model(net, example_inputs=(x,)).save(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_names_passes_since_the_name(mlp_model, tmp_path):
+    q = ao.quantize(mlp_model, "int8-dynamic")
+    assert mlp_model.label == "MLP" and q.label == "MLP+Quantize"
+    q.name = "int8 MLP"
+    assert q.label == "int8 MLP"
+    assert ao.compile(q, "inductor", warmup_iters=0).label == "int8 MLP+Compile"
+    q.save(tmp_path / "q")
+    assert ao.Model.load(tmp_path / "q", trust=True).label == "int8 MLP+Quantize"

@@ -142,6 +142,19 @@ class Model:
         """Bytes the weights take on disk when saved."""
         return runtime_for(self.format).facts(self.artifact)["size_bytes"]
 
+    @property
+    def label(self) -> str:
+        """How reports name this model: ``name`` plus the passes applied since it was named
+        ("MiniLM+Quantize+Compile"); a name set on a derived model is used as it is."""
+        own = getattr(self, "_named_at", 0)
+        passes = [r.pass_type for r in self.history[own:]]
+        return "+".join([self.name, *passes])
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "name":  # remember how many passes the name already accounts for
+            object.__setattr__(self, "_named_at", len(getattr(self, "history", ())))
+        object.__setattr__(self, key, value)
+
     def summary(self) -> str:
         lines = [repr(self)] + [f"  {i}. {r.summary()}" for i, r in enumerate(self.history, 1)]
         return "\n".join(lines)
@@ -296,8 +309,8 @@ class Model:
         model.format = manifest["format"]
         model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
         model.example_inputs = _load_tensors(example_path, trust=False) if example_path.exists() else None
+        model.name = manifest.get("name", type(unwrap(module)).__name__)  # before history: label = name+passes
         model.history = history
-        model.name = manifest.get("name", type(unwrap(module)).__name__)
         model.architecture = manifest["architecture"]
         model._skeleton = None
         return model

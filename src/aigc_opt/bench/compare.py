@@ -139,7 +139,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             peak_source = {"builtin": "spec sheet", "file": "target file", "measured": "measured on this machine",
                            "detected": None}.get(m.target.origin) if dtype_peak else None
             results.append(Measurement(
-                name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
+                name=m.label,
                 samples=s,
                 # rounds cycle through the batches: the mean size is the samples per call
                 batch_size=sum(batch_size(b) for b in own) / len(own),

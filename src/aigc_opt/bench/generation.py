@@ -141,7 +141,7 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         tokenizer.pad_token = tokenizer.eos_token
     enc = dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
     prompt_len = enc["input_ids"].shape[1]
-    stats = [GenerationStats(name=m.name if not m.history else f"{m.name}+" + "+".join(r.pass_type for r in m.history),
+    stats = [GenerationStats(name=m.label,
                              ttft=[], total=[], new_tokens=max_new_tokens, batch_size=len(prompts)) for m in models]
     for m in models:
         for _ in range(warmup):

@@ -1,0 +1,93 @@
+"""Run the whole reference suite, one benchmark after another, then write a summary.
+
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only minilm_int8 cnn_digits ...]
+
+Each benchmark runs in its own process (so one's memory and compiled caches do not colour the
+next) and writes its JSON + markdown into benchmarks/results/; this script then collects the
+headline numbers into benchmarks/results/summary.md. Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+# name -> (script, arguments for a full run, arguments for --quick)
+SUITE: dict[str, tuple[str, list[str], list[str]]] = {
+    "minilm_int8": ("minilm_int8.py", ["--iters", "40"], ["--iters", "10", "--batch-sizes", "8"]),
+    "export_compile": ("export_compile.py", ["--iters", "30"], ["--iters", "8", "--batch-sizes", "8"]),
+    "quantize_methods": ("quantize_methods.py", [], []),
+    "prune": ("prune.py", [], []),
+    "distill": ("distill.py", [], []),
+    "cnn_digits": ("cnn_digits.py", [], ["--epochs", "10"]),
+    "gpt2_generation": ("gpt2_generation.py", [], ["--train-seconds", "20", "--rounds", "2"]),
+}
+
+
+def summarize() -> str:
+    lines = ["# Reference suite summary", "",
+             "Headline numbers from benchmarks/results/*.json (each file has the details and raw samples).", ""]
+    for name in SUITE:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            lines.append(f"- {name}: no result yet")
+            continue
+        data = json.loads(path.read_text())
+        lines.append(f"- **{name}** ({data.get('date', '?')}): {_headline(name, data)}")
+    return "\n".join(lines) + "\n"
+
+
+def _headline(name: str, data: dict) -> str:
+    try:
+        if name in ("minilm_int8", "export_compile"):
+            parts = []
+            for run in data["runs"]:
+                best = min(run["rows"], key=lambda r: r["latency_ratio"])
+                parts.append(f"batch {run['batch_size']}: best {best['variant']} {best['latency_ratio']:.2f}x "
+                             f"at cosine {best['cosine_mean']:.4f}")
+            return "; ".join(parts)
+        if name == "cnn_digits":
+            best = min(data["rows"], key=lambda r: r["latency_ratio"])
+            return (f"fp32 accuracy {data['baseline']['accuracy']:.4f}; fastest {best['variant']} "
+                    f"{best['latency_ratio']:.2f}x at accuracy {best['accuracy']:.4f}")
+        if name == "gpt2_generation":
+            c = data["report"]["candidates"][0]
+            return (f"{c['name']}: TPOT {c['tpot_ratio'][0]:.2f}x, token agreement {c['token_agreement']:.3f}")
+    except (KeyError, TypeError, ValueError, IndexError):
+        pass
+    return "see the markdown file"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter training")
+    parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these")
+    args = parser.parse_args()
+    failed = []
+    for name in args.only or list(SUITE):
+        script, full, quick = SUITE[name]
+        if not (HERE / script).exists():
+            print(f"== {name}: {script} not present, skipped")
+            continue
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)])
+        print(f"== {name}: exit {done.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+        if done.returncode:
+            failed.append(name)
+    (RESULTS / "summary.md").write_text(summarize())
+    print((RESULTS / "summary.md").read_text())
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
