@@ -70,3 +70,11 @@ def test_from_hf_feature_extraction_and_bad_path(tmp_path):
         ao.Model.from_hf(tmp_path / "empty")
     with pytest.raises(ao.errors.UnknownNameError, match="task"):
         ao.Model.from_hf(minilm_dir(), task="translation-to-klingon")
+
+
+def test_reference_sentences_are_real_and_shipped():
+    from aigc_opt.demo import reference_sentences
+
+    sentences = reference_sentences()
+    assert len(sentences) == 400 and len(set(sentences)) == 400
+    assert all(s[0].isupper() and s.endswith(".") for s in sentences)

@@ -21,7 +21,7 @@ from .passes import Compile, Quantize
 from .pipeline import Pipeline
 from .target import Target
 
-__all__ = ["minilm_dir", "demo_sentences", "load_minilm", "sentence_batches", "best_int8_recipe", "run_demo"]
+__all__ = ["minilm_dir", "demo_sentences", "reference_sentences", "load_minilm", "sentence_batches", "best_int8_recipe", "run_demo"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -33,9 +33,20 @@ def minilm_dir() -> Path:
     return Path(package.get_model_path())
 
 
+def _lines(name: str) -> list[str]:
+    text = resources.files("aigc_opt").joinpath(f"data/{name}").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def demo_sentences() -> list[str]:
-    text = resources.files("aigc_opt").joinpath("data/sentences.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    """40 everyday sentences (paraphrase pairs first) used by the demo."""
+    return _lines("sentences.txt")
+
+
+def reference_sentences() -> list[str]:
+    """400 real sentences (first sentences of Python standard-library docstrings) used by the
+    reference benchmarks to measure embedding fidelity."""
+    return _lines("reference_sentences.txt")
 
 
 def load_minilm(*, target: Any = "host", batch_size: int = 8, seq_len: int = 128) -> Model:
@@ -46,12 +57,13 @@ def load_minilm(*, target: Any = "host", batch_size: int = 8, seq_len: int = 128
                          seq_len=seq_len, name="all-MiniLM-L6-v2")
 
 
-def sentence_batches(model: Model, *, batch_size: int = 8, seq_len: int = 128) -> list[dict[str, Any]]:
-    """The shipped sentences, tokenized into equal-shape batches (the tail that does not fill a
-    batch is dropped, so a compiled model sees one shape)."""
+def sentence_batches(model: Model, *, batch_size: int = 8, seq_len: int = 128,
+                     sentences: list[str] | None = None) -> list[dict[str, Any]]:
+    """Sentences (default: the demo's) tokenized into equal-shape batches (the tail that does
+    not fill a batch is dropped, so a compiled model sees one shape)."""
     from .hf import tokenize
 
-    sentences = demo_sentences()
+    sentences = demo_sentences() if sentences is None else sentences
     full = len(sentences) // batch_size * batch_size
     return [tokenize(model.tokenizer, sentences[i:i + batch_size], seq_len=seq_len)
             for i in range(0, full, batch_size)]
