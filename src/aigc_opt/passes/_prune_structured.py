@@ -1,0 +1,470 @@
+"""Structured pruning with Torch-Pruning (the ``structured`` method of ``passes/prune.py``).
+
+``_run_structured`` traces the model's dependency graph, decides which layers are left alone
+(ignore patterns, embeddings, layers whose channels are model outputs), plans per-layer ratios
+that keep a multiple of ``round_to`` channels, prunes (in ``iterative_steps`` steps, importance
+re-estimated each time) and checks the output shapes. Transformers' attention heads are handled
+by the adapters in ``_prune_hf``. What changed is recorded as new sizes per module, which
+``_replay_structure`` gives a freshly built skeleton on ``Model.load``. torch_pruning is imported
+only when a structured prune runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._deps import library_versions, require
+from .._tree import flatten_tensors, map_tensors, normalize_inputs, split_inputs
+from ..errors import ConfigError, UnsupportedModelError
+from . import _prune_hf as hf
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from .prune import Prune
+
+__all__: list[str] = []
+
+log = logging.getLogger("aigc_opt")
+
+
+def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[str, Any]:
+    from .prune import IMPORTANCES, default_round_to  # lazy: prune.py imports this module
+
+    tp = require("torch_pruning", extra="prune", package="torch-pruning", purpose=settings.describe())
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    inputs = map_tensors(lambda t: t.to(device), model.example_inputs)
+    args, kwargs = split_inputs(inputs)
+    # Torch-Pruning traces with autograd on; one example gives the same graph at a fraction of the cost.
+    one = map_tensors(lambda t: t[:1] if t.dim() else t, inputs)
+    one_args, one_kwargs = split_inputs(one)
+
+    def forward(m: nn.Module, _: Any = None) -> Any:
+        return m(*args, **kwargs)
+
+    def forward_one(m: nn.Module, _: Any = None) -> Any:
+        return m(*one_args, **one_kwargs)
+
+    attention = hf.find_attention(module)
+    prepared = {n: a.name for n, a in attention.items() if a.prepare and a.prepare(module.get_submodule(n))}
+    conv1d = hf.convert_conv1d(module)  # GPT-2's Conv1D: Torch-Pruning knows nn.Linear
+    round_to, why = ((settings.round_to, "set by the user") if settings.round_to
+                     else default_round_to(model.target))
+    reference, ran = _forward(module, forward)
+    macs_before = _macs(module, forward_one)
+    before, q_before = _snapshot(module), hf.head_snapshot(module, attention)
+    names = {m: n for n, m in module.named_modules()}
+    with _traceable(module), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # importance="random" is reproducible; the caller's RNG is restored
+        dg, output_fns = _trace(tp, module, one, forward_one, ran)
+        reasons, ignored_params = _ignored(tp, dg, module, settings, names, output_fns)
+        ignored = [module.get_submodule(n) for n in reasons]
+        untraced = sorted(n for n in ran if module.get_submodule(n) not in dg.module2node
+                          and not any(n == r or n.startswith(r + ".") for r in reasons))
+        if untraced:
+            log.warning("Prune: Torch-Pruning did not see %s in its trace (not reached from the outputs "
+                        "through autograd); they are left unchanged.", untraced)
+        num_heads = {layer: a.num_heads(module.get_submodule(n)) for n, a in attention.items()
+                     for layer in a.head_layers(module.get_submodule(n))}
+        ratios, plan = _plan(tp, dg, ignored, num_heads, settings, round_to, names)
+        importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Torch-Pruning warns on every unknown op it traces
+            pruner = tp.pruner.MetaPruner(
+                module, one, importance=importance, global_pruning=settings.global_pruning,
+                pruning_ratio=settings.ratio, pruning_ratio_dict=None if settings.global_pruning else ratios,
+                iterative_steps=settings.iterative_steps, ignored_layers=ignored,
+                round_to=round_to if settings.global_pruning and round_to > 1 else None,
+                # fresh dicts: Torch-Pruning's defaults are shared mutable dicts it writes into
+                in_channel_groups={}, out_channel_groups={}, num_heads=dict(num_heads),
+                prune_num_heads=settings.prune_heads and bool(num_heads), prune_head_dims=False,
+                head_pruning_ratio=settings.ratio if settings.prune_heads else 0.0, forward_fn=forward_one)
+        if settings.iterative_steps > 1 and settings.prune_heads:
+            # Torch-Pruning 1.6.1 removes ceil(step ratio x *current* heads) per step, which compounds
+            # over steps; whole heads are removed in the last step instead (exactly ceil(ratio x heads)).
+            pruner.per_step_head_pruning_ratio = [0.0] * settings.iterative_steps + [settings.ratio]
+        batches = list(settings.data) if settings.importance == "taylor" else []
+        if settings.importance == "taylor" and not batches:
+            raise ConfigError("Prune: importance='taylor' got data with no batches; give at least one.")
+        for _ in range(settings.iterative_steps):
+            importance.grads = _gradients(module, batches, settings, device) if batches else []
+            _step(tp, pruner, importance, ignored_params, names)
+            for n, a in attention.items():
+                a.update(module.get_submodule(n))
+    heads = _heads(module, attention, q_before)
+    modules, layers = _diff(before, _snapshot(module))
+    for n, a in attention.items():
+        if a.finish:
+            a.finish(module.get_submodule(n))
+    config, config_notes = hf.update_config(module)
+    output, _ = _forward(module, forward, after_pruning=True)
+    _check_outputs(reference, output)
+    return {
+        "changed": bool(modules), "importance": settings.importance, "round_to": round_to,
+        "round_to_reason": why, "macs_per_example_before": macs_before,
+        "macs_per_example_after": _macs(module, forward_one),
+        "heads": heads, "layers": layers, "ignored": reasons,
+        "planned_channels": {} if settings.global_pruning else plan,  # global: ranked across layers
+        "untraced_layers": untraced, "example_cosine": _cosine(reference, output),
+        "hidden_width": "kept: embeddings and layers producing outputs are not pruned (Torch-Pruning 1.6.1 "
+                        "prunes BERT's hidden width but leaves its untraced pooler at the old width)",
+        "config": config, "config_notes": config_notes,
+        "structure": {"attention_prepared": prepared, "conv1d": conv1d, "modules": modules, "config": config},
+    }
+
+
+class _Tracked:
+    """An importance that remembers which layer it scored last (so a failure inside Torch-Pruning
+    can name it) and, for Taylor, sums |weight x gradient| over batches, one gradient per batch
+    (Molchanov et al. 2019): the gradient summed over a dataset is close to zero for a trained model."""
+
+    def __init__(self, inner: Any, names: dict[Any, str]):
+        self.inner, self.names, self.layer = inner, names, "?"
+        self.grads: list[dict[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, group: Any) -> Any:
+        self.layer = self.names.get(group[0].dep.target.module, "?")
+        if not self.grads:
+            return self.inner(group)
+        total = None
+        for grads in self.grads:
+            for param, grad in grads.items():
+                param.grad = grad
+            score = self.inner(group)
+            total = score if total is None else total + score
+        return total
+
+
+def _step(tp: Any, pruner: Any, importance: _Tracked, ignored_params: list[torch.Tensor],
+          names: dict[Any, str]) -> None:
+    try:
+        for group in pruner.step(interactive=True):
+            importance.layer = names.get(group[0].dep.target.module, "?")
+            if not any(dep.target.module is p for dep, _ in group for p in ignored_params):
+                group.prune()
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"Torch-Pruning {library_versions().get('torch-pruning', '')} failed on layer "
+            f"{importance.layer!r}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Add {importance.layer!r} to "
+            "ignore= to leave it (and the channels coupled to it) alone."
+        ) from e
+
+
+@contextlib.contextmanager
+def _traceable(module: nn.Module) -> Iterator[None]:
+    """Autograd on (Torch-Pruning traces grad_fns) and transformers' KV cache off (cached keys
+    and values are outputs, which would pin the attention widths); both restored afterwards."""
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    configs = {id(c): c for m in module.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    caches = {k: c.use_cache for k, c in configs.items()}
+    for p in module.parameters():
+        p.requires_grad_(True)
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for n, p in module.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+            p.grad = None
+        for k, c in configs.items():
+            c.use_cache = caches[k]
+
+
+def _trace(tp: Any, module: nn.Module, inputs: Any, forward: Callable[..., Any],
+           ran: list[str]) -> tuple[Any, set[Any]]:
+    """Torch-Pruning's dependency graph, and the grad_fns of the model's outputs."""
+    outputs: list[Any] = []
+
+    def capture(m: nn.Module, x: Any) -> Any:
+        outputs.append(forward(m, x))
+        return outputs[-1]
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg = tp.DependencyGraph().build_dependency(module, example_inputs=inputs, forward_fn=capture,
+                                                       verbose=False)
+        error = None
+    except Exception as e:
+        dg, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    returned = flatten_tensors(outputs[-1] if outputs else None)
+    floats = {k: t for k, t in returned.items() if t.is_floating_point()}
+    detached = sorted(k for k, t in floats.items() if t.grad_fn is None)
+    if error or detached or not floats:
+        unseen = [n for n in ran if dg is None or module.get_submodule(n) not in dg.module2node]
+        raise UnsupportedModelError(
+            f"Torch-Pruning cannot trace {type(module).__name__}: "
+            + (error or f"output(s) {detached or 'all'} do not depend on the weights through autograd")
+            + f"; layers it cannot see: {unseen}. It follows the autograd graph of one forward pass on "
+            "example_inputs, so forward must not use torch.no_grad, detach or non-torch ops on the way to "
+            "the outputs. Use structured=False for this model."
+        )
+    return dg, {t.grad_fn for t in floats.values()}
+
+
+def _ignored(tp: Any, dg: Any, module: nn.Module, settings: Prune, names: dict[Any, str],
+             output_fns: set[Any]) -> tuple[dict[str, str], list[torch.Tensor]]:
+    """Layers left alone (name -> why), and unwrapped parameters of ignored layers."""
+    reasons: dict[str, str] = {}
+    for name, m in module.named_modules():
+        if not name or any(name.startswith(r + ".") for r in reasons):
+            continue
+        pattern = next((p for p in settings.ignore if fnmatch.fnmatch(name, p)), None)
+        if pattern:
+            reasons[name] = f"matches ignore pattern {pattern!r}"
+        elif isinstance(m, nn.Embedding):
+            reasons[name] = "embedding: the hidden width is kept"
+        elif isinstance(m, nn.MultiheadAttention):
+            reasons[name] = "nn.MultiheadAttention: not pruned"
+    for m, node in dg.module2node.items():  # a layer whose own output is returned
+        if isinstance(m, nn.Module) and node.grad_fn in output_fns and m in names:
+            reasons.setdefault(names[m], "its output is a model output")
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_roots(tp)):
+        if any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group):  # reaches one through ops
+            root = names.get(group[0].dep.target.module, "?")
+            reasons.setdefault(root, "its channels are a model output")
+    param_names = {id(p): n for n, p in module.named_parameters()}
+    ignored_params = []
+    for p, _dim in dg.unwrapped_parameters:
+        if p not in dg.module2node or sum(s > 1 for s in p.shape) < 2:
+            continue  # unused, or a vector Torch-Pruning prunes along its one dimension
+        pname = param_names.get(id(p), "?")
+        owner = pname.rpartition(".")[0]
+        if any(owner == r or owner.startswith(r + ".") for r in reasons):
+            ignored_params.append(p)
+            continue
+        raise UnsupportedModelError(
+            f"Prune: layer {owner!r} ({type(module.get_submodule(owner)).__name__}) uses its "
+            f"{tuple(p.shape)} parameter {pname!r} in a way Torch-Pruning has no rule for (it is not a "
+            "Linear, Conv, norm or Embedding), so the channels it touches cannot be removed consistently. "
+            f"Add {owner!r} to ignore= to leave them alone, or use structured=False."
+        )
+    return reasons, ignored_params
+
+
+def _roots(tp: Any) -> list[type]:
+    return [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
+
+
+def _plan(tp: Any, dg: Any, ignored: list[nn.Module], num_heads: dict[nn.Module, int], settings: Prune,
+          round_to: int, names: dict[Any, str]) -> tuple[dict[nn.Module, float], dict[str, list[int]]]:
+    """Per-layer ratios that keep a multiple of ``round_to`` channels (nearest to the ratio), and
+    refusal of a ratio that would empty a layer, before anything is pruned."""
+    ratio = float(settings.ratio)  # type: ignore[arg-type]
+    skip = [sub for m in ignored for sub in m.modules()]
+    ratios, plan = {}, {}
+    groups = list(dg.get_all_groups(ignored_layers=skip, root_module_types=_roots(tp)))
+    for group in groups:
+        root = group[0].dep.target.module
+        name = names.get(root, "?")
+        heads = [num_heads[d.target.module] for d, _ in group
+                 if d.target.module in num_heads and dg.is_out_channel_pruning_fn(d.handler)]
+        if heads:
+            if settings.prune_heads and math.ceil(ratio * max(heads)) >= max(heads):
+                raise ConfigError(f"Prune: ratio={ratio} would remove all {max(heads)} attention heads of "
+                                  f"{name!r}; use ratio < {(max(heads) - 1) / max(heads):.3f} or "
+                                  "prune_heads=False.")
+            continue
+        n = dg.get_out_channels(root)
+        if not n:
+            continue
+        if n * (1 - ratio) < 1:
+            raise ConfigError(f"Prune: ratio={ratio} would remove every channel of layer {name!r} ({n} "
+                              f"channels); the largest ratio that keeps one is {1 - 1 / n:.3f}, or add "
+                              f"{name!r} to ignore=.")
+        kept = _kept(n, ratio, round_to)
+        ratios[root] = 0.0 if kept >= n else 1 - (kept + 0.5) / n  # int(n * (1 - r)) == kept
+        plan[name] = [n, kept]
+    if not groups:
+        left_alone = sorted(names[m] for m in ignored)
+        raise UnsupportedModelError(f"{settings.describe()} found no channels it may remove: every group of "
+                                    f"coupled channels feeds an output or an ignored layer ({left_alone}).")
+    return ratios, plan
+
+
+def _kept(n: int, ratio: float, round_to: int) -> int:
+    """Channels kept of ``n``: n x (1 - ratio) rounded down (as Torch-Pruning does), or to the
+    nearest multiple of ``round_to`` (at least one multiple) when the layer is wider than it."""
+    raw = n * (1 - ratio)
+    if round_to <= 1 or n <= round_to:
+        return max(1, int(raw))
+    return min(n, max(round_to, round(raw / round_to) * round_to))
+
+
+def _gradients(module: nn.Module, batches: list[Any], settings: Prune,
+               device: torch.device) -> list[dict[torch.Tensor, torch.Tensor]]:
+    """One set of gradients per batch of ``data``, for Taylor importance."""
+    grads = []
+    for i, item in enumerate(batches):
+        module.zero_grad(set_to_none=True)
+        if settings.loss_fn is not None:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ConfigError(f"Prune: with loss_fn=, data items are (batch, target) pairs; data[{i}] "
+                                  f"is a {type(item).__name__}, not a pair.")
+            item, target = item
+        batch = map_tensors(lambda t: t.to(device), normalize_inputs(item, what=f"Prune data[{i}]"))
+        args, kwargs = split_inputs(batch)
+        outputs = module(*args, **kwargs)
+        if settings.loss_fn is not None:
+            loss = settings.loss_fn(outputs, map_tensors(lambda t: t.to(device), target))
+        else:
+            loss = _self_label_loss(outputs)
+        loss.backward()
+        grads.append({p: p.grad for p in module.parameters() if p.grad is not None})
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def _self_label_loss(outputs: Any) -> torch.Tensor:
+    """Cross-entropy of the outputs against their own top-1: nonzero gradients without labels."""
+    tensors = [t for t in flatten_tensors(outputs).values() if t.is_floating_point()]
+    if not tensors or tensors[0].shape[-1] < 2:
+        raise ConfigError("Prune: importance='taylor' needs loss_fn=(outputs, target) -> loss for a model "
+                          "whose output is not a vector of scores per example.")
+    logits = tensors[0].reshape(-1, tensors[0].shape[-1]).float()
+    return nn.functional.cross_entropy(logits, logits.argmax(-1))
+
+
+def _forward(module: nn.Module, forward: Callable[..., Any], *,
+             after_pruning: bool = False) -> tuple[Any, list[str]]:
+    """Run once: outputs and the weight layers that ran. A failure after pruning names the layer it
+    happened in (the innermost module entered and not left)."""
+    stack: list[str] = []
+    ran: list[str] = []
+    hooks = []
+    for name, m in module.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda *_, n=name: stack.append(n)))
+        hooks.append(m.register_forward_hook(lambda *_: (stack.pop(), None)[1]))
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            hooks.append(m.register_forward_hook(lambda *_, n=name: ran.append(n)))
+    try:
+        with torch.no_grad():
+            outputs = forward(module)
+    except Exception as e:
+        if not after_pruning:
+            raise
+        layer = stack[-1] if stack else ""
+        where = (f"layer {layer!r} ({type(module.get_submodule(layer)).__name__})" if layer
+                 else f"{type(module).__name__}.forward itself")
+        raise UnsupportedModelError(
+            f"After pruning, {where} fails: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            "Torch-Pruning did not follow the data flow there (an op autograd does not see, or a size "
+            "written as a constant); add the layers that feed it to ignore=."
+        ) from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs, sorted(set(ran))
+
+
+def _macs(module: nn.Module, forward: Callable[..., Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(module)
+    return int(counter.get_total_flops()) // 2
+
+
+def _check_outputs(reference: Any, outputs: Any) -> None:
+    before = {k: tuple(t.shape) for k, t in flatten_tensors(reference).items()}
+    after = {k: tuple(t.shape) for k, t in flatten_tensors(outputs).items()}
+    if before != after:
+        changed = {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
+                   if before.get(k) != after.get(k)}
+        raise UnsupportedModelError(f"Pruning changed the model's output shapes {changed}; add the layer "
+                                    "that produces that output to ignore=.")
+
+
+def _cosine(reference: Any, outputs: Any) -> float | None:
+    """Mean per-example cosine of the first float output on the example batch (before any recovery)."""
+    a = next((t for t in flatten_tensors(reference).values() if t.is_floating_point()), None)
+    b = next((t for t in flatten_tensors(outputs).values() if t.is_floating_point()), None)
+    if a is None or b is None or a.dim() == 0:
+        return None
+    cos = nn.functional.cosine_similarity(a.reshape(a.shape[0], -1).float(),
+                                          b.reshape(b.shape[0], -1).float())
+    return round(float(cos.mean()), 4)
+
+
+def _heads(module: nn.Module, attention: dict[str, hf.AttentionAdapter],
+           q_before: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    heads = {}
+    for name, adapter in attention.items():
+        sub = module.get_submodule(name)
+        dim = adapter.head_dim(sub)
+        before = q_before[name].shape[0] // dim
+        if adapter.num_heads(sub) != before:
+            heads[name] = {"before": before, "after": adapter.num_heads(sub),
+                           "removed": hf.removed_heads(q_before[name], adapter.head_layers(sub)[0].weight,
+                                                       dim)}
+    return heads
+
+
+# ------------------------------------------------------------------ structure: record and replay
+def _snapshot(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per module: integer attributes (sizes such as out_features, num_heads) and tensor shapes."""
+    def sizes(v: Any) -> bool:
+        return (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, tuple) and bool(v) and all(type(x) is int for x in v))
+
+    return {name: {"attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and sizes(v)},
+                   "tensors": {k: list(t.shape) for store in (m._parameters, m._buffers)
+                               for k, t in store.items() if t is not None}}
+            for name, m in module.named_modules()}
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what restore replays: new sizes per module, what the report shows: attr [before, after])."""
+    modules, layers = {}, {}
+    for name, new in after.items():
+        old = before.get(name, {"attrs": {}, "tensors": {}})
+        attrs = {k: v for k, v in new["attrs"].items() if k in old["attrs"] and old["attrs"][k] != v}
+        tensors = {k: s for k, s in new["tensors"].items() if old["tensors"].get(k) != s}
+        if attrs or tensors:
+            modules[name] = {"attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
+                             "tensors": tensors}
+        if attrs:
+            layers[name] = {k: [old["attrs"][k], v] for k, v in attrs.items()}
+    return modules, layers
+
+
+def _replay_structure(module: nn.Module, details: dict[str, Any]) -> None:
+    """Restore: give a freshly built skeleton the pruned structure (weights come after)."""
+    structure = details["structure"]
+    try:
+        for name, adapter in structure.get("attention_prepared", {}).items():
+            hf.ATTENTION_ADAPTERS.get(adapter).prepare(module.get_submodule(name))
+        hf.convert_conv1d(module, list(structure.get("conv1d", [])))
+        memo: dict[int, torch.Tensor] = {}  # tied weights stay tied
+        for name, entry in structure["modules"].items():
+            sub = module.get_submodule(name)
+            for key, shape in entry["tensors"].items():
+                store = sub._parameters if key in sub._parameters else sub._buffers
+                old = store[key]
+                if id(old) not in memo:
+                    new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+                    memo[id(old)] = (nn.Parameter(new, requires_grad=old.requires_grad)
+                                     if isinstance(old, nn.Parameter) else new)
+                store[key] = memo[id(old)]
+            for key, value in entry["attrs"].items():
+                setattr(sub, key, tuple(value) if isinstance(getattr(sub, key, None), tuple) else value)
+        for name, adapter in structure.get("attention_prepared", {}).items():
+            finish = hf.ATTENTION_ADAPTERS.get(adapter).finish
+            if finish:
+                finish(module.get_submodule(name))
+        hf.apply_config(module, structure.get("config", {}))
+    except (AttributeError, KeyError) as e:
+        raise UnsupportedModelError(f"The rebuilt module does not have the layers this Prune record "
+                                    f"changed ({e}); load it with module= an instance of the saved "
+                                    "architecture.") from e
