@@ -150,8 +150,17 @@ class Compile(Pass):
         from ..runtime import runtime_for
 
         runtime = runtime_for(model.format)
+        # Earlier passes may ask for compiler settings their output needs (PT2E int8 needs
+        # freezing); they hold for this compilation only, not globally.
+        import torch._inductor.config  # noqa: F401  (loaded lazily by torch otherwise)
+
+        config: dict[str, Any] = {}
+        for record in model.history:
+            config.update(record.details.get("inductor_config", {}))
+        if config:
+            details["inductor_config"] = config
         start = time.perf_counter()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch._inductor.config.patch(**config):
             # A note to tensor-subclass authors (torchao), not to our users.
             warnings.filterwarnings("ignore", message=".*_stable_hash_for_caching.*")
             runtime.run(compiled, model.example_inputs)

@@ -5,6 +5,11 @@ formats, device types, target dtypes and optional package it needs, and a functi
 converts a module in place (on the pass's private copy). ``check`` reads those facts; adding a
 method is one function and one ``@quant_method(...)`` line.
 
+The methods themselves live beside this file: ``_quant_torch`` (torchao weight-only, fp16/bf16,
+fp8, int4), ``_quant_pt2e`` (static int8 via torch.export), ``_quant_onnx`` (ONNX Runtime static
+int8 and fp16), ``_quant_bnb`` (bitsandbytes); ``_quant_auto`` picks one from the target and
+``_quant_fallback`` keeps sensitive layers in float to meet an accuracy budget.
+
 Example:
     >>> import aigc_opt as ao, torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -17,7 +22,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
+import logging
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,13 +35,22 @@ from .._deps import require
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
-from .base import Pass, PassRecord, register_pass
+from .base import Pass, PassRecord, _plain, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["Quantize", "quantize", "QuantMethod", "QUANT_METHODS", "quant_method"]
+__all__ = ["Quantize", "quantize", "QuantMethod", "QUANT_METHODS", "quant_method", "AUTO"]
+
+log = logging.getLogger("aigc_opt")
+
+AUTO = "auto"  # method name resolved from the target
+
+
+# Settings beyond ``skip`` that a method may honour; the others are refused in ``check``.
+OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,17 +58,29 @@ class QuantMethod:
     """What a quantization method needs, and the function that does it."""
 
     name: str
-    convert: Callable[[torch.nn.Module, Quantize], dict[str, Any]]
+    # convert(module, settings) -> details, changing ``module`` in place; or -> (new_module, details).
+    convert: Callable[[torch.nn.Module, Quantize], Any]
     description: str
     # The ONNX implementation, if any: onnx(model, settings) -> (new OnnxArtifact, details).
     onnx: Callable[[Model, Quantize], tuple[Any, dict[str, Any]]] | None = None
     device_types: tuple[str, ...] = ("cpu", "cuda")
     target_dtype: str | None = None  # the target must run this dtype natively
+    # What happens when the target lacks target_dtype: "refuse", or "warn" on CPU targets
+    # (the method runs, correctly but without fast kernels) and refuse elsewhere.
+    dtype_policy: str = "refuse"
     onnx_packages: tuple[str, ...] = ("onnx", "onnxruntime")
     package: str | None = None  # optional dependency, imported lazily
     extra: str | None = None
     simulated: bool = False
-
+    layer_types: tuple[type, ...] = (torch.nn.Linear,)  # the layers it quantizes (torch)
+    options: tuple[str, ...] = ("per_channel", "skip_types")  # torch settings it honours
+    onnx_options: tuple[str, ...] = ("per_channel",)
+    needs_data: bool = False  # calibration batches (``data=``)
+    # check(settings, target, fmt): method-specific refusals (e.g. a kernel missing on CPU).
+    check: Callable[[Quantize, Target, str], None] | None = None
+    # restore(module, settings, details) -> module, for methods that replace the module itself.
+    restore: Callable[[torch.nn.Module, Quantize, dict[str, Any]], torch.nn.Module] | None = None
+    takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -62,10 +90,10 @@ class QuantMethod:
 QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
 
 
-def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn(module, settings) -> details`` as quantization method ``name``."""
 
-    def add(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         QUANT_METHODS.register(name, QuantMethod(name=name, convert=fn, **facts))
         return fn
 
@@ -75,93 +103,217 @@ def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., dict[str, A
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Quantize a model with ``method`` (see ``ao.QUANT_METHODS.names()``).
+    """Quantize a model with ``method`` (see ``ao.QUANT_METHODS.names()``, or ``"auto"``).
 
     Args:
         method: e.g. ``"int8-dynamic"``: int8 weights (per output channel) and int8 activations
-            quantized per token at run time, computed with real int8 matmul kernels.
+            quantized per token at run time, computed with real int8 matmul kernels. ``"auto"``
+            picks from the target and records why (``details["auto_reason"]``).
         skip: module names (fnmatch patterns such as ``"classifier"`` or ``"*.pooler.*"``) to
             leave in full precision; for ONNX models, node names or the torch module names the
             exporter recorded.
+        skip_types: module class names (``"Conv2d"``, ``"BertPooler"``): layers of that type, or
+            inside a module of that type, stay in full precision.
         per_channel: one weight scale per output channel (accurate) instead of one per tensor.
+        symmetric: symmetric (zero point 0) or asymmetric quantization; None: the method's default.
+        group_size: weight-only methods: one scale per ``group_size`` weights along the input axis.
+        calibration_method: static methods: ``"minmax"``, ``"entropy"`` or ``"percentile"``.
+        max_drop: with ``eval_fn``: the largest allowed metric drop; layers are kept in float,
+            most sensitive first, until the quantized model is within it (else FidelityError).
+        verbose: show progress bars (calibration, sensitivity search).
+        data: run time only: calibration batches (each a tuple, dict or tensor, as the model is
+            called), needed by static methods and by the accuracy-aware fallback.
+        eval_fn: run time only: ``eval_fn(model) -> float``, higher is better (e.g. accuracy).
     """
 
     accepts_compiled: ClassVar[bool] = False
     input_formats: ClassVar[tuple[str, ...]] = ("torch", "onnx")
+    # Always written to recipes; the other settings only when they differ from the default.
+    _ALWAYS: ClassVar[tuple[str, ...]] = ("method", "skip", "per_channel")
 
     method: str = "int8-dynamic"
     _: KW_ONLY
     skip: tuple[str, ...] = ()
     per_channel: bool = True
+    skip_types: tuple[str, ...] = ()
+    symmetric: bool | None = None
+    group_size: int | None = None
+    calibration_method: str = "minmax"
+    max_drop: float | None = None
+    verbose: bool = True
+    data: Any = runtime_field(default=None, compare=False, repr=False)
+    eval_fn: Callable[[Any], float] | None = runtime_field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
             raise ConfigError(f"Quantize: method must be a string, got {self.method!r}.")
-        QUANT_METHODS.get(self.method)  # unknown method: error with the closest names
-        if isinstance(self.skip, str):
-            object.__setattr__(self, "skip", (self.skip,))
-        object.__setattr__(self, "skip", tuple(self.skip))
-        bad = [s for s in self.skip if not isinstance(s, str)]
-        if bad:
-            raise ConfigError(f"Quantize: skip takes module-name patterns (str), got {bad!r}.")
+        if self.method != AUTO:
+            QUANT_METHODS.get(self.method)  # unknown method: error with the closest names
+        for name in ("skip", "skip_types"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, value)
+            bad = [s for s in value if not isinstance(s, str)]
+            if bad:
+                what = "module-name patterns" if name == "skip" else "module class names"
+                raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
+        if self.symmetric not in (None, True, False):
+            raise ConfigError(f"Quantize: symmetric must be True, False or None, got {self.symmetric!r}.")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ConfigError(f"Quantize: group_size must be a positive int or None, got {self.group_size!r} "
+                              "(typical: 32, 64, 128).")
+        validate_choice("Quantize", "calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
+                                          or self.max_drop < 0):
+            raise ConfigError(f"Quantize: max_drop must be a number >= 0 (metric units), got {self.max_drop!r}.")
+
+    def config_dict(self) -> dict[str, Any]:
+        full = super().config_dict()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in full.items() if k in self._ALWAYS or v != _plain(defaults.get(k))}
+
+    # ------------------------------------------------------------------ which method
+    def resolve(self, target: Target, fmt: str = "torch") -> tuple[QuantMethod, str | None]:
+        """The method to run (``"auto"`` resolved from the target) and, for auto, why."""
+        if self.method != AUTO:
+            return QUANT_METHODS.get(self.method), None
+        from ._quant_auto import choose_method
+
+        name, reason = choose_method(target, fmt)
+        return QUANT_METHODS.get(name), reason
 
     @property
     def spec(self) -> QuantMethod:
+        if self.method == AUTO:
+            raise ConfigError("Quantize('auto'): the method depends on the target; use resolve(target).")
         return QUANT_METHODS.get(self.method)
 
     def simulated(self) -> bool:
-        return self.spec.simulated
+        return self.method != AUTO and self.spec.simulated
 
+    # ------------------------------------------------------------------ checks
     def check_static(self, fmt: str, target: Target) -> None:
-        spec = self.spec
+        spec, _ = self.resolve(target, fmt)
+        label = f"Quantize(method={spec.name!r})"
         if fmt not in spec.formats:
             raise UnsupportedModelError(
-                f"Quantize(method={self.method!r}) takes a model in format {' or '.join(map(repr, spec.formats))}, "
+                f"{label} takes a model in format {' or '.join(map(repr, spec.formats))}, "
                 f"but got format {fmt!r}. Quantize before the model leaves that format (e.g. before Export)."
             )
         if target.device_type not in spec.device_types:
             usable = [n for n in QUANT_METHODS if target.device_type in QUANT_METHODS.get(n).device_types]
             raise IncompatibleTargetError(
-                f"Quantize(method={self.method!r}) runs on {'/'.join(spec.device_types)} devices, but target "
+                f"{label} runs on {'/'.join(spec.device_types)} devices, but target "
                 f"{target.name!r} is a {target.device_type} device. "
                 + (f"Methods for it: {usable}." if usable else
                    f"No quantization method supports {target.device_type} targets yet.")
             )
         if spec.target_dtype and not target.supports_dtype(spec.target_dtype):
-            raise IncompatibleTargetError(
-                f"Quantize(method={self.method!r}) needs native {spec.target_dtype} on the target, but "
-                f"{target.name!r} lists only {list(target.dtypes)}."
-            )
+            if spec.dtype_policy == "warn" and target.device_type == "cpu":
+                log.warning("%s: target %r has no native %s kernels (its dtypes: %s); the model will be "
+                            "half the size but likely slower than fp32.", label, target.name,
+                            spec.target_dtype, list(target.dtypes))
+            else:
+                raise IncompatibleTargetError(
+                    f"{label} needs native {spec.target_dtype} on the target, but "
+                    f"{target.name!r} (arch {target.arch}) lists only {list(target.dtypes)}. "
+                    "Pick a method for one of those dtypes, or method='auto'."
+                )
+        if spec.check is not None:  # method-specific refusals first: they say the most
+            spec.check(self, target, fmt)
+        self._check_options(spec, fmt)
         if fmt == "onnx":
             for package in spec.onnx_packages:
-                require(package, extra="onnx", purpose=f"Quantize(method={self.method!r}) of an ONNX model")
+                require(package, extra="onnx", purpose=f"{label} of an ONNX model")
         elif spec.package:
-            require(spec.package, extra=spec.extra, purpose=f"Quantize(method={self.method!r})")
+            require(spec.package, extra=spec.extra, purpose=label)
+
+    def _check_options(self, spec: QuantMethod, fmt: str) -> None:
+        honoured = spec.onnx_options if fmt == "onnx" else spec.options
+        used = {"per_channel": not self.per_channel, "symmetric": self.symmetric is not None,
+                "group_size": self.group_size is not None,
+                "calibration_method": self.calibration_method != "minmax", "skip_types": bool(self.skip_types)}
+        for option in OPTIONS:
+            if used[option] and option not in honoured:
+                raise ConfigError(
+                    f"Quantize(method={spec.name!r}) on a {fmt} model does not take "
+                    f"{option}={getattr(self, option)!r}; it honours {list(honoured) or 'no options'} "
+                    "(besides skip). Leave it at its default or pick another method."
+                )
 
     def check_model(self, model: Model) -> None:
+        spec, _ = self.resolve(model.target, model.format)
+        if self.max_drop is not None and self.eval_fn is None:
+            raise ConfigError("Quantize: max_drop needs eval_fn=(model -> metric, higher is better) at run time.")
+        if spec.needs_data and self.data is None:
+            raise ConfigError(
+                f"Quantize(method={spec.name!r}) calibrates activation ranges and needs data=: a list of "
+                "batches, each given as the model is called (tuple, dict or tensor), e.g. 8-32 batches."
+            )
         if model.format != "torch":
             return
-        if not any(self._selected(unwrap(model.artifact))):
+        if not any(self.selected(unwrap(model.artifact), spec)):
+            types = "/".join(f"nn.{t.__name__}" for t in spec.layer_types)
             raise UnsupportedModelError(
-                f"Quantize(method={self.method!r}) found no nn.Linear layer to quantize"
+                f"Quantize(method={spec.name!r}) found no {types} layer to quantize"
                 + (f" outside skip={list(self.skip)}" if self.skip else "")
+                + (f" and skip_types={list(self.skip_types)}" if self.skip_types else "")
                 + "; it would return an unchanged model."
             )
 
-    def _selected(self, module: torch.nn.Module) -> list[str]:
-        return [name for name, m in module.named_modules()
-                if isinstance(m, torch.nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in self.skip)]
+    def selected(self, module: torch.nn.Module, spec: QuantMethod | None = None) -> list[str]:
+        """Names of the layers the method will quantize (skip and skip_types applied)."""
+        layer_types = (spec or self.spec).layer_types
+        skipped: list[str] = []  # modules whose type is in skip_types: they and their children stay float
+        names = []
+        for name, m in module.named_modules():
+            if any(p == "" or name == p or name.startswith(p + ".") for p in skipped):
+                continue
+            if type(m).__name__ in self.skip_types:
+                skipped.append(name)
+                continue
+            if isinstance(m, layer_types) and not any(fnmatch.fnmatch(name, p) for p in self.skip):
+                names.append(name)
+        return names
 
+    def _selected(self, module: torch.nn.Module) -> list[str]:  # the earlier name, for custom methods
+        return self.selected(module)
+
+    # ------------------------------------------------------------------ work
     def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        spec, reason = self.resolve(model.target, model.format)
+        if self.eval_fn is not None:
+            from ._quant_fallback import quantize_within_budget
+
+            artifact, details = quantize_within_budget(self, spec, model)
+        else:
+            artifact, details = self.run_once(model, spec)
+        if reason is not None:
+            details = {"method": spec.name, "auto_reason": reason, **details}
+        return artifact, details
+
+    def run_once(self, model: Model, spec: QuantMethod, keep_float: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+        """Quantize once with ``spec``, keeping the ``keep_float`` layers in full precision."""
+        settings = dataclasses.replace(self, method=spec.name, skip=self.skip + tuple(keep_float))
         if model.format == "onnx":
-            return self.spec.onnx(model, self)  # type: ignore[misc]
+            return spec.onnx(model, settings)  # type: ignore[misc]
         module = copy.deepcopy(unwrap(model.artifact))
-        details = self.spec.convert(module, self)
-        return module, details
+        result = spec.convert(module, settings, **({"target": model.target} if spec.takes_target else {}))
+        if isinstance(result, tuple):
+            module, result = result
+        if spec.target_dtype:
+            result["native_on_target"] = model.target.supports_dtype(spec.target_dtype)
+        return module, result
 
     def restore(self, module: Any, record: PassRecord) -> Any:
-        self.spec.convert(unwrap(module), self)
-        return module
+        spec = QUANT_METHODS.get(record.details.get("method", self.method))
+        kept = tuple(record.details.get("fallback", {}).get("kept_in_float", ()))
+        settings = dataclasses.replace(self, method=spec.name, skip=self.skip + kept)
+        if spec.restore is not None:
+            return spec.restore(unwrap(module), settings, record.details)
+        result = spec.convert(unwrap(module), settings)
+        return result[0] if isinstance(result, tuple) else module
 
 
 def quantize(model: Model, method: str = "int8-dynamic", **settings: Any) -> Model:
@@ -171,55 +323,9 @@ def quantize(model: Model, method: str = "int8-dynamic", **settings: Any) -> Mod
 
 # ---------------------------------------------------------------------------------- methods
 def _int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
-    """ONNX Runtime's dynamic int8 quantization (MatMulInteger/DynamicQuantizeLinear kernels)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from ._quant_onnx import int8_dynamic_onnx
 
-    from .._deps import quiet_import_logs
-    from ..runtime.onnxruntime import new_workdir
-
-    source = model.artifact
-    graph = onnx.load(str(source.path), load_external_data=False).graph
-    excluded = [n.name for n in graph.node
-                if any(fnmatch.fnmatch(name, p) for name in (n.name, _torch_module_path(n)) for p in settings.skip)]
-    # quantize_dynamic first splits each Gemm into MatMul + Add, renaming it "<name>_MatMul".
-    excluded += [f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm" and n.name in excluded]
-    target = new_workdir("quant") / "model.onnx"
-    # No quant_pre_process: its symbolic shape inference fails on dynamo-exported graphs. The
-    # default tensor type stands in for the types shape inference cannot give.
-    with quiet_import_logs(""):  # it logs a pre-processing suggestion on the root logger
-        quantize_dynamic(str(source.path), str(target), per_channel=settings.per_channel,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                         use_external_data_format=source.size_bytes() > 1.8e9)
-    quantized = onnx.load(str(target), load_external_data=False).graph
-    ops = [n.op_type for n in quantized.node]
-    n_int8 = sum(op in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "QAttention") for op in ops)
-    if n_int8 == 0:
-        raise UnsupportedModelError("Quantize('int8-dynamic'): ONNX Runtime quantized no MatMul/Conv node "
-                                    "of this graph; refusing to return it unchanged.")
-    from ..runtime.onnxruntime import OnnxArtifact
-
-    artifact = OnnxArtifact(path=target, output_spec=source.output_spec, providers=source.providers,
-                            graph_optimization=source.graph_optimization,
-                            intra_op_threads=source.intra_op_threads, owns_dir=True)
-    return artifact, {"int8_nodes": n_int8, "nodes_skipped": excluded, "per_channel": settings.per_channel,
-                      "kernel": "onnxruntime dynamic int8 (DynamicQuantizeLinear + MatMulInteger)"}
-
-
-def _torch_module_path(node: Any) -> str:
-    """The torch module a node came from ("encoder.layer.0.attention.self.query"), read from
-    the name scopes the torch.onnx exporter records in the node's metadata; "" if unknown."""
-    import ast
-
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return ""
-            return ".".join(s for s in scopes[1:-1] if s)
-    return ""
+    return int8_dynamic_onnx(model, settings)
 
 
 @quant_method(
@@ -231,17 +337,21 @@ def _torch_module_path(node: Any) -> str:
     package="torchao",
     extra="quant",
     onnx=_int8_dynamic_onnx,
+    options=("per_channel", "symmetric", "skip_types"),
 )
 def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
     # Per-channel weights + per-token activations: the accurate variant (MiniLM embedding
     # cosine 0.998 vs 0.946 for torch.ao's per-tensor quantize_dynamic).
     require("torchao", extra="quant", purpose="Quantize('int8-dynamic')")
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, PerRow, PerTensor, quantize_
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, PerTensor, quantize_
 
-    selected = set(settings._selected(module))
+    selected = set(settings.selected(module))
     # set_inductor_config=False: torchao would otherwise change global inductor flags.
+    # symmetric=False: asymmetric (zero-point) activations, for inputs far from zero-centred.
+    act = MappingType.ASYMMETRIC if settings.symmetric is False else MappingType.SYMMETRIC
     config = Int8DynamicActivationInt8WeightConfig(
-        set_inductor_config=False, granularity=PerRow() if settings.per_channel else PerTensor())
+        set_inductor_config=False, granularity=PerRow() if settings.per_channel else PerTensor(),
+        act_mapping_type=act)
     quantize_(module, config, filter_fn=lambda m, fqn: fqn in selected)
     quantized = [n for n in selected if _is_quantized(module.get_submodule(n))]
     if not quantized:
@@ -262,3 +372,7 @@ def _is_quantized(linear: torch.nn.Module) -> bool:
     # torchao swaps the weight for a tensor subclass (Int8Tensor); a plain Parameter means untouched.
     weight = getattr(linear, "weight", None)
     return weight is not None and type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+# The other methods register themselves on import (each imports its backend lazily).
+from . import _quant_bnb, _quant_onnx, _quant_pt2e, _quant_torch  # noqa: E402,F401
