@@ -86,8 +86,11 @@ class Pipeline:
         self.check(model)
         bar = _progress(len(self.passes), verbose)
         done: list[str] = []
+        before: list[tuple[Pass, Model]] = []
         try:
             for i, p in enumerate(self.passes):
+                p = p.in_pipeline(before)
+                before.append((p, model))
                 if bar is not None:
                     bar.set_description(type(p).__name__)
                 log.info("pipeline step %d/%d: %s", i + 1, len(self.passes), p.describe())

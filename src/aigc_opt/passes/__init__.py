@@ -5,6 +5,7 @@ from .compile import COMPILE_BACKENDS, Compile, compile
 from . import compile_onnx as _compile_onnx  # noqa: F401,E402  (registers "onnxruntime" and "tensorrt")
 from .export import EXPORTERS, Export, export
 from .prune import IMPORTANCES, PRUNE_METHODS, Prune, prune
+from .distill import Distill, distill
 from .quantize import QUANT_METHODS, Quantize, quant_method, quantize
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "COMPILE_BACKENDS", "Compile", "compile",
     "EXPORTERS", "Export", "export",
     "IMPORTANCES", "PRUNE_METHODS", "Prune", "prune",
+    "Distill", "distill",
     "QUANT_METHODS", "Quantize", "quant_method", "quantize",
 ]

@@ -155,6 +155,11 @@ class Pass:
     def __call__(self, model: Model) -> Model:
         return self.apply(model)
 
+    def in_pipeline(self, before: Any) -> Pass:
+        """This pass as a Pipeline runs it, given ``before``: ``(pass, model it was given)`` for
+        each earlier step. Default: unchanged (Distill uses it to take its default teacher)."""
+        return self
+
     def restore(self, module: Any, record: PassRecord) -> Any:
         """Replay this pass's structural change on a freshly built skeleton (default: none)."""
         return module

@@ -1,0 +1,358 @@
+"""The distillation training loop: AdamW, warm-up + cosine schedule, clipping, eval/best weights,
+atomic checkpoints written by rank 0, resume, and DDP / FSDP under ``torchrun``.
+
+Process groups come only from ``torch.distributed.init_process_group`` reading the ``torchrun``
+environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); nothing here schedules processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .._tree import map_tensors, normalize_inputs
+from ..errors import ConfigError, InvalidInputError, PassError
+from . import _distill_losses as L
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from .distill import Distill
+
+__all__ = ["train", "split_batch", "world", "CHECKPOINT_FILE"]
+
+log = logging.getLogger("aigc_opt")
+CHECKPOINT_FILE = "last.pt"
+
+
+# ---------------------------------------------------------------------- distributed (torchrun)
+def world() -> tuple[int, int]:
+    """(rank, world size): from the initialized default group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_from_torchrun() -> bool:
+    """Join the process group torchrun describes in the environment; True when we started it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def _wrap(trainee: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # FSDP2: CPU (gloo) and GPU (nccl)
+
+        for child in trainee.student.children():  # each top-level block is its own shard unit
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child)
+        return fully_shard(trainee)
+    return DDP(trainee, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _mean_across(value: torch.Tensor, size: int) -> torch.Tensor:
+    if size > 1:
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= size
+    return value
+
+
+# ---------------------------------------------------------------------- data
+def split_batch(batch: Any, labeled: bool) -> tuple[Any, Any]:
+    """``(inputs, labels)``: ``(x, y)`` pairs when ``labeled``, a dict's ``labels`` key, else no labels."""
+    if labeled:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise InvalidInputError(f"Distill: labeled=True takes batches as (inputs, labels) pairs, got "
+                                    f"{type(batch).__name__}{'' if not hasattr(batch, '__len__') else f' of length {len(batch)}'}.")
+        return normalize_inputs(batch[0], what="Distill batch"), batch[1]
+    if isinstance(batch, dict) and "labels" in batch:
+        rest = {k: v for k, v in batch.items() if k != "labels"}
+        return rest, batch["labels"]
+    return normalize_inputs(batch, what="Distill batch"), None
+
+
+def _batches(data: Any, rank: int, size: int) -> list[Any]:
+    """This rank's batches of one epoch: every ``size``-th, the tail that not all ranks get dropped."""
+    items = list(data)
+    if not items:
+        raise InvalidInputError("Distill: data gave no batches; pass a non-empty iterable of batches "
+                                "(e.g. a DataLoader) that can be iterated once per epoch.")
+    usable = len(items) // size * size
+    if usable == 0:
+        raise InvalidInputError(f"Distill: data gave {len(items)} batch(es) for {size} processes; each "
+                                "process needs at least one.")
+    return items[rank:usable:size]
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint_path(where: str | os.PathLike[str]) -> Path:
+    path = Path(where)
+    return path / CHECKPOINT_FILE if path.is_dir() or not path.suffix else path
+
+
+def _full_state(wrapped: nn.Module, trainee: nn.Module, strategy: str, size: int) -> dict[str, torch.Tensor]:
+    if size > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
+    else:
+        state = trainee.state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _optimizer_state(wrapped: nn.Module, optimizer: Any, strategy: str, size: int) -> dict[str, Any]:
+    if size > 1 and strategy == "fsdp":  # gather the shards: rank 0 writes the whole state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True))
+    return optimizer.state_dict()
+
+
+def _student_state(wrapped: nn.Module, trainee: nn.Module, strategy: str, size: int) -> dict[str, torch.Tensor]:
+    return {k[len("student."):]: v for k, v in _full_state(wrapped, trainee, strategy, size).items()
+            if k.startswith("student.")}
+
+
+def _load_full_state(wrapped: nn.Module, trainee: nn.Module, state: dict[str, torch.Tensor],
+                     strategy: str, size: int) -> None:
+    if size > 1 and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        trainee.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- the loop
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: Distill, model: Model, teacher: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a copy of ``model``'s module against ``teacher``; returns (student, details)."""
+    from ..runtime.torch_module import module_device, unwrap
+
+    started = _init_from_torchrun()
+    try:
+        return _train(cfg, model, teacher, unwrap(model.artifact), module_device)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, module_device: Any) -> tuple[nn.Module, dict[str, Any]]:
+    rank, size = world()
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if size > 1 and torch.cuda.is_available() else module_device(source))
+    batches = _batches(cfg.data, rank, size)
+    torch.manual_seed(cfg.seed)
+    student = copy.deepcopy(source).to(device)
+    teacher = teacher.to(device).eval()
+    pairs = [tuple(p) for p in cfg.feature_layers]
+    t_tap = L.FeatureTap(teacher, [t for _, t in pairs], "teacher") if pairs else None
+    to_dev = lambda tree: map_tensors(lambda t: t.to(device), tree)  # noqa: E731
+
+    def teacher_forward(inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        if t_tap is not None:
+            t_tap.values.clear()
+        with torch.no_grad():
+            out = L.run_module(teacher, inputs)
+        return out, {t: t_tap.values.get(t) for _, t in pairs} if t_tap else {}  # type: ignore[misc]
+
+    # One forward on the first batch: refuse outputs that cannot be compared before training.
+    first_inputs, _ = split_batch(batches[0], cfg.labeled)
+    first_inputs = to_dev(first_inputs)
+    s_tap = L.FeatureTap(student, [s for s, _ in pairs], "student") if pairs else None
+    with torch.no_grad():
+        s_out = L.run_module(student.eval(), first_inputs)
+    s_feats = dict(s_tap.values) if s_tap else {}
+    if s_tap:
+        s_tap.remove()
+    t_out, t_feats = teacher_forward(first_inputs)
+    suggest = lambda: repr(L.suggest_pairs(student, teacher, first_inputs))  # noqa: E731
+    widths = L.check_comparable(cfg.output_loss, s_out, t_out, s_feats, t_feats, pairs, suggest)
+
+    torch.manual_seed(cfg.seed)  # projections start the same on every rank and every run
+    trainee = L.Trainee(student, pairs, widths).to(device)
+    wrapped = _wrap(trainee, cfg.strategy, device) if size > 1 else trainee
+    decay = [p for n, p in wrapped.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in wrapped.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = cfg.epochs * len(batches)
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+
+    start_epoch, step, best_score, best_state, history = 0, 0, None, None, []
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if cfg.resume_from:
+        path = _checkpoint_path(cfg.resume_from)
+        if not path.is_file():
+            raise ConfigError(f"Distill: resume_from={str(cfg.resume_from)!r} has no checkpoint ({path} is "
+                              "missing); give the checkpoint_dir of an earlier run.")
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        _load_full_state(wrapped, trainee, ck["trainee"], cfg.strategy, size)
+        if size > 1 and cfg.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(wrapped, optimizer, ck["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, step, best_score, best_state, history = (
+            ck["epoch"], ck["step"], ck["best_score"], ck["best_state"], list(ck["history"]))
+        log.info("Distill: resumed from %s after epoch %d (step %d)", path, start_epoch, step)
+
+    bar = _progress(total, step, cfg.verbose if rank == 0 else False)
+    last_good = None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(cfg.seed + epoch)  # dropout and shuffling: the same with or without resume
+            wrapped.train()
+            trainee.student.train()
+            running, count = 0.0, 0
+            for i, batch in enumerate(_batches(cfg.data, rank, size) if epoch else batches):
+                inputs, labels = split_batch(batch, cfg.labeled)
+                inputs = to_dev(inputs)
+                labels = to_dev(labels) if labels is not None else None
+                t_out, t_feats = teacher_forward(inputs)
+                s_out, s_feats = wrapped(inputs)
+                loss = _loss(cfg, s_out, t_out, s_feats, t_feats, labels, pairs)
+                shown = _mean_across(loss, size)
+                if not torch.isfinite(shown):
+                    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+                    raise PassError(f"Distill: loss became {shown.item()} at step {step + 1} (epoch {epoch + 1}, "
+                                    f"batch {i + 1}); training stopped, the input model is unchanged, {where}. "
+                                    f"Try a lower lr (now {cfg.lr}) or max_grad_norm (now {cfg.max_grad_norm}).")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running, count = running + shown.item(), count + 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{shown.item():.4f}", epoch=epoch + 1)
+            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": running / max(1, count)}
+            if cfg.eval_fn is not None:
+                score = _evaluate(cfg, model, trainee, wrapped, size)
+                entry["score"] = score
+                if best_score is None or score > best_score:
+                    best_score, best_state = score, _student_state(wrapped, trainee, cfg.strategy, size)
+            history.append(entry)
+            log.info("Distill epoch %d/%d: %s", epoch + 1, cfg.epochs, entry)
+            if ckpt_dir is not None:
+                state = _full_state(wrapped, trainee, cfg.strategy, size)  # collective under FSDP
+                optim = _optimizer_state(wrapped, optimizer, cfg.strategy, size)
+                if rank == 0:
+                    _atomic_save({"epoch": epoch + 1, "step": step, "trainee": state,
+                                  "optimizer": optim, "scheduler": scheduler.state_dict(),
+                                  "best_score": best_score, "best_state": best_state, "history": history,
+                                  "config": cfg.config_dict()}, ckpt_dir / CHECKPOINT_FILE)
+                last_good = str(ckpt_dir / CHECKPOINT_FILE)
+    finally:
+        if bar is not None:
+            bar.close()
+        for tap in (t_tap, trainee.tap):
+            if tap is not None:
+                tap.remove()
+
+    final = _student_state(wrapped, trainee, cfg.strategy, size)
+    result = copy.deepcopy(source)
+    result.load_state_dict(best_state if best_state is not None else final)
+    result.eval()
+    details = {"epochs": cfg.epochs, "steps": step, "world_size": size,
+               "strategy": cfg.strategy if size > 1 else "single", "history": history,
+               "final_loss": history[-1]["loss"] if history else None, "best_score": best_score,
+               "projections": {s: list(w) for s, w in widths.items() if w[0] != w[1]}}
+    return result, details
+
+
+def _loss(cfg: Distill, s_out: Any, t_out: Any, s_feats: dict[str, torch.Tensor],
+          t_feats: dict[str, torch.Tensor], labels: Any, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    s_out_main = L.main_output(s_out)
+    kd = (L.kd_output_loss(cfg.output_loss, s_out_main, L.main_output(t_out), cfg.temperature)
+          if cfg.output_loss != "none" else s_out_main.new_zeros(()))
+    for s, t in pairs:
+        kd = kd + cfg.feature_weight * L.feature_loss(cfg.feature_loss, s_feats[s], t_feats[t])
+    if cfg.loss_fn is not None:
+        task = cfg.loss_fn(s_out, labels)
+    elif labels is not None:
+        logits = s_out_main
+        task = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    else:
+        return kd
+    return cfg.alpha * kd + (1 - cfg.alpha) * task
+
+
+def _evaluate(cfg: Distill, model: Model, trainee: nn.Module, wrapped: nn.Module, size: int) -> float:
+    """``eval_fn`` on the student as an ao.Model; every rank runs it, rank 0's score is used."""
+    trainee.eval()
+    try:
+        student = trainee.student
+        if size > 1 and cfg.strategy == "fsdp":  # sharded weights: evaluate a full copy
+            student = copy.deepcopy(unwrap_source(model)).to(next(trainee.parameters()).device.type)
+            student.load_state_dict(_student_state(wrapped, trainee, cfg.strategy, size))
+            student.eval()
+        with torch.no_grad():
+            score = float(cfg.eval_fn(model._derive(student)))
+    finally:
+        trainee.train()
+    if size > 1:
+        import torch.distributed as dist
+
+        value = torch.tensor([score], dtype=torch.float64, device=next(trainee.parameters()).device)
+        dist.broadcast(value, 0)
+        score = float(value.item())
+    return score
+
+
+def unwrap_source(model: Model) -> nn.Module:
+    from ..runtime.torch_module import unwrap
+
+    return unwrap(model.artifact)
+
+
+def _progress(total: int, initial: int, verbose: bool | None) -> Any:
+    if verbose is False:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, disable=None, leave=False, unit="step", desc="Distill")
