@@ -200,35 +200,28 @@ class Model:
                         f"{self.name}'s module cannot be pickled ({e}). Build the Model with "
                         "factory='package.module:function' so it can be rebuilt from data."
                     ) from None
-            if self.example_inputs is not None:
-                torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
-            write_manifest(tmp, {
-                "aigc_opt_version": __version__,
-                "name": self.name,
-                "format": self.format,
-                "target": self.target.to_dict(),
-                "architecture": self.architecture,
-                "history": [r.to_dict() for r in self.history],
-                "versions": library_versions(),
-            })
+            self._write_common(tmp)
         log.info("saved %s to %s", self.name, path)
         return path
 
+    def _write_common(self, tmp: Path, **extra: Any) -> None:
+        """Example inputs and the manifest, the same for every format."""
+        if self.example_inputs is not None:
+            torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
+        write_manifest(tmp, {
+            "aigc_opt_version": __version__,
+            "name": self.name,
+            "format": self.format,
+            "target": self.target.to_dict(),
+            "architecture": self.architecture,
+            **extra,
+            "history": [r.to_dict() for r in self.history],
+            "versions": library_versions(),
+        })
+
     def _save_other_format(self, path: Path) -> Path:
         with atomic_directory(path) as tmp:
-            artifact_meta = runtime_for(self.format).save(self.artifact, tmp)
-            if self.example_inputs is not None:
-                torch.save(self.example_inputs, tmp / EXAMPLE_INPUTS)
-            write_manifest(tmp, {
-                "aigc_opt_version": __version__,
-                "name": self.name,
-                "format": self.format,
-                "target": self.target.to_dict(),
-                "architecture": self.architecture,
-                "artifact": artifact_meta,
-                "history": [r.to_dict() for r in self.history],
-                "versions": library_versions(),
-            })
+            self._write_common(tmp, artifact=runtime_for(self.format).save(self.artifact, tmp))
         return path
 
     @classmethod
