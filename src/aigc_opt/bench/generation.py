@@ -25,6 +25,7 @@ import torch
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import module_device, unwrap
 from .measurement import median_ci, ratio_ci
+from .report import text_table
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -89,13 +90,10 @@ class GenerationReport:
         ]
 
     def __str__(self) -> str:
-        header = ["", *[e.name for e in [self.baseline, *self.candidates]]]
-        body = [[label, *cells] for label, cells in self.rows()]
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
         b = self.baseline
-        return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body], "",
-                          f"batch {b.batch_size}, {b.new_tokens} new tokens (greedy), {self.rounds} interleaved rounds"])
+        table = text_table([e.name for e in [b, *self.candidates]], self.rows())
+        return "\n".join([table, "", f"batch {b.batch_size}, {b.new_tokens} new tokens (greedy), "
+                                      f"{self.rounds} interleaved rounds"])
 
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],

@@ -12,7 +12,7 @@ from typing import Any
 from .fidelity import Fidelity
 from .measurement import Measurement
 
-__all__ = ["Report", "Entry"]
+__all__ = ["Report", "Entry", "text_table"]
 
 
 @dataclass
@@ -32,6 +32,18 @@ class Entry:
             "metric": self.metric,
             "latency_ratio": list(self.latency_ratio) if self.latency_ratio else None,
         }
+
+
+def text_table(columns: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """Rows of (label, cells) under column names: labels left-aligned, cells right-aligned."""
+    header = ["", *columns]
+    body = [[label, *cells] for label, cells in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in body]])
 
 
 def _ms(seconds: float) -> str:
@@ -125,12 +137,8 @@ class Report:
         ]
 
     def __str__(self) -> str:
-        header = ["", *[e.measurement.name for e in self.entries]]
-        body = [[label, *cells] for label, cells in self.rows()]
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-        lines = [fmt(header), "  ".join("-" * w for w in widths), *[fmt(r) for r in body]]
-        return "\n".join(lines + [""] + self._footer())
+        table = text_table([e.measurement.name for e in self.entries], self.rows())
+        return "\n".join([table, "", *self._footer()])
 
     def to_markdown(self) -> str:
         header = ["metric", *[e.measurement.name for e in self.entries]]
