@@ -2,8 +2,9 @@
 
 One interleaved ao.compare run per batch size (sequence 128, the shipped sentences):
 - fp32 + inductor, int8-dynamic + inductor (torch paths);
-- ONNX (dynamo export) + Compile("onnxruntime") in fp32;
-- ONNX int8-dynamic per-channel (onnxruntime.quantization) + Compile("onnxruntime").
+- ONNX (dynamo export) + Compile("onnxruntime") in fp32, with and without the transformer fusions
+  (fused Attention / SkipLayerNormalization / BiasGelu, the default on the CPU provider);
+- ONNX int8-dynamic per-channel (onnxruntime.quantization) + Compile("onnxruntime"), same two ways.
 Also the ONNX Runtime adapter's overhead: ao.Model calls vs raw InferenceSession.run on the same
 session, interleaved (the issue's bound: under 2%).
 
@@ -29,7 +30,8 @@ from aigc_opt._deps import library_versions  # noqa: E402
 from aigc_opt.demo import load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-LABELS = ["torch fp32 + inductor", "torch int8-dynamic + inductor", "ORT fp32", "ORT int8-dynamic per-channel"]
+LABELS = ["torch fp32 + inductor", "torch int8-dynamic + inductor", "ORT fp32 (fused)", "ORT fp32 unfused",
+          "ORT int8-dynamic per-channel (fused)", "ORT int8-dynamic per-channel unfused"]
 
 
 def adapter_overhead(model: ao.Model, batch: dict, rounds: int = 200) -> dict:
@@ -61,7 +63,9 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
         ao.compile(base, "inductor"),
         ao.compile(ao.quantize(base, "int8-dynamic"), "inductor"),
         ao.compile(onnx_model, "onnxruntime"),
+        ao.compile(onnx_model, "onnxruntime", transformer_fusions=False),
         ao.compile(ao.quantize(onnx_model, "int8-dynamic"), "onnxruntime"),
+        ao.compile(ao.quantize(onnx_model, "int8-dynamic"), "onnxruntime", transformer_fusions=False),
     ]
     for label, c in zip(LABELS, candidates):
         c.name = label

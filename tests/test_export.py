@@ -112,7 +112,7 @@ def test_compile_settings_belong_to_their_backend():
     with pytest.raises(ConfigError, match="graph_optimization"):
         ao.Compile("inductor", graph_optimization="basic")
     assert ao.Compile("onnxruntime", threads=2).config_dict() == {
-        "backend": "onnxruntime", "graph_optimization": "all", "threads": 2}
+        "backend": "onnxruntime", "graph_optimization": "all", "threads": 2, "transformer_fusions": None}
 
 
 def test_format_flow_is_checked(mlp_model):
@@ -241,7 +241,19 @@ def test_minilm_onnx_matches_torch_on_three_shapes(minilm, tmp_path):
     from aigc_opt.demo import demo_sentences
     from aigc_opt.hf import tokenize
 
-    o = ao.compile(ao.export(minilm, "onnx"), "onnxruntime")
+    exported = ao.export(minilm, "onnx")
+    o = ao.compile(exported, "onnxruntime")
+    # the dynamo graph's attention, residual+LayerNorm and bias+GELU become ORT contrib ops
+    fused = o.history[-1].details["transformer_fusions"]
+    assert fused["applied"] and fused["fused"]["attention"] == 6, fused
+    assert fused["fused"]["skip_layer_normalization"] == 12 and fused["fused"]["bias_gelu"] == 6
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(o.artifact.path)).graph.node}
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops, ops
+    unfused = ao.compile(exported, "onnxruntime", transformer_fusions=False)
+    assert unfused.history[-1].details["transformer_fusions"]["applied"] is False
+    assert "Attention" not in {n.op_type for n in onnx.load(str(unfused.artifact.path)).graph.node}
     for batch, seq in ((1, 16), (3, 40), (6, 128)):
         enc = tokenize(minilm.tokenizer, demo_sentences()[:batch], seq_len=seq)
         assert torch.allclose(o(**enc), minilm(**enc), atol=1e-4), (batch, seq)

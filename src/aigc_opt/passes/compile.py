@@ -72,6 +72,9 @@ class Compile(Pass):
             steady-state latency apart from compile time (0 to skip).
         graph_optimization: onnxruntime: "disable", "basic", "extended" or "all".
         threads: onnxruntime intra-op threads (default: the target's cores).
+        transformer_fusions: onnxruntime: fuse attention, skip-layer-norm and bias-GELU into ONNX
+            Runtime's contrib ops (onnxscript's ``optimize_for_ort``). None (default) fuses for the
+            CPU and CUDA execution providers and skips the others, whose builds lack those ops.
         workspace_gb: tensorrt workspace limit (default: a quarter of the target's memory).
         max_batch_multiplier: tensorrt: the optimization profile's largest batch, as a multiple
             of the example batch.
@@ -88,6 +91,7 @@ class Compile(Pass):
     warmup_iters: int = 3
     graph_optimization: str = "all"
     threads: int | None = None
+    transformer_fusions: bool | None = None
     workspace_gb: float | None = None
     max_batch_multiplier: int = 4
 
@@ -109,6 +113,7 @@ class Compile(Pass):
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"Compile: threads must be an int >= 1 or None (from the target), got {self.threads!r}.")
         validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
+        validate_choice("Compile", "transformer_fusions", self.transformer_fusions, (None, True, False))
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise ConfigError(f"Compile: warmup_iters must be an int >= 0, got {self.warmup_iters!r}.")
 

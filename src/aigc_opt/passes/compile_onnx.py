@@ -78,6 +78,12 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
     workdir = new_workdir("ort")
     optimized = workdir / "model.onnx"
     start = time.perf_counter()
+    fusions = _transformer_fusions(source, workdir, settings, providers)
+    if fusions.get("path"):
+        # owns the workdir: with graph optimization it is replaced (and collected) below, which is
+        # fine because the optimized file lives in the same directory, kept by the new artifact.
+        source = OnnxArtifact(path=fusions.pop("path"), output_spec=source.output_spec,
+                              owns_dir=settings.graph_optimization == "disable")
     if settings.graph_optimization != "disable":
         # Optimize once, offline, and keep the result: it is what runs and what gets saved.
         options = ort.SessionOptions()
@@ -98,9 +104,12 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
     else:
         artifact = source.with_settings(providers=tuple(providers), graph_optimization="disable",
                                         intra_op_threads=threads)
+        if not any(workdir.iterdir()):
+            workdir.rmdir()
     artifact.session()
     details: dict[str, Any] = {"backend": "onnxruntime", "providers": providers, "intra_op_threads": threads,
                                "graph_optimization": settings.graph_optimization,
+                               "transformer_fusions": fusions,
                                "compile_seconds": round(time.perf_counter() - start, 3)}
     if model.example_inputs is not None:
         from ..runtime import runtime_for
@@ -109,6 +118,40 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
         runtime_for("onnx").run(artifact, model.example_inputs)
         details["first_call_seconds"] = round(time.perf_counter() - start, 4)
     return artifact, details
+
+
+# Execution providers that implement ONNX Runtime's com.microsoft contrib ops (Attention,
+# SkipLayerNormalization, BiasGelu); TensorRT, OpenVINO and CoreML would fall back to CPU for them.
+_FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+def _transformer_fusions(source: Any, workdir: Any, settings: Compile, providers: list[str]) -> dict[str, Any]:
+    """Fuse transformer subgraphs into ORT contrib ops; returns counts (and the new path, if any).
+
+    The dynamo exporter's graphs defeat ``onnxruntime.transformers.optimizer`` (its symbolic shape
+    inference fails on them); onnxscript's ``optimize_for_ort`` is written for exactly these graphs.
+    """
+    if settings.transformer_fusions is False:
+        return {"applied": False, "reason": "transformer_fusions=False"}
+    if settings.transformer_fusions is None and providers[0] not in _FUSION_PROVIDERS:
+        return {"applied": False, "reason": f"{providers[0]} does not run ORT's fused contrib ops"}
+    try:
+        ir = require("onnx_ir", extra="onnx", purpose="Compile('onnxruntime') transformer fusions")
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        graph = ir.load(str(source.path))
+        graph, counts = optimize_for_ort(graph)
+    except Exception as exc:  # an optimization: without it the model still runs, unfused
+        if settings.transformer_fusions:
+            raise PassError(f"Compile('onnxruntime'): transformer fusions failed: {exc}") from exc
+        return {"applied": False, "reason": f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"}
+    counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        return {"applied": False, "reason": "no transformer pattern found"}
+    path = workdir / "fused.onnx"
+    large = source.size_bytes() > 1.8e9  # protobuf's 2 GB limit
+    ir.save(graph, str(path), external_data="fused.onnx.data" if large else None)
+    return {"applied": True, "fused": counts, "path": path}
 
 
 def _check_tensorrt(settings: Compile, target: Target) -> None:
@@ -187,7 +230,7 @@ def _example_shapes(model: Model) -> dict[str, list[int]]:
 
 COMPILE_BACKENDS.register("onnxruntime", CompileBackend(
     name="onnxruntime", check=_check_onnxruntime, build=lambda artifact, settings: artifact,
-    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings=("graph_optimization", "threads"),
+    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings=("graph_optimization", "threads", "transformer_fusions"),
     description="ONNX Runtime InferenceSession, execution providers from the target, offline graph optimization",
 ))
 COMPILE_BACKENDS.register("tensorrt", CompileBackend(
