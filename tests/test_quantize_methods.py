@@ -314,3 +314,42 @@ def test_pt2e_int8_static_compiles_with_freezing_for_this_compile_only():
     assert c.history[-1].details["inductor_config"] == {"freezing": True}
     assert inductor_config.freezing == before  # not changed globally
     assert torch.nn.functional.cosine_similarity(c(x), m(x), dim=1).min() > 0.98
+
+
+# bitsandbytes >= 0.45 has CPU kernels: LLM.int8 everywhere, 4-bit only where the layer's widths fit
+# its CPU packing (input a multiple of the block, output of 32); other layers stay float and say so.
+BNB_TOLERANCE = {"bnb-int8": 0.02, "bnb-nf4": 0.08, "bnb-fp4": 0.12}
+
+
+@pytest.mark.parametrize("method", sorted(BNB_TOLERANCE))
+def test_bitsandbytes_on_cpu_close_smaller_untouched_reloadable(method, mlp_model, x, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    before = state_snapshot(mlp_model)
+    q = ao.quantize(mlp_model, method)
+    ref, out = mlp_model(x), q(x)
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < rel <= BNB_TOLERANCE[method], rel
+    assert_state_equal(before, state_snapshot(mlp_model))
+    details = q.history[-1].details
+    assert details["kernel_device"] == "cpu" and "on cpu" in details["kernel"]
+    assert not any(m.training for m in q.artifact.modules())  # bnb's training path differs: kept eval
+    if method == "bnb-int8":
+        assert details["layers"] == ["fc1", "fc2", "head"] and q.memory_bytes() < 0.3 * mlp_model.memory_bytes()
+    else:  # fc1 has 32 inputs (< block 64), head 10 outputs: the CPU kernel can't pack them
+        assert details["layers"] == ["fc2"] and details["kept_float"]["layers"] == ["fc1", "head"]
+        assert type(q.artifact.fc2).__name__ == "Linear4bit" and type(q.artifact.fc1) is torch.nn.Linear
+        assert q.memory_bytes() < 0.55 * mlp_model.memory_bytes()
+    q.save(tmp_path / "q")
+    loaded = ao.Model.load(tmp_path / "q", module=make_mlp())
+    assert torch.equal(loaded(x), out) and torch.equal(loaded(x[:3]), q(x[:3]))
+
+
+def test_bitsandbytes_4bit_block_size_is_checked(mlp_model, x):
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ConfigError, match="group_size=16 is not a bitsandbytes block size"):
+        ao.quantize(mlp_model, "bnb-nf4", group_size=16)
+    q = ao.quantize(mlp_model, "bnb-fp4", group_size=32)  # now fc1's 32 inputs fit one block
+    assert q.history[-1].details["layers"] == ["fc1", "fc2"]
+    tiny = ao.Model(torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), example_inputs=(torch.randn(2, 8),))
+    with pytest.raises(UnsupportedModelError, match="multiple of the block size 64"):
+        ao.quantize(tiny, "bnb-nf4")

@@ -26,7 +26,7 @@ def require(module: str, *, extra: str | None, purpose: str, package: str | None
         >>> torch = require("torch", extra=None, purpose="aigc_opt")
     """
     try:
-        if module in ("torchao", "transformers"):
+        if module in ("torchao", "transformers", "bitsandbytes"):
             with quiet_import_logs():
                 return importlib.import_module(module)
         return importlib.import_module(module)
@@ -48,7 +48,7 @@ def quiet_import_logs(*extra: str) -> Iterator[None]:
     transformers): one per optional CUDA/CUTLASS extension it cannot load, which on a CPU
     machine is all of them, and torch's pytree deprecation notes for its enums; plus the
     loggers named in ``extra`` ("" is the root logger)."""
-    loggers = [logging.getLogger(n or None) for n in ("torchao", "torch.utils._pytree", *extra)]
+    loggers = [logging.getLogger(n or None) for n in ("torchao", "torch.utils._pytree", "bitsandbytes", *extra)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
