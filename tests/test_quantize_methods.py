@@ -353,3 +353,24 @@ def test_bitsandbytes_4bit_block_size_is_checked(mlp_model, x):
     tiny = ao.Model(torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), example_inputs=(torch.randn(2, 8),))
     with pytest.raises(UnsupportedModelError, match="multiple of the block size 64"):
         ao.quantize(tiny, "bnb-nf4")
+
+
+def test_gpt2_conv1d_layers_are_quantized_and_reload(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=128)
+    ids = torch.randint(0, 128, (2, 16))
+    lm = ao.Model(transformers.GPT2LMHeadModel(config).eval(), example_inputs={"input_ids": ids})
+    before = state_snapshot(lm)
+    q = ao.quantize(lm, "int8-weight-only")
+    converted = q.history[-1].details["conv1d_to_linear"]
+    # c_attn, c_proj (attention) and c_fc, c_proj (MLP) in each of the 2 blocks
+    assert len(converted) == 8 and "transformer.h.0.attn.c_attn" in converted
+    assert type(q.artifact.transformer.h[0].mlp.c_fc).__name__ == "Linear"
+    assert type(q.artifact.transformer.h[0].mlp.c_fc.weight).__name__ != "Parameter"  # really quantized
+    assert type(lm.artifact.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"  # input untouched
+    assert_state_equal(before, state_snapshot(lm))
+    ref, out = lm(input_ids=ids).logits, q(input_ids=ids).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 0.02
+    q.save(tmp_path / "q")
+    assert torch.equal(ao.Model.load(tmp_path / "q")(input_ids=ids).logits, out)

@@ -35,6 +35,7 @@ from .._deps import require
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
+from ._prune_hf import convert_conv1d, is_conv1d
 from .base import Pass, PassRecord, _plain, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
@@ -273,7 +274,8 @@ class Quantize(Pass):
             if type(m).__name__ in self.skip_types:
                 skipped.append(name)
                 continue
-            if isinstance(m, layer_types) and not any(fnmatch.fnmatch(name, p) for p in self.skip):
+            linear_like = isinstance(m, layer_types) or (torch.nn.Linear in layer_types and is_conv1d(m))
+            if linear_like and not any(fnmatch.fnmatch(name, p) for p in self.skip):
                 names.append(name)
         return names
 
@@ -299,9 +301,14 @@ class Quantize(Pass):
         if model.format == "onnx":
             return spec.onnx(model, settings)  # type: ignore[misc]
         module = copy.deepcopy(unwrap(model.artifact))
+        # GPT-2's Conv1D is a Linear with its weight stored transposed; quantizers only know nn.Linear.
+        conv1d = convert_conv1d(module, [n for n in settings.selected(module, spec)
+                                         if is_conv1d(module.get_submodule(n))])
         result = spec.convert(module, settings, **({"target": model.target} if spec.takes_target else {}))
         if isinstance(result, tuple):
             module, result = result
+        if conv1d:
+            result["conv1d_to_linear"] = conv1d
         if spec.target_dtype:
             result["native_on_target"] = model.target.supports_dtype(spec.target_dtype)
         return module, result
@@ -310,6 +317,8 @@ class Quantize(Pass):
         spec = QUANT_METHODS.get(record.details.get("method", self.method))
         kept = tuple(record.details.get("fallback", {}).get("kept_in_float", ()))
         settings = dataclasses.replace(self, method=spec.name, skip=self.skip + kept)
+        if record.details.get("conv1d_to_linear"):
+            convert_conv1d(unwrap(module), list(record.details["conv1d_to_linear"]))
         if spec.restore is not None:
             return spec.restore(unwrap(module), settings, record.details)
         result = spec.convert(unwrap(module), settings)
