@@ -209,3 +209,27 @@ def test_pipeline_gives_distill_the_model_before_prune_as_teacher(monkeypatch):
     monkeypatch.setattr(Distill, "run", spy)
     ao.Pipeline([ao.Prune(0.5), Distill(epochs=1, data=data)])(teacher)
     assert seen["teacher"] is teacher
+
+
+def test_mixed_precision_autocasts_forward_and_records_why():
+    student, teacher, data = problem()
+    seen = []
+    hook = lambda mod, inp, out: seen.append(out.dtype)  # noqa: E731
+    fp32 = distill(student, teacher, data, **SETTINGS)
+    assert fp32.history[-1].details["precision"] == "fp32"
+    assert "CPU training stays fp32" in fp32.history[-1].details["precision_reason"]
+    # the pass trains a deep copy: hook the teacher, whose forward runs under the same autocast
+    handle = teacher.artifact[0].register_forward_hook(hook)
+    try:
+        bf16 = distill(student, teacher, data, **{**SETTINGS, "precision": "bf16"})
+    finally:
+        handle.remove()
+    details = bf16.history[-1].details
+    assert details["precision"] == "bf16" and torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in bf16.artifact.parameters())  # master weights stay fp32
+    assert details["history"][-1]["loss"] < details["history"][0]["loss"]
+    # close to, not equal to, the fp32 run
+    diff = (bf16.artifact[0].weight - fp32.artifact[0].weight).abs().max()
+    assert 0 < diff < 0.05, diff
+    with pytest.raises(ConfigError, match="precision='int4'.*Allowed"):
+        Distill(precision="int4")

@@ -151,6 +151,10 @@ def _load_full_state(wrapped: nn.Module, trainee: nn.Module, state: dict[str, to
 
 
 # ---------------------------------------------------------------------- the loop
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -172,10 +176,31 @@ def train(cfg: Distill, model: Model, teacher: nn.Module) -> tuple[nn.Module, di
             dist.destroy_process_group()
 
 
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: Distill, target: Any, device: torch.device) -> tuple[str, str]:
+    """(precision, why): the autocast dtype the training forward passes run in."""
+    if cfg.precision != "auto":
+        native = target.supports_dtype(cfg.precision) or cfg.precision == "fp32"
+        return cfg.precision, "asked" + ("" if native else f" (target {target.name!r} has no native {cfg.precision})")
+    if device.type != "cuda":
+        return "fp32", "auto: CPU training stays fp32 (autocast gains little there and costs accuracy)"
+    for name in ("bf16", "fp16"):
+        if target.supports_dtype(name):
+            return name, f"auto: target {target.name!r} runs {name} natively"
+    return "fp32", f"auto: target {target.name!r} lists neither bf16 nor fp16"
+
+
 def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, module_device: Any) -> tuple[nn.Module, dict[str, Any]]:
     rank, size = world()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if size > 1 and torch.cuda.is_available() else module_device(source))
+    precision, precision_reason = resolve_precision(cfg, model.target, device)
+    amp_dtype = _AUTOCAST_DTYPES.get(precision)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     batches = _batches(cfg.data, rank, size)
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(source).to(device)
@@ -187,7 +212,7 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
     def teacher_forward(inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         if t_tap is not None:
             t_tap.values.clear()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             out = L.run_module(teacher, inputs)
         return out, {t: t_tap.values.get(t) for _, t in pairs} if t_tap else {}  # type: ignore[misc]
 
@@ -249,7 +274,11 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
                 inputs = to_dev(inputs)
                 labels = to_dev(labels) if labels is not None else None
                 t_out, t_feats = teacher_forward(inputs)
-                s_out, s_feats = wrapped(inputs)
+                with autocast():
+                    s_out, s_feats = wrapped(inputs)
+                # the loss in fp32: KL/softmax over low-precision logits loses the small differences
+                if amp_dtype is not None:
+                    s_out, t_out, s_feats, t_feats = map_tensors(_to_fp32, (s_out, t_out, s_feats, t_feats))
                 loss = _loss(cfg, s_out, t_out, s_feats, t_feats, labels, pairs)
                 shown = _mean_across(loss, size)
                 if not torch.isfinite(shown):
@@ -258,10 +287,12 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
                                     f"batch {i + 1}); training stopped, the input model is unchanged, {where}. "
                                     f"Try a lower lr (now {cfg.lr}) or max_grad_norm (now {cfg.max_grad_norm}).")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.max_grad_norm:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 step += 1
                 running, count = running + shown.item(), count + 1
@@ -298,6 +329,7 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
     result.eval()
     details = {"epochs": cfg.epochs, "steps": step, "world_size": size,
                "strategy": cfg.strategy if size > 1 else "single", "history": history,
+               "precision": precision, "precision_reason": precision_reason,
                "final_loss": history[-1]["loss"] if history else None, "best_score": best_score,
                "projections": {s: list(w) for s, w in widths.items() if w[0] != w[1]}}
     return result, details

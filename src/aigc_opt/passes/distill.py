@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Distill", "distill", "STRATEGIES"]
 
 STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @register_pass
@@ -64,6 +65,11 @@ class Distill(Pass):
         labeled: batches are ``(inputs, labels)`` pairs (a dict batch's ``labels`` key is always used).
         weight_decay, warmup_ratio, max_grad_norm (0 for none), seed: training settings.
         strategy: ``"ddp"`` or ``"fsdp"`` when run under torchrun with more than one process.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``: the autocast dtype of the
+            forward passes (weights, gradients and optimizer state stay fp32; fp16 on CUDA uses a
+            gradient scaler). ``"auto"``: bf16 (else fp16) on CUDA targets that have it, fp32 on CPU,
+            where autocast helps training little and costs accuracy; ask ``"bf16"`` explicitly on
+            a CPU with AMX/AVX512-BF16. The record says which precision ran and why.
         teacher: an ao.Model (format ``"torch"``) or nn.Module; in a Pipeline, defaults to the model
             before the last Prune. data: iterable of batches, iterated once per epoch.
         eval_fn: ``eval_fn(model) -> float``, higher is better; the best epoch's weights are kept.
@@ -90,6 +96,7 @@ class Distill(Pass):
     max_grad_norm: float = 1.0
     seed: int = 0
     strategy: str = "ddp"
+    precision: str = "auto"
     teacher: Any = runtime_field(default=None, compare=False, repr=False)
     data: Any = runtime_field(default=None, compare=False, repr=False)
     eval_fn: Any = runtime_field(default=None, compare=False, repr=False)
@@ -119,6 +126,7 @@ class Distill(Pass):
         validate_choice("Distill", "output_loss", self.output_loss, OUTPUT_LOSSES)
         validate_choice("Distill", "feature_loss", self.feature_loss, FEATURE_LOSSES)
         validate_choice("Distill", "strategy", self.strategy, STRATEGIES)
+        validate_choice("Distill", "precision", self.precision, PRECISIONS)
         if not isinstance(self.labeled, bool):
             raise bad("labeled", "it must be True or False")
         pairs = tuple(tuple(p) for p in self.feature_layers) if isinstance(self.feature_layers, Sequence) else None
