@@ -387,4 +387,4 @@ def _progress(total: int, initial: int, verbose: bool | None) -> Any:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, disable=None, leave=False, unit="step", desc="Distill")
+    return tqdm(total=total, initial=initial, disable=None if verbose is None else False, leave=False, unit="step", desc="Distill")

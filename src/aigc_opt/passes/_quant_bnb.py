@@ -39,13 +39,13 @@ def _check_bnb(settings: Quantize, target: Target, fmt: str) -> None:
             )
 
 
-def _replace_linears(module: torch.nn.Module, names: list[str], make: Any, device: str) -> list[str]:
+def _replace_linears(module: torch.nn.Module, names: list[str], make: Any, device: str | None = None) -> list[str]:
     for name in names:
         old = module.get_submodule(name)
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         new = make(old).train(old.training)  # a fresh module is in training mode; bnb's kernels differ
-        setattr(parent, attr, new.to(device))  # .to(device) quantizes the weight
+        setattr(parent, attr, new.to(device) if device else new)  # .to(device) quantizes the weight
     return names
 
 
@@ -135,11 +135,7 @@ def _restore_int8(module: torch.nn.Module, settings: Quantize, details: dict[str
         new._register_load_state_dict_pre_hook(hook)
         return new
 
-    for name in details.get("layers") or settings.selected(module):
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        old = module.get_submodule(name)
-        setattr(parent, attr, make(old).train(old.training))
+    _replace_linears(module, details.get("layers") or settings.selected(module), make)
     return module
 
 
@@ -168,11 +164,7 @@ def _restore_4bit(module: torch.nn.Module, settings: Quantize, details: dict[str
         new._register_load_state_dict_pre_hook(hook)
         return new
 
-    for name in details.get("layers") or settings.selected(module):
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        old = module.get_submodule(name)
-        setattr(parent, attr, make(old).train(old.training))
+    _replace_linears(module, details.get("layers") or settings.selected(module), make)
     return module
 
 
