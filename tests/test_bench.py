@@ -235,3 +235,31 @@ def test_plot_and_pandas(mlp_model, x, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.png"]  # no temporary file left
     frame = report.to_pandas()
     assert list(frame.columns) == ["MLP", "MLP+Quantize"] and "latency p50 (ms)" in frame.index
+
+
+def test_peak_rss_sees_memory_outside_torch_allocations():
+    """The RSS probe samples the process while the call runs: a 64 MB buffer that numpy (not
+    torch's allocator, so invisible to the profiler) fills and frees inside forward shows up."""
+    import numpy as np
+
+    from aigc_opt.bench.probes import _rss_reader, peak_rss_bytes
+
+    class Burst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            buf = np.ones(16 * 1024 * 1024, dtype=np.float32)  # 64 MB, pages touched
+            return self.lin(x) + float(buf[::4096].sum()) * 0
+
+    m = ao.Model(Burst().eval(), example_inputs=(torch.randn(2, 4),))
+    read = _rss_reader()
+    assert read is not None  # Linux: /proc/self/statm
+    before = read()
+    peak = peak_rss_bytes(m, (torch.randn(2, 4),))
+    assert peak - before >= 48 * 2**20, (before, peak)
+    meas = ao.benchmark(m, iters=3, warmup=1)
+    assert meas.peak_rss_bytes - before >= 48 * 2**20 and meas.to_dict()["peak_rss_bytes"] == meas.peak_rss_bytes
+    report = ao.compare(m, m, iters=3, verbose=False, top1=False)
+    assert "process peak RSS (MB)" in str(report) and "process peak RSS" in report.to_markdown()

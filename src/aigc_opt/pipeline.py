@@ -45,6 +45,12 @@ class Pipeline:
     """
 
     def __init__(self, passes: Iterable[Pass]):
+        if isinstance(passes, Pass):
+            raise ConfigError(f"Pipeline takes a list of Pass objects, got the single pass {passes.describe()}; "
+                              f"write ao.Pipeline([{passes.describe()}]).")
+        if isinstance(passes, str) or not isinstance(passes, Iterable):
+            raise ConfigError(f"Pipeline takes a list of Pass objects, got {type(passes).__name__} {passes!r}; "
+                              "write ao.Pipeline([ao.Quantize(...), ...]).")
         self.passes: tuple[Pass, ...] = tuple(passes)
         bad = [p for p in self.passes if not isinstance(p, Pass)]
         if bad:
@@ -154,8 +160,11 @@ class Pipeline:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path.is_dir():
+            raise RecipeError(f"Cannot save the recipe to {str(path)!r}: it is a directory; give a file name "
+                              "ending in .yaml or .json.")
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -163,9 +172,17 @@ class Pipeline:
     def load(cls, path: str | os.PathLike[str]) -> Pipeline:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
+        except IsADirectoryError:
+            raise RecipeError(f"Recipe file {str(path)!r} is a directory; give the path of a .yaml or "
+                              ".json recipe file.") from None
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"Recipe file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "a recipe is a YAML or JSON text file.") from None
+        except OSError as e:
+            raise RecipeError(f"Recipe file {str(path)!r} cannot be read: {e.strerror or e}.") from None
         if path.suffix in (".yaml", ".yml"):
             from ._deps import require
 

@@ -69,6 +69,7 @@ class Target:
     origin: str = "builtin"
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.device_type not in DEVICE_TYPES:
             raise ConfigError(
                 f"Target {self.name!r}: device_type {self.device_type!r} is not one of {DEVICE_TYPES}."
@@ -80,8 +81,16 @@ class Target:
             )
         for key in ("memory_gb", "mem_bandwidth_gbs"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and (not _is_number(value) or value <= 0):
                 raise ConfigError(f"Target {self.name!r}: {key} must be a positive number, got {value!r}.")
+        for key in ("cores", "simd_width_bits"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"Target {self.name!r}: {key} must be a positive integer, got {value!r}.")
+        bad_peaks = {d: v for d, v in self.peak_tflops.items() if not _is_number(v) or v < 0}
+        if bad_peaks:
+            raise ConfigError(f"Target {self.name!r}: peak_tflops values must be numbers >= 0 (TFLOP/s), "
+                              f"got {bad_peaks!r}.")
         # Keep the dataclass hashable and immutable: tuples and read-only mappings only.
         for key in ("dtypes", "backends", "features", "aliases", "match"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
@@ -146,20 +155,32 @@ class Target:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"Target file {str(path)!r} does not exist.") from None
+        except IsADirectoryError:
+            raise ConfigError(f"Target file {str(path)!r} is a directory; give the path of a .toml file "
+                              "(schema in docs/targets.md).") from None
+        except OSError as e:
+            raise ConfigError(f"Target file {str(path)!r} cannot be read: {e.strerror or e}.") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Target file {str(path)!r} is not valid TOML: {e}.") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"Target file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "TOML files must be UTF-8.") from None
         return cls.from_dict({"origin": "file", **data}, where=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "target data") -> Target:
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
-            raise ConfigError(f"{where}: missing required field(s) {missing}.")
+            raise ConfigError(f"{where}: missing required field(s) {missing}; every target needs "
+                              f"{', '.join(_REQUIRED)} (schema in docs/targets.md).")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}.")
-        return cls(**dict(data))
+        try:
+            return cls(**dict(data))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -206,6 +227,43 @@ class Target:
         peaks = ", ".join(f"{d} {v:g}" for d, v in self.peak_tflops.items())
         bw = f"{self.mem_bandwidth_gbs:g} GB/s" if self.mem_bandwidth_gbs else "? GB/s"
         return f"{self.name} ({self.device_type}, {self.arch}, {self.memory_gb:g} GB, {bw}; TFLOP/s: {peaks or '?'})"
+
+
+_STR_FIELDS = ("name", "device_type", "arch", "description", "vendor", "notes", "origin")
+_LIST_FIELDS = ("dtypes", "backends", "features", "aliases", "match")
+_TABLE_FIELDS = ("peak_tflops", "sources")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_field_types(t: Target) -> None:
+    """Refuse fields of the wrong type (as a hand-written TOML file may have them), naming the
+    field and the value, before anything iterates over them."""
+    label = repr(t.name) if isinstance(t.name, str) else "with a bad name"
+    for key in _STR_FIELDS:
+        value = getattr(t, key)
+        if not isinstance(value, str) or (key == "name" and not value.strip()):
+            raise ConfigError(f"Target {label}: {key} must be a{' non-empty' if key == 'name' else ''} string, "
+                              f"got {type(value).__name__} {value!r}.")
+    for key in _LIST_FIELDS:
+        value = getattr(t, key)
+        if isinstance(value, str):
+            raise ConfigError(f"Target {label}: {key} must be a list of strings, got the string {value!r}; "
+                              f"write {key} = [{value!r}].")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"Target {label}: {key} must be a list of strings, got {type(value).__name__} "
+                              f"{value!r}.")
+    for key in _TABLE_FIELDS:
+        value = getattr(t, key)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            example = '{fp32 = 19.5}' if key == "peak_tflops" else '{memory_gb = "https://..."}'
+            raise ConfigError(f"Target {label}: {key} must be a table of name = value (e.g. {key} = {example}), "
+                              f"got {type(value).__name__} {value!r}.")
+    if not all(isinstance(v, str) for v in t.sources.values()):
+        raise ConfigError(f"Target {label}: sources values must be strings (where each number comes from), "
+                          f"got {dict(t.sources)!r}.")
 
 
 class _FrozenDict(dict):  # type: ignore[type-arg]

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._tree import batch_size, describe, normalize_inputs
+from .._tree import batch_size, describe, flatten_tensors, normalize_inputs
 from ..errors import AigcOptError, ConfigError, InvalidInputError, UnsupportedModelError
 from .fidelity import FidelityAccumulator
 from .measurement import Measurement, median_ci, ratio_ci
-from .probes import count_flops, on_device, peak_memory_bytes, pinned_threads, timed_call
+from .probes import count_flops, on_device, peak_memory_bytes, peak_rss_bytes, pinned_threads, timed_call
 from .report import Entry, Report
 
 if TYPE_CHECKING:
@@ -24,8 +24,32 @@ __all__ = ["benchmark", "compare"]
 log = logging.getLogger("aigc_opt")
 
 
+def _check_models(models: Sequence[Any]) -> None:
+    for i, m in enumerate(models):
+        if not hasattr(m, "run") or not hasattr(m, "format") or not hasattr(m, "example_inputs"):
+            which = "baseline" if i == 0 else f"candidate {i}"
+            hint = " Wrap it first: ao.Model(module, example_inputs=...)." if hasattr(m, "forward") else ""
+            raise UnsupportedModelError(
+                f"benchmark/compare take ao.Model objects, but the {which} is a {type(m).__name__}.{hint}"
+            )
+
+
 def _batches(inputs: Any, model: Model) -> list[Any]:
     """``inputs`` is a list of batches, or one batch (tuple / dict / tensor); None = example inputs."""
+    batches = _given_batches(inputs, model)
+    for i, batch in enumerate(batches):
+        empty = [f"{k}: {tuple(t.shape)}" for k, t in flatten_tensors(batch).items()
+                 if t.dim() > 0 and t.shape[0] == 0]
+        if empty:
+            where = "inputs" if len(batches) == 1 and not isinstance(inputs, list) else f"inputs[{i}]"
+            raise InvalidInputError(
+                f"{where} is an empty batch (batch dimension 0: {', '.join(empty)}); there is nothing to time. "
+                "Give at least one sample per batch."
+            )
+    return batches
+
+
+def _given_batches(inputs: Any, model: Model) -> list[Any]:
     if inputs is None:
         if model.example_inputs is None:
             raise InvalidInputError(
@@ -150,6 +174,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
                 size_bytes=m.size_bytes(),
                 num_parameters=m.num_parameters(),
                 peak_memory_bytes=peak_memory_bytes(m, own[0], dev) if memory else None,
+                peak_rss_bytes=peak_rss_bytes(m, own[0]) if memory and dev == "cpu" else None,
                 flops=count_flops(m, own[0]),
                 target_peak_tflops=dtype_peak,
                 peak_source=peak_source,
@@ -179,6 +204,7 @@ def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int |
         >>> m = ao.Model(net, example_inputs=(x,))            # doctest: +SKIP
         >>> print(ao.benchmark(m, iters=50))                  # doctest: +SKIP
     """
+    _check_models([model])
     _check_counts(warmup, iters, threads, max_time, rel_ci)
     return _measure([model], _batches(inputs, model), warmup=warmup, iters=iters, threads=threads,
                     verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci)[0]
@@ -209,6 +235,7 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     """
     if not candidates:
         raise ConfigError("compare needs at least one candidate: ao.compare(baseline, candidate, ...).")
+    _check_models([baseline, *candidates])
     _check_counts(warmup, iters, threads, max_time, rel_ci)
     batches = _batches(inputs, baseline)
     models = [baseline, *candidates]

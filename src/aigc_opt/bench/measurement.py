@@ -76,6 +76,7 @@ class Measurement:
     size_bytes: int | None = None  # weights on disk
     num_parameters: int | None = None
     peak_memory_bytes: int | None = None  # peak extra memory while running one batch
+    peak_rss_bytes: int | None = None  # the process's peak resident memory during one batch (CPU)
     flops: int | None = None  # per batch, from torch.utils.flop_counter (None if not countable)
     target_peak_tflops: float | None = None
     peak_source: str | None = None  # "spec sheet", "measured on this machine", ...

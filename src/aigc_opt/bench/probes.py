@@ -16,7 +16,7 @@ from .._tree import flatten_tensors, map_tensors
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["timed_call", "peak_memory_bytes", "count_flops", "pinned_threads", "on_device"]
+__all__ = ["timed_call", "peak_memory_bytes", "peak_rss_bytes", "count_flops", "pinned_threads", "on_device"]
 
 
 def _sync(device: str) -> None:
@@ -99,6 +99,58 @@ def peak_memory_bytes(model: Model, batch: Any, device: str) -> int | None:
         current += event.nbytes()
         peak = max(peak, current)
     return int(peak)
+
+
+def _rss_reader() -> Any:
+    """A fast callable returning this process's resident set size in bytes, or None."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm", "rb") as f:
+            f.read()
+
+        def read() -> int:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * page
+
+        return read
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil  # type: ignore[import-untyped]
+        except ImportError:
+            return None
+        process = psutil.Process()
+        return lambda: process.memory_info().rss
+
+
+def peak_rss_bytes(model: Model, batch: Any, interval: float = 0.0005) -> int | None:
+    """Peak resident memory of the whole process while one batch runs, sampled from a thread.
+
+    Unlike :func:`peak_memory_bytes` it sees every allocator (ONNX Runtime's arena, oneDNN scratch
+    buffers, bitsandbytes), but it is the process's: it includes every model and tensor alive,
+    so compare it between runs of single models, not between models sharing one process.
+    None where the RSS cannot be read (no /proc and no psutil).
+    """
+    import threading
+
+    read = _rss_reader()
+    if read is None:
+        return None
+    peak = [read()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], read())
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, name="aigc_opt-rss", daemon=True)
+    thread.start()
+    try:
+        model.run(batch)
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], read())
 
 
 def count_flops(model: Model, batch: Any) -> int | None:

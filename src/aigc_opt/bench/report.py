@@ -95,6 +95,8 @@ class Report:
         add("size on disk (MB)", [_mb(x.size_bytes) for x in m])
         add("weights in memory (MB)", [_mb(x.memory_bytes) for x in m])
         add("peak run memory (MB)", [_mb(x.peak_memory_bytes) for x in m])
+        if any(x.peak_rss_bytes for x in m):
+            add("process peak RSS (MB)", [_mb(x.peak_rss_bytes) for x in m])
         add("parameters (M)", [f"{x.num_parameters / 1e6:.2f}" if x.num_parameters else "-" for x in m])
         if any(x.flops for x in m):
             add("GFLOP per batch", [f"{x.flops / 1e9:.2f}" if x.flops else "-" for x in m])
@@ -171,7 +173,10 @@ class Report:
 
         names = [e.measurement.name for e in self.entries]
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-        left.boxplot([[t * 1e3 for t in e.measurement.samples] for e in self.entries], vert=False,
+        # matplotlib 3.10 renamed vert=False to orientation="horizontal" (vert warns from 3.11)
+        horizontal = ({"orientation": "horizontal"} if tuple(int(p) for p in matplotlib.__version__.split(".")[:2])
+                      >= (3, 10) else {"vert": False})
+        left.boxplot([[t * 1e3 for t in e.measurement.samples] for e in self.entries], **horizontal,
                      tick_labels=names, showfliers=True)
         left.set_xlabel("latency per batch (ms)")
         left.set_title("latency distribution")

@@ -128,6 +128,11 @@ def _to_numpy(value: Any, expected: str, name: str) -> np.ndarray:
     return array
 
 
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class OnnxRuntime:
     def run(self, artifact: OnnxArtifact, inputs: Inputs) -> Any:
         session = artifact.session()
@@ -143,6 +148,15 @@ class OnnxRuntime:
             values = [inputs[n] for n in names]
         else:
             values = list(flatten_tensors(inputs).values())
+            # Exporters drop None and constant arguments, so those may be passed (and are skipped);
+            # when the tensors then do not add up, say which arguments were not tensors.
+            others = [f"input {i} is {type(v).__name__} {_short_repr(v)}" for i, v in enumerate(inputs)
+                      if v is not None and not isinstance(v, (torch.Tensor, tuple, list, dict))]
+            if others and len(values) != len(declared):
+                raise InvalidInputError(
+                    f"The ONNX model takes tensors {names}, but {'; '.join(others)}. Pass torch tensors "
+                    "(e.g. torch.tensor(...))."
+                )
             if len(values) != len(declared):
                 raise InvalidInputError(
                     f"The ONNX model takes {len(declared)} inputs {names}; got {len(values)}: {describe(inputs)}."
@@ -155,8 +169,25 @@ class OnnxRuntime:
                     f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the ONNX model expects "
                     f"rank {rank} (shape {shape})."
                 )
+            wrong = [f"dimension {i} is {n}, expected {d}" for i, (n, d) in enumerate(zip(array.shape, shape))
+                     if isinstance(d, int) and d >= 0 and n != d]
+            if wrong:
+                raise InvalidInputError(
+                    f"Input {name!r} has shape {tuple(array.shape)}, but the ONNX model expects shape {shape} "
+                    f"({'; '.join(wrong)})."
+                )
             feed[name] = array
-        outputs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        try:
+            results = session.run(None, feed)
+        except Exception as e:
+            if type(e).__name__ != "InvalidArgument":  # ORT's own type for inputs it refuses
+                raise
+            got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
+            raise InvalidInputError(
+                f"ONNX Runtime refused the inputs {{{got}}} (declared: "
+                f"{', '.join(f'{n}: {shape}' for n, _, _, shape in declared)}): {str(e).strip().splitlines()[0]}"
+            ) from e
+        outputs = [torch.from_numpy(o) for o in results]
         if artifact.output_spec is not None:
             import torch.utils._pytree as pytree
 
