@@ -66,7 +66,7 @@ def test_facts(mlp_model):
     net = make_mlp()
     assert mlp_model.num_parameters() == sum(p.numel() for p in net.parameters())
     assert mlp_model.memory_bytes() == 4 * mlp_model.num_parameters()
-    assert mlp_model.size_bytes() > mlp_model.memory_bytes()  # plus the zip container
+    assert mlp_model.size_bytes() > mlp_model.memory_bytes()  # plus the safetensors header
     assert "MLP" in repr(mlp_model) and "passes=[none]" in repr(mlp_model)
 
 
@@ -78,6 +78,9 @@ def test_save_load_round_trip_with_factory(mlp_model, tmp_path, x):
     assert [h["pass_type"] for h in manifest["history"]] == ["Quantize"]
     assert set(manifest["files"]) == {"weights.pt", "example_inputs.pt"}
     assert all(len(v) == 64 for v in manifest["files"].values())
+    # torchao's quantized weights are tensor subclasses: torch.save, and the manifest says why.
+    assert manifest["weights"]["format"] == "torch.save" and manifest["weights"]["file"] == "weights.pt"
+    assert "'fc1.weight' is a tensor subclass" in manifest["weights"]["reason"]
     assert "torch" in manifest["versions"]
     # The factory is a code path named in a file: it needs explicit trust...
     with pytest.raises(UnsupportedModelError, match="trust=True"):
@@ -111,20 +114,30 @@ def test_saved_directory_has_normal_permissions(mlp_model, tmp_path):
     assert (tmp_path / "m").stat().st_mode & 0o755 == 0o755
 
 
-def test_failed_swap_puts_the_previous_save_back(mlp_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_failed_swap_puts_the_previous_save_back(swap, mlp_model, tmp_path, monkeypatch):
     target = tmp_path / "m"
     mlp_model.save(target)
     before = (target / "manifest.json").read_text()
     import os as os_mod
 
-    real_rename = os_mod.rename
+    import aigc_opt._store as store
 
-    def rename(src, dst):
-        if str(src).startswith(str(tmp_path / ".m.tmp-")):
-            raise OSError("rename interrupted")
-        return real_rename(src, dst)
+    def interrupted(*a):
+        raise OSError("rename interrupted")
 
-    monkeypatch.setattr(os_mod, "rename", rename)
+    if swap == "exchange":  # the atomic swap (renameat2 RENAME_EXCHANGE) fails
+        monkeypatch.setattr(store, "_exchange", interrupted)
+    else:  # no atomic swap here: the second of the two renames fails
+        real_rename = os_mod.rename
+
+        def rename(src, dst):
+            if str(src).startswith(str(tmp_path / ".m.tmp-")) and src.name == "model" and dst == target:
+                interrupted()
+            return real_rename(src, dst)
+
+        monkeypatch.setattr(store, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(os_mod, "rename", rename)
     with pytest.raises(OSError, match="interrupted"):
         ao.quantize(mlp_model, "int8-dynamic").save(target)
     monkeypatch.undo()
@@ -144,13 +157,15 @@ def test_lambda_factory_is_refused():
         ao.Model(make_mlp(), factory=lambda: make_mlp())
 
 
-def test_changed_artifact_is_detected(mlp_model, tmp_path):
-    mlp_model.save(tmp_path / "m")
-    weights = tmp_path / "m" / "weights.pt"
-    data = bytearray(weights.read_bytes())
-    data[-200] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="'weights.pt'.*changed"):
+@pytest.mark.parametrize("weights", ["model.safetensors", "weights.pt"])
+def test_changed_artifact_is_detected(weights, mlp_model, tmp_path):
+    m = mlp_model if weights == "model.safetensors" else ao.quantize(mlp_model, "int8-dynamic")
+    m.save(tmp_path / "m")
+    path = tmp_path / "m" / weights
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0xFF  # one flipped byte in the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"'{weights}'.*changed"):
         ao.Model.load(tmp_path / "m", trust=True)
 
 
@@ -266,3 +281,188 @@ def test_label_names_passes_since_the_name(mlp_model, tmp_path):
     assert ao.compile(q, "inductor", warmup_iters=0).label == "int8 MLP+Compile"
     q.save(tmp_path / "q")
     assert ao.Model.load(tmp_path / "q", trust=True).label == "int8 MLP+Quantize"
+
+
+# ------------------------------------------------------------------------------ on-disk weights format
+class TiedLM(torch.nn.Module):
+    """An embedding and an output layer sharing one weight (as Hugging Face ties them), and a
+    buffer that is a transposed, non-contiguous view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("mix", torch.randn(16, 16).t())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids) @ self.mix)
+
+
+class OverlappingViews(torch.nn.Module):
+    """Two buffers that are overlapping views of one storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = torch.arange(10.0)
+        self.register_buffer("a", base[:6])
+        self.register_buffer("b", base[4:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.a.sum() + self.b.sum()
+
+
+def _resign(directory, *, drop=(), **changes):
+    """Edit a saved manifest and sign it again, as a malicious or older writer could."""
+    import aigc_opt._store as store
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for key in ("files", "manifest_sha256", "aigc_opt_manifest", *drop):
+        manifest.pop(key)
+    manifest.update(changes)
+    store.write_manifest(directory, manifest)
+
+
+def test_plain_weights_are_saved_as_safetensors(mlp_model, tmp_path, x):
+    from safetensors.torch import load_file
+
+    mlp_model.save(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "example_inputs.pt"}
+    weights = manifest["weights"]
+    assert weights["format"] == "safetensors" and weights["file"] == "model.safetensors"
+    assert "plain tensor" in weights["reason"] and weights["library"].startswith("safetensors ")
+    assert "aliases" not in weights
+    assert_state_equal(load_file(tmp_path / "m" / "model.safetensors"), state_snapshot(mlp_model))
+    assert mlp_model.size_bytes() == (tmp_path / "m" / "model.safetensors").stat().st_size
+    loaded = ao.Model.load(tmp_path / "m", trust=True)
+    assert torch.equal(loaded(x), mlp_model(x))
+
+
+def test_tied_weights_are_stored_once_and_tied_again(tmp_path):
+    from safetensors import safe_open
+
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    m = ao.Model(TiedLM(), example_inputs=(ids,))
+    assert not m.artifact.mix.is_contiguous()
+    m.save(tmp_path / "t")
+    weights = json.loads((tmp_path / "t" / "manifest.json").read_text())["weights"]
+    assert weights["format"] == "safetensors" and weights["aliases"] == {"head.weight": "emb.weight"}
+    with safe_open(tmp_path / "t" / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == {"emb.weight", "mix"}  # the tied weight once
+    loaded = ao.Model.load(tmp_path / "t", module=TiedLM())
+    assert torch.equal(loaded(ids), m(ids))
+    net = loaded.artifact
+    assert net.head.weight.data_ptr() == net.emb.weight.data_ptr()  # still one tensor
+    assert torch.equal(net.mix, m.artifact.mix)
+
+
+def test_overlapping_views_fall_back_to_torch_save(tmp_path, x):
+    m = ao.Model(OverlappingViews(), example_inputs=(x,))
+    m.save(tmp_path / "o")
+    weights = json.loads((tmp_path / "o" / "manifest.json").read_text())["weights"]
+    assert weights["format"] == "torch.save" and weights["file"] == "weights.pt"
+    assert "'a' and 'b' are overlapping views" in weights["reason"]
+    loaded = ao.Model.load(tmp_path / "o", module=OverlappingViews())
+    assert torch.equal(loaded(x), m(x))
+
+
+def test_saves_from_before_the_weights_entry_still_load(mlp_model, tmp_path, x):
+    # The earlier layout: weights.pt (torch.save) and no "weights" entry in the manifest.
+    old = tmp_path / "old"
+    mlp_model.save(old)
+    (old / "model.safetensors").unlink()
+    torch.save(mlp_model.artifact.state_dict(), old / "weights.pt")
+    _resign(old, drop=("weights",))
+    loaded = ao.Model.load(old, trust=True)
+    assert torch.equal(loaded(x), mlp_model(x))
+
+
+def test_unknown_weights_format_is_refused(mlp_model, tmp_path):
+    mlp_model.save(tmp_path / "m")
+    _resign(tmp_path / "m", weights={"format": "gguf", "file": "model.gguf"})
+    with pytest.raises(UnsupportedModelError, match="'gguf'.*Upgrade aigc-opt"):
+        ao.Model.load(tmp_path / "m", trust=True)
+
+
+def test_weights_that_need_unpickling_need_trust(tmp_path, x, capfd):
+    m = ao.quantize(ao.Model(MLP(), example_inputs=(x,)), "int8-dynamic")
+    m.save(tmp_path / "m")
+    # A malicious author adds an object that runs code when unpickled, and signs again.
+    state = dict(m.artifact.state_dict(), evil=Payload())
+    torch.save(state, tmp_path / "m" / "weights.pt")
+    _resign(tmp_path / "m")
+    with pytest.raises(UnsupportedModelError, match=r"weights\.pt.*weights_only=True.*trust=True"):
+        ao.Model.load(tmp_path / "m", module=MLP())
+    assert "unpickled arbitrary code" not in capfd.readouterr().out  # nothing ran
+    # Only explicit trust unpickles it (and so runs the payload).
+    with pytest.raises(UnsupportedModelError, match="do not fit"):
+        ao.Model.load(tmp_path / "m", module=MLP(), trust=True)
+    assert "unpickled arbitrary code" in capfd.readouterr().out
+
+
+# ------------------------------------------------------------------------------ leftovers of killed saves
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_save_removes_what_killed_saves_left(mlp_model, tmp_path, x):
+    import os
+    import sys
+    import time
+
+    import aigc_opt._store as store
+
+    target = tmp_path / "m"
+    mlp_model.save(target)
+    tag = store._HOST_TAG
+    other = "0" * 8 if tag != "0" * 8 else "1" * 8  # another machine's tag (shared filesystem)
+    killed = tmp_path / f".m.tmp-{tag}-{_dead_pid()}-killed00"  # its process is gone
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "weights.pt").write_bytes(b"half a file")
+    running = tmp_path / f".m.tmp-{tag}-{os.getpid()}-running0"  # a save still running here
+    running.mkdir()
+    reused = tmp_path / f".m.tmp-{tag}-{os.getpid()}-reused00"  # its pid now belongs to another process
+    reused.mkdir()
+    (reused / "owner.json").write_text(json.dumps({"pid": os.getpid(), "pid_start": -1}))
+    foreign_old = tmp_path / f".m.tmp-{other}-1-foreign0"
+    foreign_old.mkdir()
+    os.utime(foreign_old, (time.time() - 3 * 86400,) * 2)
+    foreign_recent = tmp_path / f".m.tmp-{other}-1-foreign1"
+    foreign_recent.mkdir()
+    for leftover in (killed, running, reused, foreign_old, foreign_recent):
+        assert not store.is_saved_model(leftover)
+        with pytest.raises((NotASavedModelError, IntegrityError)):
+            ao.Model.load(leftover, trust=True)
+    ao.quantize(mlp_model, "int8-dynamic").save(target)
+    kept = {"m", running.name, foreign_recent.name}
+    if not sys.platform.startswith("linux"):  # no /proc to tell a reused pid
+        kept.add(reused.name)
+    assert {p.name for p in tmp_path.iterdir()} == kept
+    assert [r.pass_type for r in ao.Model.load(target, trust=True).history] == ["Quantize"]
+
+
+def test_kill_between_the_fallback_renames_is_repaired(mlp_model, tmp_path, x):
+    import os
+
+    import aigc_opt._store as store
+
+    target = tmp_path / "m"
+    mlp_model.save(target)
+    # Where no atomic exchange exists, a kill between the two renames leaves the path missing
+    # and the previous save parked in the work directory.
+    work = tmp_path / f".m.tmp-{store._HOST_TAG}-{_dead_pid()}-parked00"
+    work.mkdir()
+    os.rename(target, work / "previous")
+    (work / "model").mkdir()
+    with pytest.raises(NotASavedModelError, match="interrupted.*previous save is in"):
+        ao.Model.load(target, trust=True)
+    assert store.clean_stale_saves(target) == [work]  # the next save does this first
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert torch.equal(ao.Model.load(target, trust=True)(x), mlp_model(x))

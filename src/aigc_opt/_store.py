@@ -1,24 +1,51 @@
-"""Crash-safe directory writes and checksummed manifests for saved Models."""
+"""Crash-safe directory writes and checksummed manifests for saved Models.
+
+A save is written into a work directory beside its target, ``.<name>.tmp-<host>-<pid>-XXXXXXXX/``
+(the host's tag and the writing process's id are in the name from the moment it exists), as
+``model/`` inside it, then put in place in one step: on Linux the two directories are exchanged
+atomically (``renameat2(RENAME_EXCHANGE)``), elsewhere by two renames with the previous save
+parked in the work directory between them. A process killed at any point leaves the target
+holding either the previous save or the new one, complete, and at most a work directory that
+has no ``manifest.json`` of its own, so it is never taken for a Model. The next save to the same
+target removes work directories whose owner process is gone (and, after a kill between the two
+renames of the fallback, first moves the parked previous save back).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import IntegrityError, NotASavedModelError
 
 __all__ = ["MANIFEST", "atomic_directory", "sha256_file", "write_manifest", "read_manifest",
-           "verify_files", "is_saved_model"]
+           "verify_files", "is_saved_model", "clean_stale_saves"]
+
+log = logging.getLogger("aigc_opt")
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+TMP_MARK = ".tmp-"  # work directories are named ".<target name>.tmp-<host tag>-<pid>-<random>"
+OWNER = "owner.json"  # in a work directory: the writing process's host and start time (pid reuse)
+STAGED = "model"  # in a work directory: the save being written (or, after the swap, the previous one)
+PARKED = "previous"  # in a work directory: the previous save between the two renames of the fallback
+FOREIGN_STALE_SECONDS = 24 * 3600  # another machine's work directory (shared filesystem) is stale after this
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_WORK_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]*")
 
 
 def sha256_file(path: Path) -> str:
@@ -47,16 +74,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def is_saved_model(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+    return (Path(path) / MANIFEST).is_file()
 
 
+# ---------------------------------------------------------------------------------- atomic saves
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target``.
+    """Yield an empty directory to write a save into; on success it replaces ``target`` atomically.
 
-    On any error the temporary directory is removed and ``target`` is left as it was. An
-    existing ``target`` is replaced only if it is empty or itself a saved Model, so a typo
-    cannot wipe an unrelated directory.
+    On any error the work directory is removed and ``target`` is left as it was. An existing
+    ``target`` is replaced only if it is empty or itself a saved Model, so a typo cannot wipe an
+    unrelated directory. What earlier, killed saves to ``target`` left beside it is removed first.
     """
     target = Path(target).absolute()
     if target.exists():
@@ -68,34 +96,162 @@ def atomic_directory(target: Path) -> Iterator[Path]:
                 "Model, and saving would replace its contents. Choose a new or empty directory."
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved model gets normal permissions
-    old: Path | None = None
+    clean_stale_saves(target)
+    prefix = f".{target.name}{TMP_MARK}{_HOST_TAG}-{os.getpid()}-"  # who writes it, from its first moment
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "previous"
-            os.rename(target, old)
-        os.rename(tmp, target)
+        _write_owner(work)
+        staged = work / STAGED
+        staged.mkdir()  # mode 0777 less the umask: a saved model gets normal permissions
+        yield staged
+        _fsync_tree(staged)
+        _swap_into_place(staged, target)
         _fsync_dir(target.parent)
+    finally:
+        if os.path.lexists(work / PARKED) and not os.path.lexists(target):  # could not be put back
+            log.error("The previous save of %s could not be put back; it is in %s.", target, work / PARKED)
+        else:  # after a successful swap the work directory holds the previous save (or nothing)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _swap_into_place(staged: Path, target: Path) -> None:
+    """Put ``staged`` at ``target`` so that ``target`` never lacks a complete save."""
+    if not os.path.lexists(target):
+        os.rename(staged, target)
+        return
+    if _exchange(staged, target):  # atomic: target is the new save, staged the previous one
+        return
+    # No atomic exchange here: two renames, the previous save parked in the work directory
+    # between them (a kill there is repaired by the next save's clean_stale_saves).
+    parked = staged.parent / PARKED
+    os.rename(target, parked)
+    try:
+        os.rename(staged, target)
     except BaseException:
-        if old is not None and old.exists() and not target.exists():
-            os.rename(old, target)  # put the previous save back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
+        os.rename(parked, target)
         raise
-    if old is not None:
-        shutil.rmtree(old.parent, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, libc or filesystem cannot, and the caller falls back to plain renames."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    log.debug("renameat2(RENAME_EXCHANGE) failed (%s); falling back to two renames", os.strerror(err))
+    return False
+
+
+# ---------------------------------------------------------------------------------- leftovers of killed saves
+def _write_owner(work: Path) -> None:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _process_start(os.getpid()),
+             "created": time.time()}
+    (work / OWNER).write_text(json.dumps(owner))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (state, ppid, ...), or None off Linux or if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def _process_start(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: start time in ticks
+
+
+def _process_alive(pid: int, started: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's process
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc (not Linux): os.kill said it exists; on Linux it just exited
+        return not sys.platform.startswith("linux")
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return False
+    return started is None or _process_start(pid) == started  # else its pid was reused
+
+
+def _is_stale(work: Path, prefix: str) -> bool:
+    """True if no live process is writing ``work`` (a work directory of a save)."""
+    name = _WORK_NAME.fullmatch(work.name[len(prefix):])
+    if name and name["host"] == _HOST_TAG and os.name == "posix":
+        try:  # written just after the directory: absent if the writer was killed in between
+            started = json.loads((work / OWNER).read_text()).get("pid_start")
+        except (OSError, ValueError, AttributeError):
+            started = None
+        return not _process_alive(int(name["pid"]), started if isinstance(started, int) else None)
+    try:  # another machine's (shared filesystem), or not named by this version: by age
+        return work.stat().st_mtime < time.time() - FOREIGN_STALE_SECONDS
+    except OSError:
+        return False
+
+
+def _work_dirs(target: Path) -> list[Path]:
+    prefix = f".{target.name}{TMP_MARK}"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+
+
+def clean_stale_saves(target: Path) -> list[Path]:
+    """Remove the work directories that killed saves to ``target`` left beside it; return them.
+
+    If a kill between the two renames of the fallback swap left ``target`` missing, the previous
+    save parked in the work directory is moved back first. Work directories of saves still
+    running (their owner process is alive) are left alone.
+    """
+    target = Path(target).absolute()
+    prefix = f".{target.name}{TMP_MARK}"
+    removed = []
+    for work in _work_dirs(target):
+        if not _is_stale(work, prefix):
+            continue
+        parked = work / PARKED
+        if not os.path.lexists(target) and is_saved_model(parked):
+            with contextlib.suppress(OSError):
+                os.rename(parked, target)
+                log.warning("%s: a save was interrupted while swapping; the previous save was put back.",
+                            target)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("removed %s, left by an interrupted save", work)
+        removed.append(work)
+    return removed
+
+
+def _parked_saves(target: Path) -> list[Path]:
+    return [work / PARKED for work in _work_dirs(Path(target).absolute()) if is_saved_model(work / PARKED)]
+
+
+# ---------------------------------------------------------------------------------- manifests
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -115,8 +271,12 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
+        parked = _parked_saves(directory) if not directory.exists() else []
+        hint = (f" A save to it was interrupted while swapping directories; the previous save is in "
+                f"{str(parked[0])!r} (the next save to this path puts it back first, or move it back "
+                "yourself)." if parked else "")
         raise NotASavedModelError(f"{str(directory)!r} is not a directory; Model.load takes a directory "
-                                  "written by Model.save.")
+                                  f"written by Model.save.{hint}")
     path = directory / MANIFEST
     if not path.is_file():
         raise NotASavedModelError(

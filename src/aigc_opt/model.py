@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import pickle
@@ -27,17 +28,24 @@ from ._architecture import build_architecture, describe_architecture, materializ
 from ._deps import library_versions
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
 from ._tree import Inputs, describe, normalize_inputs
-from .errors import AigcOptError, InvalidInputError, UnsupportedModelError
+from .errors import (
+    AigcOptError,
+    IntegrityError,
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedModelError,
+)
 from .passes.base import PASS_TYPES, PassRecord
 from .runtime import RUNTIMES, runtime_for
-from .runtime.torch_module import unwrap
+from .runtime.torch_module import SAFETENSORS_METADATA, plan_weights, unwrap
 from .target import Target
 
 __all__ = ["Model"]
 
 log = logging.getLogger("aigc_opt")
 
-WEIGHTS = "weights.pt"
+WEIGHTS = "weights.pt"  # torch.save, read with weights_only=True: state dicts safetensors cannot hold
+SAFETENSORS = "model.safetensors"  # every entry a plain tensor
 EXAMPLE_INPUTS = "example_inputs.pt"
 PICKLED_MODULE = "module.pt"
 
@@ -179,16 +187,22 @@ class Model:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the model to directory ``path`` atomically: ``weights.pt``, ``example_inputs.pt``
+        """Write the model to directory ``path`` atomically: the weights, ``example_inputs.pt``
         and ``manifest.json`` (format, target, history, versions, sha256 of every file).
 
+        The weights are ``model.safetensors`` when every entry of the state dict is a plain
+        tensor (tied weights are stored once), else ``weights.pt`` (``torch.save``, e.g. for
+        torchao's quantized tensor subclasses, read back with ``weights_only=True``); the
+        manifest's ``weights`` field says which, and why.
+
         An existing saved Model at ``path`` is replaced; any other non-empty directory is refused.
+        A save killed at any point leaves ``path`` as it was (or holding the new save, complete).
         """
         path = Path(path)
         if self.format != "torch":
             return self._save_other_format(path)
         with atomic_directory(path) as tmp:
-            torch.save(unwrap(self.artifact).state_dict(), tmp / WEIGHTS)
+            weights = _write_weights(unwrap(self.artifact).state_dict(), tmp)
             if self._skeleton is not None:
                 # Nothing can rebuild a custom module from data, so its structure (before any
                 # pass, weights on the meta device: a few KB) is pickled; it is read only with
@@ -200,8 +214,8 @@ class Model:
                         f"{self.name}'s module cannot be pickled ({e}). Build the Model with "
                         "factory='package.module:function' so it can be rebuilt from data."
                     ) from None
-            self._write_common(tmp)
-        log.info("saved %s to %s", self.name, path)
+            self._write_common(tmp, weights=weights)
+        log.info("saved %s to %s (weights: %s)", self.name, path, weights["format"])
         return path
 
     def _write_common(self, tmp: Path, **extra: Any) -> None:
@@ -239,9 +253,10 @@ class Model:
             target: run it for another target than the one saved.
             module: a freshly built instance of the architecture, for custom modules (its
                 weights are replaced by the saved ones; the instance itself is not modified).
-            trust: allow what runs code from the save: importing the recorded factory, or
-                unpickling a custom module's ``module.pt``. Only for directories you trust.
-                Weights are always read with ``weights_only=True`` first.
+            trust: allow what runs code from the save: importing the recorded factory,
+                unpickling a custom module's ``module.pt``, or fully unpickling a ``weights.pt``
+                that ``weights_only=True`` refuses. Only for directories you trust. Without it,
+                loading something that needs it raises an error that says so.
 
         Hugging Face models and aigc_opt's own modules are rebuilt from their recorded config
         and need neither ``module`` nor ``trust``.
@@ -278,7 +293,7 @@ class Model:
             skeleton = build_architecture(spec, trust=trust)
         for pass_, record in zip(passes, history):
             skeleton = pass_.restore(skeleton, record)
-        state = _load_tensors(path / WEIGHTS, trust=trust)
+        state = _read_weights(path, manifest.get("weights"), trust=trust)
         try:
             unwrap(skeleton).load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -352,6 +367,58 @@ class Model:
         from .hf import from_hf
 
         return from_hf(path, **kwargs)
+
+
+def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Write a state dict as safetensors if it can be, else with torch.save; return the
+    manifest's ``weights`` entry (file, format, why, tied names)."""
+    plan = plan_weights(state)
+    if plan.format == "safetensors":
+        try:
+            import safetensors
+            from safetensors.torch import save_file
+        except ImportError:
+            plan = dataclasses.replace(plan, format="torch.save", reason="safetensors is not installed")
+        else:
+            save_file({k: v.detach().contiguous() for k, v in plan.tensors.items()}, directory / SAFETENSORS,
+                      metadata=SAFETENSORS_METADATA)
+            entry = {"file": SAFETENSORS, "format": "safetensors", "reason": plan.reason,
+                     "library": f"safetensors {safetensors.__version__}"}
+            if plan.aliases:
+                entry["aliases"] = dict(sorted(plan.aliases.items()))
+            return entry
+    torch.save(state, directory / WEIGHTS)
+    return {"file": WEIGHTS, "format": "torch.save", "reason": plan.reason}
+
+
+def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool) -> Any:
+    """The state dict as the manifest's ``weights`` entry says it was written (saves made
+    before that entry existed hold ``weights.pt``)."""
+    if entry is None:
+        return _load_tensors(path / WEIGHTS, trust=trust)
+    fmt, file = entry.get("format"), entry.get("file")
+    if fmt == "torch.save" and file == WEIGHTS:
+        return _load_tensors(path / WEIGHTS, trust=trust)
+    if fmt != "safetensors" or file != SAFETENSORS:
+        raise UnsupportedModelError(
+            f"{str(path)!r} holds weights as {fmt!r} in {file!r}; this aigc_opt reads 'safetensors' "
+            f"({SAFETENSORS}) and 'torch.save' ({WEIGHTS}). Upgrade aigc-opt to load it."
+        )
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise MissingDependencyError("safetensors", None, f"Loading {str(path / SAFETENSORS)!r}") from e
+    try:
+        state = load_file(path / SAFETENSORS, device="cpu")
+    except Exception as e:  # the checksum matched, so the file was written like this
+        raise IntegrityError(f"{str(path / SAFETENSORS)!r} is not a readable safetensors file: {e}") from None
+    aliases = entry.get("aliases", {})
+    for alias, name in aliases.items():
+        if name not in state:
+            raise IntegrityError(f"The manifest of {str(path)!r} ties {alias!r} to {name!r}, which "
+                                 f"{SAFETENSORS} does not hold.")
+        state[alias] = state[name]  # tied weights share one tensor again
+    return state
 
 
 def _load_tensors(path: Path, *, trust: bool) -> Any:
