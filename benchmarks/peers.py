@@ -63,6 +63,33 @@ def embeddings(model: ao.Model, batches: list[dict]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def torchao_direct(base: ao.Model) -> ao.Model:
+    """torchao used by hand, as its README shows: quantize_ + torch.compile, default config."""
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    module = copy.deepcopy(base.artifact)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    compiled = torch.compile(module)
+    model = ao.Model(compiled, example_inputs=base.example_inputs, name="torchao int8 dynamic + torch.compile (direct)")
+    model.run(base.example_inputs)  # compile outside the timed rounds
+    return model
+
+
+def ort_defaults(onnx_model: ao.Model) -> ao.Model:
+    """Plain ONNX Runtime dynamic quantization with its defaults (per-tensor weights), no fusions."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    PEER_OUT.mkdir(exist_ok=True)
+    out = PEER_OUT / "ort_dynamic_defaults.onnx"
+    quantize_dynamic(str(onnx_model.artifact.path), str(out), weight_type=QuantType.QInt8)
+    model = ao.Model.from_onnx(out, example_inputs=onnx_model.example_inputs)
+    model = ao.compile(model, "onnxruntime", transformer_fusions=False)
+    model.name = "ORT quantize_dynamic defaults (per-tensor)"
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=30)
@@ -81,7 +108,7 @@ def main() -> None:
     optimum_fp32.name = "Optimum ONNX fp32 (ORT)"
     optimum_int8 = ao.compile(ao.Model.from_onnx(peer["int8"], name="Optimum int8"), "onnxruntime")
     optimum_int8.name = "Optimum avx512_vnni int8 (ORT)"
-    candidates = [ours_torch, ours_ort, optimum_fp32, optimum_int8]
+    candidates = [ours_torch, ours_ort, optimum_fp32, optimum_int8, torchao_direct(base), ort_defaults(onnx_model)]
     report = ao.compare(base, *candidates, inputs=batches[:8], iters=args.iters, output_fn=last_hidden, top1=False,
                         verbose=False)
     print(report)
