@@ -82,10 +82,23 @@ class Model:
     ):
         if isinstance(artifact, Model):
             raise UnsupportedModelError("artifact is already an ao.Model; use it directly.")
+        if isinstance(artifact, (str, os.PathLike)):
+            raise UnsupportedModelError(
+                f"ao.Model takes a torch.nn.Module, got the {type(artifact).__name__} {str(artifact)!r}. For a "
+                "Hugging Face model use ao.Model.from_hf(path), for an ONNX file ao.Model.from_onnx(path), for a "
+                "directory saved by aigc_opt ao.Model.load(path)."
+            )
         if not isinstance(artifact, torch.nn.Module):
             raise UnsupportedModelError(
-                f"ao.Model takes a torch.nn.Module, got {type(artifact).__name__}. "
-                "ONNX files and TensorRT engines come with the export issue (ao.Model.from_onnx)."
+                f"ao.Model takes a torch.nn.Module, got {type(artifact).__name__}. ONNX files: "
+                "ao.Model.from_onnx(path); Hugging Face models: ao.Model.from_hf(path)."
+            )
+        meta = [n for n, t in [*unwrap(artifact).named_parameters(), *unwrap(artifact).named_buffers()] if t.is_meta]
+        if meta:
+            raise UnsupportedModelError(
+                f"{type(unwrap(artifact)).__name__} has weights on the 'meta' device (no data), e.g. {meta[0]!r}: "
+                "it would run and return meta tensors. Load real weights first: "
+                "module.to_empty(device='cpu') then module.load_state_dict(state_dict)."
             )
         if unwrap(artifact).training:
             log.warning("Model %s was in training mode; aigc_opt switches it to eval() (dropout off).",
@@ -102,6 +115,8 @@ class Model:
         self.architecture = describe_architecture(unwrap(artifact), factory, factory_kwargs)
         # A custom module's structure before any pass, without its weights (see save()).
         self._skeleton = structure_only(unwrap(artifact)) if self.architecture["builder"] == "custom" else None
+        if self.example_inputs is not None:
+            _refuse_empty_batch(self.example_inputs)
         if validate and self.example_inputs is not None:
             self._validate_example_inputs()
 
@@ -421,11 +436,27 @@ def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool) -> A
     return state
 
 
+def _refuse_empty_batch(inputs: Any) -> None:
+    from ._tree import flatten_tensors
+
+    empty = [f"{k}: {tuple(t.shape)}" for k, t in flatten_tensors(inputs).items() if t.dim() > 0 and t.shape[0] == 0]
+    if empty:
+        raise InvalidInputError(
+            f"example_inputs is an empty batch (batch dimension 0: {', '.join(empty)}); give one real batch "
+            "with at least one sample, shaped as the model is called."
+        )
+
+
 def _load_tensors(path: Path, *, trust: bool) -> Any:
     """``torch.load`` with ``weights_only=True``; full unpickling only when trusted and needed."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError for anything outside its allowlist
+        if not isinstance(e, pickle.UnpicklingError):  # damaged, not unsafe: trust would not help
+            raise IntegrityError(
+                f"{str(path)!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "the file is damaged or truncated. Save the model again."
+            ) from None
         if trust:
             log.warning("%s needs full unpickling (weights_only=True refused it); trusting it as asked.", path)
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -141,6 +141,9 @@ class Prune(Pass):
         if self.method != "structured" and self.importance not in ("l1", "l2"):
             raise ConfigError(f"Prune: importance={self.importance!r} is not allowed for {self.method} "
                               "pruning, which ranks single weights by magnitude. Allowed: ['l1', 'l2'].")
+        if not isinstance(self.ignore, (str, list, tuple)):
+            raise ConfigError(f"Prune: ignore={self.ignore!r} is not allowed; ignore takes module-name patterns "
+                              "(a str or a list of str), e.g. ignore=['classifier', '*.head'].")
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         object.__setattr__(self, "ignore", tuple(self.ignore))

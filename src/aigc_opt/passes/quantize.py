@@ -152,12 +152,19 @@ class Quantize(Pass):
             QUANT_METHODS.get(self.method)  # unknown method: error with the closest names
         for name in ("skip", "skip_types"):
             value = getattr(self, name)
+            what = "module-name patterns" if name == "skip" else "module class names"
+            if not isinstance(value, (str, list, tuple)):
+                raise ConfigError(f"Quantize: {name}={value!r} is not allowed; {name} takes {what} (a str or a "
+                                  f"list of str), e.g. {name}=['head'].")
             value = (value,) if isinstance(value, str) else tuple(value)
             object.__setattr__(self, name, value)
             bad = [s for s in value if not isinstance(s, str)]
             if bad:
-                what = "module-name patterns" if name == "skip" else "module class names"
                 raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
+        for name in ("per_channel", "verbose"):
+            value = getattr(self, name, None)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"Quantize: {name}={value!r} is not allowed; it must be True or False.")
         if self.symmetric not in (None, True, False):
             raise ConfigError(f"Quantize: symmetric must be True, False or None, got {self.symmetric!r}.")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
