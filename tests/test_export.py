@@ -257,6 +257,21 @@ def test_minilm_onnx_matches_torch_on_three_shapes(minilm, tmp_path):
     for batch, seq in ((1, 16), (3, 40), (6, 128)):
         enc = tokenize(minilm.tokenizer, demo_sentences()[:batch], seq_len=seq)
         assert torch.allclose(o(**enc), minilm(**enc), atol=1e-4), (batch, seq)
+    # int8: fused first, so attention itself is quantized (QAttention) and the padding mask kept
+    q = ao.quantize(exported, "int8-dynamic")
+    details = q.history[-1].details
+    assert details["qattention_nodes"] == 6 and details["transformer_fusions"]["bias_to_mask_index"] == 6
+    assert details["transformer_fusions"]["max_relative_difference"] < 1e-4
+    plain = ao.quantize(exported, "int8-dynamic", transformer_fusions=False)
+    assert plain.history[-1].details["qattention_nodes"] == 0
+    enc = tokenize(minilm.tokenizer, demo_sentences()[:6], seq_len=48)  # padded: the mask matters
+    assert enc["attention_mask"].sum(1).unique().numel() > 1
+    ref = minilm(**enc)
+    cos_fused = torch.nn.functional.cosine_similarity(q(**enc), ref)
+    cos_plain = torch.nn.functional.cosine_similarity(plain(**enc), ref)
+    assert cos_fused.min() > 0.97 and abs(float(cos_fused.mean() - cos_plain.mean())) < 0.005, (cos_fused, cos_plain)
+    with pytest.raises(ConfigError, match="transformer_fusions=True cannot be combined with skip"):
+        ao.quantize(exported, "int8-dynamic", transformer_fusions=True, skip=("*pooler*",))
     o.save(tmp_path / "minilm-onnx")
     enc = tokenize(minilm.tokenizer, demo_sentences()[:2], seq_len=24)
     assert torch.allclose(ao.Model.load(tmp_path / "minilm-onnx")(**enc), minilm(**enc), atol=1e-4)
@@ -274,6 +289,37 @@ def test_onnx_int8_dynamic(mlp_model, x):
     skipped = ao.quantize(o, "int8-dynamic", skip=("head",))  # the torch module name
     assert skipped.history[-1].details["int8_nodes"] == 2
     assert skipped.history[-1].details["nodes_skipped"] == ["node_linear_2", "node_linear_2_MatMul"]
+    assert d["transformer_fusions"] == {"applied": False, "reason": "no transformer pattern found"}
+
+
+def test_attention_whose_bias_cannot_become_a_mask_stays_float(tmp_path):
+    """QAttention has no attention_bias input: ORT's quantizer would drop it silently. A bias that is
+    not computed from an ``attention_mask`` input alone is kept, and that Attention node excluded."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aigc_opt.passes._ort_fusions import prepare_attention_for_quantization
+
+    hidden, heads = 8, 2
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), f"w{i}") for i in range(3)]
+    bias = numpy_helper.from_array(np.zeros(3 * hidden, np.float32), "qkv_bias")
+    nodes = [helper.make_node("Concat", ["w0", "w1", "w2"], ["qkv"], axis=1),
+             helper.make_node("Attention", ["x", "qkv", "qkv_bias", "", "", "pos_bias"], ["y"], domain="com.microsoft",
+                              num_heads=heads, qkv_hidden_sizes=[hidden] * 3)]
+    graph = helper.make_graph(nodes, "att", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, hidden]),
+        helper.make_tensor_value_info("pos_bias", TensorProto.FLOAT, [1, heads, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, hidden])], [*w, bias])
+    path = tmp_path / "att.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
+    changes = prepare_attention_for_quantization(path)
+    assert changes["qkv_weights_folded"] == 1 and changes["qkv_hidden_sizes_dropped"] == 1
+    assert changes["bias_to_mask_index"] == 0 and changes["attention_kept_float"] == ["Attention_0"]
+    rewritten = onnx.load(str(path)).graph
+    assert [n.op_type for n in rewritten.node] == ["Attention"] and "qkv" in {i.name for i in rewritten.initializer}
 
 
 def test_onnx_flops_are_counted_from_the_graph(mlp_model, x):

@@ -11,7 +11,7 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from .._tree import normalize_inputs, split_inputs
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, PassError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -34,11 +34,14 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
                 if any(fnmatch.fnmatch(name, p) for name in (n.name, _torch_module_path(n)) for p in settings.skip)]
     # quantize_dynamic first splits each Gemm into MatMul + Add, renaming it "<name>_MatMul".
     excluded += [f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm" and n.name in excluded]
-    target = new_workdir("quant") / "model.onnx"
+    workdir = new_workdir("quant")
+    target = workdir / "model.onnx"
+    graph_path, fusions = _fused_for_quantization(model, settings, workdir)
+    excluded += fusions.get("attention_kept_float", [])
     # No quant_pre_process: its symbolic shape inference fails on dynamo-exported graphs. The
     # default tensor type stands in for the types shape inference cannot give.
     with quiet_import_logs(""):  # it logs a pre-processing suggestion on the root logger
-        quantize_dynamic(str(source.path), str(target), per_channel=settings.per_channel,
+        quantize_dynamic(str(graph_path), str(target), per_channel=settings.per_channel,
                          weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                          use_external_data_format=source.size_bytes() > 1.8e9)
@@ -53,8 +56,68 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
     artifact = OnnxArtifact(path=target, output_spec=source.output_spec, providers=source.providers,
                             graph_optimization=source.graph_optimization,
                             intra_op_threads=source.intra_op_threads, owns_dir=True)
+    for leftover in workdir.glob("fused.onnx*"):
+        leftover.unlink()
     return artifact, {"int8_nodes": n_int8, "nodes_skipped": excluded, "per_channel": settings.per_channel,
-                      "kernel": "onnxruntime dynamic int8 (DynamicQuantizeLinear + MatMulInteger)"}
+                      "qattention_nodes": ops.count("QAttention"), "transformer_fusions": fusions,
+                      "kernel": "onnxruntime dynamic int8 (DynamicQuantizeLinear + MatMulInteger"
+                                + (", QAttention)" if "QAttention" in ops else ")")}
+
+
+def _fused_for_quantization(model: Model, settings: Quantize, workdir: Any) -> tuple[Any, dict[str, Any]]:
+    """The graph to quantize: transformer-fused with QAttention-ready attention when the target runs
+    ONNX Runtime's contrib ops, checked against the unfused graph on the example inputs; else the
+    source graph, with the reason."""
+    import onnxruntime as ort
+
+    from ._ort_fusions import FUSION_PROVIDERS, fuse_transformer, prepare_attention_for_quantization
+    from .compile_onnx import providers_for
+
+    source = model.artifact
+    if settings.transformer_fusions is False:
+        return source.path, {"applied": False, "reason": "transformer_fusions=False"}
+    if settings.skip:
+        if settings.transformer_fusions:
+            raise ConfigError("Quantize: transformer_fusions=True cannot be combined with skip=: skip names "
+                              "nodes of the unfused graph, which fusion replaces.")
+        return source.path, {"applied": False, "reason": "skip= names nodes of the unfused graph"}
+    provider = providers_for(model.target, ort.get_available_providers())[0]
+    if provider not in FUSION_PROVIDERS and not settings.transformer_fusions:
+        return source.path, {"applied": False, "reason": f"{provider} does not run ORT's fused contrib ops"}
+    fused = workdir / "fused.onnx"
+    large = source.size_bytes() > 1.8e9
+    try:
+        counts = fuse_transformer(source.path, fused, large=large)
+        if not counts:
+            return source.path, {"applied": False, "reason": "no transformer pattern found"}
+        prepared = {} if large else prepare_attention_for_quantization(fused)
+        diff = _max_relative_difference(source, fused, model.example_inputs)
+    except Exception as exc:  # an optimization: the unfused graph quantizes too
+        if settings.transformer_fusions:
+            raise PassError(f"Quantize: transformer fusions failed: {type(exc).__name__}: {exc}") from exc
+        return source.path, {"applied": False, "reason": f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"}
+    if diff is not None and diff > 1e-3:
+        return source.path, {"applied": False, "reason": f"fused graph differs from the source by {diff:.2e} "
+                                                         "(relative) on the example inputs"}
+    return fused, {"applied": True, "fused": counts, **prepared, "max_relative_difference": diff}
+
+
+def _max_relative_difference(source: Any, fused_path: Any, inputs: Any) -> float | None:
+    """max |fused - source| / max |source| over all outputs on ``inputs`` (None without inputs)."""
+    if inputs is None:
+        return None
+    from .._tree import flatten_tensors
+    from ..runtime import runtime_for
+    from ..runtime.onnxruntime import OnnxArtifact
+
+    run = runtime_for("onnx").run
+    ref = flatten_tensors(run(source.with_settings(graph_optimization="all"), inputs))
+    new = flatten_tensors(run(OnnxArtifact(path=fused_path, output_spec=source.output_spec), inputs))
+    worst = 0.0
+    for key, r in ref.items():
+        scale = float(r.abs().max()) or 1.0
+        worst = max(worst, float((new[key] - r).abs().max()) / scale)
+    return worst
 
 
 def _torch_module_path(node: Any) -> str:

@@ -120,37 +120,23 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
     return artifact, details
 
 
-# Execution providers that implement ONNX Runtime's com.microsoft contrib ops (Attention,
-# SkipLayerNormalization, BiasGelu); TensorRT, OpenVINO and CoreML would fall back to CPU for them.
-_FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-
-
 def _transformer_fusions(source: Any, workdir: Any, settings: Compile, providers: list[str]) -> dict[str, Any]:
-    """Fuse transformer subgraphs into ORT contrib ops; returns counts (and the new path, if any).
+    """Fuse transformer subgraphs into ORT contrib ops; returns counts (and the new path, if any)."""
+    from ._ort_fusions import FUSION_PROVIDERS, fuse_transformer
 
-    The dynamo exporter's graphs defeat ``onnxruntime.transformers.optimizer`` (its symbolic shape
-    inference fails on them); onnxscript's ``optimize_for_ort`` is written for exactly these graphs.
-    """
     if settings.transformer_fusions is False:
         return {"applied": False, "reason": "transformer_fusions=False"}
-    if settings.transformer_fusions is None and providers[0] not in _FUSION_PROVIDERS:
+    if settings.transformer_fusions is None and providers[0] not in FUSION_PROVIDERS:
         return {"applied": False, "reason": f"{providers[0]} does not run ORT's fused contrib ops"}
+    path = workdir / "fused.onnx"
     try:
-        ir = require("onnx_ir", extra="onnx", purpose="Compile('onnxruntime') transformer fusions")
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
-        graph = ir.load(str(source.path))
-        graph, counts = optimize_for_ort(graph)
+        counts = fuse_transformer(source.path, path, large=source.size_bytes() > 1.8e9)  # protobuf's 2 GB
     except Exception as exc:  # an optimization: without it the model still runs, unfused
         if settings.transformer_fusions:
             raise PassError(f"Compile('onnxruntime'): transformer fusions failed: {exc}") from exc
         return {"applied": False, "reason": f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"}
-    counts = {k: v for k, v in counts.items() if v}
     if not counts:
         return {"applied": False, "reason": "no transformer pattern found"}
-    path = workdir / "fused.onnx"
-    large = source.size_bytes() > 1.8e9  # protobuf's 2 GB limit
-    ir.save(graph, str(path), external_data="fused.onnx.data" if large else None)
     return {"applied": True, "fused": counts, "path": path}
 
 

@@ -50,7 +50,7 @@ AUTO = "auto"  # method name resolved from the target
 
 
 # Settings beyond ``skip`` that a method may honour; the others are refused in ``check``.
-OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types")
+OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -75,7 +75,7 @@ class QuantMethod:
     simulated: bool = False
     layer_types: tuple[type, ...] = (torch.nn.Linear,)  # the layers it quantizes (torch)
     options: tuple[str, ...] = ("per_channel", "skip_types")  # torch settings it honours
-    onnx_options: tuple[str, ...] = ("per_channel",)
+    onnx_options: tuple[str, ...] = ("per_channel", "transformer_fusions")
     needs_data: bool = False  # calibration batches (``data=``)
     # check(settings, target, fmt): method-specific refusals (e.g. a kernel missing on CPU).
     check: Callable[[Quantize, Target, str], None] | None = None
@@ -119,6 +119,10 @@ class Quantize(Pass):
         symmetric: symmetric (zero point 0) or asymmetric quantization; None: the method's default.
         group_size: weight-only methods: one scale per ``group_size`` weights along the input axis.
         calibration_method: static methods: ``"minmax"``, ``"entropy"`` or ``"percentile"``.
+        transformer_fusions: ONNX int8-dynamic: fuse attention/LayerNorm/GELU into ONNX Runtime's
+            contrib ops first, so attention is quantized too (``QAttention``). None (default): on
+            when the target's ONNX Runtime provider is CPU or CUDA and ``skip`` is empty; the
+            fused graph is checked against the original on the example inputs before use.
         max_drop: with ``eval_fn``: the largest allowed metric drop; layers are kept in float,
             most sensitive first, until the quantized model is within it (else FidelityError).
         verbose: show progress bars (calibration, sensitivity search).
@@ -140,6 +144,7 @@ class Quantize(Pass):
     symmetric: bool | None = None
     group_size: int | None = None
     calibration_method: str = "minmax"
+    transformer_fusions: bool | None = None
     max_drop: float | None = None
     verbose: bool = True
     data: Any = runtime_field(default=None, compare=False, repr=False)
@@ -161,6 +166,7 @@ class Quantize(Pass):
             bad = [s for s in value if not isinstance(s, str)]
             if bad:
                 raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
+        validate_choice("Quantize", "transformer_fusions", self.transformer_fusions, (None, True, False))
         for name in ("per_channel", "verbose"):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, bool):
@@ -241,7 +247,8 @@ class Quantize(Pass):
         honoured = spec.onnx_options if fmt == "onnx" else spec.options
         used = {"per_channel": not self.per_channel, "symmetric": self.symmetric is not None,
                 "group_size": self.group_size is not None,
-                "calibration_method": self.calibration_method != "minmax", "skip_types": bool(self.skip_types)}
+                "calibration_method": self.calibration_method != "minmax", "skip_types": bool(self.skip_types),
+                "transformer_fusions": self.transformer_fusions is not None}
         for option in OPTIONS:
             if used[option] and option not in honoured:
                 raise ConfigError(

@@ -1,0 +1,132 @@
+"""Transformer fusions for ONNX Runtime: attention, residual + LayerNorm, bias + GELU as contrib ops.
+
+Used by ``Compile("onnxruntime")`` on float graphs and by ``Quantize("int8-dynamic")`` on ONNX models
+before quantizing, so that ONNX Runtime's quantizer sees whole ``Attention`` nodes and emits
+``QAttention`` (int8 Q/K/V projections and int8 attention) instead of leaving attention in float.
+
+The dynamo exporter's graphs defeat ``onnxruntime.transformers.optimizer`` (its symbolic shape
+inference fails on them); onnxscript's ``optimize_for_ort`` is written for exactly these graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .._deps import require
+
+__all__ = ["FUSION_PROVIDERS", "fuse_transformer", "prepare_attention_for_quantization"]
+
+# Execution providers that implement ONNX Runtime's com.microsoft contrib ops (Attention,
+# SkipLayerNormalization, BiasGelu); TensorRT, OpenVINO and CoreML would fall back to CPU for them.
+FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+def fuse_transformer(source: Path, destination: Path, *, large: bool = False) -> dict[str, int]:
+    """Write ``source`` with its transformer subgraphs fused to ``destination``; returns the counts
+    of each fusion applied (empty: nothing matched, nothing written)."""
+    ir = require("onnx_ir", extra="onnx", purpose="ONNX Runtime transformer fusions")
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    graph = ir.load(str(source))
+    graph, counts = optimize_for_ort(graph)
+    counts = {k: v for k, v in counts.items() if v}
+    if counts:
+        ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
+    return counts
+
+
+def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
+    """Rewrite fused ``Attention`` nodes in place into the form ONNX Runtime's quantizer turns into
+    ``QAttention``; returns what was changed.
+
+    The quantizer leaves an Attention node in float when (a) its packed QKV weight is computed
+    (a Concat of the three initializers) rather than an initializer, (b) it carries
+    ``qkv_hidden_sizes`` (even when all three are equal, the default), or — silently, dropping
+    the mask — (c) the padding mask arrives as an additive ``attention_bias`` (input 5), which
+    QAttention lacks. (c) is rewritten to the raw 2-D ``mask_index`` (input 3) only when that bias
+    is computed from a graph input named ``attention_mask`` and nothing else.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_inputs = {i.name: i for i in graph.input}
+    changes = {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0, "bias_to_mask_index": 0}
+
+    def sources(name: str) -> set[str]:
+        """Graph inputs whose values ``name`` depends on (through a Shape only the shape counts)."""
+        seen, stack, found = set(), [name], set()
+        while stack:
+            current = stack.pop()
+            if current in seen or not current:
+                continue
+            seen.add(current)
+            if current in graph_inputs:
+                found.add(current)
+            elif current in producer and producer[current].op_type not in ("Shape", "Size"):
+                stack.extend(producer[current].input)
+        return found
+
+    mask_cast = None
+    attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    for i, node in enumerate(attentions):
+        node.name = node.name or f"Attention_{i}"  # the quantizer excludes nodes by name
+        weight = node.input[1]
+        concat = producer.get(weight)
+        if weight not in inits and concat is not None and concat.op_type == "Concat" and all(
+                i in inits for i in concat.input):
+            axis = next(a.i for a in concat.attribute if a.name == "axis")
+            packed = np.concatenate([numpy_helper.to_array(inits[i]) for i in concat.input], axis=axis)
+            tensor = numpy_helper.from_array(packed, weight)
+            graph.initializer.append(tensor)
+            graph.node.remove(concat)  # its output is an initializer now
+            del producer[weight]
+            inits[weight] = tensor
+            changes["qkv_weights_folded"] += 1
+        sizes = next((a for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+        if sizes is not None and len(set(sizes.ints)) == 1:
+            node.attribute.remove(sizes)
+            changes["qkv_hidden_sizes_dropped"] += 1
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        if inputs[5] and not inputs[3] and sources(inputs[5]) == {"attention_mask"}:
+            mask = graph_inputs["attention_mask"]
+            if len(mask.type.tensor_type.shape.dim) == 2:
+                if mask_cast is None:
+                    mask_cast = "attention_mask_int32"
+                    graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [mask_cast],
+                                                          to=onnx.TensorProto.INT32, name="attention_mask_to_int32"))
+                inputs[3], inputs[5] = mask_cast, ""
+                while inputs and not inputs[-1]:
+                    inputs.pop()
+                del node.input[:]
+                node.input.extend(inputs)
+                changes["bias_to_mask_index"] += 1
+    # QAttention has no attention_bias input: the quantizer would silently drop it. Those nodes
+    # must stay float (the caller excludes them by name).
+    changes["attention_kept_float"] = [n.name for n in attentions if len(n.input) > 5 and n.input[5]]
+    if not any(changes.values()):
+        return changes
+    _drop_unused(graph)
+    onnx.save(model, str(path))
+    return changes
+
+
+def _drop_unused(graph: Any) -> None:
+    """Remove nodes and initializers nothing reads any more (the folded Concats, the bias maths)."""
+    if any(a.g.node or a.graphs for n in graph.node for a in n.attribute):
+        return  # names read inside subgraphs (If/Loop) are not in the top-level inputs: keep all
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
