@@ -134,27 +134,29 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             for i in range(warmup):
                 timed_call(m, own[i % len(own)], dev)
         bar = _progress(iters, "benchmark", verbose)
-        start, r = time.perf_counter(), 0
-        stop_reason = f"{iters} rounds, as asked"
-        while True:
-            if iters is not None and r >= iters:
-                break
-            if iters is None and r >= MIN_ROUNDS and r % 5 == 0:
-                if _stable(samples, rel_ci):
-                    stop_reason = f"stable: every median's 95% interval within ±{100 * rel_ci:g}% after {r} rounds"
+        try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
+            start, r = time.perf_counter(), 0
+            stop_reason = f"{iters} rounds, as asked"
+            while True:
+                if iters is not None and r >= iters:
                     break
-                if time.perf_counter() - start > max_time or r >= MAX_ROUNDS:
-                    stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
-                                   f"was within ±{100 * rel_ci:g}%")
-                    break
-            k = r % len(models)
-            for j in (*range(k, len(models)), *range(k)):
-                samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
-            r += 1
+                if iters is None and r >= MIN_ROUNDS and r % 5 == 0:
+                    if _stable(samples, rel_ci):
+                        stop_reason = f"stable: every median's 95% interval within ±{100 * rel_ci:g}% after {r} rounds"
+                        break
+                    if time.perf_counter() - start > max_time or r >= MAX_ROUNDS:
+                        stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
+                                       f"was within ±{100 * rel_ci:g}%")
+                        break
+                k = r % len(models)
+                for j in (*range(k, len(models)), *range(k)):
+                    samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
+                r += 1
+                if bar is not None:
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+                bar.close()
         results = []
         for m, own, dev, s in zip(models, per_model, devices, samples):
             # A peak from another device's spec sheet would make a meaningless fraction.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._deps import library_versions
 from .._registry import Registry
+from .._workdir import removed_on_error
 from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -129,7 +130,8 @@ class Pass:
         self.check(model)
         start = time.perf_counter()
         try:
-            artifact, details = self.run(model)
+            with removed_on_error():  # a failed or interrupted pass leaves no temporary files
+                artifact, details = self.run(model)
         except AigcOptError:
             raise
         except Exception as e:

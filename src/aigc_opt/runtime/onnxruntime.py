@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,11 @@ _ORT_TYPES = {
 
 
 def new_workdir(prefix: str) -> Path:
-    """A private temporary directory for an artifact's files (removed with the artifact)."""
-    return Path(tempfile.mkdtemp(prefix=f"aigc_opt-{prefix}-"))
+    """A private temporary directory for an artifact's files (removed with the artifact, or when
+    the pass making it fails: see :mod:`aigc_opt._workdir`)."""
+    from .._workdir import new_workdir as make
+
+    return make(prefix)
 
 
 @dataclass(frozen=True, eq=False)
