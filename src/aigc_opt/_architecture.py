@@ -1,6 +1,7 @@
 """How a saved torch Model's module is rebuilt without unpickling code from the save directory.
 
-A saved ``format="torch"`` Model holds weights (``weights.pt``, loaded with ``weights_only=True``)
+A saved ``format="torch"`` Model holds weights (``model.safetensors``, or ``weights.pt`` loaded with
+``weights_only=True`` when the state dict has tensor subclasses)
 and an *architecture spec* in its manifest: JSON that names a builder and its arguments. Loading
 builds a fresh skeleton from the spec, replays the recorded passes' structural changes on it
 (the ModelOpt convert/restore idea), then loads the weights into it.

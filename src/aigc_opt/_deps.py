@@ -16,7 +16,7 @@ __all__ = ["require", "is_available", "library_versions", "quiet_import_logs"]
 
 # Packages whose versions go into every PassRecord and manifest when they are installed.
 _TRACKED = ("aigc-opt", "torch", "numpy", "torchao", "transformers", "onnx", "onnxruntime",
-            "torch-pruning", "bitsandbytes", "tensorrt")
+            "torch-pruning", "bitsandbytes", "tensorrt", "safetensors", "onnxscript")
 
 
 def require(module: str, *, extra: str | None, purpose: str, package: str | None = None) -> ModuleType:
