@@ -8,7 +8,7 @@ EXTRAS ?= quant,prune,hf,onnx,plot,bnb,test
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install
 
 bench: install
 	$(PY) benchmarks/minilm_int8.py
+
+# Property-based fuzzing of every pass, 1000 examples per test (hours on 2 cores; set
+# HYPOTHESIS_MAX_EXAMPLES=50 for a short run); writes benchmarks/results/fuzz.json.
+fuzz: install
+	HYPOTHESIS_PROFILE=long $(PY) benchmarks/fuzz.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -47,3 +47,20 @@ def minilm() -> ao.Model:
     from aigc_opt.demo import load_minilm
 
     return load_minilm(batch_size=4, seq_len=32)
+
+
+# ------------------------------------------------------------------------------ hypothesis profiles
+# "ci" (default): few examples per test, derandomized (the same examples on every run);
+# "long": HYPOTHESIS_PROFILE=long (make fuzz), 1000 examples per test or $HYPOTHESIS_MAX_EXAMPLES.
+from hypothesis import HealthCheck, Phase, settings as _hypothesis_settings  # noqa: E402
+
+# No "explain" phase: it re-runs a failing example dozens of times, minutes for these tests.
+_PHASES = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink)
+
+_hypothesis_settings.register_profile(
+    "ci", max_examples=10, deadline=None, derandomize=True, print_blob=True, phases=_PHASES,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_hypothesis_settings.register_profile(
+    "long", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "1000")), deadline=None,
+    print_blob=True, phases=_PHASES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

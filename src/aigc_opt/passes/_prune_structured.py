@@ -66,6 +66,10 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
         torch.manual_seed(0)  # importance="random" is reproducible; the caller's RNG is restored
         dg, output_fns = _trace(tp, module, one, forward_one, ran)
         reasons, ignored_params = _ignored(tp, dg, module, settings, names, output_fns)
+        fixed = {**_fixed_convs(tp, dg, names), **_tied_layers(module)}  # channels that must not move
+        for name, why in fixed.items():
+            reasons.setdefault(name, why)
+        frozen = {module.get_submodule(n) for n in fixed}
         ignored = [module.get_submodule(n) for n in reasons]
         untraced = sorted(n for n in ran if module.get_submodule(n) not in dg.module2node
                           and not any(n == r or n.startswith(r + ".") for r in reasons))
@@ -74,8 +78,8 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
                         "through autograd); they are left unchanged.", untraced)
         num_heads = {layer: a.num_heads(module.get_submodule(n)) for n, a in attention.items()
                      for layer in a.head_layers(module.get_submodule(n))}
-        ratios, plan = _plan(tp, dg, ignored, num_heads, settings, round_to, names)
-        importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names)
+        ratios, plan = _plan(tp, dg, ignored, num_heads, settings, round_to, names, frozen)
+        importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names, frozen)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns on every unknown op it traces
             pruner = tp.pruner.MetaPruner(
@@ -126,12 +130,15 @@ class _Tracked:
     can name it) and, for Taylor, sums |weight x gradient| over batches, one gradient per batch
     (Molchanov et al. 2019): the gradient summed over a dataset is close to zero for a trained model."""
 
-    def __init__(self, inner: Any, names: dict[Any, str]):
+    def __init__(self, inner: Any, names: dict[Any, str], frozen: set[nn.Module] | None = None):
         self.inner, self.names, self.layer = inner, names, "?"
+        self.frozen = frozen or set()
         self.grads: list[dict[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, group: Any) -> Any:
         self.layer = self.names.get(group[0].dep.target.module, "?")
+        if _touches(group, self.frozen):
+            return None  # Torch-Pruning skips a group without importance
         if not self.grads:
             return self.inner(group)
         total = None
@@ -148,7 +155,8 @@ def _step(tp: Any, pruner: Any, importance: _Tracked, ignored_params: list[torch
     try:
         for group in pruner.step(interactive=True):
             importance.layer = names.get(group[0].dep.target.module, "?")
-            if not any(dep.target.module is p for dep, _ in group for p in ignored_params):
+            if not any(dep.target.module is p for dep, _ in group for p in ignored_params) and not _touches(
+                    group, importance.frozen):
                 group.prune()
     except Exception as e:
         raise UnsupportedModelError(
@@ -257,14 +265,64 @@ def _roots(tp: Any) -> list[type]:
     return [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
 
 
+def _touches(group: Any, modules: set[nn.Module]) -> bool:
+    return bool(modules) and any(dep.target.module in modules for dep, _ in group)
+
+
+def _fixed_convs(tp: Any, dg: Any, names: dict[Any, str]) -> dict[str, str]:
+    """Grouped convolutions whose channels Torch-Pruning 1.6.1 cannot remove consistently, so they
+    and every layer coupled to their channels are left alone (name -> why):
+
+    - ``groups`` equal to the input or the output channels but not both (a depthwise convolution
+      with a channel multiplier, or its reverse): its importance has the wrong length (IndexError)
+      or the depthwise rule removes as many input as output channels;
+    - a depthwise convolution whose channels come straight from a model input: the depthwise rule
+      removes output and input channels together, but nothing can remove the input's channels.
+    """
+    fixed = {}
+    for m, node in dg.module2node.items():
+        if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1 or m not in names:
+            continue
+        if m.in_channels != m.out_channels and m.groups in (m.in_channels, m.out_channels):
+            fixed[names[m]] = (f"grouped convolution (groups={m.groups}, {m.in_channels} -> {m.out_channels} "
+                               "channels): Torch-Pruning 1.6.1 cannot remove its channels consistently")
+        elif m.groups == m.in_channels == m.out_channels:
+            group = dg.get_pruning_group(m, tp.prune_depthwise_conv_out_channels, [0])
+            producers = [dep.target.module for dep, _ in group if dep.target.module is not m
+                         and isinstance(dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))
+                         and dg.is_out_channel_pruning_fn(dep.handler)]
+            if not producers:
+                fixed[names[m]] = ("depthwise convolution on a model input's channels, which cannot be "
+                                   "removed (Torch-Pruning 1.6.1 would remove them from the weights only)")
+    return fixed
+
+
+def _tied_layers(module: nn.Module) -> dict[str, str]:
+    """Layers sharing a weight with another module (name -> why), such as BERT's MLM decoder and its
+    word embeddings: removing channels from one copy would untie them and store the weight twice."""
+    owners: dict[int, list[str]] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            if name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    tied = {}
+    for names in owners.values():
+        for name in names if len(names) > 1 else ():
+            others = [n for n in names if n != name]
+            tied[name] = f"its weight is tied to {others} (pruning it would untie and duplicate the weight)"
+    return tied
+
+
 def _plan(tp: Any, dg: Any, ignored: list[nn.Module], num_heads: dict[nn.Module, int], settings: Prune,
-          round_to: int, names: dict[Any, str]) -> tuple[dict[nn.Module, float], dict[str, list[int]]]:
+          round_to: int, names: dict[Any, str],
+          frozen: set[nn.Module] | None = None) -> tuple[dict[nn.Module, float], dict[str, list[int]]]:
     """Per-layer ratios that keep a multiple of ``round_to`` channels (nearest to the ratio), and
     refusal of a ratio that would empty a layer, before anything is pruned."""
     ratio = float(settings.ratio)  # type: ignore[arg-type]
     skip = [sub for m in ignored for sub in m.modules()]
     ratios, plan = {}, {}
-    groups = list(dg.get_all_groups(ignored_layers=skip, root_module_types=_roots(tp)))
+    groups = [g for g in dg.get_all_groups(ignored_layers=skip, root_module_types=_roots(tp))
+              if not _touches(g, frozen or set())]
     for group in groups:
         root = group[0].dep.target.module
         name = names.get(root, "?")

@@ -146,6 +146,45 @@ def dynamic_shapes_for(module: torch.nn.Module, inputs: Any, dynamic: bool | dic
     return dict(zip(names, specs)) if isinstance(inputs, dict) else tuple(specs)
 
 
+def tracing_inputs(inputs: Any, dynamic_shapes: Any) -> Any:
+    """The example inputs with every dynamic axis of size 1 repeated to size 2.
+
+    torch.export specializes an axis whose example size is 1 (the "0/1 specialization"): it
+    refuses ``Dim.DYNAMIC`` there, and the ONNX exporter bakes the 1 into reshapes, giving a graph
+    that fails on any other batch size. Tracing on two copies of the example keeps the axis
+    symbolic; the exported model is then verified on the original inputs as well.
+    """
+    if dynamic_shapes is None:
+        return inputs
+    specs = list(dynamic_shapes.values()) if isinstance(dynamic_shapes, dict) else list(dynamic_shapes)
+    values = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    out, changed = [], False
+    for value, spec in zip(values, specs):
+        if isinstance(value, torch.Tensor) and spec:
+            for axis in spec:
+                if value.dim() > axis and value.shape[axis] == 1:
+                    value, changed = torch.cat([value, value], dim=axis), True
+        out.append(value)
+    if not changed:
+        return inputs
+    out += values[len(out):]
+    return dict(zip(inputs, out)) if isinstance(inputs, dict) else tuple(out)
+
+
+def _run_exported(run: Callable[[], Any], what: str, inputs: Any) -> Any:
+    """Run an exported model for verification: a failure there is the export's fault, said as such."""
+    try:
+        return run()
+    except Exception as e:
+        from .._tree import describe
+
+        raise UnsupportedModelError(
+            f"{what} does not run on {describe(inputs)}:\n{_short(e)}\nThe exporter fixed a size or a branch "
+            "that these inputs need otherwise; export with dynamic=False (static shapes) or rewrite the "
+            "model's shape-dependent code."
+        ) from e
+
+
 def _short(e: BaseException, lines: int = 6) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()
     kept = [line for line in text if line.strip()][:lines]
@@ -184,9 +223,12 @@ def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
 
     module = unwrap(model.artifact)
     inputs = model.example_inputs
-    args, kwargs = split_inputs(inputs)
+    dynamic_shapes = dynamic_shapes_for(module, inputs, settings.dynamic)
+    traced = tracing_inputs(inputs, dynamic_shapes)
+    args, kwargs = split_inputs(traced)
+    example_args, example_kwargs = split_inputs(inputs)
     with torch.inference_mode():
-        reference = module(*args, **kwargs)
+        reference = module(*example_args, **example_kwargs)
     leaves, spec = pytree.tree_flatten(reference)
     weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
     external = settings.external_data if settings.external_data is not None else weight_bytes > 1.5e9
@@ -199,7 +241,7 @@ def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, args, kwargs=kwargs or None, dynamo=True, input_names=input_names(module, inputs),
-                dynamic_shapes=dynamic_shapes_for(module, inputs, settings.dynamic),
+                dynamic_shapes=dynamic_shapes,
                 opset_version=settings.opset, optimize=settings.optimize, verify=False, report=False,
                 verbose=False,
             )
@@ -223,8 +265,13 @@ def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
     if settings.verify:
         from ..runtime import runtime_for
 
-        details["max_abs_diff"] = verify_outputs(reference, runtime_for("onnx").run(artifact, inputs),
-                                                 atol=settings.atol, rtol=settings.rtol, what="The ONNX export")
+        for batch in ([inputs] if traced is inputs else [inputs, traced]):
+            batch_args, batch_kwargs = split_inputs(batch)
+            with torch.inference_mode():
+                expected = module(*batch_args, **batch_kwargs)
+            got = _run_exported(lambda b=batch: runtime_for("onnx").run(artifact, b), "The ONNX export", batch)
+            diffs = verify_outputs(expected, got, atol=settings.atol, rtol=settings.rtol, what="The ONNX export")
+            details.setdefault("max_abs_diff", diffs)
     return artifact, details
 
 
@@ -238,19 +285,25 @@ def _opset(path: Any) -> int | None:
 def _export_program(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
     module = unwrap(model.artifact)
     inputs = model.example_inputs
-    args, kwargs = split_inputs(inputs)
+    dynamic_shapes = dynamic_shapes_for(module, inputs, settings.dynamic)
+    traced = tracing_inputs(inputs, dynamic_shapes)
+    args, kwargs = split_inputs(traced)
     try:
-        program = torch.export.export(module, args, kwargs=kwargs or None,
-                                      dynamic_shapes=dynamic_shapes_for(module, inputs, settings.dynamic))
+        program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
     except Exception as e:
         raise UnsupportedModelError(f"torch.export could not export {model.name}:\n{_short(e)}") from e
     details: dict[str, Any] = {"exporter": "torch.export.export"}
     if settings.verify:
-        with torch.inference_mode():
-            reference = module(*args, **kwargs)
-            exported = program.module()(*args, **kwargs)
-        details["max_abs_diff"] = verify_outputs(reference, exported, atol=settings.atol, rtol=settings.rtol,
-                                                 what="The exported program")
+        exported_module = program.module()
+        for batch in ([inputs] if traced is inputs else [inputs, traced]):
+            batch_args, batch_kwargs = split_inputs(batch)
+            with torch.inference_mode():
+                reference = module(*batch_args, **batch_kwargs)
+                exported = _run_exported(lambda a=batch_args, k=batch_kwargs: exported_module(*a, **k),
+                                         "The exported program", batch)
+            diffs = verify_outputs(reference, exported, atol=settings.atol, rtol=settings.rtol,
+                                   what="The exported program")
+            details.setdefault("max_abs_diff", diffs)
     return program, details
 
 
