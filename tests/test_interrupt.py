@@ -15,7 +15,10 @@ HERE = Path(__file__).parent
 # The child builds a model whose forward turns slow once the work under test is under way, says
 # "slow" when it gets there, and reports what is left after the KeyboardInterrupt.
 CHILD = r"""
-import os, sys, tempfile, threading, time
+import os, signal, sys, tempfile, threading, time
+# A shell job started in the background (`cmd &`, as CI runners may do) inherits SIGINT ignored,
+# and Python then installs no KeyboardInterrupt handler: put Ctrl-C back as a user has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch
 import aigc_opt as ao
 
