@@ -49,7 +49,7 @@ def rss() -> int:
 
 def live(kind: type) -> int:
     gc.collect()
-    return sum(issubclass(type(o), kind) for o in gc.get_objects())  # type(): no __class__ lookups
+    return sum(isinstance(o, kind) for o in gc.get_objects())
 
 
 def ours() -> list[str]:
@@ -82,16 +82,12 @@ def _cycle(model: ao.Model) -> None:
 def test_repeated_passes_do_not_grow_memory(big_mlp: ao.Model) -> None:
     for _ in range(3):  # warm-up: kernels, caches, lazy imports
         _cycle(big_mlp)
-    modules, models = live(torch.nn.Module), live(ao.Model)
-    gc.freeze()  # what exists now is not garbage: keep the collections below cheap in a big test process
-    try:
-        start = rss()
-        for _ in range(20):
-            _cycle(big_mlp)
-            gc.collect()
-        grown = rss() - start
-    finally:
-        gc.unfreeze()
+    gc.collect()
+    modules, models, start = live(torch.nn.Module), live(ao.Model), rss()
+    for _ in range(20):
+        _cycle(big_mlp)
+        gc.collect()
+    grown = rss() - start
     assert live(ao.Model) == models, "ao.Model objects are kept alive after the passes returned"
     assert live(torch.nn.Module) == modules, "nn.Module objects are kept alive after the passes returned"
     assert grown < RSS_BOUND, f"resident memory grew by {grown / 1e6:.1f} MB over 20 rounds"
