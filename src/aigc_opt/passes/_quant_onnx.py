@@ -165,6 +165,7 @@ class _Reader:
                 raise ConfigError(f"Quantize('int8-static'): a calibration batch has {len(values)} inputs, "
                                   f"the ONNX model takes {[d[0] for d in declared]}.")
             feeds.append({d[0]: _to_numpy(v, d[1], d[0]) for d, v in zip(declared, values)})
+        self.shapes = [{k: tuple(v.shape) for k, v in feed.items()} for feed in feeds]
         self._bar = tqdm(total=len(feeds), desc="calibrating int8-static (onnx)", unit="batch",
                          disable=not verbose or None)
         self._it = iter(feeds)
@@ -180,6 +181,17 @@ class _Reader:
 
     def rewind(self) -> None:  # part of the reader protocol; one pass is all we give
         pass
+
+
+def _check_one_shape(shapes: list[dict[str, tuple[int, ...]]], method: str) -> None:
+    """ONNX Runtime's histogram calibrators (entropy, percentile) stack every batch's activations
+    into one array, so all calibration batches must have the same shapes (MinMax has no such limit)."""
+    for index, shape in enumerate(shapes[1:], start=1):
+        if shape != shapes[0]:
+            raise ConfigError(
+                f"Quantize('int8-static', calibration_method={method!r}): calibration batch {index} has input "
+                f"shapes {shape}, batch 0 has {shapes[0]}; ONNX Runtime's {method} calibrator needs batches of one "
+                "shape. Pad or group the calibration data to one shape, or use calibration_method='minmax'.")
 
 
 # Only the matmul-like ops: quantizing Softmax/Add/LayerNorm/Gather outputs statically wrecks
@@ -206,6 +218,8 @@ def int8_static_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, A
         raise UnsupportedModelError("Quantize('int8-static'): this ONNX graph has no MatMul/Gemm/Conv with a "
                                     "weight initializer outside skip; nothing to quantize.")
     reader = _Reader(source, list(settings.data), settings.verbose)
+    if settings.calibration_method != "minmax":
+        _check_one_shape(reader.shapes, settings.calibration_method)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[settings.calibration_method]
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}

@@ -70,7 +70,7 @@ def _check_onnxruntime(settings: Compile, target: Target) -> None:
 
 def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, Any]]:
     ort = require("onnxruntime", extra="onnx", purpose="Compile('onnxruntime')")
-    from ..runtime.onnxruntime import OnnxArtifact, new_workdir
+    from ..runtime.onnxruntime import OnnxArtifact, disabled_optimizers, new_workdir
 
     source: OnnxArtifact = model.artifact
     providers = providers_for(model.target, ort.get_available_providers())
@@ -97,7 +97,8 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
         if source.size_bytes() > 1.8e9:  # protobuf's 2 GB limit: weights go beside the graph
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              "model.onnx.data")
-        ort.InferenceSession(str(source.path), options, providers=providers)
+        ort.InferenceSession(str(source.path), options, providers=providers,
+                             disabled_optimizers=disabled_optimizers(source.path))
         artifact = OnnxArtifact(path=optimized, output_spec=source.output_spec, providers=tuple(providers),
                                 graph_optimization=settings.graph_optimization, intra_op_threads=threads,
                                 owns_dir=True)

@@ -95,7 +95,8 @@ class OnnxArtifact:
             }[self.graph_optimization]
             options.intra_op_num_threads = self.intra_op_threads
             options.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
-            self._session.append(ort.InferenceSession(str(self.path), options, providers=list(self.providers)))
+            self._session.append(ort.InferenceSession(str(self.path), options, providers=list(self.providers),
+                                                      disabled_optimizers=disabled_optimizers(self.path)))
         return self._session[0]
 
     def size_bytes(self) -> int:
@@ -113,6 +114,21 @@ class OnnxArtifact:
         }
         files += [self.path.parent / loc for loc in sorted(locations)]
         return files
+
+
+def disabled_optimizers(path: Path) -> list[str]:
+    """Graph transformers to leave out when ONNX Runtime builds a session for the file at ``path``.
+
+    ONNX Runtime 1.2x-1.3x's NchwcTransformer (level "all") segfaults on some float16 graphs
+    (LayerNorm -> MultiheadAttention after ``convert_float_to_float16``; tests/test_fuzz.py has the
+    reproducer). It only rewrites float32 Conv layouts, so leaving it out of graphs that hold float16
+    weights costs nothing for their half-precision part."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return ["NchwcTransformer"]
+    return []
 
 
 def _to_numpy(value: Any, expected: str, name: str) -> np.ndarray:
