@@ -15,25 +15,91 @@ from typing import Any
 
 from .._deps import require
 
-__all__ = ["FUSION_PROVIDERS", "fuse_transformer", "prepare_attention_for_quantization"]
+__all__ = ["FUSION_PROVIDERS", "fuse_transformer", "prepare_attention_for_quantization", "unfuse"]
 
 # Execution providers that implement ONNX Runtime's com.microsoft contrib ops (Attention,
 # SkipLayerNormalization, BiasGelu); TensorRT, OpenVINO and CoreML would fall back to CPU for them.
 FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 
 
-def fuse_transformer(source: Path, destination: Path, *, large: bool = False) -> dict[str, int]:
-    """Write ``source`` with its transformer subgraphs fused to ``destination``; returns the counts
-    of each fusion applied (empty: nothing matched, nothing written)."""
+# onnxscript's fusion counters -> the contrib op each one makes
+_FUSION_OPS = {"skip_layer_normalization": "SkipLayerNormalization", "bias_gelu": "BiasGelu"}
+
+
+def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExecutionProvider",
+                     large: bool = False) -> dict[str, Any]:
+    """Write ``source`` with its transformer subgraphs fused for ``provider`` to ``destination``.
+
+    Returns the count of each fusion kept (empty: nothing worth writing, nothing written) and, under
+    ``"left_unfused"``, the fused ops taken apart again because they are slower on ``provider``
+    (``runtime.onnxruntime.SLOWER_FUSED_OPS``; the session then keeps ORT from fusing them back)."""
     ir = require("onnx_ir", extra="onnx", purpose="ONNX Runtime transformer fusions")
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from ..runtime.onnxruntime import SLOWER_FUSED_OPS
 
     graph = ir.load(str(source))
     graph, counts = optimize_for_ort(graph)
     counts = {k: v for k, v in counts.items() if v}
-    if counts:
-        ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
+    slower = SLOWER_FUSED_OPS.get(provider, {})
+    if not {k for k in counts if _FUSION_OPS.get(k) not in slower}:
+        return {}  # only fusions this provider runs slower: the source graph is the better one
+    ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
+    unfused = unfuse(destination, set(slower))
+    counts = {k: v for k, v in counts.items() if _FUSION_OPS.get(k) not in unfused}
+    if unfused:
+        counts["left_unfused"] = unfused
     return counts
+
+
+def unfuse(path: Path, op_types: set[str]) -> dict[str, int]:
+    """Rewrite, in place, ``SkipLayerNormalization`` into ``Add`` (+ bias ``Add``) + ``LayerNormalization``
+    and ``BiasGelu`` into ``Add`` + ``Gelu``, for the op types in ``op_types``; returns counts.
+
+    A SkipLayerNormalization whose mean / inverse-std outputs are read is kept (LayerNormalization
+    computes them over the sum, but the names would change for no gain)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    counts: dict[str, int] = {}
+    nodes = []
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in op_types:
+            replacement = _unfused(node, opset, used, helper)
+            if replacement:
+                nodes.extend(replacement)
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+                continue
+        nodes.append(node)
+    if counts:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+    return counts
+
+
+def _unfused(node: Any, opset: int, used: set[str], helper: Any) -> list[Any]:
+    inputs = list(node.input) + [""] * 5
+    name = node.name or node.output[0]
+    if node.op_type == "BiasGelu":
+        total = f"{name}/sum"
+        return [helper.make_node("Add", inputs[:2], [total], name=f"{name}/add"),
+                helper.make_node("Gelu", [total], [node.output[0]], name=f"{name}/gelu", domain="com.microsoft")]
+    outputs = list(node.output) + [""] * 4
+    if opset < 17 or any(o and o in used for o in outputs[1:3]):  # LayerNormalization is opset 17
+        return []
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+    x, skip, gamma, beta, bias = inputs[:5]
+    total = outputs[3] if outputs[3] else f"{name}/sum"
+    added = [helper.make_node("Add", [x, skip], [f"{name}/skip_sum" if bias else total], name=f"{name}/add")]
+    if bias:
+        added.append(helper.make_node("Add", [f"{name}/skip_sum", bias], [total], name=f"{name}/add_bias"))
+    norm = helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [outputs[0]],
+                            name=f"{name}/layer_norm", axis=-1, epsilon=epsilon)
+    return [*added, norm]
 
 
 def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def _fused_for_quantization(model: Model, settings: Quantize, workdir: Any) -> t
     fused = workdir / "fused.onnx"
     large = source.size_bytes() > 1.8e9
     try:
-        counts = fuse_transformer(source.path, fused, large=large)
+        counts = fuse_transformer(source.path, fused, provider=provider, large=large)
         if not counts:
             return source.path, {"applied": False, "reason": "no transformer pattern found"}
         prepared = {} if large else prepare_attention_for_quantization(fused)

@@ -98,7 +98,7 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              "model.onnx.data")
         ort.InferenceSession(str(source.path), options, providers=providers,
-                             disabled_optimizers=disabled_optimizers(source.path))
+                             disabled_optimizers=disabled_optimizers(source.path, providers))
         artifact = OnnxArtifact(path=optimized, output_spec=source.output_spec, providers=tuple(providers),
                                 graph_optimization=settings.graph_optimization, intra_op_threads=threads,
                                 owns_dir=True)
@@ -131,7 +131,8 @@ def _transformer_fusions(source: Any, workdir: Any, settings: Compile, providers
         return {"applied": False, "reason": f"{providers[0]} does not run ORT's fused contrib ops"}
     path = workdir / "fused.onnx"
     try:
-        counts = fuse_transformer(source.path, path, large=source.size_bytes() > 1.8e9)  # protobuf's 2 GB
+        counts = fuse_transformer(source.path, path, provider=providers[0],
+                                  large=source.size_bytes() > 1.8e9)  # protobuf's 2 GB
     except Exception as exc:  # an optimization: without it the model still runs, unfused
         if settings.transformer_fusions:
             raise PassError(f"Compile('onnxruntime'): transformer fusions failed: {exc}") from exc

@@ -95,8 +95,9 @@ class OnnxArtifact:
             }[self.graph_optimization]
             options.intra_op_num_threads = self.intra_op_threads
             options.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
+            disabled = disabled_optimizers(self.path, self.providers)
             self._session.append(ort.InferenceSession(str(self.path), options, providers=list(self.providers),
-                                                      disabled_optimizers=disabled_optimizers(self.path)))
+                                                      disabled_optimizers=disabled))
         return self._session[0]
 
     def size_bytes(self) -> int:
@@ -116,19 +117,32 @@ class OnnxArtifact:
         return files
 
 
-def disabled_optimizers(path: Path) -> list[str]:
-    """Graph transformers to leave out when ONNX Runtime builds a session for the file at ``path``.
+# Fused contrib ops that are slower on an execution provider than the standard ops they replace,
+# with the ONNX Runtime graph transformer that would fuse them again. Measured with ORT 1.32 on
+# 2 AVX-512 cores, all-MiniLM-L6-v2 batch 8 x 128 (per node): SkipLayerNormalization 1.1 ms vs
+# Add + LayerNormalization 0.45 ms; BiasGelu 1.3 ms vs Add + Gelu 0.8 ms; the int8 graph 12% and
+# the fp32 graph 9% faster end to end (benchmarks/results/export_compile.md).
+SLOWER_FUSED_OPS: dict[str, dict[str, str]] = {
+    "CPUExecutionProvider": {"SkipLayerNormalization": "SkipLayerNormFusion", "BiasGelu": "BiasGeluFusion"},
+}
 
-    ONNX Runtime 1.2x-1.3x's NchwcTransformer (level "all") segfaults on some float16 graphs
-    (LayerNorm -> MultiheadAttention after ``convert_float_to_float16``; tests/test_fuzz.py has the
-    reproducer). It only rewrites float32 Conv layouts, so leaving it out of graphs that hold float16
-    weights costs nothing for their half-precision part."""
+
+def disabled_optimizers(path: Path, providers: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Graph transformers to leave out when ONNX Runtime builds a session for the file at ``path``
+    on ``providers`` (first = main).
+
+    - the fusions into ops that are slower on the main provider (``SLOWER_FUSED_OPS``);
+    - NchwcTransformer on graphs holding float16 weights: ONNX Runtime 1.2x-1.3x segfaults there on
+      some of them (LayerNorm -> MultiheadAttention after ``convert_float_to_float16``; reproducer in
+      tests/test_fuzz.py). It only rewrites float32 Conv layouts, so the half-precision part loses nothing.
+    """
     import onnx
 
+    disabled = list(SLOWER_FUSED_OPS.get(providers[0], {}).values()) if providers else []
     graph = onnx.load(str(path), load_external_data=False).graph
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
-        return ["NchwcTransformer"]
-    return []
+        disabled.append("NchwcTransformer")
+    return disabled
 
 
 def _to_numpy(value: Any, expected: str, name: str) -> np.ndarray:
