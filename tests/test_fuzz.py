@@ -296,26 +296,6 @@ QUANT_OPTIONS = {
 }
 
 
-def quantize_known_bug(spec: Spec, pass_: ao.Quantize) -> str | None:
-    """Cases left out of the fuzzing because of bugs in files this suite does not own (each has
-    a strict-xfail reproducer at the end of this file)."""
-    module = spec.build().artifact
-    layers = [module.get_submodule(n) for n in pass_.selected(module, pass_.resolve(ao.Target.get("host"))[0])]
-    # (in, out) features of the linear layers: nn.Linear, and transformers' Conv1D (GPT-2), weight (in, out)
-    linears = [(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else tuple(m.weight.shape)
-               for m in layers if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-    if pass_.method in ("int8-dynamic", "int8-weight-only") and any(
-            i == 1 and (o > 1 or pass_.method == "int8-dynamic") for i, o in linears):
-        return "torchao int8 crashes on a Linear with in_features=1 (when quantizing, or when run on batch > 1)"
-    if pass_.group_size and any(i % pass_.group_size for i, _ in linears):
-        return "group_size not dividing in_features crashes in torchao instead of being refused"
-    if pass_.method in ("fp16", "bf16") and pass_.skip:
-        # (and, more specifically: Conv1D layers are not skipped at all, and a skipped layer whose
-        # weight is tied to an embedding breaks the model at run time)
-        return "fp16/bf16 round the weights of skip= layers to half precision (stored as float32)"
-    return None
-
-
 def static_calibration(spec: Spec) -> tuple[list[Any], bool]:
     """Calibration batches for int8-static, and whether another batch size may be run afterwards.
 
@@ -334,11 +314,11 @@ def static_calibration(spec: Spec) -> tuple[list[Any], bool]:
 def test_quantize(method: str, spec: Spec, data: Any, tmp_path_factory: Any) -> None:
     options = {k: data.draw(s, label=k) for k, s in QUANT_OPTIONS[method].items()}
     if method == "int8-weight-only":
-        # group sizes that divide every layer's input width (others: known bug, reproducer below)
-        widths = [m.in_features if isinstance(m, torch.nn.Linear) else m.weight.shape[0]
-                  for m in spec.build().artifact.modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-        options["group_size"] = data.draw(st.sampled_from([None, *[g for g in (2, 4, 8, 16, 32)
-                                                                    if all(w % g == 0 for w in widths)]]),
+        # mostly group sizes that divide every layer's input width; others must be refused (ConfigError)
+        widths = [getattr(m, "in_features", getattr(m, "nx", 1)) for m in spec.build().artifact.modules()
+                  if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+        fitting = [None, *[g for g in (2, 4, 8, 16, 32) if all(w % g == 0 for w in widths if w > 1)]]
+        options["group_size"] = data.draw(st.sampled_from(fitting) | st.sampled_from([2, 4, 8, 16, 32]),
                                           label="group_size")
     if data.draw(st.booleans(), label="use skip"):
         names = ao.Quantize(method).selected(spec.build().artifact)
@@ -351,15 +331,20 @@ def test_quantize(method: str, spec: Spec, data: Any, tmp_path_factory: Any) -> 
         options["verbose"] = False
         vary_seq = spec.family in ("bert", "gpt2")
     pass_ = ao.Quantize(method, **options)
-    bug = quantize_known_bug(spec, pass_)
-    if bug:
-        event(f"left out (known bug): {bug}")
-    assume(bug is None)
     model = spec.build()
     result = check_pass(spec, pass_, f"Quantize/{method}", tmp_path_factory, model=model, other_batch=other_batch,
                         vary_seq=vary_seq, calibrated=method == "int8-static")
+    module = unwrap(model.artifact)
+    layers = {n: module.get_submodule(n) for n in pass_.selected(module, pass_.resolve(model.target)[0])}
+    if pass_.group_size and any(getattr(m, "in_features", getattr(m, "nx", 0)) % pass_.group_size
+                                for m in layers.values()):
+        assert result is None, f"group_size={pass_.group_size} does not divide an input width: must be refused"
     if result is not None and pass_.skip and method != "int8-static":  # (a PT2E graph has no such names)
         assert_skipped_untouched(model, result, pass_.skip)
+    if result is not None and method in ("int8-dynamic", "int8-weight-only"):  # in_features=1: kept float
+        kept = pass_.kept_float(module, pass_.resolve(model.target)[0])
+        assert sorted(kept) == result.history[-1].details.get("kept_float", {}).get("layers", [])
+        assert all(type(unwrap(result.artifact).get_submodule(n).weight) is torch.nn.Parameter for n in kept)
 
 
 def assert_skipped_untouched(model: ao.Model, result: ao.Model, skip: tuple[str, ...]) -> None:
@@ -372,6 +357,75 @@ def assert_skipped_untouched(model: ao.Model, result: ao.Model, skip: tuple[str,
             q = getattr(after.get_submodule(name), pname)
             assert type(q) in (torch.Tensor, torch.nn.Parameter) and q.dtype == p.dtype and torch.equal(q, p), \
                 f"skip={list(skip)}: {name}.{pname} was changed ({type(q).__name__}, {q.dtype})"
+
+
+# Regressions: torchao's int8 kernels crashed on an nn.Linear with in_features=1 (Linear(1, n > 1)
+# when quantizing; int8-dynamic on Linear(1, 1) when run on a batch > 1): such layers stay float,
+# listed in details["kept_float"], and a model with no other layer is refused in check.
+@pytest.mark.parametrize("method, out_features", [("int8-dynamic", 1), ("int8-dynamic", 2), ("int8-weight-only", 2)])
+def test_int8_on_a_linear_with_one_input_feature(method: str, out_features: int) -> None:
+    spec = MLPSpec(d_in=1, widths=(out_features, 8, 3), batch=1)
+    model = spec.build()
+    q = ao.quantize(model, method)
+    kept = q.history[-1].details["kept_float"]
+    narrow = ["net.0"] + (["net.2"] if out_features == 1 else [])  # Linear(1, o), and Linear(1, 8) after o=1
+    assert kept["layers"] == narrow and "in_features=1" in kept["reason"]
+    assert all(type(q.artifact.get_submodule(n).weight) is torch.nn.Parameter for n in narrow)
+    assert q.history[-1].details["layers_quantized"] == 3 - len(narrow)
+    for batch in (model.example_inputs, spec.inputs(3)):
+        torch.testing.assert_close(q.run(batch), model.run(batch), atol=0.05, rtol=0.05)
+    alone = MLPSpec(d_in=1, widths=(out_features,), batch=1).build()
+    with pytest.raises(ao.errors.UnsupportedModelError, match=r"in_features=1"):
+        ao.Quantize(method).check(alone)
+
+
+def test_int8_weight_only_group_size_not_dividing_in_features() -> None:
+    model = MLPSpec(d_in=12, widths=(8,)).build()
+    with pytest.raises(ConfigError, match=r"group_size=8 .*net\.0 \(in_features=12\).*group_size=4"):
+        ao.Quantize("int8-weight-only", group_size=8).check(model)
+    with pytest.raises(ConfigError, match=r"group_size=16"):  # larger than the layer
+        ao.quantize(model, "int8-weight-only", group_size=16)
+    q = ao.quantize(model, "int8-weight-only", group_size=4)
+    assert q.history[-1].details["group_size"] == 4
+
+
+# Regressions: fp16/bf16 cast the whole model and then cast skip= layers back to float32, so their
+# weights came back rounded; transformers' Conv1D (GPT-2) ignored skip=; and a skipped layer whose
+# weight is tied to an embedding made the tied weight float32 for both, breaking the model at run time.
+@pytest.mark.parametrize("method", ["fp16", "bf16"])
+def test_half_with_a_tied_layer_skipped(method: str, tmp_path: Any) -> None:
+    model = GPT2Spec(cls="GPT2LMHeadModel", hidden=8, heads=1, mask=True).build()
+    q = ao.quantize(model, method, skip=("lm_head",))
+    lm_head, wte = q.artifact.lm_head, q.artifact.transformer.wte
+    assert lm_head.weight is wte.weight and torch.equal(lm_head.weight, model.artifact.lm_head.weight)
+    assert q.artifact.transformer.h[0].mlp.c_fc.weight.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[method]
+    details = q.history[-1].details
+    assert details["layers_skipped"] == ["lm_head"] and details["kept_float"]["layers"] == ["transformer.wte"]
+    assert "transformer.wte.weight is lm_head.weight" in details["kept_float"]["reason"]
+    ref = model.run(model.example_inputs).logits
+    out = q.run(model.example_inputs).logits
+    assert out.dtype == torch.float32 and (out - ref).norm() <= 0.03 * ref.norm()
+    q.save(tmp_path / "m")
+    torch.testing.assert_close(ao.Model.load(tmp_path / "m", trust=True).run(model.example_inputs).logits, out)
+
+
+@pytest.mark.parametrize("method", ["fp16", "bf16"])
+def test_half_skip_on_gpt2_conv1d(method: str) -> None:
+    model = GPT2Spec(cls="GPT2Model", hidden=8, heads=1).build()
+    q = ao.quantize(model, method, skip=("*c_fc",))
+    assert torch.equal(q.artifact.h[0].mlp.c_fc.weight, model.artifact.h[0].mlp.c_fc.weight)
+    assert q.artifact.h[0].mlp.c_proj.weight.dtype != torch.float32
+    assert q.history[-1].details["layers_skipped"] == ["h.0.mlp.c_fc"]
+    q.run(model.example_inputs)
+
+
+@pytest.mark.parametrize("method", ["fp16", "bf16"])
+def test_half_skip_keeps_full_precision(method: str) -> None:
+    model = MLPSpec(d_in=16, widths=(16, 4)).build()
+    q = ao.quantize(model, method, skip=("net.0",))
+    assert torch.equal(q.artifact.net[0].weight, model.artifact.net[0].weight)
+    assert q.artifact.net[0].weight.dtype == torch.float32 and q.artifact.net[2].weight.dtype != torch.float32
+    assert q.run(model.example_inputs).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------ Prune
@@ -588,32 +642,6 @@ def test_hf_load_keeps_the_attention_implementation(tmp_path: Any) -> None:
     assert loaded.artifact.config._attn_implementation == model.artifact.config._attn_implementation == "eager"
 
 
-@pytest.mark.xfail(strict=True, reason="torchao int8 on an nn.Linear with in_features=1 crashes: Linear(1, n>1) "
-                   "when quantizing (RuntimeError: shape '[n, 1]' is invalid..., surfacing as PassError), "
-                   "int8-dynamic on Linear(1, 1) when the result runs a batch > 1 (bare RuntimeError) "
-                   "(quantize.py, _quant_torch.py)")
-@pytest.mark.parametrize("method, out_features", [("int8-dynamic", 1), ("int8-dynamic", 2), ("int8-weight-only", 2)])
-def test_int8_on_a_linear_with_one_input_feature(method: str, out_features: int) -> None:
-    spec = MLPSpec(d_in=1, widths=(out_features,), batch=1)
-    model = spec.build()
-    try:
-        q = ao.quantize(model, method)
-        for batch in (model.example_inputs, spec.inputs(3)):
-            torch.testing.assert_close(q.run(batch), model.run(batch), atol=0.05, rtol=0.05)
-    except PassError as e:
-        raise AssertionError(f"untyped failure: {e}") from e
-    except AigcOptError:
-        return  # refused with a typed error: fine
-
-
-@pytest.mark.xfail(strict=True, reason="int8-weight-only with group_size not dividing in_features crashes in "
-                   "torchao (AssertionError) instead of a typed refusal in check (_quant_torch.py)")
-def test_int8_weight_only_group_size_not_dividing_in_features() -> None:
-    model = MLPSpec(d_in=12, widths=(8,)).build()
-    with pytest.raises((ConfigError, ao.errors.UnsupportedModelError)):
-        ao.quantize(model, "int8-weight-only", group_size=8)
-
-
 @pytest.mark.xfail(strict=True, reason="int8-static: a calibration batch of another shape than the first "
                    "(batch 1, or another float sequence length) fails on a torch.export guard: an "
                    "AssertionError wrapped in PassError, not a typed refusal (_quant_pt2e.py)")
@@ -664,37 +692,6 @@ def test_static_exported_program_on_another_batch_size() -> None:
         program.run(spec.inputs(3))
     except AigcOptError:
         pass
-
-
-@pytest.mark.xfail(strict=True, reason="fp16/bf16 with skip= on a layer whose weight is tied to another module "
-                   "(GPT-2's lm_head <-> wte, BERT's decoder <-> word_embeddings) casts the shared weight back to "
-                   "float32 for both: the model then fails at run time with 'mixed dtype' (_quant_torch.py _half)")
-@pytest.mark.parametrize("method", ["fp16", "bf16"])
-def test_half_with_a_tied_layer_skipped(method: str) -> None:
-    model = GPT2Spec(cls="GPT2LMHeadModel", hidden=8, heads=1).build()
-    try:
-        q = ao.quantize(model, method, skip=("lm_head",))
-    except AigcOptError:
-        return  # refused with a typed error: fine
-    q.run(model.example_inputs)
-
-
-@pytest.mark.xfail(strict=True, reason="fp16/bf16 ignore skip= for transformers' Conv1D layers (GPT-2): they are "
-                   "cast anyway and details['layers_skipped'] is [] (_quant_torch.py _half lists nn.Linear/Conv only)")
-@pytest.mark.parametrize("method", ["fp16", "bf16"])
-def test_half_skip_on_gpt2_conv1d(method: str) -> None:
-    model = GPT2Spec(cls="GPT2Model", hidden=8, heads=1).build()
-    q = ao.quantize(model, method, skip=("*c_fc",))
-    assert q.artifact.h[0].mlp.c_fc.weight.dtype == torch.float32
-
-
-@pytest.mark.xfail(strict=True, reason="fp16/bf16 cast the whole model, then cast skip= layers back to float32: "
-                   "their weights come back rounded to half precision instead of untouched (_quant_torch.py _half)")
-@pytest.mark.parametrize("method", ["fp16", "bf16"])
-def test_half_skip_keeps_full_precision(method: str) -> None:
-    model = MLPSpec(d_in=16, widths=(16, 4)).build()
-    q = ao.quantize(model, method, skip=("net.0",))
-    assert torch.equal(q.artifact.net[0].weight, model.artifact.net[0].weight)
 
 
 SEGFAULT_CHILD = r"""

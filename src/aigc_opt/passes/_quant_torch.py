@@ -1,5 +1,5 @@
-"""Quantization methods for torch models that keep the module's structure: torchao weight-only
-int8/int4, fp8 (torchao), and fp16/bf16 casts.
+"""Quantization methods for torch models that keep the module's structure: torchao int8 dynamic,
+weight-only int8/int4, fp8 (torchao), and fp16/bf16 casts.
 
 Each function converts the pass's private copy in place and returns the record's details;
 ``Quantize.restore`` replays the same function on a freshly built skeleton before the saved
@@ -9,12 +9,14 @@ weights are loaded (torchao's tensor subclasses load with ``weights_only=True``)
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._deps import require
-from ..errors import IncompatibleTargetError, UnsupportedModelError
+from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
+from ._prune_hf import is_conv1d
 from .quantize import _is_quantized, quant_method
 
 if TYPE_CHECKING:
@@ -46,12 +48,93 @@ def _torchao_quantize(module: torch.nn.Module, settings: Quantize, config: Any, 
     }
 
 
+def _one_input_feature(layer: torch.nn.Module) -> str | None:
+    """torchao's int8 kernels fail on a layer with a single input feature (Linear(1, n)): keep it float."""
+    in_features = getattr(layer, "in_features", getattr(layer, "nx", None))  # nn.Linear, or GPT-2's Conv1D
+    return ("in_features=1: torchao's int8 kernels fail on a single input feature (and int8 saves nothing "
+            "there)") if in_features == 1 else None
+
+
+def _check_group_size(settings: Quantize, layers: dict[str, torch.nn.Module]) -> None:
+    """Weight groups run along the input axis: group_size must divide every selected layer's in_features."""
+    if settings.group_size is None:
+        return
+    widths = {n: getattr(m, "in_features", getattr(m, "nx", 0)) for n, m in layers.items()}
+    bad = {n: w for n, w in widths.items() if w % settings.group_size}
+    if not bad:
+        return
+    common = math.gcd(*widths.values())
+    fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if common % g == 0]
+    shown = ", ".join(f"{n} (in_features={w})" for n, w in list(bad.items())[:3]) + (
+        f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise ConfigError(
+        f"Quantize(method={settings.method!r}): group_size={settings.group_size} does not divide the input "
+        f"width of {shown}; weight groups run along the input features. Use "
+        + (f"group_size={fits[0]} (divides every layer's in_features), " if fits else "")
+        + "group_size=None (one scale per output channel), or skip= those layers."
+    )
+
+
 def _granularity(settings: Quantize) -> Any:
     from torchao.quantization import PerGroup, PerRow, PerTensor
 
     if settings.group_size is not None:
         return PerGroup(settings.group_size)
     return PerRow() if settings.per_channel else PerTensor()
+
+
+# ---------------------------------------------------------------------------------- int8 dynamic
+def _int8_dynamic_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+    from ._quant_onnx import int8_dynamic_onnx
+
+    return int8_dynamic_onnx(model, settings)
+
+
+@quant_method(
+    "int8-dynamic",
+    description="int8 weights per output channel + int8 activations per token at run time "
+    "(torchao Int8DynamicActivationInt8WeightConfig; real int8 matmul kernels); for ONNX models, "
+    "onnxruntime.quantization.quantize_dynamic",
+    target_dtype="int8",
+    package="torchao",
+    extra="quant",
+    onnx=_int8_dynamic_onnx,
+    options=("per_channel", "symmetric", "skip_types"),
+    keep_float=_one_input_feature,
+)
+def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
+    # Per-channel weights + per-token activations: the accurate variant (MiniLM embedding
+    # cosine 0.998 vs 0.946 for torch.ao's per-tensor quantize_dynamic).
+    require("torchao", extra="quant", purpose="Quantize('int8-dynamic')")
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        MappingType,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
+
+    selected = set(settings.selected(module))
+    # set_inductor_config=False: torchao would otherwise change global inductor flags.
+    # symmetric=False: asymmetric (zero-point) activations, for inputs far from zero-centred.
+    act = MappingType.ASYMMETRIC if settings.symmetric is False else MappingType.SYMMETRIC
+    config = Int8DynamicActivationInt8WeightConfig(
+        set_inductor_config=False, granularity=PerRow() if settings.per_channel else PerTensor(),
+        act_mapping_type=act)
+    quantize_(module, config, filter_fn=lambda m, fqn: fqn in selected)
+    quantized = [n for n in selected if _is_quantized(module.get_submodule(n))]
+    if not quantized:
+        raise UnsupportedModelError(
+            "Quantize('int8-dynamic'): torchao left every selected layer unchanged; refusing to "
+            "return an unquantized model as if it were quantized."
+        )
+    return {
+        "layers_quantized": len(quantized),
+        "layers_skipped": sorted(n for n, m in module.named_modules()
+                                 if isinstance(m, torch.nn.Linear) and n not in quantized),
+        "kernel": "torchao int8 dynamic (int8 x int8 -> int32 matmul)",
+        "note": "On CPU this is fast after Compile('inductor'); in eager mode it can be slower than fp32.",
+    }
 
 
 # ---------------------------------------------------------------------------------- int8 weight-only
@@ -63,6 +146,8 @@ def _granularity(settings: Quantize) -> Any:
     package="torchao",
     extra="quant",
     options=("per_channel", "group_size", "skip_types"),
+    keep_float=_one_input_feature,
+    check_layers=_check_group_size,
 )
 def _int8_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
     require("torchao", extra="quant", purpose="Quantize('int8-weight-only')")
@@ -172,21 +257,80 @@ def _add_cast_hooks(module: torch.nn.Module, inner: torch.dtype, outer: torch.dt
     module.register_forward_hook(functools.partial(_cast_outputs, dtype=outer))
 
 
-def _half(module: torch.nn.Module, settings: Quantize, dtype: torch.dtype) -> dict[str, Any]:
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(r == "" or name == r or name.startswith(r + ".") for r in roots)
+
+
+# Modules that use a child layer's weights without calling it, so no hook can cast at its boundary.
+_READS_CHILDREN = (torch.nn.MultiheadAttention,)
+
+
+def _is_layer(m: torch.nn.Module) -> bool:  # what fp16/bf16 select; skipped Conv1D stay Conv1D
+    return isinstance(m, (torch.nn.Linear, *_CONVS)) or is_conv1d(m)
+
+
+def _own_tensors(m: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(k, t) for k, t in (*m._parameters.items(), *m._buffers.items()) if t is not None]
+
+
+def _float32_islands(module: torch.nn.Module, settings: Quantize) -> tuple[list[str], dict[str, str]]:
+    """The top-most modules an fp16/bf16 cast leaves in float32: skip_types modules, layers not
+    selected (skip=), and, so that no weight is used by both a float32 and a half module, every
+    module holding a weight tied to one of those (GPT-2's lm_head <-> wte) and every
+    nn.MultiheadAttention whose out_proj is one (it reads out_proj.weight without calling it);
+    with {module: why} for those last two."""
     selected = set(settings.selected(module))
-    layers = [n for n, m in module.named_modules() if isinstance(m, (torch.nn.Linear, *_CONVS))]
-    kept = sorted(set(layers) - selected)
-    # Skipped layers, and whatever module holds them, stay float32: cast everything, then put
-    # the skipped ones back and let hooks cast at their boundary.
-    module.to(dtype)
-    for name in kept:
-        layer = module.get_submodule(name)
-        layer.to(torch.float32)
-        _add_cast_hooks(layer, torch.float32, dtype)
+    roots: list[str] = []
+    for name, m in module.named_modules():
+        if not _inside(name, roots) and (type(m).__name__ in settings.skip_types
+                                         or (_is_layer(m) and name not in selected)):
+            roots.append(name)
+    tied: dict[str, str] = {}
+    while True:
+        owner = {id(t): f"{name}.{key}".lstrip(".") for name, m in module.named_modules()
+                 if _inside(name, roots) for key, t in _own_tensors(m)}
+        new = {name: f"{name}.{key} is {owner[id(t)]}".lstrip(".") for name, m in module.named_modules()
+               if not _inside(name, roots) for key, t in _own_tensors(m) if id(t) in owner}
+        new.update({parent: f"{parent or 'the model'} (nn.MultiheadAttention) reads {r}.weight directly"
+                    for r in roots if r for parent in [r.rpartition(".")[0]] if not _inside(parent, roots)
+                    and isinstance(module.get_submodule(parent), _READS_CHILDREN)})
+        if not new:
+            return [r for r in roots if not _inside(r, [o for o in roots if o != r])], tied
+        tied.update(new)
+        roots.extend(new)
+
+
+def _half(module: torch.nn.Module, settings: Quantize, dtype: torch.dtype) -> dict[str, Any]:
+    # Cast every module but the float32 islands, each its own tensors (_apply(recurse=False)), so
+    # the islands' weights stay bit-identical (never rounded); hooks cast activations at their boundaries.
+    islands, tied = _float32_islands(module, settings)
+    converted = [n for n in settings.selected(module) if not _inside(n, islands)]
+    if not converted:
+        raise ConfigError(
+            f"Quantize({settings.method!r}): every selected layer shares weights with a layer kept in "
+            f"float32 ({sorted(tied.values())}), so none would be cast: such groups stay float32 together. "
+            "Remove those layers from skip= (or skip_types=)."
+        )
+    if islands:
+        cast = functools.partial(_cast_float, dtype=dtype)
+        for name, m in module.named_modules():
+            if not _inside(name, islands):
+                m._apply(cast, recurse=False)
+    else:
+        module.to(dtype)
+    for name in islands:
+        _add_cast_hooks(module.get_submodule(name), torch.float32, dtype)
     _add_cast_hooks(module, dtype)
     name = "float16" if dtype == torch.float16 else "bfloat16"
-    return {"dtype": name, "layers_converted": len(selected), "layers_skipped": kept,
-            "kernel": f"torch {name} kernels (whole model cast; float32 inputs/outputs cast at the boundary)"}
+    skipped = sorted(n for n, m in module.named_modules() if _is_layer(m) and _inside(n, islands))
+    details = {"dtype": name, "layers_converted": len(converted), "layers_skipped": skipped,
+               "kernel": f"torch {name} kernels (the model cast but for skipped layers; float32 "
+                         "inputs/outputs cast at the boundaries)"}
+    if tied:
+        ties = "; ".join(tied[n] for n in sorted(tied))
+        details["kept_float"] = {"layers": sorted(tied), "reason": f"shares weights with a skipped layer "
+                                 f"({ties}): such groups stay float32 together"}
+    return details
 
 
 _HALF_FACTS = dict(dtype_policy="warn", layer_types=(torch.nn.Linear, *_CONVS), options=("skip_types",),

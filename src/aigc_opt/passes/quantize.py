@@ -5,10 +5,11 @@ formats, device types, target dtypes and optional package it needs, and a functi
 converts a module in place (on the pass's private copy). ``check`` reads those facts; adding a
 method is one function and one ``@quant_method(...)`` line.
 
-The methods themselves live beside this file: ``_quant_torch`` (torchao weight-only, fp16/bf16,
-fp8, int4), ``_quant_pt2e`` (static int8 via torch.export), ``_quant_onnx`` (ONNX Runtime static
-int8 and fp16), ``_quant_bnb`` (bitsandbytes); ``_quant_auto`` picks one from the target and
-``_quant_fallback`` keeps sensitive layers in float to meet an accuracy budget.
+The methods themselves live beside this file: ``_quant_torch`` (torchao int8 dynamic and
+weight-only, fp16/bf16, fp8, int4), ``_quant_pt2e`` (static int8 via torch.export),
+``_quant_onnx`` (ONNX Runtime static int8 and fp16), ``_quant_bnb`` (bitsandbytes);
+``_quant_auto`` picks one from the target and ``_quant_fallback`` keeps sensitive layers in
+float to meet an accuracy budget.
 
 Example:
     >>> import aigc_opt as ao, torch
@@ -74,6 +75,10 @@ class QuantMethod:
     extra: str | None = None
     simulated: bool = False
     layer_types: tuple[type, ...] = (torch.nn.Linear,)  # the layers it quantizes (torch)
+    # keep_float(layer) -> why the method leaves that layer float (a shape its kernel cannot take), or None.
+    keep_float: Callable[[torch.nn.Module], str | None] | None = None
+    # check_layers(settings, {name: layer}): refusals that depend on the selected layers (ConfigError).
+    check_layers: Callable[[Quantize, dict[str, torch.nn.Module]], None] | None = None
     options: tuple[str, ...] = ("per_channel", "skip_types")  # torch settings it honours
     onnx_options: tuple[str, ...] = ("per_channel", "transformer_fusions")
     needs_data: bool = False  # calibration batches (``data=``)
@@ -268,18 +273,31 @@ class Quantize(Pass):
             )
         if model.format != "torch":
             return
-        if not any(self.selected(unwrap(model.artifact), spec)):
+        module = unwrap(model.artifact)
+        selected = self.selected(module, spec)
+        if not selected:
             types = "/".join(f"nn.{t.__name__}" for t in spec.layer_types)
+            kept = self.kept_float(module, spec)
             raise UnsupportedModelError(
                 f"Quantize(method={spec.name!r}) found no {types} layer to quantize"
                 + (f" outside skip={list(self.skip)}" if self.skip else "")
                 + (f" and skip_types={list(self.skip_types)}" if self.skip_types else "")
+                + (f" (left float, as its kernel cannot take them: {kept})" if kept else "")
                 + "; it would return an unchanged model."
             )
+        if spec.check_layers is not None:
+            spec.check_layers(self, {n: module.get_submodule(n) for n in selected})
 
     def selected(self, module: torch.nn.Module, spec: QuantMethod | None = None) -> list[str]:
-        """Names of the layers the method will quantize (skip and skip_types applied)."""
-        layer_types = (spec or self.spec).layer_types
+        """Names of the layers the method will quantize (skip, skip_types and ``kept_float`` applied)."""
+        return [name for name, why in self._candidates(module, spec or self.spec) if why is None]
+
+    def kept_float(self, module: torch.nn.Module, spec: QuantMethod | None = None) -> dict[str, str]:
+        """Layers the method would quantize but leaves float (shapes its kernel cannot take), with why."""
+        return {name: why for name, why in self._candidates(module, spec or self.spec) if why is not None}
+
+    def _candidates(self, module: torch.nn.Module, spec: QuantMethod) -> list[tuple[str, str | None]]:
+        layer_types = spec.layer_types
         skipped: list[str] = []  # modules whose type is in skip_types: they and their children stay float
         names = []
         for name, m in module.named_modules():
@@ -290,7 +308,7 @@ class Quantize(Pass):
                 continue
             linear_like = isinstance(m, layer_types) or (torch.nn.Linear in layer_types and is_conv1d(m))
             if linear_like and not any(fnmatch.fnmatch(name, p) for p in self.skip):
-                names.append(name)
+                names.append((name, spec.keep_float(m) if spec.keep_float else None))
         return names
 
     def _selected(self, module: torch.nn.Module) -> list[str]:  # the earlier name, for custom methods
@@ -315,6 +333,7 @@ class Quantize(Pass):
         if model.format == "onnx":
             return spec.onnx(model, settings)  # type: ignore[misc]
         module = copy.deepcopy(unwrap(model.artifact))
+        kept = settings.kept_float(module, spec)
         # GPT-2's Conv1D is a Linear with its weight stored transposed; quantizers only know nn.Linear.
         conv1d = convert_conv1d(module, [n for n in settings.selected(module, spec)
                                          if is_conv1d(module.get_submodule(n))])
@@ -323,6 +342,8 @@ class Quantize(Pass):
             module, result = result
         if conv1d:
             result["conv1d_to_linear"] = conv1d
+        if kept:
+            result["kept_float"] = {"layers": sorted(kept), "reason": "; ".join(sorted(set(kept.values())))}
         if spec.target_dtype:
             result["native_on_target"] = model.target.supports_dtype(spec.target_dtype)
         return module, result
@@ -345,52 +366,6 @@ def quantize(model: Model, method: str = "int8-dynamic", **settings: Any) -> Mod
 
 
 # ---------------------------------------------------------------------------------- methods
-def _int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
-    from ._quant_onnx import int8_dynamic_onnx
-
-    return int8_dynamic_onnx(model, settings)
-
-
-@quant_method(
-    "int8-dynamic",
-    description="int8 weights per output channel + int8 activations per token at run time "
-    "(torchao Int8DynamicActivationInt8WeightConfig; real int8 matmul kernels); for ONNX models, "
-    "onnxruntime.quantization.quantize_dynamic",
-    target_dtype="int8",
-    package="torchao",
-    extra="quant",
-    onnx=_int8_dynamic_onnx,
-    options=("per_channel", "symmetric", "skip_types"),
-)
-def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
-    # Per-channel weights + per-token activations: the accurate variant (MiniLM embedding
-    # cosine 0.998 vs 0.946 for torch.ao's per-tensor quantize_dynamic).
-    require("torchao", extra="quant", purpose="Quantize('int8-dynamic')")
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, PerTensor, quantize_
-
-    selected = set(settings.selected(module))
-    # set_inductor_config=False: torchao would otherwise change global inductor flags.
-    # symmetric=False: asymmetric (zero-point) activations, for inputs far from zero-centred.
-    act = MappingType.ASYMMETRIC if settings.symmetric is False else MappingType.SYMMETRIC
-    config = Int8DynamicActivationInt8WeightConfig(
-        set_inductor_config=False, granularity=PerRow() if settings.per_channel else PerTensor(),
-        act_mapping_type=act)
-    quantize_(module, config, filter_fn=lambda m, fqn: fqn in selected)
-    quantized = [n for n in selected if _is_quantized(module.get_submodule(n))]
-    if not quantized:
-        raise UnsupportedModelError(
-            "Quantize('int8-dynamic'): torchao left every selected layer unchanged; refusing to "
-            "return an unquantized model as if it were quantized."
-        )
-    return {
-        "layers_quantized": len(quantized),
-        "layers_skipped": sorted(n for n, m in module.named_modules()
-                                 if isinstance(m, torch.nn.Linear) and n not in quantized),
-        "kernel": "torchao int8 dynamic (int8 x int8 -> int32 matmul)",
-        "note": "On CPU this is fast after Compile('inductor'); in eager mode it can be slower than fp32.",
-    }
-
-
 def _is_quantized(linear: torch.nn.Module) -> bool:
     # torchao swaps the weight for a tensor subclass (Int8Tensor); a plain Parameter means untouched.
     weight = getattr(linear, "weight", None)
