@@ -112,7 +112,8 @@ def test_compile_settings_belong_to_their_backend():
     with pytest.raises(ConfigError, match="graph_optimization"):
         ao.Compile("inductor", graph_optimization="basic")
     assert ao.Compile("onnxruntime", threads=2).config_dict() == {
-        "backend": "onnxruntime", "graph_optimization": "all", "threads": 2, "transformer_fusions": None}
+        "backend": "onnxruntime", "graph_optimization": "all", "threads": 2, "spin_wait": False,
+        "transformer_fusions": None}
 
 
 def test_format_flow_is_checked(mlp_model):
@@ -144,6 +145,14 @@ def test_onnxruntime_settings_from_the_target(mlp_model):
     assert c.artifact.path.name == "model.onnx" and c.artifact.path.is_file()
     t = ao.compile(ao.export(mlp_model, "onnx"), "onnxruntime", threads=1)
     assert t.artifact.session().get_session_options().intra_op_num_threads == 1
+    # threads do not busy-wait between calls unless asked (they would slow the rest of the process)
+    entry = "session.intra_op.allow_spinning"
+    assert c.artifact.session().get_session_options().get_session_config_entry(entry) == "0"
+    spinning = ao.compile(ao.export(mlp_model, "onnx"), "onnxruntime", spin_wait=True)
+    assert spinning.artifact.session().get_session_options().get_session_config_entry(entry) == "1"
+    assert ao.Compile("onnxruntime", spin_wait=True).config_dict()["spin_wait"] is True
+    with pytest.raises(ConfigError, match="spin_wait must be True or False, got 1"):
+        ao.Compile("onnxruntime", spin_wait=1)
 
 
 def test_onnxruntime_on_a_gpu_target_without_gpu_ep_is_refused(mlp_model):

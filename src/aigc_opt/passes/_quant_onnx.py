@@ -55,7 +55,7 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
 
     artifact = OnnxArtifact(path=target, output_spec=source.output_spec, providers=source.providers,
                             graph_optimization=source.graph_optimization,
-                            intra_op_threads=source.intra_op_threads, owns_dir=True)
+                            intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait, owns_dir=True)
     for leftover in workdir.glob("fused.onnx*"):
         leftover.unlink()
     return artifact, {"int8_nodes": n_int8, "nodes_skipped": excluded, "per_channel": settings.per_channel,
@@ -145,7 +145,7 @@ def _new_artifact(source: Any, path: Any) -> Any:
 
     return OnnxArtifact(path=path, output_spec=source.output_spec, providers=source.providers,
                         graph_optimization=source.graph_optimization,
-                        intra_op_threads=source.intra_op_threads, owns_dir=True)
+                        intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait, owns_dir=True)
 
 
 class _Reader:

@@ -72,6 +72,8 @@ class Compile(Pass):
             steady-state latency apart from compile time (0 to skip).
         graph_optimization: onnxruntime: "disable", "basic", "extended" or "all".
         threads: onnxruntime intra-op threads (default: the target's cores).
+        spin_wait: onnxruntime: let its threads busy-wait between calls (ORT's own default). Off
+            by default, because spinning threads slow down everything else in the process.
         transformer_fusions: onnxruntime: fuse attention, skip-layer-norm and bias-GELU into ONNX
             Runtime's contrib ops (onnxscript's ``optimize_for_ort``). None (default) fuses for the
             CPU and CUDA execution providers and skips the others, whose builds lack those ops.
@@ -91,6 +93,7 @@ class Compile(Pass):
     warmup_iters: int = 3
     graph_optimization: str = "all"
     threads: int | None = None
+    spin_wait: bool = False
     transformer_fusions: bool | None = None
     workspace_gb: float | None = None
     max_batch_multiplier: int = 4
@@ -114,6 +117,8 @@ class Compile(Pass):
             raise ConfigError(f"Compile: threads must be an int >= 1 or None (from the target), got {self.threads!r}.")
         validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
         validate_choice("Compile", "transformer_fusions", self.transformer_fusions, (None, True, False))
+        if not isinstance(self.spin_wait, bool):
+            raise ConfigError(f"Compile: spin_wait must be True or False, got {self.spin_wait!r}.")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise ConfigError(f"Compile: warmup_iters must be an int >= 0, got {self.warmup_iters!r}.")
 

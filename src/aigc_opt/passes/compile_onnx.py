@@ -101,14 +101,16 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
                              disabled_optimizers=disabled_optimizers(source.path, providers))
         artifact = OnnxArtifact(path=optimized, output_spec=source.output_spec, providers=tuple(providers),
                                 graph_optimization=settings.graph_optimization, intra_op_threads=threads,
+                                spin_wait=settings.spin_wait,
                                 owns_dir=True)
     else:
         artifact = source.with_settings(providers=tuple(providers), graph_optimization="disable",
-                                        intra_op_threads=threads)
+                                        intra_op_threads=threads, spin_wait=settings.spin_wait)
         if not any(workdir.iterdir()):
             workdir.rmdir()
     artifact.session()
     details: dict[str, Any] = {"backend": "onnxruntime", "providers": providers, "intra_op_threads": threads,
+                               "spin_wait": settings.spin_wait,
                                "graph_optimization": settings.graph_optimization,
                                "transformer_fusions": fusions,
                                "compile_seconds": round(time.perf_counter() - start, 3)}
@@ -218,7 +220,7 @@ def _example_shapes(model: Model) -> dict[str, list[int]]:
 
 COMPILE_BACKENDS.register("onnxruntime", CompileBackend(
     name="onnxruntime", check=_check_onnxruntime, build=lambda artifact, settings: artifact,
-    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings=("graph_optimization", "threads", "transformer_fusions"),
+    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings=("graph_optimization", "threads", "spin_wait", "transformer_fusions"),
     description="ONNX Runtime InferenceSession, execution providers from the target, offline graph optimization",
 ))
 COMPILE_BACKENDS.register("tensorrt", CompileBackend(
