@@ -62,7 +62,8 @@ def describe_architecture(module: torch.nn.Module, factory: Callable[..., Any] |
     # Import transformers only for its own models: it is heavy and optional.
     from_transformers = any(c.__module__.startswith("transformers.") for c in type(module).__mro__)
     if from_transformers and isinstance(module, _pretrained_model_class()):
-        return {"builder": "hf", "class": type(module).__name__, "config": module.config.to_dict()}
+        return {"builder": "hf", "class": type(module).__name__, "config": module.config.to_dict(),
+                "attn_implementation": hf_attn_implementation(module.config)}
     cls = type(module)
     return {"builder": "custom", "class": f"{cls.__module__}.{cls.__qualname__}"}
 
@@ -80,7 +81,7 @@ def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
 
         return AIGC_MODULES.get(spec["name"])(**spec.get("kwargs", {}))
     if builder == "hf":
-        return build_hf(spec["class"], spec["config"])
+        return build_hf(spec["class"], spec["config"], spec.get("attn_implementation"))
     if builder == "factory":
         if not trust:
             raise UnsupportedModelError(
@@ -109,7 +110,14 @@ def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
     raise UnsupportedModelError(f"Unknown architecture builder {builder!r} in the manifest.")
 
 
-def build_hf(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+def hf_attn_implementation(config: Any) -> str | None:
+    """The attention implementation a transformers config runs ("eager", "sdpa", ...), which
+    ``config.to_dict()`` leaves out (a saved "eager" model would load as "sdpa")."""
+    value = getattr(config, "_attn_implementation", None)
+    return value if isinstance(value, str) else None
+
+
+def build_hf(class_name: str, config: dict[str, Any], attn_implementation: str | None = None) -> torch.nn.Module:
     from ._deps import quiet_import_logs, require
 
     transformers = require("transformers", extra="hf", purpose="Loading a saved Hugging Face model")
@@ -119,7 +127,10 @@ def build_hf(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
             raise UnsupportedModelError(
                 f"{class_name!r} is not a transformers model class; the manifest may be damaged."
             )
-        model = cls(cls.config_class.from_dict(config))
+        hf_config = cls.config_class.from_dict(config)
+        if attn_implementation is not None:
+            hf_config._attn_implementation = attn_implementation
+        model = cls(hf_config)
     return model.eval()
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._architecture import AIGC_MODULES, build_hf
+from ._architecture import AIGC_MODULES, build_hf, hf_attn_implementation
 from ._deps import quiet_import_logs, require
 from ._registry import Registry
 from .errors import ConfigError, UnsupportedModelError
@@ -63,13 +63,15 @@ class SentenceEmbedder(torch.nn.Module):
         return {"name": "sentence-embedder", "kwargs": {
             "encoder_class": type(self.encoder).__name__,
             "config": self.encoder.config.to_dict(),
+            "attn_implementation": hf_attn_implementation(self.encoder.config),
             "normalize": self.normalize,
         }}
 
 
 @AIGC_MODULES.register("sentence-embedder")
-def _build_sentence_embedder(encoder_class: str, config: dict[str, Any], normalize: bool) -> SentenceEmbedder:
-    return SentenceEmbedder(build_hf(encoder_class, config), normalize=normalize).eval()
+def _build_sentence_embedder(encoder_class: str, config: dict[str, Any], normalize: bool,
+                             attn_implementation: str | None = None) -> SentenceEmbedder:
+    return SentenceEmbedder(build_hf(encoder_class, config, attn_implementation), normalize=normalize).eval()
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128, pad_to_max: bool = True) -> dict[str, torch.Tensor]:

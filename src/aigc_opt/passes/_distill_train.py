@@ -263,6 +263,8 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
 
     bar = _progress(total, step, cfg.verbose if rank == 0 else False)
     last_good = None
+    position = [0, 0]  # epoch, batch: for the BatchNorm guard's message
+    guards = _batchnorm_guards(trainee.student, position)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             torch.manual_seed(cfg.seed + epoch)  # dropout and shuffling: the same with or without resume
@@ -270,6 +272,7 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
             trainee.student.train()
             running, count = 0.0, 0
             for i, batch in enumerate(_batches(cfg.data, rank, size) if epoch else batches):
+                position[:] = [epoch + 1, i + 1]
                 inputs, labels = split_batch(batch, cfg.labeled)
                 inputs = to_dev(inputs)
                 labels = to_dev(labels) if labels is not None else None
@@ -319,6 +322,8 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
     finally:
         if bar is not None:
             bar.close()
+        for guard in guards:
+            guard.remove()
         for tap in (t_tap, trainee.tap):
             if tap is not None:
                 tap.remove()
@@ -333,6 +338,26 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, mo
                "final_loss": history[-1]["loss"] if history else None, "best_score": best_score,
                "projections": {s: list(w) for s, w in widths.items() if w[0] != w[1]}}
     return result, details
+
+
+def _batchnorm_guards(student: nn.Module, position: list[int]) -> list[Any]:
+    """Forward pre-hooks refusing a training batch that gives a BatchNorm one value per channel.
+
+    Batch statistics need two values or more; torch's own ValueError names neither the layer nor
+    the batch, and would surface as an untyped PassError."""
+    def guard(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if module.training and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+                raise InvalidInputError(
+                    f"Distill: BatchNorm layer {name!r} gets one value per channel (input shape {tuple(x.shape)}) "
+                    f"at epoch {position[0]}, batch {position[1]}; training needs two or more to compute batch "
+                    "statistics. Use batches of 2 or more samples (or inputs large enough that this layer sees "
+                    "more than one position).")
+        return hook
+
+    return [m.register_forward_pre_hook(guard(n)) for n, m in student.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def _loss(cfg: Distill, s_out: Any, t_out: Any, s_feats: dict[str, torch.Tensor],

@@ -77,23 +77,53 @@ def _zeros_from_spec(spec: dict[str, Any]) -> Any:
     return tuple(one(v) for v in spec["inputs"])
 
 
-def _auto_dims(module: torch.nn.Module, example: Any) -> Any:
-    """Batch (and token-sequence) axes dynamic where torch.export can keep them so: Dim.AUTO,
-    which specializes instead of failing where the calibration batch has size 1."""
+def _auto_dims(module: torch.nn.Module, example: Any, varying: dict[int, list[int]] | None = None) -> Any:
+    """Batch (and token-sequence) axes dynamic, plus ``varying`` (input index -> axes whose size
+    differs between calibration batches): Dim.AUTO, which keeps what it can symbolic."""
     from .export import dynamic_shapes_for
 
     spec = dynamic_shapes_for(module, example, True)
     auto = torch.export.Dim.AUTO
-    swap = (lambda axes: {a: auto for a in axes} if axes else None)
-    return {k: swap(v) for k, v in spec.items()} if isinstance(spec, dict) else tuple(swap(v) for v in spec)
+    specs = list(spec.values()) if isinstance(spec, dict) else list(spec)
+    out = []
+    for index, axes in enumerate(specs):
+        axes = sorted(set(axes or ()) | set((varying or {}).get(index, ())))
+        out.append({a: auto for a in axes} if axes else None)
+    return dict(zip(spec, out)) if isinstance(spec, dict) else tuple(out)
 
 
-def _prepare(module: torch.nn.Module, example: Any, settings: Quantize, arch: str) -> tuple[Any, str]:
+def _varying_axes(batches: list[Any]) -> dict[int, list[int]]:
+    """Input index -> axes whose size differs between the calibration batches (the rank and the
+    number of inputs must agree: a ConfigError names the first batch that does not)."""
+    def shapes(batch: Any) -> list[tuple[int, ...]]:
+        values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+        return [tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in values]
+
+    first = shapes(batches[0])
+    varying: dict[int, set[int]] = {}
+    for number, batch in enumerate(batches[1:], start=1):
+        current = shapes(batch)
+        if len(current) != len(first) or any(len(a) != len(b) for a, b in zip(current, first)):
+            raise ConfigError(
+                f"Quantize('int8-static'): calibration batch {number} has inputs of shapes {current}, batch 0 "
+                f"has {first}; every batch needs the same inputs with the same ranks.")
+        for index, (a, b) in enumerate(zip(current, first)):
+            varying.setdefault(index, set()).update(axis for axis, (x, y) in enumerate(zip(a, b)) if x != y)
+    return {k: sorted(v) for k, v in varying.items() if v}
+
+
+def _prepare(module: torch.nn.Module, example: Any, settings: Quantize, arch: str,
+             varying: dict[int, list[int]] | None = None) -> tuple[Any, str]:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
+    from .export import tracing_inputs
+
+    dims = _auto_dims(module, example, varying)
+    # A size-1 dynamic axis is traced at 2: torch.export would specialize it (pin the batch to 1).
+    example = tracing_inputs(example, dims)
     args, kwargs = split_inputs(example)
     module.eval()
-    program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=_auto_dims(module, example))
+    program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dims)
     quantizer, name = quantizer_for(arch, settings)
     selected = set(settings.selected(module))
     for layer_name, layer in module.named_modules():
@@ -107,7 +137,7 @@ def _prepare(module: torch.nn.Module, example: Any, settings: Quantize, arch: st
         # linears alone; inductor still fuses what it can when compiling.
         log.info("int8-static: torchao's linear+unary fusion annotation failed; annotating linears alone")
         quantizer._annotate_linear_unary = lambda *args, **kwargs: None  # this instance only
-        program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=_auto_dims(module, example))
+        program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dims)
         return prepare_pt2e(program.module(), quantizer), name + " (linear+unary fusion annotation off)"
 
 
@@ -177,7 +207,8 @@ def _restore_static(module: torch.nn.Module, settings: Quantize, details: dict[s
     with quiet_import_logs("torchao.quantization.pt2e"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         example = _zeros_from_spec(details["input_spec"])
-        prepared, _ = _prepare(module, example, settings, details.get("arch", "x86_64"))
+        varying = {int(k): v for k, v in details.get("varying_axes", {}).items()}
+        prepared, _ = _prepare(module, example, settings, details.get("arch", "x86_64"), varying)
         args, kwargs = split_inputs(example)
         with torch.no_grad():
             prepared(*args, **kwargs)
@@ -213,7 +244,8 @@ def _int8_static(module: torch.nn.Module, settings: Quantize,
     arch = (target or Target.detect()).arch
     with quiet_import_logs("torchao.quantization.pt2e"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared, quantizer = _prepare(module, batches[0], settings, arch)
+        varying = _varying_axes(batches)
+        prepared, quantizer = _prepare(module, batches[0], settings, arch, varying)
         with torch.no_grad():
             for batch in tqdm(batches, desc="calibrating int8-static", unit="batch",
                               disable=not settings.verbose or None):
@@ -234,6 +266,7 @@ def _int8_static(module: torch.nn.Module, settings: Quantize,
         "quantizer": quantizer,
         "arch": arch,
         "input_spec": _input_spec(batches[0]),
+        "varying_axes": {str(k): v for k, v in varying.items()},  # made dynamic besides batch/sequence
         "kernel": "PT2E reference int8 graph (quantize/dequantize + float op); Compile('inductor') "
                   "fuses it into int8 kernels",
         "note": "Eager runs the reference math (slower than fp32); compile for speed.",

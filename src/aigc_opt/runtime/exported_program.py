@@ -8,13 +8,36 @@ from typing import Any
 
 import torch
 
-from .._tree import Inputs, map_tensors, split_inputs
+from .._tree import Inputs, flatten_tensors, map_tensors, split_inputs
+from ..errors import InvalidInputError
 from .base import RUNTIMES
 from .torch_module import module_facts
 
-__all__ = ["ExportedProgramRuntime"]
+__all__ = ["ExportedProgramRuntime", "call_exported"]
 
 PROGRAM_FILE = "program.pt2"
+
+
+def call_exported(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call a module built by ``torch.export`` (an ExportedProgram's module, a PT2E int8 graph).
+
+    Such a module checks the input shapes it was exported for with guards that fail as a bare
+    ``AssertionError("Guard failed: ...")``; that becomes an :class:`InvalidInputError` naming the
+    broken condition, the shapes given, and the fix."""
+    try:
+        return module(*args, **kwargs)
+    except AssertionError as exc:
+        message = str(exc)
+        if not message.startswith("Guard failed"):
+            raise
+        shapes = {k: tuple(v.shape) for k, v in flatten_tensors((args, kwargs)).items()}
+        raise InvalidInputError(
+            f"This model was exported (torch.export) for other input shapes: "
+            f"{message.removeprefix('Guard failed:').strip()} does not hold for the inputs given, of shapes "
+            f"{list(shapes.values())}. Give inputs of the exported shapes, or export again with those axes "
+            "dynamic (ao.export(model, 'torch.export', dynamic=True); for Quantize('int8-static'), calibrate "
+            "on batches of the sizes you will run)."
+        ) from None
 
 
 class ExportedProgramRuntime:
@@ -33,7 +56,7 @@ class ExportedProgramRuntime:
         device = self.device(artifact)
         args, kwargs = split_inputs(map_tensors(lambda t: t.to(device), inputs))
         with torch.inference_mode():
-            return module(*args, **kwargs)
+            return call_exported(module, args, kwargs)
 
     def device(self, artifact: Any) -> str:
         for tensor in artifact.state_dict.values():

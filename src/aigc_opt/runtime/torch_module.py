@@ -194,6 +194,10 @@ class TorchModuleRuntime:
         inputs = map_tensors(lambda t: t.to(device, non_blocking=True), inputs)
         args, kwargs = split_inputs(inputs)
         with torch.inference_mode():
+            if isinstance(artifact, torch.fx.GraphModule):  # from torch.export (PT2E int8): shape guards
+                from .exported_program import call_exported
+
+                return call_exported(artifact, args, kwargs)
             return artifact(*args, **kwargs)
 
     def device(self, artifact: Any) -> str:
