@@ -304,6 +304,17 @@ def test_onnx_int8_dynamic(mlp_model, x):
     assert d["transformer_fusions"] == {"applied": False, "reason": "no transformer pattern found"}
 
 
+def test_onnx_int8_dynamic_on_convolutions_warns_about_conv_integer(caplog):
+    cnn = ao.Model(SmallCNN().eval(), example_inputs=(torch.randn(2, 1, 8, 8),))
+    with caplog.at_level("WARNING", logger="aigc_opt"):
+        q = ao.quantize(ao.export(cnn, "onnx"), "int8-dynamic")
+    assert "ConvInteger has no fast CPU kernel" in q.history[-1].details["note"]
+    assert any("int8-static" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    plain = ao.quantize(ao.export(ao.Model(torch.nn.Linear(4, 4).eval(), example_inputs=(torch.randn(2, 4),)),
+                                  "onnx"), "int8-dynamic")
+    assert "note" not in plain.history[-1].details
+
+
 def test_attention_whose_bias_cannot_become_a_mask_stays_float(tmp_path):
     """QAttention has no attention_bias input: ORT's quantizer would drop it silently. A bias that is
     not computed from an ``attention_mask`` input alone is kept, and that Attention node excluded."""

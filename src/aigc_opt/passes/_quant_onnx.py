@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .._tree import normalize_inputs, split_inputs
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from .quantize import Quantize
 
 __all__ = ["int8_dynamic_onnx", "int8_static_onnx", "fp16_onnx"]
+
+log = logging.getLogger("aigc_opt")
 
 
 def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
@@ -58,7 +61,14 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
                             intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait, owns_dir=True)
     for leftover in workdir.glob("fused.onnx*"):
         leftover.unlink()
-    return artifact, {"int8_nodes": n_int8, "nodes_skipped": excluded, "per_channel": settings.per_channel,
+    notes: dict[str, str] = {}
+    if "ConvInteger" in ops and "CPUExecutionProvider" in source.providers[:1]:
+        # measured: a digits CNN ran 4x slower than fp32 (benchmarks/results/cnn_digits.md)
+        notes["note"] = ("ConvInteger has no fast CPU kernel in ONNX Runtime: dynamic int8 convolutions run "
+                         "slower than fp32. For conv nets use Quantize('int8-static', data=...) (QDQ -> "
+                         "QLinearConv) or skip= the convolutions.")
+        log.warning("Quantize('int8-dynamic'): %s", notes["note"])
+    return artifact, {**notes, "int8_nodes": n_int8, "nodes_skipped": excluded, "per_channel": settings.per_channel,
                       "qattention_nodes": ops.count("QAttention"), "transformer_fusions": fusions,
                       "kernel": "onnxruntime dynamic int8 (DynamicQuantizeLinear + MatMulInteger"
                                 + (", QAttention)" if "QAttention" in ops else ")")}
