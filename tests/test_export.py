@@ -315,6 +315,26 @@ def test_onnx_int8_dynamic_on_convolutions_warns_about_conv_integer(caplog):
     assert "note" not in plain.history[-1].details
 
 
+def test_onnx_int8_static_op_scope_follows_the_graph():
+    """Conv nets: every op is quantized (int8 flows through pooling); a graph with LayerNorm keeps
+    its non-matmul outputs float (quantizing them wrecks transformers)."""
+    import onnx
+
+    x = torch.randn(4, 1, 8, 8)
+    cnn = ao.Model(SmallCNN().eval(), example_inputs=(x,))
+    q = ao.quantize(ao.export(cnn, "onnx"), "int8-static", data=[(x,), (torch.randn(4, 1, 8, 8),)], verbose=False)
+    assert q.history[-1].details["op_scope"].startswith("every op")
+    graph = onnx.load(str(q.artifact.path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    pools = [n for n in graph.node if "Pool" in n.op_type]
+    assert pools and all(producers[p.input[0]].op_type == "DequantizeLinear" for p in pools)
+    assert torch.nn.functional.cosine_similarity(q(x).flatten(), cnn(x).flatten(), dim=0) > 0.99
+    normed = ao.Model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)).eval(),
+                      example_inputs=(torch.randn(4, 8),))
+    qn = ao.quantize(ao.export(normed, "onnx"), "int8-static", data=[(torch.randn(4, 8),)], verbose=False)
+    assert qn.history[-1].details["op_scope"].startswith("matmul/gemm/conv")
+
+
 def test_attention_whose_bias_cannot_become_a_mask_stays_float(tmp_path):
     """QAttention has no attention_bias input: ORT's quantizer would drop it silently. A bias that is
     not computed from an ``attention_mask`` input alone is kept, and that Attention node excluded."""
