@@ -94,7 +94,12 @@ def main() -> None:
     base.tokenizer = tokenizer
     int8 = ao.quantize(base, "int8-dynamic", skip=("lm_head",))
     int8.name = "int8-dynamic"
-    report = generation(base, int8, prompts=prompts, max_new_tokens=args.max_new_tokens, rounds=args.rounds)
+    weight_only = ao.quantize(base, "int8-weight-only", skip=("lm_head",))
+    weight_only.name = "int8-weight-only"
+    bf16 = ao.quantize(base, "bf16")
+    bf16.name = "bf16"
+    report = generation(base, int8, weight_only, bf16, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                        rounds=args.rounds)
     print(report)
     sample = tokenizer.decode(report.baseline.tokens[0])
     results = {"benchmark": "gpt2_generation", "date": time.strftime("%Y-%m-%d"), "training": training,
@@ -107,7 +112,7 @@ def main() -> None:
              f"{args.train_seconds:.0f} s ({training['steps']} steps, final loss {training['final_loss']:.2f}) on "
              f"{training['tokens']:,} tokens of Python standard-library docstrings, with a byte-level BPE "
              f"tokenizer trained on them. Batch of {len(prompts)} prompts, {args.max_new_tokens} greedy tokens, "
-             f"{args.rounds} interleaved rounds. int8-dynamic leaves lm_head in float.", "",
+             f"{args.rounds} interleaved rounds. The int8 variants leave lm_head in float.", "",
              "| metric | " + " | ".join([report.baseline.name, *[c.name for c in report.candidates]]) + " |",
              "|---|" + "---|" * (1 + len(report.candidates))]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in report.rows()]
