@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -119,8 +120,10 @@ def _stable(samples: list[list[float]], rel_ci: float) -> bool:
 def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters: int | None,
              threads: int | None, verbose: bool | None, memory: bool, max_time: float = 20.0,
              rel_ci: float = 0.02) -> list[Measurement]:
-    """Time every model round-robin: each round runs each model once on the same batch, the
-    starting model rotating, so drift and noise spread evenly over all of them. ``iters=None``
+    """Time every model round-robin: each round runs each model once on the same batch, in an
+    order shuffled per round (seeded), so drift and noise spread evenly over all of them and no
+    model always follows the same neighbour (whose caches, threads or memory traffic could colour
+    its time). ``iters=None``
     keeps adding rounds until every median is known to ±``rel_ci`` (95%) or ``max_time`` passes."""
     for m in models:
         if not hasattr(m, "run") or not hasattr(m, "format"):
@@ -136,6 +139,8 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
         bar = _progress(iters, "benchmark", verbose)
         try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
             start, r = time.perf_counter(), 0
+            order_rng = random.Random(0)
+            order = list(range(len(models)))
             stop_reason = f"{iters} rounds, as asked"
             while True:
                 if iters is not None and r >= iters:
@@ -148,8 +153,8 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
                         stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
                                        f"was within ±{100 * rel_ci:g}%")
                         break
-                k = r % len(models)
-                for j in (*range(k, len(models)), *range(k)):
+                order_rng.shuffle(order)
+                for j in order:
                     samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
                 r += 1
                 if bar is not None:
