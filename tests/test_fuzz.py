@@ -76,20 +76,24 @@ class Tol:
 # purpose (pruning, training), so only finiteness and structure are checked. The bounds are about
 # 3x the worst relative error seen over ~150 random models per method (in brackets), so that a
 # real accuracy regression fails while rounding noise does not; `target()` makes hypothesis hunt
-# for the largest error under the long profile.
+# for the largest error under the long profile. The int8 `abs` terms are a floor of about two int8
+# steps of an O(1) activation (2/255 each) per element, for outputs that are a small difference of
+# larger activations (a residual block's single output), whose relative error no 8-bit format
+# bounds: the long profile found a 1-token, 1-output attention block off by 0.0135 of 0.14
+# (regression test test_int8_dynamic_on_a_single_scalar_output below).
 TOLERANCES: dict[str, Tol | None] = {
     # int8 weights per channel (or tensor) + int8 activations per token  [rel 0.016]
-    "Quantize/int8-dynamic": Tol(rel=0.05, abs=0.005),
+    "Quantize/int8-dynamic": Tol(rel=0.05, abs=0.02),
     # int8 weights per channel / tensor / group, float activations  [0.015]
-    "Quantize/int8-weight-only": Tol(rel=0.05, abs=0.005),
+    "Quantize/int8-weight-only": Tol(rel=0.05, abs=0.02),
     # uint8 activations per tensor, calibrated on the example batch and one more, checked on the
     # example batch (values outside the calibrated ranges are clipped by design)  [0.011]
-    "Quantize/int8-static": Tol(rel=0.06, abs=0.01),
+    "Quantize/int8-static": Tol(rel=0.06, abs=0.03),
     "Quantize/fp16": Tol(rel=0.005, abs=5e-4),  # [0.0013]
     "Quantize/bf16": Tol(rel=0.03, abs=3e-3),  # [0.0073]
     # ONNX models (exported first), quantized by ONNX Runtime  [0.016, 0.018, 0.0019]
-    "Quantize/onnx-int8-dynamic": Tol(rel=0.06, abs=0.01),
-    "Quantize/onnx-int8-static": Tol(rel=0.06, abs=0.01),
+    "Quantize/onnx-int8-dynamic": Tol(rel=0.06, abs=0.03),
+    "Quantize/onnx-int8-static": Tol(rel=0.06, abs=0.03),
     "Quantize/onnx-fp16": Tol(rel=0.006, abs=5e-4),
     "Prune/structured": None,
     "Prune/unstructured": None,
@@ -628,6 +632,17 @@ def test_prune_keeps_tied_weights_tied(tmp_path: Any) -> None:
 
 
 # ------------------------------------------------------------------------------ known bugs (not in files we own)
+def test_int8_dynamic_on_a_single_scalar_output() -> None:
+    """Found by the long profile: one token, one output; within the int8 floor, not the relative bound."""
+    spec = AttentionSpec(d_in=9, width=32, heads=2, kind="bert-like", layers=1, causal=False, ffn=0,
+                         norm_first=False, pool=False, d_out=1, batch=1, seq=1, seed=1)
+    model = spec.build()
+    q = ao.quantize(model, "int8-dynamic", per_channel=True)
+    ref, out = model.run(model.example_inputs), q.run(model.example_inputs)
+    assert ref.shape == out.shape == (1, 1, 1) and not torch.equal(ref, out)
+    assert float((out - ref).abs().max()) <= TOLERANCES["Quantize/int8-dynamic"].bound(ref)
+
+
 def test_hf_load_keeps_the_attention_implementation(tmp_path: Any) -> None:
     """config.to_dict() drops _attn_implementation: an "eager" model used to load as "sdpa"."""
     model = BertSpec(attn="eager").build()
