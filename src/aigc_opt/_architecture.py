@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from .errors import ConfigError, UnsupportedModelError
 
 __all__ = ["describe_architecture", "build_architecture", "AIGC_MODULES", "factory_path", "structure_only",
            "materialize"]
+
+log = logging.getLogger("aigc_opt")
 
 # aigc_opt's own module classes that can be rebuilt from JSON: name -> builder(**kwargs).
 AIGC_MODULES: Registry[Callable[..., torch.nn.Module]] = Registry("aigc_opt module")
@@ -128,9 +131,22 @@ def build_hf(class_name: str, config: dict[str, Any], attn_implementation: str |
                 f"{class_name!r} is not a transformers model class; the manifest may be damaged."
             )
         hf_config = cls.config_class.from_dict(config)
-        if attn_implementation is not None:
-            hf_config._attn_implementation = attn_implementation
-        model = cls(hf_config)
+        if attn_implementation is None:  # saved before aigc_opt recorded it: transformers' default
+            return cls(hf_config).eval()
+        hf_config._attn_implementation = attn_implementation
+        try:
+            model = cls(hf_config)
+        except (ImportError, ValueError) as e:
+            # e.g. "flash_attention_2" saved on a GPU box, loaded where flash-attn is not installed:
+            # the weights are the same whatever kernel runs them, so load with the default one.
+            try:
+                model = cls(cls.config_class.from_dict(config))
+            except Exception:
+                raise e from None
+            log.warning("Model.load: %s was saved with attn_implementation=%r, which cannot run here (%s); "
+                        "loaded with %r instead. Install what it needs to get it back.", class_name,
+                        attn_implementation, str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        model.config._attn_implementation)
     return model.eval()
 
 

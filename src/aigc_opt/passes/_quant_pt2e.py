@@ -19,7 +19,7 @@ import torch
 
 from .._deps import quiet_import_logs, require
 from .._tree import normalize_inputs, split_inputs
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
 from .quantize import quant_method
 
 if TYPE_CHECKING:
@@ -92,17 +92,18 @@ def _auto_dims(module: torch.nn.Module, example: Any, varying: dict[int, list[in
     return dict(zip(spec, out)) if isinstance(spec, dict) else tuple(out)
 
 
+def _shapes(batch: Any) -> list[tuple[int, ...]]:
+    values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in values]
+
+
 def _varying_axes(batches: list[Any]) -> dict[int, list[int]]:
     """Input index -> axes whose size differs between the calibration batches (the rank and the
     number of inputs must agree: a ConfigError names the first batch that does not)."""
-    def shapes(batch: Any) -> list[tuple[int, ...]]:
-        values = list(batch.values()) if isinstance(batch, dict) else list(batch)
-        return [tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in values]
-
-    first = shapes(batches[0])
+    first = _shapes(batches[0])
     varying: dict[int, set[int]] = {}
     for number, batch in enumerate(batches[1:], start=1):
-        current = shapes(batch)
+        current = _shapes(batch)
         if len(current) != len(first) or any(len(a) != len(b) for a, b in zip(current, first)):
             raise ConfigError(
                 f"Quantize('int8-static'): calibration batch {number} has inputs of shapes {current}, batch 0 "
@@ -188,6 +189,31 @@ def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
             delattr(owner, attr)
 
 
+def _calibrate(prepared: torch.nn.Module, number: int, batch: Any, first: Any) -> None:
+    """Run one calibration batch through the observed graph traced from batch 0; a batch that graph
+    cannot take (a dtype, or a size the model fixes) is a ConfigError naming the batch."""
+    from ..runtime.exported_program import arrange_inputs, guard_failure
+
+    args, kwargs = split_inputs(batch)
+    try:
+        args, kwargs = arrange_inputs(prepared, args, kwargs)
+        prepared(*args, **kwargs)
+    except InvalidInputError as e:
+        raise ConfigError(f"Quantize('int8-static'): calibration batch {number} does not fit the graph "
+                          f"traced from batch 0: {e}") from None
+    except AssertionError as e:
+        condition = guard_failure(e)
+        if condition is None:
+            raise
+        raise ConfigError(
+            f"Quantize('int8-static'): calibration batch {number} has inputs of shapes {_shapes(batch)}, "
+            f"which the graph traced from batch 0 (shapes {_shapes(first)}) cannot take: {condition} does "
+            "not hold. "
+            "Sizes that differ between calibration batches are kept dynamic, but this model fixes this one "
+            "(e.g. a Flatten before a Linear); calibrate on batches of the shapes the model runs."
+        ) from None
+
+
 def _calibration_batches(settings: Quantize) -> list[Any]:
     batches = [normalize_inputs(b, what="data") for b in settings.data]
     if not batches:
@@ -247,10 +273,9 @@ def _int8_static(module: torch.nn.Module, settings: Quantize,
         varying = _varying_axes(batches)
         prepared, quantizer = _prepare(module, batches[0], settings, arch, varying)
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibrating int8-static", unit="batch",
-                              disable=not settings.verbose or None):
-                args, kwargs = split_inputs(batch)
-                prepared(*args, **kwargs)
+            for number, batch in enumerate(tqdm(batches, desc="calibrating int8-static", unit="batch",
+                                                disable=not settings.verbose or None)):
+                _calibrate(prepared, number, batch, batches[0])
         converted = _convert(prepared)
     quantized = [n for n in converted.graph.nodes
                  if n.op == "call_function" and "dequantize_per_channel" in str(n.target)]

@@ -77,6 +77,12 @@ class Distill(Pass):
         checkpoint_dir / resume_from: write ``last.pt`` after each epoch / continue from one.
         verbose: progress bar (None: only on a TTY).
     (teacher, data, eval_fn, loss_fn, checkpoint_dir, resume_from, verbose are run-time only.)
+
+    The student trains in train mode: dropout is on and BatchNorm layers normalize with batch
+    statistics (and update their running ones). A batch that gives a BatchNorm a single value per
+    channel (batch 1 where the layer's spatial size is 1) has no batch statistics: it raises
+    :class:`~aigc_opt.errors.InvalidInputError` naming the layer, its input shape, the epoch and
+    the batch, before that step changes anything; use batches of 2 or more samples.
     """
 
     accepts_compiled: ClassVar[bool] = False
