@@ -407,11 +407,9 @@ class BertSpec(Spec):
         return _token_inputs(batch, seq or self.seq, self.mask, self.pad)
 
 
-# Model.load rebuilds Hugging Face models from config.to_dict(), which leaves out the attention
-# implementation: a model built with attn_implementation="eager" loads as "sdpa" (outputs differ by
-# ~1e-7 in float32, ~4e-3 in bfloat16). Until that is fixed, the strategies draw "sdpa" only;
-# test_fuzz.py::test_hf_load_keeps_the_attention_implementation is the xfail reproducer.
-HF_ATTENTION = ("sdpa",)
+# Both attention implementations: Model.load keeps the one a model was saved with
+# (test_regressions.py::test_hf_load_keeps_the_attention_implementation).
+HF_ATTENTION = ("sdpa", "eager")
 
 
 @st.composite
