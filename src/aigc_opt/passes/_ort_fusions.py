@@ -15,11 +15,27 @@ from typing import Any
 
 from .._deps import require
 
-__all__ = ["FUSION_PROVIDERS", "fuse_transformer", "prepare_attention_for_quantization", "unfuse"]
+__all__ = ["FUSION_PROVIDERS", "failure_reason", "fuse_transformer", "prepare_attention_for_quantization",
+           "skip_reason", "unfuse"]
 
 # Execution providers that implement ONNX Runtime's com.microsoft contrib ops (Attention,
 # SkipLayerNormalization, BiasGelu); TensorRT, OpenVINO and CoreML would fall back to CPU for them.
 FUSION_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+def skip_reason(requested: bool | None, provider: str) -> str | None:
+    """Why transformer fusions are not tried for ``provider`` (None: try them). ``requested`` is
+    the pass's ``transformer_fusions`` setting: None fuses only for ``FUSION_PROVIDERS``."""
+    if requested is False:
+        return "transformer_fusions=False"
+    if requested is None and provider not in FUSION_PROVIDERS:
+        return f"{provider} does not run ORT's fused contrib ops"
+    return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The record's reason when fusing failed and the unfused graph is used instead."""
+    return f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 # onnxscript's fusion counters -> the contrib op each one makes

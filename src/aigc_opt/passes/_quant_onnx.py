@@ -33,8 +33,7 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
 
     source = model.artifact
     graph = onnx.load(str(source.path), load_external_data=False).graph
-    excluded = [n.name for n in graph.node
-                if any(fnmatch.fnmatch(name, p) for name in (n.name, _torch_module_path(n)) for p in settings.skip)]
+    excluded = _excluded_nodes(graph, settings)
     # quantize_dynamic first splits each Gemm into MatMul + Add, renaming it "<name>_MatMul".
     excluded += [f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm" and n.name in excluded]
     workdir = new_workdir("quant")
@@ -80,20 +79,19 @@ def _fused_for_quantization(model: Model, settings: Quantize, workdir: Any) -> t
     source graph, with the reason."""
     import onnxruntime as ort
 
-    from ._ort_fusions import FUSION_PROVIDERS, fuse_transformer, prepare_attention_for_quantization
+    from ._ort_fusions import failure_reason, fuse_transformer, prepare_attention_for_quantization, skip_reason
     from .compile_onnx import providers_for
 
     source = model.artifact
-    if settings.transformer_fusions is False:
-        return source.path, {"applied": False, "reason": "transformer_fusions=False"}
-    if settings.skip:
+    if settings.skip and settings.transformer_fusions is not False:
         if settings.transformer_fusions:
             raise ConfigError("Quantize: transformer_fusions=True cannot be combined with skip=: skip names "
                               "nodes of the unfused graph, which fusion replaces.")
         return source.path, {"applied": False, "reason": "skip= names nodes of the unfused graph"}
     provider = providers_for(model.target, ort.get_available_providers())[0]
-    if provider not in FUSION_PROVIDERS and not settings.transformer_fusions:
-        return source.path, {"applied": False, "reason": f"{provider} does not run ORT's fused contrib ops"}
+    reason = skip_reason(settings.transformer_fusions, provider)
+    if reason:
+        return source.path, {"applied": False, "reason": reason}
     fused = workdir / "fused.onnx"
     large = source.size_bytes() > 1.8e9
     try:
@@ -105,7 +103,7 @@ def _fused_for_quantization(model: Model, settings: Quantize, workdir: Any) -> t
     except Exception as exc:  # an optimization: the unfused graph quantizes too
         if settings.transformer_fusions:
             raise PassError(f"Quantize: transformer fusions failed: {type(exc).__name__}: {exc}") from exc
-        return source.path, {"applied": False, "reason": f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        return source.path, {"applied": False, "reason": failure_reason(exc)}
     if diff is not None and diff > 1e-3:
         return source.path, {"applied": False, "reason": f"fused graph differs from the source by {diff:.2e} "
                                                          "(relative) on the example inputs"}

@@ -125,12 +125,11 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
 
 def _transformer_fusions(source: Any, workdir: Any, settings: Compile, providers: list[str]) -> dict[str, Any]:
     """Fuse transformer subgraphs into ORT contrib ops; returns counts (and the new path, if any)."""
-    from ._ort_fusions import FUSION_PROVIDERS, fuse_transformer
+    from ._ort_fusions import failure_reason, fuse_transformer, skip_reason
 
-    if settings.transformer_fusions is False:
-        return {"applied": False, "reason": "transformer_fusions=False"}
-    if settings.transformer_fusions is None and providers[0] not in FUSION_PROVIDERS:
-        return {"applied": False, "reason": f"{providers[0]} does not run ORT's fused contrib ops"}
+    reason = skip_reason(settings.transformer_fusions, providers[0])
+    if reason:
+        return {"applied": False, "reason": reason}
     path = workdir / "fused.onnx"
     try:
         counts = fuse_transformer(source.path, path, provider=providers[0],
@@ -138,7 +137,7 @@ def _transformer_fusions(source: Any, workdir: Any, settings: Compile, providers
     except Exception as exc:  # an optimization: without it the model still runs, unfused
         if settings.transformer_fusions:
             raise PassError(f"Compile('onnxruntime'): transformer fusions failed: {exc}") from exc
-        return {"applied": False, "reason": f"fusion failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        return {"applied": False, "reason": failure_reason(exc)}
     if not counts:
         return {"applied": False, "reason": "no transformer pattern found"}
     return {"applied": True, "fused": counts, "path": path}
