@@ -48,9 +48,13 @@ def _torchao_quantize(module: torch.nn.Module, settings: Quantize, config: Any, 
     }
 
 
+def _in_features(layer: torch.nn.Module) -> int | None:
+    return getattr(layer, "in_features", getattr(layer, "nx", None))  # nn.Linear, or GPT-2's Conv1D
+
+
 def _one_input_feature(layer: torch.nn.Module) -> str | None:
     """torchao's int8 kernels fail on a layer with a single input feature (Linear(1, n)): keep it float."""
-    in_features = getattr(layer, "in_features", getattr(layer, "nx", None))  # nn.Linear, or GPT-2's Conv1D
+    in_features = _in_features(layer)
     return ("in_features=1: torchao's int8 kernels fail on a single input feature (and int8 saves nothing "
             "there)") if in_features == 1 else None
 
@@ -59,7 +63,7 @@ def _check_group_size(settings: Quantize, layers: dict[str, torch.nn.Module]) ->
     """Weight groups run along the input axis: group_size must divide every selected layer's in_features."""
     if settings.group_size is None:
         return
-    widths = {n: getattr(m, "in_features", getattr(m, "nx", 0)) for n, m in layers.items()}
+    widths = {n: _in_features(m) or 0 for n, m in layers.items()}
     bad = {n: w for n, w in widths.items() if w % settings.group_size}
     if not bad:
         return
@@ -106,21 +110,14 @@ def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]
     # Per-channel weights + per-token activations: the accurate variant (MiniLM embedding
     # cosine 0.998 vs 0.946 for torch.ao's per-tensor quantize_dynamic).
     require("torchao", extra="quant", purpose="Quantize('int8-dynamic')")
-    from torchao.quantization import (
-        Int8DynamicActivationInt8WeightConfig,
-        MappingType,
-        PerRow,
-        PerTensor,
-        quantize_,
-    )
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, quantize_
 
     selected = set(settings.selected(module))
     # set_inductor_config=False: torchao would otherwise change global inductor flags.
     # symmetric=False: asymmetric (zero-point) activations, for inputs far from zero-centred.
     act = MappingType.ASYMMETRIC if settings.symmetric is False else MappingType.SYMMETRIC
     config = Int8DynamicActivationInt8WeightConfig(
-        set_inductor_config=False, granularity=PerRow() if settings.per_channel else PerTensor(),
-        act_mapping_type=act)
+        set_inductor_config=False, granularity=_granularity(settings), act_mapping_type=act)
     quantize_(module, config, filter_fn=lambda m, fqn: fqn in selected)
     quantized = [n for n in selected if _is_quantized(module.get_submodule(n))]
     if not quantized:
