@@ -131,6 +131,40 @@ class Model:
         """Run one batch given as a tuple (positional), a dict (keyword) or a tensor."""
         return runtime_for(self.format).run(self.artifact, normalize_inputs(inputs))
 
+    def generate(self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int = 32,
+                 min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy generation for a causal LM, in whatever format it is now.
+
+        A torch model runs transformers' ``generate`` (greedy); an ONNX export (``Export("onnx")``
+        of a causal LM keeps its KV cache) runs aigc_opt's decoder loop in ONNX Runtime. Both
+        return the prompt ids followed by the new ones.
+
+        Example:
+            >>> enc = lm.tokenizer(["def main"], return_tensors="pt")                   # doctest: +SKIP
+            >>> ao.export(lm, "onnx").generate(**enc, max_new_tokens=16)                # doctest: +SKIP
+        """
+        if self.format == "onnx":
+            from .runtime.onnx_generation import greedy_generate
+
+            return greedy_generate(self.artifact, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id)
+        module = unwrap(self.artifact) if self.format == "torch" else None
+        if module is None or not hasattr(module, "generate"):
+            raise UnsupportedModelError(
+                f"{self.name} ({self.format}, {type(self.artifact).__name__}) cannot generate: generation takes a "
+                "Hugging Face causal LM (ao.Model.from_hf(path, task='causal-lm')) or its ONNX export."
+            )
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        # None would unset the model's own default, so only given ids are passed
+        extra = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)) if v is not None}
+        if attention_mask is not None:
+            extra["attention_mask"] = attention_mask.to(device)
+        with torch.inference_mode():
+            return module.generate(input_ids=input_ids.to(device), **extra, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=min_new_tokens, do_sample=False, num_beams=1).cpu()
+
     @property
     def is_compiled(self) -> bool:
         """True once a compiling pass (e.g. Compile('inductor')) has wrapped the artifact."""

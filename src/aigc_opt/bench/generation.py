@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..runtime.torch_module import module_device, unwrap
+from ..runtime.torch_module import unwrap
 from .measurement import median_ci, ratio_ci
 from .report import text_table
 
@@ -101,15 +102,18 @@ class GenerationReport:
 
 
 def _generate(model: Model, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> torch.Tensor:
-    module = unwrap(model.artifact)  # generate() lives on the HF model; a compile wrapper forwards to it
-    device = module_device(module)
-    with torch.inference_mode():
-        return module.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id)
+    return model.generate(enc["input_ids"], enc.get("attention_mask"), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+def _can_generate(model: Model) -> bool:
+    if model.format == "onnx":
+        return getattr(model.artifact, "generation", None) is not None
+    return model.format == "torch" and hasattr(unwrap(model.artifact), "generate")
 
 
 def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_new_tokens: int = 32,
-               rounds: int = 5, warmup: int = 1, tokenizer: Any = None) -> GenerationReport:
+               rounds: int = 5, warmup: int = 1, tokenizer: Any = None, seed: int = 0) -> GenerationReport:
     """Time greedy generation of every model interleaved, and compare tokens with the baseline.
 
     Args:
@@ -117,6 +121,7 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         max_new_tokens: tokens generated per prompt (exactly: ``min_new_tokens`` is set too).
         rounds: interleaved timing rounds (each: a 1-token and a full generate per model).
         tokenizer: default: ``baseline.tokenizer`` (set by ``Model.from_hf``).
+        seed: seeds the per-round shuffle of the model order.
     """
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
@@ -126,10 +131,10 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}.")
     models = [baseline, *candidates]
     for m in models:
-        if m.format != "torch" or not hasattr(unwrap(m.artifact), "generate"):
+        if not _can_generate(m):
             raise UnsupportedModelError(
-                f"{m.name} ({m.format}) has no generate(); the generation benchmark takes Hugging Face causal "
-                "LMs in format 'torch' (e.g. ao.Model.from_hf(path, task='causal-lm'))."
+                f"{m.name} ({m.format}) cannot generate; the generation benchmark takes Hugging Face causal "
+                "LMs (e.g. ao.Model.from_hf(path, task='causal-lm')) and their ONNX exports (ao.export(lm, 'onnx'))."
             )
     tokenizer = tokenizer or baseline.tokenizer
     if tokenizer is None:
@@ -144,9 +149,11 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
     for m in models:
         for _ in range(warmup):
             _generate(m, enc, 2, tokenizer.pad_token_id)
-    for r in range(rounds):
-        k = r % len(models)
-        for j in (*range(k, len(models)), *range(k)):
+    order = list(range(len(models)))
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)  # like ao.compare: no model always runs after the same neighbour
+        for j in order:
             start = time.perf_counter()
             _generate(models[j], enc, 1, tokenizer.pad_token_id)
             stats[j].ttft.append(time.perf_counter() - start)

@@ -62,10 +62,25 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
         return {}  # only fusions this provider runs slower: the source graph is the better one
     ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
     unfused = unfuse(destination, set(slower))
+    _check_loads(destination, provider)
     counts = {k: v for k, v in counts.items() if _FUSION_OPS.get(k) not in unfused}
     if unfused:
         counts["left_unfused"] = unfused
     return counts
+
+
+def _check_loads(path: Path, provider: str) -> None:
+    """Raise if ONNX Runtime cannot build a session on the fused graph, with the optimizations a
+    real session runs: the rewrite can give graphs that ORT's own passes then break (seen on a
+    GPT-2 decoder with a KV cache: a rank-3 input reaching a Gemm)."""
+    import onnxruntime as ort
+
+    from ..runtime.onnxruntime import disabled_optimizers
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=disabled_optimizers(path, [provider]))
 
 
 def unfuse(path: Path, op_types: set[str]) -> dict[str, int]:

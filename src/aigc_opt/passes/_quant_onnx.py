@@ -53,11 +53,7 @@ def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
     if n_int8 == 0:
         raise UnsupportedModelError("Quantize('int8-dynamic'): ONNX Runtime quantized no MatMul/Conv node "
                                     "of this graph; refusing to return it unchanged.")
-    from ..runtime.onnxruntime import OnnxArtifact
-
-    artifact = OnnxArtifact(path=target, output_spec=source.output_spec, providers=source.providers,
-                            graph_optimization=source.graph_optimization,
-                            intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait, owns_dir=True)
+    artifact = _new_artifact(source, target)
     for leftover in workdir.glob("fused.onnx*"):
         leftover.unlink()
     notes: dict[str, str] = {}
@@ -153,7 +149,8 @@ def _new_artifact(source: Any, path: Any) -> Any:
 
     return OnnxArtifact(path=path, output_spec=source.output_spec, providers=source.providers,
                         graph_optimization=source.graph_optimization,
-                        intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait, owns_dir=True)
+                        intra_op_threads=source.intra_op_threads, spin_wait=source.spin_wait,
+                        generation=source.generation, owns_dir=True)
 
 
 class _Reader:

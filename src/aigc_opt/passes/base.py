@@ -138,6 +138,8 @@ class Pass:
             raise PassError(f"{self.describe()} failed: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - start
         new = model._derive(artifact, format=self.output_format(model.format))
+        if "example_inputs" in details:  # a pass that changes the model's calling convention (Export of a decoder)
+            new.example_inputs = details.pop("example_inputs")
         record = PassRecord(
             pass_type=type(self).__name__,
             config=self.config_dict(),

@@ -83,7 +83,7 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
         # owns the workdir: with graph optimization it is replaced (and collected) below, which is
         # fine because the optimized file lives in the same directory, kept by the new artifact.
         source = OnnxArtifact(path=fusions.pop("path"), output_spec=source.output_spec,
-                              owns_dir=settings.graph_optimization == "disable")
+                              generation=source.generation, owns_dir=settings.graph_optimization == "disable")
     if settings.graph_optimization != "disable":
         # Optimize once, offline, and keep the result: it is what runs and what gets saved.
         options = ort.SessionOptions()
@@ -101,7 +101,7 @@ def _run_onnxruntime(model: Model, settings: Compile) -> tuple[Any, dict[str, An
                              disabled_optimizers=disabled_optimizers(source.path, providers))
         artifact = OnnxArtifact(path=optimized, output_spec=source.output_spec, providers=tuple(providers),
                                 graph_optimization=settings.graph_optimization, intra_op_threads=threads,
-                                spin_wait=settings.spin_wait,
+                                spin_wait=settings.spin_wait, generation=source.generation,
                                 owns_dir=True)
     else:
         artifact = source.with_settings(providers=tuple(providers), graph_optimization="disable",

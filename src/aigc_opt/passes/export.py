@@ -13,9 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -63,6 +64,12 @@ class Export(Pass):
             the weights are over 1.5 GB.
         verify: compare the exported model with the torch model on the example inputs.
         atol, rtol: verification tolerance: |exported - torch| <= atol + rtol * |torch|.
+        kv_cache: ONNX only. ``True``: export a Hugging Face causal LM as a decoder step that
+            takes and returns its key/value cache, so that ``Model.generate`` and
+            ``ao.bench.generation`` run one token's work per step in ONNX Runtime; ``False``:
+            the plain forward (logits of the whole sequence); ``None`` (default): ``True`` for
+            causal LMs (models with ``generate``), else ``False``. The exported Model's example
+            inputs become the decoder's own (the prompt, an empty cache).
     """
 
     input_formats: ClassVar[tuple[str, ...]] = ("torch",)
@@ -76,9 +83,14 @@ class Export(Pass):
     verify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-3
+    kv_cache: bool | None = None
 
     def __post_init__(self) -> None:
         EXPORTERS.get(self.to)
+        if self.kv_cache is not None and not isinstance(self.kv_cache, bool):
+            raise ConfigError(f"Export: kv_cache must be True, False or None (auto), got {self.kv_cache!r}.")
+        if self.kv_cache and self.to != "onnx":
+            raise ConfigError(f"Export: kv_cache=True exports ONNX decoder steps; it does not apply to to={self.to!r}.")
         if not isinstance(self.dynamic, (bool, dict)):
             raise ConfigError(f"Export: dynamic must be True, False or {{input: [axes]}}, got {self.dynamic!r}.")
         if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 30):
@@ -108,6 +120,14 @@ class Export(Pass):
             if unknown:
                 raise ConfigError(f"Export: dynamic names inputs {unknown} that the model does not take; its "
                                   f"inputs are {sorted(model.example_inputs)}.")
+        if self.kv_cache:
+            from ._export_decoder import is_causal_lm
+
+            if model.format != "torch" or not is_causal_lm(model.artifact):
+                raise ConfigError(
+                    f"Export(kv_cache=True) exports Hugging Face causal LMs (models with generate()); "
+                    f"{model.name} ({type(unwrap(model.artifact)).__name__}) is not one. Leave kv_cache=None."
+                )
 
     def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
         return EXPORTERS.get(self.to).export(model, self)
@@ -217,11 +237,36 @@ def verify_outputs(reference: Any, exported: Any, *, atol: float, rtol: float, w
 
 # ---------------------------------------------------------------------------------- exporters
 def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+    from ._export_decoder import export_decoder, is_causal_lm
+
+    module = unwrap(model.artifact)
+    if is_causal_lm(module):
+        if settings.kv_cache is not False:
+            return export_decoder(model, settings)
+        # The plain forward returns a cache object ONNX cannot hold: export the logits alone.
+        with _config_set(module, use_cache=False):
+            return _export_forward(model, settings, module)
+    return _export_forward(model, settings, module)
+
+
+@contextlib.contextmanager
+def _config_set(module: torch.nn.Module, **values: Any) -> Iterator[None]:
+    """Set attributes of a transformers model's config for the duration of an export, then restore them."""
+    old = {k: getattr(module.config, k) for k in values}
+    for k, v in values.items():
+        setattr(module.config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module.config, k, v)
+
+
+def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
     import torch.utils._pytree as pytree
 
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
 
-    module = unwrap(model.artifact)
     inputs = model.example_inputs
     dynamic_shapes = dynamic_shapes_for(module, inputs, settings.dynamic)
     traced = tracing_inputs(inputs, dynamic_shapes)

@@ -60,6 +60,9 @@ class OnnxArtifact:
             2 cores took 28% longer), while on this 2-core machine the session alone was no faster
             with it (MiniLM int8 batch 8: 53 ms spinning, 49 ms not).
         owns_dir: delete ``path.parent`` when the artifact is garbage-collected.
+        generation: for a causal-LM decoder step exported with its KV cache, the cache layout
+            (layers, heads, head_dim, input and output names, special tokens) that
+            :mod:`aigc_opt.runtime.onnx_generation` drives; None for any other graph.
     """
 
     path: Path
@@ -69,6 +72,7 @@ class OnnxArtifact:
     intra_op_threads: int = 0
     spin_wait: bool = False
     owns_dir: bool = False
+    generation: dict[str, Any] | None = None
     _session: list[Any] = field(default_factory=list, repr=False)  # [session, declared inputs] once built
 
     def __post_init__(self) -> None:
@@ -258,14 +262,14 @@ class OnnxRuntime:
             shutil.copyfile(f, directory / ("model.onnx" if f == artifact.path else f.name))
         return {"file": "model.onnx", "output_spec": artifact.output_spec, "providers": list(artifact.providers),
                 "graph_optimization": artifact.graph_optimization, "intra_op_threads": artifact.intra_op_threads,
-                "spin_wait": artifact.spin_wait}
+                "spin_wait": artifact.spin_wait, "generation": artifact.generation}
 
     def load(self, directory: Path, meta: dict[str, Any]) -> OnnxArtifact:
         return OnnxArtifact(path=directory / meta["file"], output_spec=meta.get("output_spec"),
                             providers=tuple(meta.get("providers", ("CPUExecutionProvider",))),
                             graph_optimization=meta.get("graph_optimization", "all"),
                             intra_op_threads=int(meta.get("intra_op_threads", 0)),
-                            spin_wait=bool(meta.get("spin_wait", False)))
+                            spin_wait=bool(meta.get("spin_wait", False)), generation=meta.get("generation"))
 
 
 RUNTIMES.register("onnx", OnnxRuntime())

@@ -1,0 +1,139 @@
+"""ONNX export of causal LMs with their KV cache, and greedy generation through ONNX Runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt.bench import generation
+from aigc_opt.errors import ConfigError, InvalidInputError, UnsupportedModelError
+from toy_models import make_mlp
+
+transformers = pytest.importorskip("transformers", reason="the [hf] extra is part of `make test`")
+pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of `make test`")
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def lm() -> ao.Model:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
+                                     bos_token_id=1, eos_token_id=1)
+    module = transformers.GPT2LMHeadModel(config).eval()
+    return ao.Model(module, example_inputs={"input_ids": torch.randint(2, VOCAB, (1, 5))}, name="tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def onnx_lm(lm) -> ao.Model:
+    return ao.export(lm, "onnx")
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # a shorter prompt, left-padded as decoder-only models need
+    ids[2, :1], mask[2, :1] = 0, 0
+    return ids, mask
+
+
+def test_export_records_the_cache_layout_and_decoder_inputs(lm, onnx_lm):
+    layout = onnx_lm.artifact.generation
+    assert layout["layers"] == 2 and layout["kv_heads"] == 2 and layout["head_dim"] == 16
+    assert layout["past"] == ["past.0.key", "past.0.value", "past.1.key", "past.1.value"]
+    assert layout["eos_token_id"] == [1] and layout["position_ids"] is True
+    # The exported Model is called the decoder's way: the prompt with an empty cache.
+    inputs = onnx_lm.example_inputs
+    assert inputs["past.0.key"].shape == (1, 2, 0, 16)
+    assert torch.equal(inputs["input_ids"], lm.example_inputs["input_ids"])
+    diffs = onnx_lm.history[-1].details["max_abs_diff"]
+    assert set(diffs) == {"prefill", "decode"} and max(diffs.values()) < 1e-4
+    logits, *present = onnx_lm(**inputs)
+    with torch.inference_mode():
+        expected = lm.artifact(input_ids=inputs["input_ids"]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-3)
+    assert len(present) == 4 and present[0].shape == (1, 2, 5, 16)
+
+
+def test_onnx_greedy_tokens_equal_transformers_generate(lm, onnx_lm):
+    ids, mask = left_padded_batch()
+    expected = lm.generate(ids, mask, max_new_tokens=12, pad_token_id=0)
+    got = onnx_lm.generate(ids, mask, max_new_tokens=12, pad_token_id=0)
+    assert got.shape == (3, 7 + 12)
+    assert torch.equal(got, expected)
+
+
+def test_end_of_sequence_and_min_new_tokens_follow_transformers(lm, onnx_lm):
+    ids, mask = left_padded_batch()
+    free = lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0)
+    eos = int(free[1, 7 + 2])  # row 1's third new token: that row stops there, the others go on
+    expected = lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    got = onnx_lm.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert (got[1, 7 + 3:] == 0).all()  # finished row padded
+    # min_new_tokens forbids the end token until then, as transformers does.
+    expected = lm.generate(ids, mask, max_new_tokens=8, min_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    got = onnx_lm.generate(ids, mask, max_new_tokens=8, min_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got, expected) and eos not in got[1, 7:7 + 6].tolist()
+
+
+def test_layout_survives_quantize_compile_and_save(lm, onnx_lm, tmp_path):
+    ids, mask = left_padded_batch()
+    compiled = ao.Compile("onnxruntime").apply(onnx_lm)
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=6, pad_token_id=0),
+                       lm.generate(ids, mask, max_new_tokens=6, pad_token_id=0))
+    q = ao.quantize(onnx_lm, "int8-dynamic")
+    assert q.artifact.generation == onnx_lm.artifact.generation
+    assert q.history[-1].details["int8_nodes"] > 0
+    # int8 logits stay close to fp32 on the prompt step.
+    fp32_logits, int8_logits = onnx_lm(**onnx_lm.example_inputs)[0], q(**q.example_inputs)[0]
+    cosine = torch.nn.functional.cosine_similarity(fp32_logits.flatten(), int8_logits.flatten(), dim=0)
+    assert cosine > 0.99
+    q.save(tmp_path / "q")
+    loaded = ao.Model.load(tmp_path / "q")
+    assert loaded.artifact.generation == onnx_lm.artifact.generation
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6, pad_token_id=0),
+                       q.generate(ids, mask, max_new_tokens=6, pad_token_id=0))
+
+
+def test_generation_benchmark_takes_onnx_decoders(lm, onnx_lm):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[EOS]", "the", "cat", "sat", "models", "get", "smaller"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]")
+    report = generation(lm, onnx_lm, prompts=["the cat sat", "models get smaller"], max_new_tokens=5, rounds=2,
+                        tokenizer=tokenizer)
+    cand = report.candidates[0]
+    assert cand.token_agreement == 1.0 and cand.first_divergence is None
+    assert len(cand.total) == 2 and all(0 < f < t for f, t in zip(cand.ttft, cand.total))
+
+
+def test_plain_forward_export_still_available(lm):
+    plain = ao.export(lm, "onnx", kv_cache=False)
+    assert plain.artifact.generation is None
+    with pytest.raises(UnsupportedModelError, match="not a decoder step"):
+        plain.generate(torch.randint(2, VOCAB, (1, 4)), max_new_tokens=3)
+
+
+def test_refusals(lm, onnx_lm):
+    mlp = ao.Model(make_mlp(), example_inputs=(torch.randn(2, 32),))
+    with pytest.raises(ConfigError, match="causal LMs"):
+        ao.export(mlp, "onnx", kv_cache=True)
+    with pytest.raises(ConfigError, match="dynamic=True"):
+        ao.export(lm, "onnx", kv_cache=True, dynamic=False)
+    with pytest.raises(ConfigError, match="kv_cache must be"):
+        ao.Export("onnx", kv_cache="yes")
+    with pytest.raises(ConfigError, match="does not apply"):
+        ao.Export("torch.export", kv_cache=True)
+    with pytest.raises(UnsupportedModelError, match="cannot generate"):
+        mlp.generate(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="2-D integer"):
+        onnx_lm.generate(torch.randn(1, 4), max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match="must match"):
+        onnx_lm.generate(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        onnx_lm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=0)
