@@ -2,11 +2,15 @@
 
 Everything is offline: the text is the standard library's docstrings, the tokenizer is a byte-
 level BPE trained on them (tokenizers), the model a 4-layer GPT2LMHeadModel trained for
-``--train-seconds``. Then ao.bench.generation compares fp32 eager with int8-dynamic: time to
-first token, time per output token, tokens/s and greedy token agreement.
+``--train-seconds``. Then ao.bench.generation times, interleaved in one process: fp32 eager,
+torch.compile, aigc_opt's recipes (bf16, torch int8, ONNX export with KV cache in fp32 and int8)
+and two peers run the same way (torchao used directly; ONNX Runtime's quantize_dynamic with its
+defaults on the same exported graph): time to first token, time per output token, tokens/s and
+greedy token agreement. Hugging Face Optimum (ORTModelForCausalLM, its avx512_vnni int8) runs in
+its own venv and process (benchmarks/_optimum_gpt2_peer.py), timed against its own fp32 eager.
 
 Writes benchmarks/results/gpt2_generation.json and .md.
-    .venv/bin/python benchmarks/gpt2_generation.py [--train-seconds 120]
+    .venv/bin/python benchmarks/gpt2_generation.py [--train-seconds 120] [--no-optimum]
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import importlib
 import inspect
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +30,10 @@ import aigc_opt as ao
 from aigc_opt._deps import library_versions
 from aigc_opt.bench import generation
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+PEER_VENV = HERE / ".venv-optimum"
+PEER_OUT = HERE / ".peer-artifacts" / "gpt2"
 MODULES = ["collections", "json", "os", "re", "pathlib", "argparse", "asyncio", "functools", "itertools",
            "inspect", "logging", "subprocess", "threading", "typing", "dataclasses", "textwrap", "shutil",
            "tempfile", "email", "http.client", "urllib.parse", "csv", "sqlite3", "unittest", "decimal"]
@@ -73,15 +82,83 @@ def train(texts: list[str], tokenizer, seconds: float, seq: int = 128):
                           "params": sum(p.numel() for p in model.parameters())}
 
 
+def torchao_direct(base: ao.Model) -> ao.Model:
+    """torchao used by hand, as its README shows: quantize_ (default config, every Linear) + torch.compile."""
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    module = copy.deepcopy(base.artifact)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    return ao.Model(torch.compile(module), example_inputs=base.example_inputs,
+                    name="peer: torchao int8 dynamic + torch.compile (direct)")
+
+
+def ort_defaults(onnx_model: ao.Model) -> ao.Model:
+    """ONNX Runtime's quantize_dynamic with its defaults (per-tensor weights) on the same exported decoder."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from aigc_opt.runtime.onnxruntime import OnnxArtifact
+
+    PEER_OUT.mkdir(parents=True, exist_ok=True)
+    out = PEER_OUT / "ort_dynamic_defaults.onnx"
+    quantize_dynamic(str(onnx_model.artifact.path), str(out), weight_type=QuantType.QInt8)
+    model = ao.Model.from_onnx(out, example_inputs=onnx_model.example_inputs)
+    model.artifact = OnnxArtifact(path=out, generation=onnx_model.artifact.generation)  # same loop as ours
+    model.name = "peer: ORT quantize_dynamic defaults"
+    return model
+
+
+def optimum_peer(model_dir: Path, prompts: list[str], new_tokens: int, rounds: int) -> dict:
+    """Optimum's ORTModelForCausalLM in its own venv (it pins transformers < 4.58): export, int8, generate."""
+    py = PEER_VENV / "bin" / "python"
+    if not py.exists():  # the same venv as peers.py makes
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        pip = [str(py), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: any other spec pulls CUDA wheels
+        subprocess.run([*pip, "optimum-onnx[onnxruntime]==0.1.0"], check=True)
+    out = PEER_OUT / "optimum"
+    subprocess.run([str(py), str(HERE / "_optimum_gpt2_peer.py"), str(model_dir), str(out), json.dumps(prompts),
+                    str(new_tokens), str(rounds)], check=True, stderr=subprocess.DEVNULL)
+    return json.loads((out / "gpt2_peer.json").read_text())
+
+
+def peer_rows(peer: dict, reference: list[list[int]]) -> list[dict]:
+    import numpy as np
+
+    from aigc_opt.bench.measurement import ratio_ci
+
+    n = peer["new_tokens"]
+    timings = peer["timings"]
+    base_name = next(k for k in timings if k.startswith("fp32 eager"))
+    base = timings[base_name]
+    rows = []
+    for name, t in timings.items():
+        tpot = [(total - first) / (n - 1) for total, first in zip(t["total"], t["ttft"])]
+        base_tpot = [(total - first) / (n - 1) for total, first in zip(base["total"], base["ttft"])]
+        same = np.asarray(t["tokens"]) == np.asarray(reference)
+        rows.append({"name": name, "ttft_p50": float(np.median(t["ttft"])), "tpot_p50": float(np.median(tpot)),
+                     "ttft_ratio": None if name == base_name else list(ratio_ci(base["ttft"], t["ttft"])),
+                     "tpot_ratio": None if name == base_name else list(ratio_ci(base_tpot, tpot)),
+                     "tokens_per_second": n * peer["batch_size"] / float(np.median(t["total"])),
+                     "token_agreement_with_our_fp32": float(same.mean())})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train-seconds", type=float, default=120)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum peer (its own venv)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     texts = docstrings()
     tokenizer = build_tokenizer(texts)
     lm, training = train(texts, tokenizer, args.train_seconds)
+    model_dir = PEER_OUT / "model"
+    lm.save_pretrained(model_dir)  # the Optimum peer loads the same weights
+    tokenizer.save_pretrained(model_dir)
     # GPT-2 stores its projections as transformers' Conv1D; the equivalent nn.Linear layers are
     # what int8 kernels (and most tools) take.
     from aigc_opt.passes._prune_hf import convert_conv1d
@@ -92,32 +169,67 @@ def main() -> None:
     enc = dict(tokenizer(prompts[:1], return_tensors="pt"))
     base = ao.Model(lm, example_inputs={"input_ids": enc["input_ids"]}, name="fp32 eager")
     base.tokenizer = tokenizer
-    int8 = ao.quantize(base, "int8-dynamic", skip=("lm_head",))
-    int8.name = "int8-dynamic"
-    weight_only = ao.quantize(base, "int8-weight-only", skip=("lm_head",))
-    weight_only.name = "int8-weight-only"
-    bf16 = ao.quantize(base, "bf16")
-    bf16.name = "bf16"
-    report = generation(base, int8, weight_only, bf16, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                        rounds=args.rounds)
+
+    def named(model: ao.Model, name: str) -> ao.Model:
+        model.name = name
+        return model
+
+    onnx_fp32 = ao.export(base, "onnx")
+    candidates = [
+        named(ao.compile(base, "inductor"), "fp32 + torch.compile"),
+        named(ao.quantize(base, "bf16"), "bf16"),
+        named(ao.quantize(base, "int8-dynamic", skip=("lm_head",)), "int8-dynamic"),
+        named(ao.quantize(base, "int8-weight-only", skip=("lm_head",)), "int8-weight-only"),
+        named(ao.compile(onnx_fp32, "onnxruntime"), "ONNX fp32 + ORT"),
+        named(ao.compile(ao.quantize(onnx_fp32, "int8-dynamic"), "onnxruntime"), "ONNX int8-dynamic + ORT"),
+        torchao_direct(base),
+        ort_defaults(onnx_fp32),
+    ]
+    report = generation(base, *candidates, prompts=prompts, max_new_tokens=args.max_new_tokens, rounds=args.rounds)
     print(report)
+    optimum = None
+    if not args.no_optimum:
+        peer = optimum_peer(model_dir, prompts, args.max_new_tokens, args.rounds)
+        optimum = {"rows": peer_rows(peer, report.baseline.tokens), "versions": peer["versions"],
+                   "export_seconds": peer["export_seconds"], "quantize_seconds": peer["quantize_seconds"]}
     sample = tokenizer.decode(report.baseline.tokens[0])
     results = {"benchmark": "gpt2_generation", "date": time.strftime("%Y-%m-%d"), "training": training,
                "prompts": prompts, "sample_continuation": sample, "report": report.to_dict(),
-               "versions": library_versions()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpt2_generation.json").write_text(json.dumps(results, indent=2))
+               "optimum_peer": optimum, "versions": library_versions()}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "gpt2_generation.json").write_text(json.dumps(results, indent=2))
+    names = [report.baseline.name, *[c.name for c in report.candidates]]
     lines = [f"# Small GPT-2 generation ({results['date']})", "",
              f"GPT-2 (4 layers, 256 wide, {training['params']:,} parameters) trained here for "
              f"{args.train_seconds:.0f} s ({training['steps']} steps, final loss {training['final_loss']:.2f}) on "
              f"{training['tokens']:,} tokens of Python standard-library docstrings, with a byte-level BPE "
-             f"tokenizer trained on them. Batch of {len(prompts)} prompts, {args.max_new_tokens} greedy tokens, "
-             f"{args.rounds} interleaved rounds. The int8 variants leave lm_head in float.", "",
-             "| metric | " + " | ".join([report.baseline.name, *[c.name for c in report.candidates]]) + " |",
-             "|---|" + "---|" * (1 + len(report.candidates))]
+             f"tokenizer trained on them. Batch of {len(prompts)} left-padded prompts, {args.max_new_tokens} greedy "
+             f"tokens, {args.rounds} rounds in a shuffled order per round; ratios with 95% bootstrap intervals "
+             "over the paired rounds. The torch int8 variants leave lm_head in float. The ONNX rows are "
+             "Export('onnx') of the causal LM (a decoder step taking and returning its KV cache) driven by "
+             "aigc_opt's greedy loop in ONNX Runtime (Model.generate); the ORT-defaults peer is the same graph "
+             "quantized by quantize_dynamic with its defaults.", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in report.rows()]
+    if optimum:
+        fmt = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if r else "1.00x"  # noqa: E731
+        lines += ["", "## Peer: Hugging Face Optimum (own venv and process)", "",
+                  f"optimum-onnx {optimum['versions']['optimum-onnx']}, transformers "
+                  f"{optimum['versions']['transformers']}, onnxruntime {optimum['versions']['onnxruntime']}: "
+                  "ORTModelForCausalLM.from_pretrained(export=True, use_cache=True), ORTQuantizer with "
+                  "AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True), sessions without "
+                  "spin-waiting like ours, generate() with the same prompts and protocol. Ratios are against "
+                  "fp32 eager timed interleaved in that process (its transformers version, which may be slower "
+                  "or faster than ours); the last column divides its median by our fp32 eager median from the "
+                  "table above (measured a minute apart on the same machine, not paired).", "",
+                  "| model | TTFT p50 (ms) | TTFT vs its fp32 eager | TPOT p50 (ms) | TPOT vs its fp32 eager "
+                  "| tokens/s | token agreement with our fp32 | TPOT / our fp32 eager TPOT |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['ttft_p50'] * 1e3:.2f} | {fmt(r['ttft_ratio'])} | {r['tpot_p50'] * 1e3:.2f} | "
+                  f"{fmt(r['tpot_ratio'])} | {r['tokens_per_second']:.1f} | {r['token_agreement_with_our_fp32']:.3f} "
+                  f"| {r['tpot_p50'] / report.baseline.tpot_p50:.2f}x |" for r in optimum["rows"]]
     lines += ["", f"Sample (fp32, prompt {prompts[0]!r}): {sample!r}", ""]
-    (RESULTS / "gpt2_generation.md").write_text("\n".join(lines))
+    (args.results_dir / "gpt2_generation.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
