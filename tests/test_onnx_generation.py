@@ -137,3 +137,24 @@ def test_refusals(lm, onnx_lm):
         onnx_lm.generate(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         onnx_lm.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom"])
+def test_other_architectures_generate_the_same_tokens(arch):
+    """Rotary positions with grouped key/value heads (Llama), and ALiBi without position embeddings (BLOOM)."""
+    torch.manual_seed(0)
+    if arch == "llama":
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                          max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+        module = transformers.LlamaForCausalLM(config).eval()
+    else:
+        config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=1,
+                                          eos_token_id=2)
+        module = transformers.BloomForCausalLM(config).eval()
+    lm = ao.Model(module, example_inputs={"input_ids": torch.randint(3, VOCAB, (1, 5))})
+    onnx_lm = ao.export(lm, "onnx")
+    assert onnx_lm.artifact.generation["kv_heads"] == (2 if arch == "llama" else 4)
+    ids, mask = left_padded_batch()
+    assert torch.equal(onnx_lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0),
+                       lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0))
