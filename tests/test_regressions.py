@@ -6,7 +6,8 @@ Each test pins the behaviour chosen for the fix: the typed error, the words of i
 - PT2E ``Quantize("int8-static")`` calibrated on batches of other shapes than the first;
 - a ``torch.export`` program (or PT2E graph) run on inputs it was not exported for;
 - ``Distill`` on a BatchNorm that sees one value per channel;
-- ``Model.load`` of a Hugging Face model keeps its attention implementation.
+- ``Model.load`` of a Hugging Face model keeps its attention implementation;
+- an ONNX model given inputs whose shared sizes disagree (ids and mask of different lengths).
 """
 
 from __future__ import annotations
@@ -202,3 +203,16 @@ def test_hf_architecture_without_attention_implementation_or_with_one_that_canno
     assert "saved with attn_implementation='flash_attention_2', which cannot run here" in caplog.text
     # a value this transformers does not know (a newer one's kernel): the same
     assert build_architecture({**spec, "attn_implementation": "bogus"}, trust=False).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("ids_shape, mask_shape, words", [
+    ((2, 6), (2, 7), "'attention_mask' has size 7 on axis 1, but 'input_ids' has 6"),
+    ((3, 6), (2, 6), "ONNX Runtime"),
+])
+def test_onnx_inputs_whose_shared_sizes_disagree(ids_shape: tuple[int, int], mask_shape: tuple[int, int],
+                                                 words: str) -> None:
+    """Used to fail inside ONNX Runtime's kernels (IndexError / a bare onnxruntime Fail)."""
+    _needs("transformers", "onnxruntime", "onnxscript")
+    onnx_model = ao.export(BertSpec().build(), "onnx")
+    with pytest.raises(InvalidInputError, match=words.replace("(", r"\(")):
+        onnx_model(input_ids=torch.randint(0, 50, ids_shape), attention_mask=torch.ones(mask_shape, dtype=torch.long))

@@ -176,6 +176,24 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _check_shared_axes(declared: list[tuple[str, str, int, list[Any]]], feed: dict[str, np.ndarray]) -> None:
+    """Axes the graph names alike (one symbolic size, e.g. the sequence of input_ids and of
+    attention_mask) must be equal: say which ones differ before ORT fails deep in a kernel."""
+    seen: dict[str, tuple[str, int, int]] = {}
+    for name, _, _, shape in declared:
+        for axis, dim in enumerate(shape):
+            if not isinstance(dim, str) or not dim:
+                continue
+            size = feed[name].shape[axis]
+            first = seen.setdefault(dim, (name, axis, size))
+            if first[2] != size:
+                raise InvalidInputError(
+                    f"Input {name!r} has size {size} on axis {axis}, but {first[0]!r} has {first[2]} on axis "
+                    f"{first[1]}; the ONNX model declares both as the same size {dim!r}. Pass inputs from one "
+                    "batch (e.g. input_ids and attention_mask from the same tokenizer call)."
+                )
+
+
 class OnnxRuntime:
     def run(self, artifact: OnnxArtifact, inputs: Inputs) -> Any:
         session = artifact.session()
@@ -220,15 +238,20 @@ class OnnxRuntime:
                     f"({'; '.join(wrong)})."
                 )
             feed[name] = array
+        _check_shared_axes(declared, feed)
         try:
             results = session.run(None, feed)
         except Exception as e:
-            if type(e).__name__ != "InvalidArgument":  # ORT's own type for inputs it refuses
+            # InvalidArgument: ORT refused the inputs; Fail / RuntimeException: a kernel failed on
+            # them (sizes that must agree but do not, e.g. a mask longer than the ids).
+            if type(e).__name__ not in ("InvalidArgument", "Fail", "RuntimeException"):
                 raise
             got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
+            verb = "refused" if type(e).__name__ == "InvalidArgument" else "failed running the model on"
             raise InvalidInputError(
-                f"ONNX Runtime refused the inputs {{{got}}} (declared: "
-                f"{', '.join(f'{n}: {shape}' for n, _, _, shape in declared)}): {str(e).strip().splitlines()[0]}"
+                f"ONNX Runtime {verb} the inputs {{{got}}} (declared: "
+                f"{', '.join(f'{n}: {shape}' for n, _, _, shape in declared)}): {str(e).strip().splitlines()[0]}. "
+                "Check that sizes which must agree across inputs (batch, sequence) do."
             ) from e
         outputs = [torch.from_numpy(o) for o in results]
         if artifact.output_spec is not None:
