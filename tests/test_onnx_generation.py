@@ -158,3 +158,27 @@ def test_other_architectures_generate_the_same_tokens(arch):
     ids, mask = left_padded_batch()
     assert torch.equal(onnx_lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0),
                        lm.generate(ids, mask, max_new_tokens=8, pad_token_id=0))
+
+
+def test_right_padded_prompts_warn(onnx_lm, caplog):
+    ids = torch.randint(2, VOCAB, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with caplog.at_level("WARNING", logger="aigc_opt"):
+        onnx_lm.generate(ids, mask, max_new_tokens=2)
+    assert "right-padded" in caplog.text and "padding_side = 'left'" in caplog.text
+
+
+def test_from_hf_causal_lm_pads_on_the_left(lm, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "[EOS]", *[f"w{i}" for i in range(VOCAB - 2)]]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[EOS]")
+    lm.artifact.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = ao.Model.from_hf(tmp_path, task="causal-lm", example_texts=["w1 w2 w3", "w4"], batch_size=2, seq_len=6)
+    assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token == "[EOS]"
+    mask = loaded.example_inputs["attention_mask"]
+    assert mask[:, -1].all() and not mask[1, 0]  # padding at the start of the shorter prompt

@@ -103,7 +103,8 @@ def from_hf(
         example_texts: texts for the example batch (default: a fixed sentence repeated).
         batch_size, seq_len: shape of the example batch.
 
-    The tokenizer is kept as ``model.tokenizer``.
+    The tokenizer is kept as ``model.tokenizer``; for ``"causal-lm"`` it pads on the left (and
+    with the end token when it has no pad token), as generation needs.
     """
     from .model import Model
 
@@ -120,6 +121,10 @@ def from_hf(
             "Give a directory with config.json, the weights and the tokenizer files."
         ) from e
     module.eval()
+    if task == "causal-lm":  # decoder-only models continue from the right end: pad on the left
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
     if task == "sentence-embedding":
         module = SentenceEmbedder(module).eval()
     resolved = Target.get(target)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
 
 __all__ = ["greedy_generate"]
+
+log = logging.getLogger("aigc_opt")
 
 
 def _as_int64(value: Any, name: str) -> np.ndarray:
@@ -53,6 +56,9 @@ def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *
     mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
     if mask.shape != ids.shape:
         raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
+    if (mask[:, -1] == 0).any():
+        log.warning("Model.generate: the prompt batch is right-padded (attention_mask ends in 0), so new tokens "
+                    "follow padding; tokenize with tokenizer.padding_side = 'left'.")
     eos = layout["eos_token_id"] if eos_token_id is None else (
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = layout["pad_token_id"] if pad_token_id is None else pad_token_id
