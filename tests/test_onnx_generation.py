@@ -182,3 +182,17 @@ def test_from_hf_causal_lm_pads_on_the_left(lm, tmp_path):
     assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token == "[EOS]"
     mask = loaded.example_inputs["attention_mask"]
     assert mask[:, -1].all() and not mask[1, 0]  # padding at the start of the shorter prompt
+
+
+def test_int8_static_calibrates_a_decoder_on_prompts_and_fp16_keeps_it_generating(lm, onnx_lm):
+    ids, mask = left_padded_batch()
+    expected = lm.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
+    prompts = [{"input_ids": torch.randint(2, VOCAB, (2, 6))} for _ in range(4)]  # as generate takes them
+    static = ao.quantize(onnx_lm, "int8-static", data=prompts)
+    assert static.history[-1].details["calibration_batches"] == 4
+    assert static.artifact.generation == onnx_lm.artifact.generation
+    half = ao.quantize(onnx_lm, "fp16")
+    for model in (static, half):
+        got = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
+        assert got.shape == expected.shape
+        assert (got[:, 7:] == expected[:, 7:]).float().mean() > 0.6  # low precision may flip a near tie

@@ -216,3 +216,11 @@ def test_onnx_inputs_whose_shared_sizes_disagree(ids_shape: tuple[int, int], mas
     onnx_model = ao.export(BertSpec().build(), "onnx")
     with pytest.raises(InvalidInputError, match=words.replace("(", r"\(")):
         onnx_model(input_ids=torch.randint(0, 50, ids_shape), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+def test_onnx_int8_static_calibration_batch_missing_an_input() -> None:
+    """Used to be a PassError wrapping a KeyError."""
+    _needs("transformers", "onnxruntime", "onnxscript")
+    onnx_model = ao.export(BertSpec().build(), "onnx")
+    with pytest.raises(ConfigError, match=r"lacks inputs \['attention_mask'\]"):
+        ao.quantize(onnx_model, "int8-static", data=[{"input_ids": torch.randint(0, 50, (2, 6))}])

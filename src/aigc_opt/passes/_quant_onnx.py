@@ -162,13 +162,24 @@ class _Reader:
         from ..runtime.onnxruntime import _to_numpy
 
         declared = artifact.declared_inputs()
+        names = [d[0] for d in declared]
         feeds = []
         for batch in batches:
             args, kwargs = split_inputs(normalize_inputs(batch, what="data"))
-            values = [kwargs[d[0]] for d in declared] if kwargs else list(args)
+            layout = artifact.generation
+            if layout is not None and kwargs and "input_ids" in kwargs and not set(layout["past"]) & set(kwargs):
+                # a decoder step given prompts (as generate takes them): calibrate on the prompt step
+                from ..runtime.onnx_generation import prefill_feed
+
+                kwargs = prefill_feed(layout, kwargs["input_ids"], kwargs.get("attention_mask"))
+            missing = [n for n in names if n not in kwargs]
+            if kwargs and missing:
+                raise ConfigError(f"Quantize('int8-static'): a calibration batch lacks inputs {missing}; the ONNX "
+                                  f"model takes {names}, the batch has {sorted(kwargs)}.")
+            values = [kwargs[n] for n in names] if kwargs else list(args)
             if len(values) != len(declared):
                 raise ConfigError(f"Quantize('int8-static'): a calibration batch has {len(values)} inputs, "
-                                  f"the ONNX model takes {[d[0] for d in declared]}.")
+                                  f"the ONNX model takes {names}.")
             feeds.append({d[0]: _to_numpy(v, d[1], d[0]) for d, v in zip(declared, values)})
         self.shapes = [{k: tuple(v.shape) for k, v in feed.items()} for feed in feeds]
         self._bar = tqdm(total=len(feeds), desc="calibrating int8-static (onnx)", unit="batch",

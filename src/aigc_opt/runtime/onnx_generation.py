@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
 
-__all__ = ["greedy_generate"]
+__all__ = ["greedy_generate", "prefill_feed"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -32,6 +32,22 @@ def _as_int64(value: Any, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name} must be a 2-D integer tensor (batch, length), got shape "
                                 f"{tuple(array.shape)} dtype {array.dtype}.")
     return array.astype(np.int64)
+
+
+def prefill_feed(layout: dict[str, Any], input_ids: Any, attention_mask: Any = None) -> dict[str, np.ndarray]:
+    """The decoder step's inputs for a prompt batch: the ids, the mask, positions, an empty cache.
+
+    Also how prompt batches become calibration batches for ``Quantize("int8-static")``."""
+    ids = _as_int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
+    empty = np.zeros((ids.shape[0], layout["kv_heads"], 0, layout["head_dim"]), np.dtype(layout["cache_dtype"]))
+    feed = {"input_ids": ids, "attention_mask": mask, **{name: empty for name in layout["past"]}}
+    if layout["position_ids"]:
+        # transformers' rule: position = number of real tokens before this one (pads get 1, unused)
+        feed["position_ids"] = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+    return feed
 
 
 def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int,
@@ -66,16 +82,11 @@ def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *
         pad = eos[0] if eos else 0
     session = artifact.session()
     batch = ids.shape[0]
-    dtype = np.dtype(layout["cache_dtype"])
-    past = {name: np.zeros((batch, layout["kv_heads"], 0, layout["head_dim"]), dtype) for name in layout["past"]}
     outputs = ["logits", *layout["present"]]
-    # transformers' rule: position = number of real tokens before this one (pads get 1, unused)
-    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
-    step_ids, finished, new = ids, np.zeros(batch, bool), []
+    feed = prefill_feed(layout, ids, mask)
+    positions = feed.get("position_ids")
+    finished, new = np.zeros(batch, bool), []
     for step in range(max_new_tokens):
-        feed = {"input_ids": step_ids, "attention_mask": mask, **past}
-        if layout["position_ids"]:
-            feed["position_ids"] = positions
         logits, *present = session.run(outputs, feed)
         scores = logits[:, -1].astype(np.float32)
         if eos and step < min_new_tokens:
@@ -87,8 +98,9 @@ def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *
         new.append(token)
         if finished.all():
             break
-        past = dict(zip(layout["past"], present))
-        step_ids = token[:, None]
-        positions = positions[:, -1:] + 1
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        feed = {"input_ids": token[:, None], "attention_mask": mask, **dict(zip(layout["past"], present))}
+        if positions is not None:
+            positions = positions[:, -1:] + 1
+            feed["position_ids"] = positions
     return torch.from_numpy(np.concatenate([ids, np.stack(new, axis=1)], axis=1))
