@@ -4,14 +4,12 @@ Variants (one interleaved ao.compare run, batch 64 of the test set): fp32 eager,
 int8-dynamic + inductor, 30% structured pruning + inductor, ONNX Runtime fp32, ONNX Runtime
 int8-dynamic. Fidelity: test-set accuracy (eval_fn) and top-1 agreement with fp32.
 
-Writes benchmarks/results/cnn_digits.json and .md.
-    .venv/bin/python benchmarks/cnn_digits.py [--epochs 30]
+Writes cnn_digits.json and .md into benchmarks/results/ (or --results-dir).
+    .venv/bin/python benchmarks/cnn_digits.py [--epochs 30] [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,9 +18,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import aigc_opt as ao
-from aigc_opt._deps import library_versions
-
-RESULTS = Path(__file__).parent / "results"
+from _common import (base_parser, fmt_ci, fmt_ratio, latency_fields, markdown_table, result_header,
+                     write_results)
 
 
 class DigitsCNN(torch.nn.Module):
@@ -80,7 +77,7 @@ def ort_static_defaults(onnx_model: ao.Model, calibration: list[torch.Tensor]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--distill-epochs", type=int, default=10)
@@ -117,31 +114,27 @@ def main() -> None:
     print(report)
     rows = []
     for label, entry in zip(variants, report.candidates):
-        ratio, lo, hi = entry.latency_ratio
-        rows.append({"variant": label, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-                     "p50_ms": entry.measurement.median * 1e3, "accuracy": entry.metric,
+        rows.append({"variant": label, **latency_fields(entry), "accuracy": entry.metric,
                      "top1_agreement": entry.fidelity.top1_agreement, "size_kb": entry.measurement.size_bytes / 1e3,
                      "params": entry.measurement.num_parameters})
-    results = {"benchmark": "cnn_digits", "date": time.strftime("%Y-%m-%d"), "train_seconds": train_seconds,
+    results = {**result_header("cnn_digits"), "train_seconds": train_seconds,
                "baseline": {"accuracy": report.baseline.metric, "p50_ms": report.baseline.measurement.median * 1e3,
                             "params": report.baseline.measurement.num_parameters},
                "batch_size": args.batch_size, "rows": rows, "warnings": report._warnings(),
-               "versions": library_versions(), "report": report.to_dict()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cnn_digits.json").write_text(json.dumps(results, indent=2))
+               "report": report.to_dict()}
     lines = [f"# CNN on scikit-learn digits ({results['date']})", "",
              f"Trained here in {train_seconds:.0f} s; test set {len(x_test)} images, batch {args.batch_size}; "
              f"fp32 eager: accuracy {report.baseline.metric:.4f}, p50 {results['baseline']['p50_ms']:.2f} ms, "
              f"{results['baseline']['params']:,} parameters. {report.iters} interleaved rounds "
-             f"({report.baseline.measurement.stop_reason}).", "",
-             "| variant | latency vs fp32 eager | 95% CI | p50 ms | test accuracy | top-1 agreement | params | size kB |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['latency_ratio']:.2f}x | {r['ratio_ci95'][0]:.2f}-{r['ratio_ci95'][1]:.2f} | "
-              f"{r['p50_ms']:.2f} | {r['accuracy']:.4f} | {r['top1_agreement']:.3f} | {r['params']:,} | "
-              f"{r['size_kb']:.0f} |" for r in rows]
+             f"({report.baseline.measurement.stop_reason}).", ""]
+    lines += markdown_table(
+        ["variant", "latency vs fp32 eager", "95% CI", "p50 ms", "test accuracy", "top-1 agreement", "params",
+         "size kB"],
+        [[r["variant"], fmt_ratio(r["latency_ratio"]), fmt_ci(*r["ratio_ci95"]), f"{r['p50_ms']:.2f}",
+          f"{r['accuracy']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['params']:,}", f"{r['size_kb']:.0f}"]
+         for r in rows])
     lines += [""] + [f"- warning: {w}" for w in results["warnings"]]
-    (RESULTS / "cnn_digits.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results("cnn_digits", results, lines, args.results_dir))
 
 
 if __name__ == "__main__":

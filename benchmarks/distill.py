@@ -7,32 +7,30 @@ docstrings that are not in the reference set (offline, nothing downloaded), so t
 held out. Distillation: ``output_loss="cosine"`` on the pooled embeddings, AdamW with warm-up +
 cosine schedule, ``eval_fn`` = mean cosine on a validation slice of the training text (best epoch kept).
 
-Writes benchmarks/results/distill.json and .md. Timing-insensitive, but slow (minutes of training):
+Writes distill.json and .md into benchmarks/results/ (or --results-dir). Timing-insensitive, but
+slow (minutes of training):
     .venv/bin/python benchmarks/distill.py [--epochs 3] [--ratio 0.3] [--train-sentences 1600]
+        [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
-import json
 import os
 import platform
 import re
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 import aigc_opt as ao  # noqa: E402
-from aigc_opt._deps import library_versions  # noqa: E402
+from _common import base_parser, markdown_table, result_header, write_results  # noqa: E402
 from aigc_opt.demo import load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 MODULES = ["collections", "json", "os", "re", "pathlib", "argparse", "asyncio", "functools", "itertools",
            "inspect", "logging", "subprocess", "threading", "typing", "dataclasses", "textwrap", "shutil",
            "tempfile", "email", "http.client", "urllib.parse", "csv", "sqlite3", "unittest", "decimal",
@@ -77,7 +75,7 @@ def cosines(a: ao.Model, b: ao.Model, batches: list[dict]) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -122,17 +120,16 @@ def main() -> None:
                 "p10": ordered[len(ordered) // 10], "share_above_0.9": sum(v > 0.9 for v in values) / len(values)}
 
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores", "torch_threads": torch.get_num_threads(), "versions": library_versions(),
-        "settings": {**vars(args), "output_loss": "cosine", "train_batches": len(train_batches),
-                     "validation_sentences": len(val), "test_sentences": len(test_batches) * 16},
+        **result_header("distill"), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
+        "settings": {**{k: v for k, v in vars(args).items() if k != "results_dir"}, "output_loss": "cosine",
+                     "train_batches": len(train_batches), "validation_sentences": len(val),
+                     "test_sentences": len(test_batches) * 16},
         "params": {"teacher": teacher.num_parameters(), "student": student.num_parameters()},
         "cosine_to_teacher": {"pruned": summary(before), "pruned_then_distilled": summary(after)},
         "train_seconds": seconds, "history": details["history"], "best_validation_cosine": details["best_score"],
         "precision": details.get("precision"),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps(result, indent=2) + "\n")
     b, a = result["cosine_to_teacher"]["pruned"], result["cosine_to_teacher"]["pruned_then_distilled"]
     lines = [
         f"# all-MiniLM-L6-v2 pruned {args.ratio:.0%}, then distilled ({result['date']})", "",
@@ -142,14 +139,16 @@ def main() -> None:
         f"{args.seq_len}, lr {args.lr}, output_loss=cosine, best epoch by validation cosine; "
         f"{seconds / 60:.1f} min of training. Test: per-sentence embedding cosine to the teacher on the "
         f"{len(test_batches) * 16} shipped reference sentences (sequence 128).", "",
-        "| student | cosine mean | median | p10 | min | share > 0.9 |", "|---|---|---|---|---|---|",
-        *(f"| {label} | {s['mean']:.4f} | {s['median']:.4f} | {s['p10']:.4f} | {s['min']:.4f} | "
-          f"{s['share_above_0.9']:.0%} |" for label, s in (("pruned", b), ("pruned + distilled", a))), "",
-        "| epoch | train loss | validation cosine |", "|---|---|---|",
-        *(f"| {h['epoch']} | {h['loss']:.4f} | {h.get('score', float('nan')):.4f} |" for h in details["history"]), "",
+        *markdown_table(["student", "cosine mean", "median", "p10", "min", "share > 0.9"],
+                        [[label, f"{s['mean']:.4f}", f"{s['median']:.4f}", f"{s['p10']:.4f}",
+                          f"{s['min']:.4f}", f"{s['share_above_0.9']:.0%}"]
+                         for label, s in (("pruned", b), ("pruned + distilled", a))]),
+        "",
+        *markdown_table(["epoch", "train loss", "validation cosine"],
+                        [[h["epoch"], f"{h['loss']:.4f}", f"{h.get('score', float('nan')):.4f}"]
+                         for h in details["history"]]),
     ]
-    (RESULTS / "distill.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_results("distill", result, lines, args.results_dir))
 
 
 if __name__ == "__main__":

@@ -9,28 +9,23 @@ One interleaved ao.compare run per batch size (sequence 128, the shipped sentenc
 Also the ONNX Runtime adapter's overhead: ao.Model calls vs raw InferenceSession.run on the same
 session, interleaved (the issue's bound: under 2%).
 
-Writes benchmarks/results/export_compile.json and .md. Run alone on the machine:
-    .venv/bin/python benchmarks/export_compile.py [--iters 30] [--batch-sizes 1 8]
+Writes export_compile.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+    .venv/bin/python benchmarks/export_compile.py [--iters 30] [--batch-sizes 1 8] [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 import aigc_opt as ao  # noqa: E402
-from aigc_opt._deps import library_versions  # noqa: E402
+from _common import (base_parser, describe_machine, fmt_ci, fmt_ratio, latency_fields,  # noqa: E402
+                     machine_info, markdown_table, result_header, write_results)
 from aigc_opt.demo import load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LABELS = ["torch fp32 + inductor", "torch int8-dynamic + inductor", "ORT fp32 (fused)", "ORT fp32 unfused",
           "ORT int8-dynamic per-channel (fused, QAttention)", "ORT int8-dynamic per-channel unfused"]
 
@@ -76,9 +71,7 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
     print(report)
     rows = []
     for label, entry in zip(LABELS, report.candidates):
-        ratio, lo, hi = entry.latency_ratio
-        rows.append({"variant": label, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-                     "p50_ms": entry.measurement.median * 1e3, "p90_ms": entry.measurement.p90 * 1e3,
+        rows.append({"variant": label, **latency_fields(entry), "p90_ms": entry.measurement.p90 * 1e3,
                      "cosine_mean": entry.fidelity.cosine_mean, "cosine_min": entry.fidelity.cosine_min,
                      "size_mb": entry.measurement.size_bytes / 1e6})
     return {"batch_size": batch_size, "seq_len": seq_len, "iters": iters, "export_seconds": export_seconds,
@@ -88,36 +81,29 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    host = ao.Target.detect()
-    results = {"benchmark": "export_compile", "date": time.strftime("%Y-%m-%d"),
-               "machine": {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads()},
-               "versions": library_versions(),
+    results = {**result_header("export_compile"), "machine": machine_info(),
                "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export_compile.json").write_text(json.dumps(results, indent=2))
     lines = [f"# all-MiniLM-L6-v2 through torch, inductor and ONNX Runtime ({results['date']})", "",
-             f"Machine: {host.description}, {host.arch}, {torch.get_num_threads()} threads. Sequence "
+             f"Machine: {describe_machine(results['machine'])}. Sequence "
              f"{args.seq_len}; {args.iters} interleaved rounds; ratio = p50 / fp32-eager p50 with a "
              "paired-bootstrap 95% interval; cosine = per-sentence embedding cosine to fp32 eager on the 400 shipped reference sentences.", ""]
     for r in results["runs"]:
         o = r["ort_adapter_overhead"]
         lines += [f"## batch {r['batch_size']} (fp32 eager p50 {r['baseline_p50_ms']:.1f} ms; ONNX export "
-                  f"{r['export_seconds']:.1f} s)", "",
-                  "| variant | latency vs fp32 eager | 95% CI | p50 ms | cosine mean | cosine min | size MB |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['variant']} | {x['latency_ratio']:.2f}x | {x['ratio_ci95'][0]:.2f}-{x['ratio_ci95'][1]:.2f} "
-                  f"| {x['p50_ms']:.1f} | {x['cosine_mean']:.4f} | {x['cosine_min']:.4f} | {x['size_mb']:.1f} |"
-                  for x in r["rows"]]
+                  f"{r['export_seconds']:.1f} s)", ""]
+        lines += markdown_table(
+            ["variant", "latency vs fp32 eager", "95% CI", "p50 ms", "cosine mean", "cosine min", "size MB"],
+            [[x["variant"], fmt_ratio(x["latency_ratio"]), fmt_ci(*x["ratio_ci95"]), f"{x['p50_ms']:.1f}",
+              f"{x['cosine_mean']:.4f}", f"{x['cosine_min']:.4f}", f"{x['size_mb']:.1f}"] for x in r["rows"]])
         lines += ["", f"ONNX Runtime adapter overhead: ao.Model {o['ao_ms']:.2f} ms vs raw session "
                   f"{o['raw_ms']:.2f} ms = {100 * o['overhead']:+.2f}% (bound: < 2%).", ""]
         lines += [f"- warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
-    (RESULTS / "export_compile.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_results("export_compile", results, lines, args.results_dir))
 
 
 if __name__ == "__main__":

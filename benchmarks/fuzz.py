@@ -2,7 +2,8 @@
 write what happened per test to benchmarks/results/fuzz.json: examples run (passing / failing /
 invalid, i.e. filtered by ``assume``), distinct failures, the events (refusals by error type, cases
 left out for known bugs), the largest relative output error hypothesis found where a tolerance
-applies, why it stopped, the outcome and the wall time.
+applies, why it stopped, the outcome and the wall time. ``--results-dir`` or ``--output`` write it
+elsewhere.
 
 ``make fuzz`` runs it with 1000 examples per test (the ``long`` profile; expensive tests, such as
 Compile('inductor'), run a fixed share of that, see ``budget()`` in test_fuzz.py), which takes
@@ -14,7 +15,6 @@ count actually used is in the JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,8 +24,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from _common import base_parser, write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 class FuzzReport:
@@ -92,12 +93,14 @@ def _summarize(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = base_parser(__doc__)
     parser.add_argument("--max-examples", type=int, default=None,
                         help="examples per test under the long profile (default $HYPOTHESIS_MAX_EXAMPLES or 1000)")
     parser.add_argument("-k", default=None, help="pytest -k expression to run a subset")
-    parser.add_argument("--output", type=Path, default=RESULTS / "fuzz.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="the JSON file (default: RESULTS_DIR/fuzz.json)")
     args = parser.parse_args()
+    output = args.output or args.results_dir / "fuzz.json"
 
     os.environ.setdefault("HYPOTHESIS_PROFILE", "long")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,9 +151,8 @@ def main() -> int:
         result["versions"].update(library_versions())
     except ImportError:
         pass
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"wrote {args.output}: {result['totals']}")
+    write_text_atomic(output, json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {output}: {result['totals']}")
     return int(code)
 
 

@@ -7,29 +7,25 @@ sentences shipped with aigc_opt. Candidates:
 - int8-dynamic + inductor: the demo's recipe;
 - torch.ao quantize_dynamic (per-tensor): the deprecated built-in, as a reference peer.
 
-Writes benchmarks/results/minilm_int8.json and .md. Run alone on the machine:
-    .venv/bin/python benchmarks/minilm_int8.py [--iters 40] [--batch-sizes 1 8]
+Writes minilm_int8.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+    .venv/bin/python benchmarks/minilm_int8.py [--iters 40] [--batch-sizes 1 8] [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import platform
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 import aigc_opt as ao  # noqa: E402
+from _common import (base_parser, describe_machine, fmt_ci, fmt_ratio, latency_fields,  # noqa: E402
+                     machine_info, markdown_table, result_header, write_results)
 from aigc_opt.demo import load_minilm, reference_sentences, sentence_batches  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def torch_ao_dynamic(model: ao.Model) -> ao.Model:
@@ -59,10 +55,8 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
     rows = []
     for label, entry in zip(["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor",
                              "torch.ao dynamic per-tensor"], report.candidates):
-        ratio, lo, hi = entry.latency_ratio
         rows.append({
-            "variant": label, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-            "p50_ms": entry.measurement.median * 1e3, "p90_ms": entry.measurement.p90 * 1e3,
+            "variant": label, **latency_fields(entry), "p90_ms": entry.measurement.p90 * 1e3,
             "cosine_mean": entry.fidelity.cosine_mean, "cosine_min": entry.fidelity.cosine_min,
             "size_mb": entry.measurement.size_bytes / 1e6,
         })
@@ -78,39 +72,31 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    host = ao.Target.detect()
-    results = {
-        "benchmark": "minilm_int8", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "versions": __import__("aigc_opt._deps", fromlist=["x"]).library_versions(),
-        "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "minilm_int8.json").write_text(json.dumps(results, indent=2))
+    results = {**result_header("minilm_int8"), "machine": machine_info(),
+               "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes]}
     lines = [f"# all-MiniLM-L6-v2: fp32 eager vs int8-dynamic ({results['date']})", "",
-             f"Machine: {host.description}, {host.arch}, {torch.get_num_threads()} threads. "
+             f"Machine: {describe_machine(results['machine'])}. "
              f"Sequence {args.seq_len}; {args.iters} interleaved rounds per model; latency ratio = "
              "candidate p50 / fp32-eager p50 with a paired-bootstrap 95% interval; cosine = per-sentence "
              "embedding cosine against fp32 eager on the 400 shipped reference sentences.", ""]
     for r in results["runs"]:
         lines += [f"## batch {r['batch_size']} (fp32 eager p50 {r['baseline_p50_ms']:.1f} ms, "
-                  f"{r['baseline_size_mb']:.1f} MB)", "",
-                  "| variant | latency vs fp32 | 95% CI | p50 ms | p90 ms | cosine mean | cosine min | size MB |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['variant']} | {x['latency_ratio']:.2f}x | {x['ratio_ci95'][0]:.2f}-{x['ratio_ci95'][1]:.2f} "
-                  f"| {x['p50_ms']:.1f} | {x['p90_ms']:.1f} | {x['cosine_mean']:.4f} | {x['cosine_min']:.4f} "
-                  f"| {x['size_mb']:.1f} |" for x in r["rows"]]
+                  f"{r['baseline_size_mb']:.1f} MB)", ""]
+        lines += markdown_table(
+            ["variant", "latency vs fp32", "95% CI", "p50 ms", "p90 ms", "cosine mean", "cosine min",
+             "size MB"],
+            [[x["variant"], fmt_ratio(x["latency_ratio"]), fmt_ci(*x["ratio_ci95"]), f"{x['p50_ms']:.1f}",
+              f"{x['p90_ms']:.1f}", f"{x['cosine_mean']:.4f}", f"{x['cosine_min']:.4f}",
+              f"{x['size_mb']:.1f}"] for x in r["rows"]])
         lines += ["", f"Compile time: fp32 {r['compile_seconds']['fp32']:.1f} s, int8 "
                   f"{r['compile_seconds']['int8']:.1f} s (first call, apart from the latencies above).", ""]
         lines += [f"- warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
-    (RESULTS / "minilm_int8.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_results("minilm_int8", results, lines, args.results_dir))
 
 
 if __name__ == "__main__":

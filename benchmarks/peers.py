@@ -8,18 +8,16 @@ process with ao.Model.from_onnx and timed beside ours), torchao's int8 config us
 
 Models output the last hidden state (feature extraction); fidelity is the cosine of mean-pooled,
 normalized sentence embeddings against fp32 eager on the 400 shipped reference sentences.
-Writes benchmarks/results/peers.json and .md.
-    .venv/bin/python benchmarks/peers.py [--iters 30] [--batch-size 8]
+Writes peers.json and .md into benchmarks/results/ (or --results-dir).
+    .venv/bin/python benchmarks/peers.py [--iters 30] [--batch-size 8] [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,11 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import aigc_opt as ao  # noqa: E402
-from aigc_opt._deps import library_versions  # noqa: E402
+from _common import (base_parser, fmt_ci, fmt_ratio, latency_fields, markdown_table,  # noqa: E402
+                     result_header, write_results)
 from aigc_opt.demo import minilm_dir, reference_sentences, sentence_batches  # noqa: E402
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 PEER_VENV = HERE / ".venv-optimum"
 PEER_OUT = HERE / ".peer-artifacts"
 
@@ -91,7 +89,7 @@ def ort_defaults(onnx_model: ao.Model) -> ao.Model:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
@@ -123,31 +121,25 @@ def main() -> None:
     rows = []
     for c, entry in zip(candidates, report.candidates):
         cos = torch.nn.functional.cosine_similarity(embeddings(c, batches), reference, dim=1)
-        ratio, lo, hi = entry.latency_ratio
-        rows.append({"variant": c.name, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-                     "p50_ms": entry.measurement.median * 1e3, "embedding_cosine_mean": float(cos.mean()),
+        rows.append({"variant": c.name, **latency_fields(entry), "embedding_cosine_mean": float(cos.mean()),
                      "embedding_cosine_min": float(cos.min()), "size_mb": entry.measurement.size_bytes / 1e6})
-    results = {"benchmark": "peers", "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size,
+    results = {**result_header("peers"), "batch_size": args.batch_size,
                "baseline_p50_ms": report.baseline.measurement.median * 1e3, "rows": rows,
-               "warnings": report._warnings(), "optimum": peer, "versions": library_versions(),
-               "report": report.to_dict()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "peers.json").write_text(json.dumps(results, indent=2))
+               "warnings": report._warnings(), "optimum": peer, "report": report.to_dict()}
     lines = [f"# all-MiniLM-L6-v2: aigc_opt vs peers ({results['date']})", "",
              f"Batch {args.batch_size}, sequence 128, {report.iters} interleaved rounds in one process "
              f"(fp32 eager p50 {results['baseline_p50_ms']:.1f} ms); embedding cosine over the 400 reference "
              f"sentences. Optimum {peer['versions']['optimum-onnx']} ran in its own venv (transformers "
              f"{peer['versions']['transformers']}) to export and quantize; its ONNX files were timed here, through "
              "the same ONNX Runtime adapter and session settings as ours (no spin-wait; on CPU, ORT's "
-             "SkipLayerNorm/BiasGelu fusions off) but without aigc_opt's graph fusions.", "",
-             "| variant | latency vs fp32 eager | 95% CI | p50 ms | embedding cosine mean | min | size MB |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['latency_ratio']:.2f}x | {r['ratio_ci95'][0]:.2f}-{r['ratio_ci95'][1]:.2f} | "
-              f"{r['p50_ms']:.1f} | {r['embedding_cosine_mean']:.4f} | {r['embedding_cosine_min']:.4f} | "
-              f"{r['size_mb']:.1f} |" for r in rows]
+             "SkipLayerNorm/BiasGelu fusions off) but without aigc_opt's graph fusions.", ""]
+    lines += markdown_table(
+        ["variant", "latency vs fp32 eager", "95% CI", "p50 ms", "embedding cosine mean", "min", "size MB"],
+        [[r["variant"], fmt_ratio(r["latency_ratio"]), fmt_ci(*r["ratio_ci95"]), f"{r['p50_ms']:.1f}",
+          f"{r['embedding_cosine_mean']:.4f}", f"{r['embedding_cosine_min']:.4f}", f"{r['size_mb']:.1f}"]
+         for r in rows])
     lines += [""] + [f"- warning: {w}" for w in results["warnings"]]
-    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results("peers", results, lines, args.results_dir))
 
 
 if __name__ == "__main__":

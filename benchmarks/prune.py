@@ -10,41 +10,33 @@ Fidelity is the per-sentence embedding cosine against the unpruned model, before
 
 Issue target: 30% structured pruning gives >= 1.25x lower latency (latency ratio <= 0.80).
 
-Writes benchmarks/results/prune.json and .md. Run alone on the machine:
-    .venv/bin/python benchmarks/prune.py [--iters 40] [--ratios 0.2 0.3 0.5]
+Writes prune.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+    .venv/bin/python benchmarks/prune.py [--iters 40] [--ratios 0.2 0.3 0.5] [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import platform
-import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 import aigc_opt as ao  # noqa: E402
-from aigc_opt._deps import library_versions  # noqa: E402
+from _common import (base_parser, describe_machine, fmt_ci, fmt_ratio, latency_fields,  # noqa: E402
+                     machine_info, markdown_table, result_header, write_results)
 from aigc_opt.demo import load_minilm, sentence_batches  # noqa: E402
 from aigc_opt.passes.prune import prune  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 TARGET_RATIO_AT_30 = 1 / 1.25  # ">= 1.25x lower latency"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5])
     args = parser.parse_args()
-    host = ao.Target.detect()
     load_before = os.getloadavg()[0]
 
     base = load_minilm(batch_size=args.batch_size, seq_len=args.seq_len)
@@ -62,7 +54,6 @@ def main() -> None:
     print(report)
     rows = []
     for model, pruned_ratio, entry in zip(variants, ratios, report.candidates, strict=True):
-        ratio, lo, hi = entry.latency_ratio
         record = model.history[-1] if model.history else None
         layer0 = model.artifact.encoder.encoder.layer[0]
         rows.append({
@@ -73,9 +64,9 @@ def main() -> None:
             "macs_per_example": record.details["macs_per_example_after"] if record else None,
             "heads_per_layer": layer0.attention.self.num_attention_heads,
             "ffn_width": layer0.intermediate.dense.out_features,
-            "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-            "speedup": 1 / ratio,
-            "p50_ms": entry.measurement.median * 1e3, "p90_ms": entry.measurement.p90 * 1e3,
+            **latency_fields(entry),
+            "speedup": 1 / entry.latency_ratio[0],
+            "p90_ms": entry.measurement.p90 * 1e3,
             "cosine_mean": entry.fidelity.cosine_mean, "cosine_min": entry.fidelity.cosine_min,
             "size_mb": entry.measurement.size_bytes / 1e6,
             "prune_seconds": record.seconds if record else None,
@@ -85,25 +76,21 @@ def main() -> None:
     verdict = None
     if at30:
         met = at30["ratio_ci95"][1] <= TARGET_RATIO_AT_30
-        lo, hi = at30["ratio_ci95"]
-        verdict = (f"30% structured: latency x{at30['latency_ratio']:.2f} (95% CI {lo:.2f}-{hi:.2f}) = "
-                   f"{at30['speedup']:.2f}x lower latency; target >= 1.25x "
+        verdict = (f"30% structured: latency x{at30['latency_ratio']:.2f} "
+                   f"(95% CI {fmt_ci(*at30['ratio_ci95'])}) = "
+                   f"{fmt_ratio(at30['speedup'])} lower latency; target >= 1.25x "
                    f"(ratio <= {TARGET_RATIO_AT_30:.2f}, whole interval): {'MET' if met else 'NOT MET'}.")
     results = {
-        "benchmark": "prune", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "loadavg_1min_before": load_before,
+        **result_header("prune"),
+        "machine": {**machine_info(), "loadavg_1min_before": load_before,
                     "loadavg_1min_after": os.getloadavg()[0]},
-        "versions": library_versions(),
         "batch_size": args.batch_size, "seq_len": args.seq_len, "iters": args.iters,
         "baseline": {"params": base.num_parameters(), "p50_ms": report.baseline.measurement.median * 1e3,
                      "size_mb": report.baseline.measurement.size_bytes / 1e6},
         "rows": rows, "target_30": verdict, "warnings": report._warnings(), "report": report.to_dict(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prune.json").write_text(json.dumps(results, indent=2))
     lines = [f"# all-MiniLM-L6-v2: structured pruning ({results['date']})", "",
-             f"Machine: {host.description}, {host.arch}, {torch.get_num_threads()} threads, load average "
+             f"Machine: {describe_machine(results['machine'])}, load average "
              f"{load_before:.2f} before the run. Batch {args.batch_size}, sequence {args.seq_len}; "
              f"{args.iters} interleaved rounds of all models in one `ao.compare` run; latency ratio = "
              "variant p50 / unpruned p50 with a paired-bootstrap 95% interval; cosine = per-sentence "
@@ -111,25 +98,22 @@ def main() -> None:
              "training. Pruning: `ao.prune(m, ratio)` defaults (L2 magnitude, whole heads and FFN neurons "
              "per layer, hidden width kept, FFN width rounded to the target's multiple).", "",
              f"Unpruned: {base.num_parameters() / 1e6:.2f}M parameters, p50 "
-             f"{results['baseline']['p50_ms']:.1f} ms, {results['baseline']['size_mb']:.1f} MB.", "",
-             "| variant | params | heads/layer | FFN width | MACs/example | latency vs unpruned | 95% CI "
-             "| speed-up | p50 ms | cosine mean | cosine min | size MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        macs = f"{r['macs_per_example'] / 1e9:.2f} G" if r["macs_per_example"] else "-"
-        lines.append(f"| {r['variant']} | {r['params'] / 1e6:.2f}M ({r['params_vs_unpruned']:.0%}) | "
-                     f"{r['heads_per_layer']} | {r['ffn_width']} | {macs} | x{r['latency_ratio']:.2f} | "
-                     f"{r['ratio_ci95'][0]:.2f}-{r['ratio_ci95'][1]:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['p50_ms']:.1f} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
-                     f"{r['size_mb']:.1f} |")
+             f"{results['baseline']['p50_ms']:.1f} ms, {results['baseline']['size_mb']:.1f} MB.", ""]
+    lines += markdown_table(
+        ["variant", "params", "heads/layer", "FFN width", "MACs/example", "latency vs unpruned", "95% CI",
+         "speed-up", "p50 ms", "cosine mean", "cosine min", "size MB"],
+        [[r["variant"], f"{r['params'] / 1e6:.2f}M ({r['params_vs_unpruned']:.0%})", r["heads_per_layer"],
+          r["ffn_width"], f"{r['macs_per_example'] / 1e9:.2f} G" if r["macs_per_example"] else "-",
+          f"x{r['latency_ratio']:.2f}", fmt_ci(*r["ratio_ci95"]), fmt_ratio(r["speedup"]),
+          f"{r['p50_ms']:.1f}", f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}", f"{r['size_mb']:.1f}"]
+         for r in rows])
     lines += ["", f"**Target:** {verdict}" if verdict else "", ""]
     lines += [f"- warning: {w}" for w in results["warnings"]]
     lines += ["", "The 0% row times an unpruned copy against the unpruned model: how far its ratio is from "
               "x1.00 is the noise of this run. The parameter drop is smaller than the ratio because the "
               "11.7M-parameter word embedding and the hidden width (384) are kept; the cosines show what "
               "pruning costs before any recovery (fine-tuning or distillation)."]
-    (RESULTS / "prune.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results("prune", results, lines, args.results_dir))
 
 
 if __name__ == "__main__":

@@ -7,30 +7,26 @@ embedding cosine against fp32 eager. Candidates (each built with aigc_opt only):
   the int8 ones also + Compile('inductor') (where their int8 kernels come from), fp32 + inductor;
 - ONNX Runtime (after Export('onnx')): int8-dynamic (per-channel), int8-static (QDQ), fp16.
 
-Writes benchmarks/results/quantize_methods.json and .md. Run alone on the machine (it compiles
-several models; expect 10-20 minutes on 2 cores):
+Writes quantize_methods.json and .md into benchmarks/results/ (or --results-dir). Run alone on the
+machine (it compiles several models; expect 10-20 minutes on 2 cores):
     .venv/bin/python benchmarks/quantize_methods.py [--iters 30] [--batch-sizes 1 8] [--quick]
+        [--results-dir PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-
 import aigc_opt as ao  # noqa: E402
+from _common import (base_parser, describe_machine, fmt_ci, fmt_ratio, latency_fields,  # noqa: E402
+                     machine_info, markdown_table, result_header, write_results)
 from aigc_opt.demo import load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("aigc_opt")
 
 
@@ -89,10 +85,8 @@ def run(batch_size: int, iters: int, seq_len: int, quick: bool) -> dict:
     print(report)
     rows = []
     for label, entry in zip(labels, report.candidates):
-        ratio, lo, hi = entry.latency_ratio
         rows.append({
-            "variant": label, "latency_ratio": ratio, "ratio_ci95": [lo, hi],
-            "p50_ms": entry.measurement.median * 1e3, "cosine_mean": entry.fidelity.cosine_mean,
+            "variant": label, **latency_fields(entry), "cosine_mean": entry.fidelity.cosine_mean,
             "cosine_min": entry.fidelity.cosine_min, "size_mb": entry.measurement.size_bytes / 1e6,
             "prep_seconds": prep[label],
         })
@@ -105,39 +99,31 @@ def run(batch_size: int, iters: int, seq_len: int, quick: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--quick", action="store_true", help="no compiled variants (a smoke run)")
     args = parser.parse_args()
-    host = ao.Target.detect()
-    results = {
-        "benchmark": "quantize_methods", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "versions": __import__("aigc_opt._deps", fromlist=["x"]).library_versions(),
-        "runs": [run(b, args.iters, args.seq_len, args.quick) for b in args.batch_sizes],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize_methods.json").write_text(json.dumps(results, indent=2, default=str))
+    results = {**result_header("quantize_methods"), "machine": machine_info(),
+               "runs": [run(b, args.iters, args.seq_len, args.quick) for b in args.batch_sizes]}
     lines = [f"# all-MiniLM-L6-v2: every CPU quantization method vs fp32 eager ({results['date']})", "",
-             f"Machine: {host.description}, {host.arch}, {torch.get_num_threads()} threads. Sequence "
+             f"Machine: {describe_machine(results['machine'])}. Sequence "
              f"{args.seq_len}; {args.iters} interleaved rounds per model in one ao.compare run; latency ratio = "
              "candidate p50 / fp32-eager p50 (paired-bootstrap 95% interval); cosine = per-sentence embedding "
              "cosine against fp32 eager. Target for the best method: <= 0.45x at batch 8, cosine >= 0.99.", ""]
     for r in results["runs"]:
         lines += [f"## batch {r['batch_size']} (fp32 eager p50 {r['baseline_p50_ms']:.1f} ms, "
-                  f"{r['baseline_size_mb']:.1f} MB)", "",
-                  "| variant | latency vs fp32 | 95% CI | p50 ms | cosine mean | cosine min | size MB | build s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {x['variant']} | {x['latency_ratio']:.2f}x | {x['ratio_ci95'][0]:.2f}-{x['ratio_ci95'][1]:.2f} "
-                  f"| {x['p50_ms']:.1f} | {x['cosine_mean']:.4f} | {x['cosine_min']:.4f} | {x['size_mb']:.1f} "
-                  f"| {x['prep_seconds']:.0f} |" for x in sorted(r["rows"], key=lambda x: x["latency_ratio"])]
+                  f"{r['baseline_size_mb']:.1f} MB)", ""]
+        lines += markdown_table(
+            ["variant", "latency vs fp32", "95% CI", "p50 ms", "cosine mean", "cosine min", "size MB",
+             "build s"],
+            [[x["variant"], fmt_ratio(x["latency_ratio"]), fmt_ci(*x["ratio_ci95"]), f"{x['p50_ms']:.1f}",
+              f"{x['cosine_mean']:.4f}", f"{x['cosine_min']:.4f}", f"{x['size_mb']:.1f}",
+              f"{x['prep_seconds']:.0f}"] for x in sorted(r["rows"], key=lambda x: x["latency_ratio"])])
         lines += [""] + [f"- failed: {k}: {v}" for k, v in r["failures"].items()]
         lines += [f"- warning: {w}" for w in r["warnings"]] + [""]
-    (RESULTS / "quantize_methods.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    print(write_results("quantize_methods", results, lines, args.results_dir, json_default=str))
 
 
 if __name__ == "__main__":

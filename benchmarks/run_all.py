@@ -1,23 +1,24 @@
 """Run the whole reference suite, one benchmark after another, then write a summary.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only minilm_int8 cnn_digits ...]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only minilm_int8 cnn_digits ...] [--results-dir PATH]
 
 Each benchmark runs in its own process (so one's memory and compiled caches do not colour the
-next) and writes its JSON + markdown into benchmarks/results/; this script then collects the
-headline numbers into benchmarks/results/summary.md. Run it alone on the machine.
+next) and writes its JSON + markdown into benchmarks/results/ (or --results-dir, passed on to every
+script); this script then collects the headline numbers into summary.md in the same folder. Run it
+alone on the machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import base_parser, write_text_atomic
+
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 
 # name -> (script, arguments for a full run, arguments for --quick)
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
@@ -32,11 +33,12 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
-def summarize() -> str:
+def summarize(results_dir: Path) -> str:
     lines = ["# Reference suite summary", "",
-             "Headline numbers from benchmarks/results/*.json (each file has the details and raw samples).", ""]
+             "Headline numbers from the *.json files in this folder (each file has the details and raw "
+             "samples).", ""]
     for name in SUITE:
-        path = RESULTS / f"{name}.json"
+        path = results_dir / f"{name}.json"
         if not path.exists():
             lines.append(f"- {name}: no result yet")
             continue
@@ -70,7 +72,7 @@ def _headline(name: str, data: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter training")
     parser.add_argument("--only", nargs="+", choices=list(SUITE), help="run only these")
     args = parser.parse_args()
@@ -82,12 +84,14 @@ def main() -> int:
             continue
         print(f"== {name}", flush=True)
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full)])
+        done = subprocess.run([sys.executable, str(HERE / script), *(quick if args.quick else full),
+                               "--results-dir", str(args.results_dir)])
         print(f"== {name}: exit {done.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
         if done.returncode:
             failed.append(name)
-    (RESULTS / "summary.md").write_text(summarize())
-    print((RESULTS / "summary.md").read_text())
+    summary = summarize(args.results_dir)
+    write_text_atomic(args.results_dir / "summary.md", summary)
+    print(summary)
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0

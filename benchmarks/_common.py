@@ -1,0 +1,136 @@
+"""What the benchmark scripts share: their command line, result header, and result files.
+
+Each script writes ``<name>.json`` (every number, raw samples included) and ``<name>.md`` (the
+tables people read) into one results folder, ``benchmarks/results/`` unless ``--results-dir``
+says otherwise. The scripts are run as files (``python benchmarks/x.py``), so Python puts this
+folder on ``sys.path`` and ``import _common`` works; ``benchmarks`` is not a package.
+
+    parser = base_parser(__doc__)
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args()
+    results = {**result_header("my_bench"), "rows": rows}
+    lines = ["# Title", "", *markdown_table(["variant", "latency"], [[r["variant"], fmt_ratio(r["ratio"])]
+                                                                   for r in rows])]
+    print(write_results("my_bench", results, lines, args.results_dir))
+
+Nothing here imports torch or aigc_opt at module level (the unit tests load it in milliseconds);
+``result_header`` and ``machine_info`` import them when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_machine", "latency_fields",
+           "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def base_parser(doc: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser showing ``doc`` (the script's docstring) in ``--help``, with
+    ``--results-dir PATH`` (default ``benchmarks/results``) where the JSON and markdown go."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, metavar="PATH",
+                        help=f"folder for the result files (default: {RESULTS})")
+    return parser
+
+
+def result_header(name: str) -> dict[str, Any]:
+    """The keys every result file starts with: ``benchmark`` (its name), ``date`` (YYYY-MM-DD,
+    local time) and ``versions`` (the tracked libraries, as in every PassRecord)."""
+    from aigc_opt._deps import library_versions
+
+    return {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "versions": library_versions()}
+
+
+def machine_info() -> dict[str, Any]:
+    """This machine as the result files record it: CPU description, target arch, torch threads, Python."""
+    import torch
+
+    import aigc_opt as ao
+
+    host = ao.Target.detect()
+    return {"cpu": host.description, "arch": host.arch, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    """``machine_info()`` as the markdown's ``Machine:`` sentence says it: "cpu, arch, N threads"."""
+    return f"{machine['cpu']}, {machine['arch']}, {machine['threads']} threads"
+
+
+def latency_fields(entry: Any) -> dict[str, Any]:
+    """The latency columns of one ``ao.compare`` candidate: ``latency_ratio`` (its p50 / the
+    baseline's p50), ``ratio_ci95`` ([low, high], paired bootstrap) and ``p50_ms``."""
+    ratio, lo, hi = entry.latency_ratio
+    return {"latency_ratio": ratio, "ratio_ci95": [lo, hi], "p50_ms": entry.measurement.median * 1e3}
+
+
+def fmt_ratio(ratio: float, lo: float | None = None, hi: float | None = None) -> str:
+    """A ratio as the tables print it: ``0.36x``, or with its interval ``0.36x [0.35, 0.37]``."""
+    if (lo is None) != (hi is None):
+        raise ValueError(f"fmt_ratio: give both ends of the interval or neither, got lo={lo!r}, hi={hi!r}")
+    return f"{ratio:.2f}x" if lo is None else f"{ratio:.2f}x [{lo:.2f}, {hi:.2f}]"
+
+
+def fmt_ci(lo: float, hi: float) -> str:
+    """A 95% interval in its own table column: ``0.35-0.37``."""
+    return f"{lo:.2f}-{hi:.2f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table as lines: ``| a | b |``, ``|---|---|``, then one line per row.
+
+    Cells are written with ``str()``; format numbers before passing them. A row whose length
+    differs from the header's raises ``ValueError`` (markdown would render it misaligned silently).
+    """
+    if not header:
+        raise ValueError("markdown_table: the header needs at least one column")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, row in enumerate(rows):
+        cells = [str(c) for c in row]
+        if len(cells) != len(header):
+            raise ValueError(f"markdown_table: row {i} has {len(cells)} cells, the header {len(header)}: "
+                             f"{cells}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``:
+    a reader sees the old file or the new one, never half of one; on failure nothing is left
+    behind. Creates the folder if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # named by pid rather than tempfile.mkstemp, whose 0600 mode would outlive the rename
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_results(name: str, data: dict[str, Any], markdown_lines: Sequence[str], results_dir: Path, *,
+                  json_default: Callable[[Any], Any] | None = None) -> str:
+    """Write ``<results_dir>/<name>.json`` (indent 2) and ``<name>.md`` (the lines, ending in one
+    newline), each atomically; returns the markdown text so the script can print it.
+
+    ``json_default`` is passed to ``json.dumps`` for values it cannot encode (e.g. ``str``);
+    without it such a value raises ``TypeError`` before either file is touched.
+    """
+    payload = json.dumps(data, indent=2, default=json_default) + "\n"
+    markdown = "\n".join(markdown_lines).rstrip("\n") + "\n"
+    write_text_atomic(Path(results_dir) / f"{name}.json", payload)
+    write_text_atomic(Path(results_dir) / f"{name}.md", markdown)
+    return markdown
