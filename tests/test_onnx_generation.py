@@ -50,6 +50,8 @@ def test_export_records_the_cache_layout_and_decoder_inputs(lm, onnx_lm):
     assert torch.equal(inputs["input_ids"], lm.example_inputs["input_ids"])
     diffs = onnx_lm.history[-1].details["max_abs_diff"]
     assert set(diffs) == {"prefill", "decode"} and max(diffs.values()) < 1e-4
+    # A small decoder keeps its weights inside the graph; only past 1.5 GB do they go beside it.
+    assert onnx_lm.history[-1].details["external_data"] is False
     logits, *present = onnx_lm(**inputs)
     with torch.inference_mode():
         expected = lm.artifact(input_ids=inputs["input_ids"]).logits

@@ -110,6 +110,8 @@ def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]
     batch, new, past = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence"))
     dynamic_shapes = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
                       "position_ids": {0: batch, 1: new}, "past": [{0: batch, 2: past}] * len(past_names)}
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
+    external = settings.external_data if settings.external_data is not None else weight_bytes > 1.5e9
     workdir = new_workdir("onnx")
     path = workdir / "model.onnx"
     try:
@@ -121,7 +123,7 @@ def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]
                 input_names=["input_ids", "attention_mask", "position_ids", *past_names],
                 output_names=["logits", *present_names], opset_version=settings.opset, optimize=settings.optimize,
                 verify=False, report=False, verbose=False)
-            program.save(str(path), external_data=bool(settings.external_data))
+            program.save(str(path), external_data=external)
     except Exception as e:
         raise UnsupportedModelError(
             f"torch.onnx.export could not export {model.name} with its KV cache:\n{_short(e)}\n"
@@ -142,7 +144,8 @@ def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]
     example = _feed(ids, 0, heads, head_dim, dtype, layers)
     flat_example = _flat(example, past_names, takes_positions)
     details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True), decoder step with KV cache",
-                               "opset": _opset(path), "kv_cache": generation, "example_inputs": flat_example}
+                               "opset": _opset(path), "external_data": external, "kv_cache": generation,
+                               "example_inputs": flat_example}
     if settings.verify:
         details["max_abs_diff"] = _verify(step, artifact, ids, layers, heads, head_dim, dtype, settings,
                                           past_names, takes_positions, verify_outputs)
