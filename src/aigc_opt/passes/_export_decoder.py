@@ -24,7 +24,12 @@ if TYPE_CHECKING:
     from ..model import Model
     from .export import Export
 
-__all__ = ["is_causal_lm", "export_decoder"]
+__all__ = ["is_causal_lm", "export_decoder", "DECODER_WRAPPER", "DECODER_ATTRIBUTE"]
+
+# The traced wrapper, as the exporter names it in each node's class hierarchy, and the attribute
+# holding the user's model: module paths in the graph start with it ("lm.lm_head").
+DECODER_WRAPPER = "aigc_opt.passes._export_decoder._DecoderStep"
+DECODER_ATTRIBUTE = "lm"
 
 # Trace sizes: all different and >= 2, so torch.export keeps batch, new and past lengths symbolic
 # and separate (it specializes sizes 0 and 1, and unifies equal ones).

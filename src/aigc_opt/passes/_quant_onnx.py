@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._tree import normalize_inputs, split_inputs
 from ..errors import ConfigError, PassError, UnsupportedModelError
+from ._export_decoder import DECODER_ATTRIBUTE, DECODER_WRAPPER
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -126,22 +127,44 @@ def _max_relative_difference(source: Any, fused_path: Any, inputs: Any) -> float
 
 def _torch_module_path(node: Any) -> str:
     """The torch module a node came from ("encoder.layer.0.attention.self.query"), read from
-    the name scopes the torch.onnx exporter records in the node's metadata; "" if unknown."""
+    the name scopes the torch.onnx exporter records in the node's metadata; "" if unknown.
+
+    The scopes are cumulative (``['', 'lm', 'lm.transformer', ..., 'lm.lm_head', 'linear_16']``):
+    the innermost module is the last but one. A decoder exported with its KV cache is traced
+    through aigc_opt's wrapper, whose ``lm.`` prefix is dropped so names match the user's model.
+    """
     import ast
 
+    scopes: list[str] = []
+    wrapped = False
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return ""
-            return ".".join(s for s in scopes[1:-1] if s)
-    return ""
+            with contextlib.suppress(ValueError, SyntaxError):
+                scopes = [s for s in ast.literal_eval(prop.value)[1:-1] if s]
+        elif prop.key == "pkg.torch.onnx.class_hierarchy":
+            wrapped = prop.value.startswith(f"['{DECODER_WRAPPER}'")
+    if not scopes:
+        return ""
+    nested = all(inner.startswith(outer + ".") for outer, inner in zip(scopes, scopes[1:]))
+    path = scopes[-1] if nested else ".".join(scopes)  # older exporters record one name per level
+    if wrapped:
+        path = path.removeprefix(DECODER_ATTRIBUTE).removeprefix(".")
+    return path
 
 
 def _excluded_nodes(graph: Any, settings: Quantize) -> list[str]:
-    return [n.name for n in graph.node
-            if any(fnmatch.fnmatch(name, p) for name in (n.name, _torch_module_path(n)) for p in settings.skip)]
+    if not settings.skip:
+        return []
+    names = [(n.name, _torch_module_path(n)) for n in graph.node]
+    unmatched = [p for p in settings.skip if not any(fnmatch.fnmatch(name, p) for pair in names for name in pair)]
+    if unmatched:
+        modules = sorted({path for _, path in names if path})
+        raise ConfigError(
+            f"Quantize: skip={unmatched} matches no node of this ONNX graph (matched against node names "
+            f"and the torch module each node came from), so nothing would be skipped. Modules in the graph "
+            f"include {modules[:12]}; use fnmatch patterns such as 'lm_head' or '*.attention.*'.")
+    return [node for node, path in names if any(fnmatch.fnmatch(node, p) or fnmatch.fnmatch(path, p)
+                                                for p in settings.skip)]
 
 
 def _new_artifact(source: Any, path: Any) -> Any:

@@ -274,6 +274,16 @@ class Quantize(Pass):
         if model.format != "torch":
             return
         module = unwrap(model.artifact)
+        names = [name for name, _ in module.named_modules() if name]
+        unmatched = [p for p in self.skip if not any(fnmatch.fnmatch(name, p) for name in names)]
+        if unmatched:
+            import difflib
+
+            close = sorted({c for p in unmatched for c in difflib.get_close_matches(p, names, n=3, cutoff=0.5)})
+            raise ConfigError(
+                f"Quantize: skip={unmatched} matches no module of {model.name}, so nothing would be skipped"
+                + (f"; did you mean {close}?" if close else f"; its modules include {names[:8]}.")
+                + " skip takes module names as model.named_modules() gives them, or fnmatch patterns ('*.pooler*').")
         selected = self.selected(module, spec)
         if not selected:
             types = "/".join(f"nn.{t.__name__}" for t in spec.layer_types)
