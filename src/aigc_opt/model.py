@@ -12,12 +12,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,30 @@ class Model:
         extra = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)) if v is not None}
         if attention_mask is not None:
             extra["attention_mask"] = attention_mask.to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._compiled_forward(module):
             return module.generate(input_ids=input_ids.to(device), **extra, max_new_tokens=max_new_tokens,
                                    min_new_tokens=min_new_tokens, do_sample=False, num_beams=1).cpu()
+
+    @contextlib.contextmanager
+    def _compiled_forward(self, module: torch.nn.Module) -> Iterator[None]:
+        """While generating, a compiled model's forward runs compiled.
+
+        transformers' generate calls ``module.forward`` on the plain module, which a torch.compile
+        wrapper does not replace; without this, generating from ``Compile("inductor")``'s output
+        would run eager. The forward is compiled once per compiled model, with the Compile pass's options.
+        """
+        options = getattr(self.artifact, "compile_options", None) if self.is_compiled else None
+        if options is None:
+            yield
+            return
+        compiled = self.artifact.__dict__.get("generate_forward")
+        if compiled is None:  # kept on the compiled wrapper: it lives exactly as long as the compiled model
+            compiled = self.artifact.__dict__["generate_forward"] = torch.compile(module.forward, **options)
+        module.forward = compiled
+        try:
+            yield
+        finally:
+            del module.forward  # the class's forward again
 
     @property
     def is_compiled(self) -> bool:

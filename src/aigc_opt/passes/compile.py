@@ -221,8 +221,13 @@ def _check_inductor(settings: Compile, target: Target) -> None:
 
 
 def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
-    return torch.compile(module, backend="inductor", mode=settings.mode, dynamic=settings.dynamic,
-                         fullgraph=settings.fullgraph)
+    options = {"backend": "inductor", "mode": settings.mode, "dynamic": settings.dynamic,
+               "fullgraph": settings.fullgraph}
+    compiled = torch.compile(module, **options)
+    # Model.generate compiles the module's forward with the same options: transformers' generate
+    # calls module.forward, which the compiled wrapper does not replace.
+    compiled.__dict__["compile_options"] = options
+    return compiled
 
 
 COMPILE_BACKENDS.register("inductor", CompileBackend(
