@@ -111,7 +111,8 @@ def test_generation_benchmark_takes_onnx_decoders(lm, onnx_lm):
                         tokenizer=tokenizer)
     cand = report.candidates[0]
     assert cand.token_agreement == 1.0 and cand.first_divergence is None
-    assert len(cand.total) == 2 and all(0 < f < t for f, t in zip(cand.ttft, cand.total))
+    assert len(cand.total) == 2 and min(cand.ttft) > 0 and min(cand.total) > 0
+    assert cand.next_token_agreement == 1.0  # fp32 ONNX picks the same token at every position
 
 
 def test_plain_forward_export_still_available(lm):
@@ -198,3 +199,25 @@ def test_int8_static_calibrates_a_decoder_on_prompts_and_fp16_keeps_it_generatin
         got = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
         assert got.shape == expected.shape
         assert (got[:, 7:] == expected[:, 7:]).float().mean() > 0.6  # low precision may flip a near tie
+
+
+def test_skip_names_the_users_modules_in_a_decoder_export(lm, onnx_lm):
+    """The decoder is traced through a wrapper; skip= still takes the user's module names."""
+    import onnx
+
+    from aigc_opt.passes._export_decoder import DECODER_WRAPPER, _DecoderStep
+    from aigc_opt.passes._quant_onnx import _torch_module_path
+
+    assert DECODER_WRAPPER == f"{_DecoderStep.__module__}.{_DecoderStep.__qualname__}"
+    graph = onnx.load(str(onnx_lm.artifact.path)).graph
+    paths = {_torch_module_path(n) for n in graph.node}
+    assert {"lm_head", "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= paths
+    every = ao.quantize(onnx_lm, "int8-static", data=[onnx_lm.example_inputs]).history[-1].details
+    kept = ao.quantize(onnx_lm, "int8-static", data=[onnx_lm.example_inputs], skip=("lm_head",)).history[-1].details
+    (head,) = kept["nodes_skipped"]
+    assert _torch_module_path(next(n for n in graph.node if n.name == head)) == "lm_head"
+    assert kept["nodes_quantized"] == every["nodes_quantized"] - 1
+    with pytest.raises(ConfigError, match=r"skip=\['lm_haed'\] matches no node.*'lm_head'"):
+        ao.quantize(onnx_lm, "int8-dynamic", skip=("lm_haed",))
+    with pytest.raises(ConfigError, match=r"skip=\['lm_haed'\] matches no module of tiny-gpt2.*did you mean \['lm_head'\]"):
+        ao.quantize(lm, "int8-dynamic", skip=("lm_haed",))

@@ -6,6 +6,13 @@ time to first token (a 1-token generate: prefill + one step), time per output to
 rest of an N-token generate, divided by N-1), tokens/s, and against the baseline the share of
 identical greedy tokens and the first position where they diverge.
 
+Free-running agreement is fragile: one near-tie flipped early changes every token after it, so
+two equally good candidates can score 0.75 and 1.0. The report therefore also gives the
+teacher-forced next-token agreement: every model reads the baseline's own continuation in one
+forward pass, and at each generated position its top-1 prediction is compared with the
+baseline's. That measures how often the candidate would pick the baseline's token, position by
+position, without compounding.
+
 Example:
     >>> from aigc_opt.bench import generation                         # doctest: +SKIP
     >>> rep = generation(m, ao.quantize(m, "int8-dynamic"), prompts=["Hello"], max_new_tokens=16)  # doctest: +SKIP
@@ -14,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections.abc import Sequence
@@ -44,6 +52,7 @@ class GenerationStats:
     tokens: list[list[int]] = field(default_factory=list, repr=False)  # greedy ids per prompt
     token_agreement: float | None = None
     first_divergence: int | None = None  # earliest position (over prompts) where tokens differ
+    next_token_agreement: float | None = None  # teacher-forced top-1 agreement on the baseline's continuation
     ttft_ratio: tuple[float, float, float] | None = None
     tpot_ratio: tuple[float, float, float] | None = None
 
@@ -88,6 +97,8 @@ class GenerationReport:
             ("greedy token agreement", ["1"] + [f"{e.token_agreement:.3f}" for e in self.candidates]),
             ("first divergence (token)", ["-"] + [str(e.first_divergence) if e.first_divergence is not None
                                                   else "none" for e in self.candidates]),
+            ("next-token agreement (teacher-forced)", ["1"] + [f"{e.next_token_agreement:.3f}"
+                                                               for e in self.candidates]),
         ]
 
     def __str__(self) -> str:
@@ -104,6 +115,34 @@ class GenerationReport:
 def _generate(model: Model, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> torch.Tensor:
     return model.generate(enc["input_ids"], enc.get("attention_mask"), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+def next_token_logits(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, sequence, vocab) of one forward pass over left-padded sequences, no cache.
+
+    Positions follow transformers' rule for padded batches (count of real tokens before each);
+    a compiled torch model runs its plain module (same numbers, no recompilation for the shape).
+    """
+    if model.format == "onnx":
+        from ..runtime.onnx_generation import prefill_feed
+
+        feed = prefill_feed(model.artifact.generation, input_ids, attention_mask)
+        return model(**{k: torch.from_numpy(v) for k, v in feed.items()})[0].float()
+    module = unwrap(model.artifact)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if "position_ids" in inspect.signature(module.forward).parameters:
+        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).masked_fill(attention_mask == 0, 1).to(device)
+    with torch.inference_mode():
+        out = module(**kwargs, use_cache=False)
+    return (out.logits if hasattr(out, "logits") else out[0]).float().cpu()
+
+
+def _teacher_forced_predictions(model: Model, sequences: torch.Tensor, mask: torch.Tensor,
+                                prompt_len: int) -> torch.Tensor:
+    """Top-1 prediction at each generated position, reading the given continuation."""
+    logits = next_token_logits(model, sequences, mask)
+    return logits[:, prompt_len - 1:-1].argmax(-1)
 
 
 def _can_generate(model: Model) -> bool:
@@ -162,6 +201,12 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
             stats[j].total.append(time.perf_counter() - start)
             stats[j].tokens = out[:, prompt_len:].tolist()
     base = np.asarray(stats[0].tokens)
+    sequences = torch.cat([enc["input_ids"], torch.as_tensor(base, dtype=enc["input_ids"].dtype)], dim=1)
+    full_mask = torch.cat([enc.get("attention_mask", torch.ones_like(enc["input_ids"])),
+                           torch.ones(base.shape, dtype=torch.long)], dim=1)
+    predictions = [_teacher_forced_predictions(m, sequences, full_mask, prompt_len) for m in models]
+    for s, pred in zip(stats[1:], predictions[1:]):
+        s.next_token_agreement = float((pred == predictions[0]).float().mean())
     for s in stats[1:]:
         cand = np.asarray(s.tokens)
         same = cand == base
