@@ -1,7 +1,7 @@
 """Runs inside benchmarks/.venv-optimum (made by peers.py): Hugging Face Optimum's ONNX Runtime
 path for a causal LM, on the small GPT-2 that gpt2_generation.py trained and saved.
 
-    python _optimum_gpt2_peer.py MODEL_DIR OUT_DIR PROMPTS_JSON MAX_NEW_TOKENS ROUNDS
+    python _optimum_gpt2_peer.py MODEL_DIR OUT_DIR PROMPTS_JSON MAX_NEW_TOKENS ROUNDS [CONTINUATION_JSON]
 
 Exports the model with its KV cache (ORTModelForCausalLM, use_cache=True), quantizes it with
 Optimum's avx512_vnni dynamic int8 recipe, and times greedy ``generate`` of fp32 eager torch (this
@@ -9,8 +9,12 @@ venv's transformers), ORT fp32 and ORT int8 interleaved, in the same protocol as
 aigc_opt.bench.generation: per round, a 1-token generate (time to first token) then a full one;
 time per output token = (full - first) / (N - 1). Writes OUT_DIR/gpt2_peer.json with raw
 timings, greedy tokens and versions; agreement is computed by the caller against its own fp32.
+With CONTINUATION_JSON (the caller's fp32 continuation: sequences, attention_mask, prompt_len),
+each model also reads that continuation in one forward pass and its top-1 prediction at every
+generated position is saved, for the teacher-forced agreement.
 """
 
+import inspect
 import json
 import os
 import random
@@ -81,6 +85,19 @@ for _ in range(rounds):
         ids = generate(models[name], new_tokens)
         timings[name]["total"].append(time.perf_counter() - t0)
         timings[name]["tokens"] = ids[:, prompt_len:].tolist()
+
+if len(sys.argv) > 6:
+    continuation = json.loads(open(sys.argv[6]).read())
+    seq, mask = torch.tensor(continuation["sequences"]), torch.tensor(continuation["attention_mask"])
+    first = continuation["prompt_len"] - 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).masked_fill(mask == 0, 1)  # transformers' rule
+    for name, model in models.items():
+        kwargs = {"input_ids": seq, "attention_mask": mask}
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            kwargs["position_ids"] = positions
+        with torch.inference_mode():
+            logits = model(**kwargs).logits
+        timings[name]["teacher_forced_predictions"] = logits[:, first:-1].argmax(-1).tolist()
 
 json.dump({"export_seconds": export_seconds, "quantize_seconds": quantize_seconds, "new_tokens": new_tokens,
            "rounds": rounds, "batch_size": len(prompts), "timings": timings,

@@ -57,15 +57,27 @@ def _headline(name: str, data: dict) -> str:
                              f"at cosine {best['cosine_mean']:.4f}")
             return "; ".join(parts)
         if name == "cnn_digits":
-            best = min(data["rows"], key=lambda r: r["latency_ratio"])
-            return (f"fp32 accuracy {data['baseline']['accuracy']:.4f}; fastest {best['variant']} "
-                    f"{best['latency_ratio']:.2f}x at accuracy {best['accuracy']:.4f}")
+            text = f"fp32 accuracy {data['baseline']['accuracy']:.4f}"
+            for who, rows in (("fastest ours: ", [r for r in data["rows"] if not r["variant"].startswith("peer")]),
+                              ("fastest ", [r for r in data["rows"] if r["variant"].startswith("peer")])):
+                if rows:
+                    best = min(rows, key=lambda r: r["latency_ratio"])
+                    text += (f"; {who}{best['variant']} {best['latency_ratio']:.2f}x at accuracy "
+                             f"{best['accuracy']:.4f}")
+            return text
         if name == "peers":
             return "; ".join(f"{r['variant']} {r['latency_ratio']:.2f}x at cosine {r['embedding_cosine_mean']:.4f}"
                              for r in data["rows"])
         if name == "gpt2_generation":
-            c = data["report"]["candidates"][0]
-            return (f"{c['name']}: TPOT {c['tpot_ratio'][0]:.2f}x, token agreement {c['token_agreement']:.3f}")
+            ours = [c for c in data["report"]["candidates"] if not c["name"].startswith("peer")]
+            best = min(ours, key=lambda c: c["tpot_p50"])
+            text = (f"best {best['name']}: TPOT {best['tpot_p50'] * 1e3:.2f} ms ({best['tpot_ratio'][0]:.2f}x fp32 "
+                    f"eager), next-token agreement {best.get('next_token_agreement') or float('nan'):.3f}")
+            peers = [r for r in (data.get("optimum_peer") or {}).get("rows", []) if "int8" in r["name"]]
+            for r in peers:
+                text += (f"; {r['name']}: TPOT {r['tpot_p50'] * 1e3:.2f} ms, next-token agreement "
+                         f"{r.get('next_token_agreement_with_our_fp32') or float('nan'):.3f}")
+            return text
     except (KeyError, TypeError, ValueError, IndexError):
         pass
     return "see the markdown file"
