@@ -9,13 +9,12 @@ defaults on the same exported graph): time to first token, time per output token
 greedy token agreement. Hugging Face Optimum (ORTModelForCausalLM, its avx512_vnni int8) runs in
 its own venv and process (benchmarks/_optimum_gpt2_peer.py), timed against its own fp32 eager.
 
-Writes benchmarks/results/gpt2_generation.json and .md.
+Writes gpt2_generation.json, .md and .png into benchmarks/results/ (or --results-dir).
     .venv/bin/python benchmarks/gpt2_generation.py [--train-seconds 120] [--no-optimum]
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import json
@@ -27,11 +26,10 @@ from pathlib import Path
 import torch
 
 import aigc_opt as ao
-from aigc_opt._deps import library_versions
 from aigc_opt.bench import generation
+from _common import base_parser, result_header, write_text_atomic
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 PEER_VENV = HERE / ".venv-optimum"
 PEER_OUT = HERE / ".peer-artifacts" / "gpt2"
 MODULES = ["collections", "json", "os", "re", "pathlib", "argparse", "asyncio", "functools", "itertools",
@@ -168,12 +166,11 @@ def baseline_continuation(base: ao.Model, tokenizer, prompts: list[str], tokens:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = base_parser(__doc__)
     parser.add_argument("--train-seconds", type=float, default=120)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-optimum", action="store_true", help="skip the Optimum peer (its own venv)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     texts = docstrings()
     tokenizer = build_tokenizer(texts)
@@ -218,12 +215,11 @@ def main() -> None:
                    "versions": peer["versions"],
                    "export_seconds": peer["export_seconds"], "quantize_seconds": peer["quantize_seconds"]}
     sample = tokenizer.decode(report.baseline.tokens[0])
-    results = {"benchmark": "gpt2_generation", "date": time.strftime("%Y-%m-%d"), "training": training,
-               "prompts": prompts, "sample_continuation": sample, "report": report.to_dict(),
-               "optimum_peer": optimum, "versions": library_versions()}
+    results = {**result_header("gpt2_generation"), "training": training, "prompts": prompts,
+               "sample_continuation": sample, "report": report.to_dict(), "optimum_peer": optimum}
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    (args.results_dir / "gpt2_generation.json").write_text(json.dumps(results, indent=2))
-    names = [report.baseline.name, *[c.name for c in report.candidates]]
+    report.plot(args.results_dir / "gpt2_generation.png")  # first: the markdown links it
+    write_text_atomic(args.results_dir / "gpt2_generation.json", json.dumps(results, indent=2) + "\n")
     lines = [f"# Small GPT-2 generation ({results['date']})", "",
              f"GPT-2 (4 layers, 256 wide, {training['params']:,} parameters) trained here for "
              f"{args.train_seconds:.0f} s ({training['steps']} steps, final loss {training['final_loss']:.2f}) on "
@@ -238,8 +234,7 @@ def main() -> None:
              "continuations, where one early near-tie changes everything after it; the teacher-forced "
              "next-token agreement has every model read fp32's continuation and compares top-1 picks "
              "position by position, which is the steadier fidelity number on a model this small.", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in report.rows()]
+             report.to_markdown(), "", "![gpt2_generation](gpt2_generation.png)"]
     if optimum:
         fmt = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if r else "1.00x"  # noqa: E731
         lines += ["", "## Peer: Hugging Face Optimum (own venv and process)", "",
@@ -259,7 +254,7 @@ def main() -> None:
                   f"{fmt(r['tpot_ratio'])} | {r['tokens_per_second']:.1f} | {r['token_agreement_with_our_fp32']:.3f} "
                   f"| {r['next_token_agreement_with_our_fp32']:.3f} | {r['tpot_p50'] / report.baseline.tpot_p50:.2f}x |" for r in optimum["rows"]]
     lines += ["", f"Sample (fp32, prompt {prompts[0]!r}): {sample!r}", ""]
-    (args.results_dir / "gpt2_generation.md").write_text("\n".join(lines))
+    write_text_atomic(args.results_dir / "gpt2_generation.md", "\n".join(lines))
     print("\n".join(lines))
 
 

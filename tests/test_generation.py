@@ -108,3 +108,14 @@ def test_teacher_forced_agreement_reads_the_baselines_continuation(tiny_gpt2):
     report = generation(tiny_gpt2, ao.Model(lm, name="other-head"), prompts=prompts, max_new_tokens=5, rounds=1)
     assert report.candidates[0].next_token_agreement < 0.5
     assert "next-token agreement (teacher-forced)" in str(report)
+
+
+def test_generation_report_plot_and_markdown(tiny_gpt2, tmp_path):
+    pytest.importorskip("matplotlib", reason="the [plot] extra is part of `make test`")
+    report = generation(tiny_gpt2, tiny_gpt2, prompts=["the cat"], max_new_tokens=3, rounds=2)
+    path = report.plot(tmp_path / "generation.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
+    assert [p.name for p in tmp_path.iterdir()] == ["generation.png"]  # no temporary file left
+    md = report.to_markdown().splitlines()
+    assert md[0] == "| metric | tiny-gpt2 | tiny-gpt2 |" and len(md) == 2 + len(report.rows())
+    assert md[-1].startswith("| next-token agreement (teacher-forced) | 1 | 1.000 |")

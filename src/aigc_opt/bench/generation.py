@@ -22,10 +22,12 @@ Example:
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -110,6 +112,53 @@ class GenerationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
                 "rounds": self.rounds}
+
+    def to_markdown(self) -> str:
+        names = [e.name for e in (self.baseline, *self.candidates)]
+        lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        return "\n".join(lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self.rows()])
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Save a figure (PNG, SVG or PDF by the suffix): time per output token per model (one
+        point per round), and TPOT speed-up vs teacher-forced next-token agreement with one
+        point per candidate. Needs matplotlib. Written atomically."""
+        from .._deps import require
+
+        require("matplotlib", extra="plot", purpose="GenerationReport.plot()")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)  # no display needed
+        import matplotlib.pyplot as plt
+
+        entries = [self.baseline, *self.candidates]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(entries) + 2.5))
+        for row, e in enumerate(entries):
+            left.scatter([t * 1e3 for t in e.tpot], [row] * len(e.tpot), s=14, alpha=0.6, color=f"C{row}")
+            left.plot([e.tpot_p50 * 1e3] * 2, [row - 0.3, row + 0.3], color="black", linewidth=1.5)  # median
+        left.set_yticks(range(len(entries)), [e.name for e in entries], fontsize=8)
+        left.invert_yaxis()
+        left.set_xlabel("time per output token (ms; rounds, median as a bar)")
+        left.set_title(f"batch {self.baseline.batch_size}, {self.baseline.new_tokens} greedy tokens")
+        for row, e in enumerate(entries[1:], start=1):  # the same colour as on the left
+            if e.tpot_ratio and e.next_token_agreement is not None:
+                x = 1 / e.tpot_ratio[0]
+                right.scatter(x, e.next_token_agreement, color=f"C{row}")
+                right.plot([1 / e.tpot_ratio[2], 1 / e.tpot_ratio[1]], [e.next_token_agreement] * 2, alpha=0.5,
+                           color=f"C{row}")
+                right.annotate(e.name, (x, e.next_token_agreement), fontsize=8, xytext=(4, 4),
+                               textcoords="offset points")
+        right.axvline(1.0, color="grey", linewidth=0.8)
+        right.set_xlabel("TPOT speed-up vs baseline (x, 95% interval)")
+        right.set_ylabel("next-token agreement (teacher-forced)")
+        fig.tight_layout()
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+        try:
+            fig.savefig(tmp, dpi=110)
+        finally:
+            plt.close(fig)
+        os.replace(tmp, path)
+        return path
 
 
 def _generate(model: Model, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> torch.Tensor:
