@@ -1,9 +1,10 @@
 """What the benchmark scripts share: their command line, result header, and result files.
 
-Each script writes ``<name>.json`` (every number, raw samples included) and ``<name>.md`` (the
-tables people read) into one results folder, ``benchmarks/results/`` unless ``--results-dir``
-says otherwise. The scripts are run as files (``python benchmarks/x.py``), so Python puts this
-folder on ``sys.path`` and ``import _common`` works; ``benchmarks`` is not a package.
+Each script writes ``<name>.json`` (every number, raw samples included), ``<name>.md`` (the
+tables people read) and the figures of its ``ao.compare`` reports (PNG, linked from the markdown)
+into one results folder, ``benchmarks/results/`` unless ``--results-dir`` says otherwise. The
+scripts are run as files (``python benchmarks/x.py``), so Python puts this folder on ``sys.path``
+and ``import _common`` works; ``benchmarks`` is not a package.
 
     parser = base_parser(__doc__)
     parser.add_argument("--iters", type=int, default=30)
@@ -11,7 +12,7 @@ folder on ``sys.path`` and ``import _common`` works; ``benchmarks`` is not a pac
     results = {**result_header("my_bench"), "rows": rows}
     lines = ["# Title", "", *markdown_table(["variant", "latency"], [[r["variant"], fmt_ratio(r["ratio"])]
                                                                    for r in rows])]
-    print(write_results("my_bench", results, lines, args.results_dir))
+    print(write_results("my_bench", results, lines, args.results_dir, figures=[("my_bench.png", report)]))
 
 Nothing here imports torch or aigc_opt at module level (the unit tests load it in milliseconds);
 ``result_header`` and ``machine_info`` import them when called.
@@ -23,6 +24,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -122,15 +125,54 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def write_results(name: str, data: dict[str, Any], markdown_lines: Sequence[str], results_dir: Path, *,
-                  json_default: Callable[[Any], Any] | None = None) -> str:
+                  json_default: Callable[[Any], Any] | None = None,
+                  figures: Sequence[tuple[str, Any]] = ()) -> str:
     """Write ``<results_dir>/<name>.json`` (indent 2) and ``<name>.md`` (the lines, ending in one
     newline), each atomically; returns the markdown text so the script can print it.
 
     ``json_default`` is passed to ``json.dumps`` for values it cannot encode (e.g. ``str``);
-    without it such a value raises ``TypeError`` before either file is touched.
+    without it such a value raises ``TypeError`` before any file is touched.
+
+    ``figures`` are ``(file name, object with .plot(path))`` pairs, e.g.
+    ``[("cnn_digits.png", report)]`` for an ``ao.compare`` report: each is drawn into
+    ``<results_dir>/<file name>`` (the suffix picks the format) and the markdown gets a
+    ``## Figures`` section with one ``![<stem>](<file name>)`` line per figure. Figures are drawn
+    first, all of them into a temporary folder inside ``results_dir`` (names and suffixes kept),
+    and moved into place with ``os.replace`` only once every one has been drawn, then the JSON and
+    the markdown are written: the markdown never links a missing file, and if a ``plot`` raises,
+    the temporary folder is removed (nothing of any figure is left behind, earlier result files
+    stay as they were) and the exception propagates before the JSON or markdown is written. A file
+    name must be a plain name with a suffix, not a path, not hidden, and appear once
+    (``ValueError`` otherwise, before anything is drawn).
     """
+    results_dir = Path(results_dir)
+    names = [fname for fname, _ in figures]
+    for fname in names:
+        if not isinstance(fname, str) or Path(fname).name != fname or fname.startswith(".") \
+                or not Path(fname).suffix or fname in (f"{name}.json", f"{name}.md"):
+            raise ValueError(f"write_results: figure file name {fname!r} must be a plain file name with a "
+                             f"suffix (e.g. 'cnn_digits.png'), not a path, hidden or a result file's name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"write_results: figure file names repeat: {names}")
     payload = json.dumps(data, indent=2, default=json_default) + "\n"
-    markdown = "\n".join(markdown_lines).rstrip("\n") + "\n"
-    write_text_atomic(Path(results_dir) / f"{name}.json", payload)
-    write_text_atomic(Path(results_dir) / f"{name}.md", markdown)
+    markdown = "\n".join(markdown_lines).rstrip("\n")
+    if figures:
+        markdown += "\n\n## Figures\n\n" + "\n".join(f"![{Path(f).stem}]({f})" for f in names)
+    markdown += "\n"
+    if figures:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        # a private folder rather than temporary names beside the results: whatever a plot leaves
+        # there when it fails (its own temporary files included) goes with the folder
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-figures-", dir=results_dir))
+        try:
+            for fname, figure in figures:
+                figure.plot(staging / fname)
+                if not (staging / fname).is_file():
+                    raise RuntimeError(f"write_results: {figure!r}.plot() wrote no file {fname!r}")
+            for fname in names:
+                os.replace(staging / fname, results_dir / fname)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    write_text_atomic(results_dir / f"{name}.json", payload)
+    write_text_atomic(results_dir / f"{name}.md", markdown)
     return markdown

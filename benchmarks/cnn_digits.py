@@ -6,7 +6,7 @@ fp32, int8-dynamic and int8-static (per-channel and per-tensor), the pruned-and-
 in int8-static on ONNX Runtime, and the peer: ONNX Runtime's quantize_static with its defaults.
 Fidelity: test-set accuracy (eval_fn) and top-1 agreement with fp32.
 
-Writes cnn_digits.json and .md into benchmarks/results/ (or --results-dir).
+Writes cnn_digits.json, .md and .png (the report's figure) into benchmarks/results/ (or --results-dir).
     .venv/bin/python benchmarks/cnn_digits.py [--epochs 30] [--results-dir PATH]
 """
 
@@ -119,6 +119,8 @@ def main() -> None:
             "onnxruntime"),
         "peer: ONNX Runtime quantize_static defaults": ort_static_defaults(onnx_model, train_batches[:8]),
     }
+    for label, model in variants.items():
+        model.name = label  # the figure labels its points as the table does
     report = ao.compare(base, *variants.values(), inputs=batches, iters=None, max_time=60, eval_fn=accuracy,
                         verbose=False)
     print(report)
@@ -147,7 +149,7 @@ def main() -> None:
           f"{r['accuracy']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['params']:,}", f"{r['size_kb']:.0f}"]
          for r in rows])
     lines += [""] + [f"- warning: {w}" for w in results["warnings"]]
-    print(write_results("cnn_digits", results, lines, args.results_dir))
+    print(write_results("cnn_digits", results, lines, args.results_dir, figures=[("cnn_digits.png", report)]))
 
 
 if __name__ == "__main__":

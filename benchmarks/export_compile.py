@@ -9,7 +9,8 @@ One interleaved ao.compare run per batch size (sequence 128, the shipped sentenc
 Also the ONNX Runtime adapter's overhead: ao.Model calls vs raw InferenceSession.run on the same
 session, interleaved (the issue's bound: under 2%).
 
-Writes export_compile.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+Writes export_compile.json and .md, and a figure per batch size (export_compile-batch<N>.png), into
+benchmarks/results/ (or --results-dir). Run alone on the machine:
     .venv/bin/python benchmarks/export_compile.py [--iters 30] [--batch-sizes 1 8] [--results-dir PATH]
 """
 
@@ -48,7 +49,8 @@ def adapter_overhead(model: ao.Model, batch: dict, rounds: int = 200) -> dict:
             "overhead": statistics.median(ours) / statistics.median(raw) - 1}
 
 
-def run(batch_size: int, iters: int, seq_len: int) -> dict:
+def run(batch_size: int, iters: int, seq_len: int) -> tuple[dict, ao.Report]:
+    """The run's results (for the JSON) and its report (for the figure)."""
     base = load_minilm(batch_size=batch_size, seq_len=seq_len)
     base.name = "fp32 eager"
     batches = sentence_batches(base, batch_size=batch_size, seq_len=seq_len, sentences=reference_sentences())
@@ -77,7 +79,7 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
     return {"batch_size": batch_size, "seq_len": seq_len, "iters": iters, "export_seconds": export_seconds,
             "baseline_p50_ms": report.baseline.measurement.median * 1e3,
             "ort_adapter_overhead": adapter_overhead(candidates[2], batches[0]),
-            "rows": rows, "warnings": report._warnings(), "report": report.to_dict()}
+            "rows": rows, "warnings": report._warnings(), "report": report.to_dict()}, report
 
 
 def main() -> None:
@@ -86,8 +88,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    results = {**result_header("export_compile"), "machine": machine_info(),
-               "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes]}
+    runs = [run(b, args.iters, args.seq_len) for b in args.batch_sizes]
+    results = {**result_header("export_compile"), "machine": machine_info(), "runs": [r for r, _ in runs]}
     lines = [f"# all-MiniLM-L6-v2 through torch, inductor and ONNX Runtime ({results['date']})", "",
              f"Machine: {describe_machine(results['machine'])}. Sequence "
              f"{args.seq_len}; {args.iters} interleaved rounds; ratio = p50 / fp32-eager p50 with a "
@@ -103,7 +105,8 @@ def main() -> None:
         lines += ["", f"ONNX Runtime adapter overhead: ao.Model {o['ao_ms']:.2f} ms vs raw session "
                   f"{o['raw_ms']:.2f} ms = {100 * o['overhead']:+.2f}% (bound: < 2%).", ""]
         lines += [f"- warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
-    print(write_results("export_compile", results, lines, args.results_dir))
+    figures = [(f"export_compile-batch{r['batch_size']}.png", report) for r, report in runs]
+    print(write_results("export_compile", results, lines, args.results_dir, figures=figures))
 
 
 if __name__ == "__main__":

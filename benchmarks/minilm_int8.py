@@ -7,7 +7,8 @@ sentences shipped with aigc_opt. Candidates:
 - int8-dynamic + inductor: the demo's recipe;
 - torch.ao quantize_dynamic (per-tensor): the deprecated built-in, as a reference peer.
 
-Writes minilm_int8.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+Writes minilm_int8.json and .md, and a figure per batch size (minilm_int8-batch<N>.png), into
+benchmarks/results/ (or --results-dir). Run alone on the machine:
     .venv/bin/python benchmarks/minilm_int8.py [--iters 40] [--batch-sizes 1 8] [--results-dir PATH]
 """
 
@@ -38,7 +39,11 @@ def torch_ao_dynamic(model: ao.Model) -> ao.Model:
                     name="torch.ao-dynamic-per-tensor")
 
 
-def run(batch_size: int, iters: int, seq_len: int) -> dict:
+LABELS = ["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor", "torch.ao dynamic per-tensor"]
+
+
+def run(batch_size: int, iters: int, seq_len: int) -> tuple[dict, ao.Report]:
+    """The run's results (for the JSON) and its report (for the figure)."""
     base = load_minilm(batch_size=batch_size, seq_len=seq_len)
     base.name = "fp32"
     batches = sentence_batches(base, batch_size=batch_size, seq_len=seq_len, sentences=reference_sentences())
@@ -48,13 +53,15 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
     int8_compiled = ao.compile(int8, "inductor")
     peer = torch_ao_dynamic(base)
     prep = time.perf_counter() - started
-    report = ao.compare(base, fp32_compiled, int8, int8_compiled, peer, inputs=batches, iters=iters,
+    candidates = [fp32_compiled, int8, int8_compiled, peer]
+    for label, model in zip(LABELS, candidates, strict=True):
+        model.name = label  # the figure labels its points as the table does
+    report = ao.compare(base, *candidates, inputs=batches, iters=iters,
                         top1=False, verbose=False)
     print(f"\n=== batch {batch_size}, sequence {seq_len} ===")
     print(report)
     rows = []
-    for label, entry in zip(["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor",
-                             "torch.ao dynamic per-tensor"], report.candidates):
+    for label, entry in zip(LABELS, report.candidates):
         rows.append({
             "variant": label, **latency_fields(entry), "p90_ms": entry.measurement.p90 * 1e3,
             "cosine_mean": entry.fidelity.cosine_mean, "cosine_min": entry.fidelity.cosine_min,
@@ -68,7 +75,7 @@ def run(batch_size: int, iters: int, seq_len: int) -> dict:
         "baseline_size_mb": report.baseline.measurement.size_bytes / 1e6,
         "rows": rows, "warnings": report._warnings(), "report": report.to_dict(),
         "report_markdown": report.to_markdown(),
-    }
+    }, report
 
 
 def main() -> None:
@@ -77,8 +84,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    results = {**result_header("minilm_int8"), "machine": machine_info(),
-               "runs": [run(b, args.iters, args.seq_len) for b in args.batch_sizes]}
+    runs = [run(b, args.iters, args.seq_len) for b in args.batch_sizes]
+    results = {**result_header("minilm_int8"), "machine": machine_info(), "runs": [r for r, _ in runs]}
     lines = [f"# all-MiniLM-L6-v2: fp32 eager vs int8-dynamic ({results['date']})", "",
              f"Machine: {describe_machine(results['machine'])}. "
              f"Sequence {args.seq_len}; {args.iters} interleaved rounds per model; latency ratio = "
@@ -96,7 +103,8 @@ def main() -> None:
         lines += ["", f"Compile time: fp32 {r['compile_seconds']['fp32']:.1f} s, int8 "
                   f"{r['compile_seconds']['int8']:.1f} s (first call, apart from the latencies above).", ""]
         lines += [f"- warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
-    print(write_results("minilm_int8", results, lines, args.results_dir))
+    figures = [(f"minilm_int8-batch{r['batch_size']}.png", report) for r, report in runs]
+    print(write_results("minilm_int8", results, lines, args.results_dir, figures=figures))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ process with ao.Model.from_onnx and timed beside ours), torchao's int8 config us
 
 Models output the last hidden state (feature extraction); fidelity is the cosine of mean-pooled,
 normalized sentence embeddings against fp32 eager on the 400 shipped reference sentences.
-Writes peers.json and .md into benchmarks/results/ (or --results-dir).
+Writes peers.json, .md and .png (the report's figure) into benchmarks/results/ (or --results-dir).
     .venv/bin/python benchmarks/peers.py [--iters 30] [--batch-size 8] [--results-dir PATH]
 """
 
@@ -139,7 +139,7 @@ def main() -> None:
           f"{r['embedding_cosine_mean']:.4f}", f"{r['embedding_cosine_min']:.4f}", f"{r['size_mb']:.1f}"]
          for r in rows])
     lines += [""] + [f"- warning: {w}" for w in results["warnings"]]
-    print(write_results("peers", results, lines, args.results_dir))
+    print(write_results("peers", results, lines, args.results_dir, figures=[("peers.png", report)]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Fidelity is the per-sentence embedding cosine against the unpruned model, before
 
 Issue target: 30% structured pruning gives >= 1.25x lower latency (latency ratio <= 0.80).
 
-Writes prune.json and .md into benchmarks/results/ (or --results-dir). Run alone on the machine:
+Writes prune.json, .md and .png (the report's figure) into benchmarks/results/ (or --results-dir).
+Run alone on the machine:
     .venv/bin/python benchmarks/prune.py [--iters 40] [--ratios 0.2 0.3 0.5] [--results-dir PATH]
 """
 
@@ -113,7 +114,7 @@ def main() -> None:
               "x1.00 is the noise of this run. The parameter drop is smaller than the ratio because the "
               "11.7M-parameter word embedding and the hidden width (384) are kept; the cosines show what "
               "pruning costs before any recovery (fine-tuning or distillation)."]
-    print(write_results("prune", results, lines, args.results_dir))
+    print(write_results("prune", results, lines, args.results_dir, figures=[("prune.png", report)]))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ embedding cosine against fp32 eager. Candidates (each built with aigc_opt only):
   the int8 ones also + Compile('inductor') (where their int8 kernels come from), fp32 + inductor;
 - ONNX Runtime (after Export('onnx')): int8-dynamic (per-channel), int8-static (QDQ), fp16.
 
-Writes quantize_methods.json and .md into benchmarks/results/ (or --results-dir). Run alone on the
-machine (it compiles several models; expect 10-20 minutes on 2 cores):
+Writes quantize_methods.json and .md, and a figure per batch size (quantize_methods-batch<N>.png),
+into benchmarks/results/ (or --results-dir). Run alone on the machine (it compiles several models;
+expect 10-20 minutes on 2 cores):
     .venv/bin/python benchmarks/quantize_methods.py [--iters 30] [--batch-sizes 1 8] [--quick]
         [--results-dir PATH]
 """
@@ -61,7 +62,8 @@ def candidates(base: ao.Model, calib: list, quick: bool) -> list[tuple[str, Call
     return items
 
 
-def run(batch_size: int, iters: int, seq_len: int, quick: bool) -> dict:
+def run(batch_size: int, iters: int, seq_len: int, quick: bool) -> tuple[dict, ao.Report]:
+    """The run's results (for the JSON) and its report (for the figure)."""
     base = load_minilm(batch_size=batch_size, seq_len=seq_len)
     base.name = "fp32 eager"
     batches = sentence_batches(base, batch_size=batch_size, seq_len=seq_len, sentences=reference_sentences())
@@ -95,7 +97,7 @@ def run(batch_size: int, iters: int, seq_len: int, quick: bool) -> dict:
         "baseline_p50_ms": report.baseline.measurement.median * 1e3,
         "baseline_size_mb": report.baseline.measurement.size_bytes / 1e6,
         "rows": rows, "failures": failures, "warnings": report._warnings(), "report": report.to_dict(),
-    }
+    }, report
 
 
 def main() -> None:
@@ -105,8 +107,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--quick", action="store_true", help="no compiled variants (a smoke run)")
     args = parser.parse_args()
-    results = {**result_header("quantize_methods"), "machine": machine_info(),
-               "runs": [run(b, args.iters, args.seq_len, args.quick) for b in args.batch_sizes]}
+    runs = [run(b, args.iters, args.seq_len, args.quick) for b in args.batch_sizes]
+    results = {**result_header("quantize_methods"), "machine": machine_info(), "runs": [r for r, _ in runs]}
     lines = [f"# all-MiniLM-L6-v2: every CPU quantization method vs fp32 eager ({results['date']})", "",
              f"Machine: {describe_machine(results['machine'])}. Sequence "
              f"{args.seq_len}; {args.iters} interleaved rounds per model in one ao.compare run; latency ratio = "
@@ -123,7 +125,9 @@ def main() -> None:
               f"{x['prep_seconds']:.0f}"] for x in sorted(r["rows"], key=lambda x: x["latency_ratio"])])
         lines += [""] + [f"- failed: {k}: {v}" for k, v in r["failures"].items()]
         lines += [f"- warning: {w}" for w in r["warnings"]] + [""]
-    print(write_results("quantize_methods", results, lines, args.results_dir, json_default=str))
+    figures = [(f"quantize_methods-batch{r['batch_size']}.png", report) for r, report in runs]
+    print(write_results("quantize_methods", results, lines, args.results_dir, json_default=str,
+                        figures=figures))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,93 @@ def test_write_results_json_default(tmp_path):
     assert json.loads((tmp_path / "ok.json").read_text()) == {"path": "/x"}
 
 
+class _Figure:
+    """Stands in for an ao.compare report: ``plot(path)`` draws a real PNG with matplotlib, or raises
+    after leaving a half-written file where it was told to draw (what a crash in savefig leaves)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.paths: list[Path] = []
+
+    def plot(self, path):
+        path = Path(path)
+        self.paths.append(path)
+        if self.fail:
+            path.write_bytes(b"\x89PNG half")
+            raise RuntimeError("plot failed")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ax.plot([0, 1], [1, 0])
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def test_write_results_draws_and_links_figures(tmp_path):
+    out = tmp_path / "res"
+    first, second = _Figure(), _Figure()
+    text = common.write_results("toy", {"a": 1}, ["# Toy", "", "| a |", "|---|", ""], out,
+                                figures=[("toy-batch1.png", first), ("toy-batch8.png", second)])
+    assert sorted(p.name for p in out.iterdir()) == ["toy-batch1.png", "toy-batch8.png", "toy.json", "toy.md"]
+    for name in ("toy-batch1.png", "toy-batch8.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # drawn elsewhere under the same name and suffix (matplotlib picks the format from it), then moved
+    assert first.paths[0].name == "toy-batch1.png" and first.paths[0].parent != out
+    assert first.paths[0].parent.name.startswith(".tmp-")
+    assert (out / "toy.md").read_text() == text == ("# Toy\n\n| a |\n|---|\n\n## Figures\n\n"
+                                                    "![toy-batch1](toy-batch1.png)\n![toy-batch8](toy-batch8.png)\n")
+    assert not any(".tmp" in p.name for p in out.iterdir())
+
+
+def test_write_results_without_figures_has_no_figures_section(tmp_path):
+    text = common.write_results("toy", {}, ["# Toy"], tmp_path)
+    assert "Figures" not in text
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_write_results_failing_figure_writes_nothing(tmp_path, failing):
+    figures = [("ok.png", _Figure()), ("bad.png", _Figure(fail=True))]
+    if failing == 0:
+        figures.reverse()
+    with pytest.raises(RuntimeError, match="plot failed"):
+        common.write_results("toy", {"a": 1}, ["# Toy"], tmp_path, figures=figures)
+    assert list(tmp_path.iterdir()) == []  # no json, md, png, or temporary file or folder
+
+
+def test_write_results_failing_figure_keeps_the_previous_results(tmp_path):
+    common.write_results("toy", {"a": 1}, ["# old"], tmp_path, figures=[("toy.png", _Figure())])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError, match="plot failed"):
+        common.write_results("toy", {"a": 2}, ["# new"], tmp_path, figures=[("toy.png", _Figure(fail=True))])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("fname", ["sub/x.png", "../x.png", ".x.png", "noext", "toy.md", "toy.json"])
+def test_write_results_refuses_bad_figure_names(tmp_path, fname):
+    figure = _Figure()
+    with pytest.raises(ValueError, match="plain file name"):
+        common.write_results("toy", {}, ["# x"], tmp_path, figures=[(fname, figure)])
+    assert figure.paths == [] and list(tmp_path.iterdir()) == []
+
+
+def test_write_results_refuses_repeated_figure_names(tmp_path):
+    with pytest.raises(ValueError, match="repeat"):
+        common.write_results("toy", {}, ["# x"], tmp_path,
+                             figures=[("a.png", _Figure()), ("a.png", _Figure())])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_results_figure_honours_the_umask(tmp_path):
+    common.write_results("toy", {}, ["# x"], tmp_path, figures=[("toy.png", _Figure())])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "toy.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_write_text_atomic_replaces_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     common.write_text_atomic(path, "old")
