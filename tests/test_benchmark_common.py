@@ -238,3 +238,24 @@ def test_result_header_keys():
     assert header["benchmark"] == "toy"
     assert len(header["date"]) == 10 and header["date"][4] == header["date"][7] == "-"
     assert "torch" in header["versions"]
+
+
+def test_optimum_venv_is_completed_when_its_marker_is_missing_or_stale(tmp_path, monkeypatch):
+    """A venv made with fewer packages (an older script) gets the rest; a complete one is left alone."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")  # exists: no new venv, but no marker: install everything
+    py = common.optimum_python(venv)
+    assert py == venv / "bin" / "python"
+    installed = [cmd[cmd.index("--quiet") + 1:] for cmd in calls]
+    assert installed == [list(spec) for spec in common.OPTIMUM_PACKAGES]
+    assert installed[0] == ["torch==2.13.0"]  # torch first, always
+    calls.clear()
+    assert common.optimum_python(venv) == py and calls == []  # complete: nothing to do
+    (venv / ".installed").write_text("torch==2.13.0\n")  # an older, shorter list
+    common.optimum_python(venv)
+    assert len(calls) == len(common.OPTIMUM_PACKAGES)
