@@ -39,7 +39,7 @@ def torch_ao_dynamic(model: ao.Model) -> ao.Model:
                     name="torch.ao-dynamic-per-tensor")
 
 
-LABELS = ["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor", "torch.ao dynamic per-tensor"]
+LABELS = ["fp32 + inductor", "int8-dynamic (eager)", "int8-dynamic + inductor", "peer: torch.ao dynamic per-tensor"]
 
 
 def run(batch_size: int, iters: int, seq_len: int) -> tuple[dict, ao.Report]:
