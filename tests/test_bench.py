@@ -72,7 +72,7 @@ def test_compare_interleaves_and_measures_fidelity(mlp_model, x):
 
     try:
         ao.Model.run = spy
-        report = ao.compare(mlp_model, q, inputs=batches, iters=10, warmup=0, memory=False)
+        report = ao.compare(mlp_model, q, inputs=batches, iters=10, warmup=0, memory=False, settle=0)
     finally:
         ao.Model.run = original_run
     assert calls[:6] == [False, False, False, True, True, True]  # each batch checked once per model
@@ -263,3 +263,45 @@ def test_peak_rss_sees_memory_outside_torch_allocations():
     assert meas.peak_rss_bytes - before >= 48 * 2**20 and meas.to_dict()["peak_rss_bytes"] == meas.peak_rss_bytes
     report = ao.compare(m, m, iters=3, verbose=False, top1=False)
     assert "process peak RSS (MB)" in str(report) and "process peak RSS" in report.to_markdown()
+
+
+def test_compare_settles_each_switch_between_runtimes(mlp_model, x, monkeypatch):
+    """After a model of another runtime (or any other model, for calls under 50 ms), one untimed
+    call of the same model comes before the timed one."""
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is part of `make test`")
+    import importlib
+    import itertools
+
+    compare_module = importlib.import_module("aigc_opt.bench.compare")  # the module, not ao.compare
+    onnx_model = ao.export(mlp_model, "onnx")
+    int8 = ao.quantize(mlp_model, "int8-dynamic")
+    sequence, seconds = [], [0.1]
+
+    def recorder(model, batch, device):
+        sequence.append(id(model))
+        return seconds[0]
+
+    monkeypatch.setattr(compare_module, "timed_call", recorder)
+
+    def runs(candidate, call_seconds, **kwargs):
+        sequence.clear()
+        seconds[0] = call_seconds
+        report = ao.compare(mlp_model, candidate, inputs=[x], iters=8, warmup=0, memory=False, **kwargs)
+        assert all(len(e.measurement.samples) == 8 for e in report.entries)  # settle calls are not samples
+        return report, [len(list(group)) for _, group in itertools.groupby(sequence)]
+
+    # torch and ONNX Runtime, slow calls: every switch is followed by a settle call, so no run of
+    # one call but the very first
+    report, lengths = runs(onnx_model, 0.1)
+    assert all(n >= 2 for n in lengths[1:]) and len(sequence) > 16
+    assert "untimed call" in str(report) and "another runtime" in report.to_dict()["settle"]
+    _, lengths = runs(onnx_model, 0.1, settle=0)
+    assert sum(lengths) == 16 and min(lengths) == 1
+    report, lengths = runs(int8, 0.1)  # torch and torch, 100 ms calls: no settling
+    assert sum(lengths) == 16 and report.settle == ""
+    report, lengths = runs(int8, 1e-3)  # 1 ms calls: any switch is settled (once a call was timed)
+    assert all(n >= 2 for n in lengths[2:]) and len(sequence) > 16 and "another model" in report.settle
+    _, lengths = runs(int8, 0.1, settle=2)
+    assert sum(lengths) == 16 * 3
+    with pytest.raises(ConfigError, match="settle must be None"):
+        ao.compare(mlp_model, onnx_model, inputs=[x], iters=1, settle=-1)

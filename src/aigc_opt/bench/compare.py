@@ -117,13 +117,32 @@ def _stable(samples: list[list[float]], rel_ci: float) -> bool:
     return True
 
 
+# Below this call time, auto-settle also absorbs switches between models of the same runtime:
+# the switch costs a fraction of a millisecond, material for a 1 ms model, noise for a 100 ms one.
+SETTLE_BELOW_S = 0.05
+
+
+def _settle_calls(settle: int | None, previous: Model | None, model: Model, last_seconds: float) -> int:
+    """Untimed calls before a timed one. Auto (None): one when the model before it ran on another
+    runtime, or was another model and this one runs under ``SETTLE_BELOW_S``. A switch between
+    torch and ONNX Runtime leaves the other runtime's threads spinning down or asleep; on 2 cores
+    that slowed the next call of a 1 ms CNN by 20-60%, by a different amount per ORT session
+    (six identical sessions measured 0.36x-0.62x of fp32 in one run; 0.34x-0.36x with settling)."""
+    if settle is not None:
+        return settle
+    if previous is None or previous is model:
+        return 0
+    return int(previous.format != model.format or last_seconds < SETTLE_BELOW_S)
+
+
 def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters: int | None,
              threads: int | None, verbose: bool | None, memory: bool, max_time: float = 20.0,
-             rel_ci: float = 0.02) -> list[Measurement]:
+             rel_ci: float = 0.02, settle: int | None = None) -> list[Measurement]:
     """Time every model round-robin: each round runs each model once on the same batch, in an
     order shuffled per round (seeded), so drift and noise spread evenly over all of them and no
     model always follows the same neighbour (whose caches, threads or memory traffic could colour
-    its time). ``iters=None``
+    its time). Before a timed call, ``settle`` untimed calls of the same model (auto: one after a
+    model of another runtime) absorb the switch. ``iters=None``
     keeps adding rounds until every median is known to ±``rel_ci`` (95%) or ``max_time`` passes."""
     for m in models:
         if not hasattr(m, "run") or not hasattr(m, "format"):
@@ -132,15 +151,17 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
     _check_runs(models, per_model)
     devices = [m.device for m in models]
     samples: list[list[float]] = [[] for _ in models]
+    last = [float("inf") for _ in models]  # each model's latest call time (unknown: slow), for auto-settle
     with pinned_threads(threads) as num_threads:
-        for m, own, dev in zip(models, per_model, devices):
+        for j, (m, own, dev) in enumerate(zip(models, per_model, devices)):
             for i in range(warmup):
-                timed_call(m, own[i % len(own)], dev)
+                last[j] = timed_call(m, own[i % len(own)], dev)
         bar = _progress(iters, "benchmark", verbose)
         try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
             start, r = time.perf_counter(), 0
             order_rng = random.Random(0)
             order = list(range(len(models)))
+            previous: Model | None = None
             stop_reason = f"{iters} rounds, as asked"
             while True:
                 if iters is not None and r >= iters:
@@ -155,7 +176,12 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
                         break
                 order_rng.shuffle(order)
                 for j in order:
-                    samples[j].append(timed_call(models[j], per_model[j][r % len(batches)], devices[j]))
+                    batch = per_model[j][r % len(batches)]
+                    for _ in range(_settle_calls(settle, previous, models[j], last[j])):
+                        timed_call(models[j], batch, devices[j])
+                    last[j] = timed_call(models[j], batch, devices[j])
+                    samples[j].append(last[j])
+                    previous = models[j]
                 r += 1
                 if bar is not None:
                     bar.update(1)
@@ -220,7 +246,7 @@ def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int |
 def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int = 3, iters: int | None = None,
             max_time: float = 30.0, rel_ci: float = 0.02, threads: int | None = None, eval_fn: Callable[[Model], float] | None = None,
             output_fn: Callable[[Any], Any] | None = None, top1: bool = True, memory: bool = True,
-            verbose: bool | None = None) -> Report:
+            settle: int | None = None, verbose: bool | None = None) -> Report:
     """Measure candidates against a baseline, interleaved in one run, with output fidelity.
 
     Timing alternates between the models round by round (A/B/A/B...), so machine noise hits
@@ -235,6 +261,10 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
         output_fn: optional ``fn(outputs) -> outputs`` applied before fidelity (e.g. pick logits).
         top1: report top-1 agreement (argmax of the last dimension); turn off for outputs
             that are not scores, such as embeddings.
+        settle: untimed calls a model makes right before each timed one. None (default): one
+            when the model timed before it runs on another runtime (torch after ONNX Runtime or
+            back), whose threads otherwise slow the first call after the switch, and after any
+            other model when calls take under 50 ms; 0: never.
 
     Example:
         >>> report = ao.compare(m, q, inputs=batches)         # doctest: +SKIP
@@ -246,8 +276,10 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     _check_counts(warmup, iters, threads, max_time, rel_ci)
     batches = _batches(inputs, baseline)
     models = [baseline, *candidates]
+    if settle is not None and (not isinstance(settle, int) or isinstance(settle, bool) or settle < 0):
+        raise ConfigError(f"settle must be None (auto) or an int >= 0, got {settle!r}.")
     measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,
-                            verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci)
+                            verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci, settle=settle)
     select = output_fn or (lambda out: out)
     accumulators = [FidelityAccumulator(c.name, top1=top1) for c in candidates]
     for batch in batches:
@@ -260,5 +292,10 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     for meas, acc, metric in zip(measurements[1:], accumulators, metrics[1:]):
         entries.append(Entry(measurement=meas, fidelity=acc.result(), metric=metric,
                              latency_ratio=ratio_ci(measurements[0].samples, meas.samples)))
+    fast = any(float(np.median(m.samples)) < SETTLE_BELOW_S for m in measurements)
+    mixed = len({m.format for m in models}) > 1
+    settled = (f"settle: one untimed call before each timed call that follows another "
+               f"{'model' if fast else 'runtime'}" if settle is None and (fast or mixed)
+               else f"settle: {settle} untimed call(s) before each timed call" if settle else "")
     return Report(baseline=base, candidates=entries, batches=len(batches), iters=len(measurements[0].samples),
-                  warmup=warmup)
+                  warmup=warmup, settle=settled)

@@ -65,6 +65,7 @@ class Report:
     iters: int
     warmup: int
     notes: list[str] = field(default_factory=list)
+    settle: str = ""  # how runtime switches were absorbed, when any were (see compare's settle=)
 
     @property
     def entries(self) -> list[Entry]:
@@ -133,7 +134,7 @@ class Report:
         return [
             f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size:g}, "
             f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up"
-            + (f" ({b.stop_reason})" if b.stop_reason else ""),
+            + (f" ({b.stop_reason})" if b.stop_reason else "") + (f"; {self.settle}" if self.settle else ""),
             *[f"{e.measurement.name}: {' -> '.join(e.measurement.passes) or 'no passes'}" for e in self.candidates],
             *[f"warning: {w}" for w in self._warnings()],
         ]
@@ -152,7 +153,7 @@ class Report:
         return {
             "baseline": self.baseline.to_dict(),
             "candidates": [e.to_dict() for e in self.candidates],
-            "batches": self.batches, "iters": self.iters, "warmup": self.warmup,
+            "batches": self.batches, "iters": self.iters, "warmup": self.warmup, "settle": self.settle,
             "warnings": self._warnings(),
         }
 
