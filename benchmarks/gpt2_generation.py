@@ -26,7 +26,7 @@ import torch
 
 import aigc_opt as ao
 from aigc_opt.bench import generation
-from _common import base_parser, optimum_python, result_header, write_text_atomic
+from _common import base_parser, optimum_python, result_header, write_results
 
 HERE = Path(__file__).parent
 PEER_OUT = HERE / ".peer-artifacts" / "gpt2"
@@ -145,17 +145,15 @@ def peer_rows(peer: dict, reference: list[list[int]], reference_predictions: lis
     return rows
 
 
-def baseline_continuation(base: ao.Model, tokenizer, prompts: list[str], tokens: list[list[int]]) -> dict:
-    """Our fp32 continuation as the Optimum peer reads it, and fp32's own teacher-forced picks."""
-    from aigc_opt.bench.generation import next_token_logits
+def baseline_continuation(tokenizer, prompts: list[str], baseline) -> dict:
+    """Our fp32 continuation as the Optimum peer reads it, and fp32's own teacher-forced picks
+    (``baseline``: the report's GenerationStats of fp32)."""
+    from aigc_opt.bench.generation import continuation_batch
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    seq = torch.cat([enc["input_ids"], torch.tensor(tokens)], dim=1)
-    mask = torch.cat([enc["attention_mask"], torch.ones(len(tokens), len(tokens[0]), dtype=torch.long)], dim=1)
-    prompt_len = enc["input_ids"].shape[1]
-    predictions = next_token_logits(base, seq, mask)[:, prompt_len - 1:-1].argmax(-1)
-    return {"sequences": seq.tolist(), "attention_mask": mask.tolist(), "prompt_len": prompt_len,
-            "predictions": predictions.tolist()}
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)  # left-padded, as bench.generation set it
+    seq, mask = continuation_batch(enc["input_ids"], enc["attention_mask"], baseline.tokens)
+    return {"sequences": seq.tolist(), "attention_mask": mask.tolist(), "prompt_len": enc["input_ids"].shape[1],
+            "predictions": baseline.next_token_predictions}
 
 
 def main() -> None:
@@ -202,7 +200,7 @@ def main() -> None:
     print(report)
     optimum = None
     if not args.no_optimum:
-        continuation = baseline_continuation(base, tokenizer, prompts, report.baseline.tokens)
+        continuation = baseline_continuation(tokenizer, prompts, report.baseline)
         peer = optimum_peer(model_dir, prompts, args.max_new_tokens, args.rounds, continuation)
         optimum = {"rows": peer_rows(peer, report.baseline.tokens, continuation["predictions"]),
                    "versions": peer["versions"],
@@ -210,9 +208,6 @@ def main() -> None:
     sample = tokenizer.decode(report.baseline.tokens[0])
     results = {**result_header("gpt2_generation"), "training": training, "prompts": prompts,
                "sample_continuation": sample, "report": report.to_dict(), "optimum_peer": optimum}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    report.plot(args.results_dir / "gpt2_generation.png")  # first: the markdown links it
-    write_text_atomic(args.results_dir / "gpt2_generation.json", json.dumps(results, indent=2) + "\n")
     lines = [f"# Small GPT-2 generation ({results['date']})", "",
              f"GPT-2 (4 layers, 256 wide, {training['params']:,} parameters) trained here for "
              f"{args.train_seconds:.0f} s ({training['steps']} steps, final loss {training['final_loss']:.2f}) on "
@@ -227,7 +222,7 @@ def main() -> None:
              "continuations, where one early near-tie changes everything after it; the teacher-forced "
              "next-token agreement has every model read fp32's continuation and compares top-1 picks "
              "position by position, which is the steadier fidelity number on a model this small.", "",
-             report.to_markdown(), "", "![gpt2_generation](gpt2_generation.png)"]
+             report.to_markdown()]
     if optimum:
         fmt = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if r else "1.00x"  # noqa: E731
         lines += ["", "## Peer: Hugging Face Optimum (own venv and process)", "",
@@ -246,9 +241,9 @@ def main() -> None:
         lines += [f"| {r['name']} | {r['ttft_p50'] * 1e3:.2f} | {fmt(r['ttft_ratio'])} | {r['tpot_p50'] * 1e3:.2f} | "
                   f"{fmt(r['tpot_ratio'])} | {r['tokens_per_second']:.1f} | {r['token_agreement_with_our_fp32']:.3f} "
                   f"| {r['next_token_agreement_with_our_fp32']:.3f} | {r['tpot_p50'] / report.baseline.tpot_p50:.2f}x |" for r in optimum["rows"]]
-    lines += ["", f"Sample (fp32, prompt {prompts[0]!r}): {sample!r}", ""]
-    write_text_atomic(args.results_dir / "gpt2_generation.md", "\n".join(lines))
-    print("\n".join(lines))
+    lines += ["", f"Sample (fp32, prompt {prompts[0]!r}): {sample!r}"]
+    print(write_results("gpt2_generation", results, lines, args.results_dir,
+                        figures=[("gpt2_generation.png", report)]))
 
 
 if __name__ == "__main__":

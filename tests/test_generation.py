@@ -87,7 +87,7 @@ def test_generate_from_a_compiled_model_runs_the_compiled_forward(tiny_gpt2):
 
 def test_teacher_forced_agreement_reads_the_baselines_continuation(tiny_gpt2):
     """Each model reads the baseline's continuation; its top-1 pick is compared position by position."""
-    from aigc_opt.bench.generation import next_token_logits
+    from aigc_opt.bench.generation import continuation_batch, next_token_logits
 
     prompts = ["the cat sat on the", "quantization"]
     same = generation(tiny_gpt2, tiny_gpt2, prompts=prompts, max_new_tokens=5, rounds=1)
@@ -99,6 +99,9 @@ def test_teacher_forced_agreement_reads_the_baselines_continuation(tiny_gpt2):
     mask = torch.cat([enc["attention_mask"], torch.ones(2, 5, dtype=torch.long)], dim=1)
     picks = next_token_logits(tiny_gpt2, seq, mask)[:, enc["input_ids"].shape[1] - 1:-1].argmax(-1)
     assert picks.tolist() == same.baseline.tokens
+    assert same.baseline.next_token_predictions == same.baseline.tokens  # kept in the report, for peers
+    built = continuation_batch(enc["input_ids"], enc["attention_mask"], same.baseline.tokens)
+    assert torch.equal(built[0], seq) and torch.equal(built[1], mask)
     # A model with a different (random, untied) output layer disagrees at most positions.
     import copy
 

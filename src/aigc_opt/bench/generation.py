@@ -41,7 +41,7 @@ from .report import text_table
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["generation", "GenerationStats", "GenerationReport"]
+__all__ = ["generation", "GenerationStats", "GenerationReport", "next_token_logits", "continuation_batch"]
 
 
 @dataclass
@@ -55,6 +55,7 @@ class GenerationStats:
     token_agreement: float | None = None
     first_divergence: int | None = None  # earliest position (over prompts) where tokens differ
     next_token_agreement: float | None = None  # teacher-forced top-1 agreement on the baseline's continuation
+    next_token_predictions: list[list[int]] = field(default_factory=list, repr=False)  # its top-1 picks there
     ttft_ratio: tuple[float, float, float] | None = None
     tpot_ratio: tuple[float, float, float] | None = None
 
@@ -181,10 +182,21 @@ def next_token_logits(model: Model, input_ids: torch.Tensor, attention_mask: tor
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if "position_ids" in inspect.signature(module.forward).parameters:
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0).masked_fill(attention_mask == 0, 1).to(device)
+        from ..runtime.onnx_generation import positions_from_mask
+
+        kwargs["position_ids"] = torch.from_numpy(positions_from_mask(attention_mask.cpu().numpy())).to(device)
     with torch.inference_mode():
         out = module(**kwargs, use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0]).float().cpu()
+
+
+def continuation_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       new_tokens: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (left-padded) prompts followed by their generated tokens, and the mask over both: what
+    every model reads for the teacher-forced agreement."""
+    new = torch.as_tensor(new_tokens, dtype=input_ids.dtype)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return torch.cat([input_ids, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
 
 
 def _teacher_forced_predictions(model: Model, sequences: torch.Tensor, mask: torch.Tensor,
@@ -250,12 +262,11 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
             stats[j].total.append(time.perf_counter() - start)
             stats[j].tokens = out[:, prompt_len:].tolist()
     base = np.asarray(stats[0].tokens)
-    sequences = torch.cat([enc["input_ids"], torch.as_tensor(base, dtype=enc["input_ids"].dtype)], dim=1)
-    full_mask = torch.cat([enc.get("attention_mask", torch.ones_like(enc["input_ids"])),
-                           torch.ones(base.shape, dtype=torch.long)], dim=1)
+    sequences, full_mask = continuation_batch(enc["input_ids"], enc.get("attention_mask"), stats[0].tokens)
     predictions = [_teacher_forced_predictions(m, sequences, full_mask, prompt_len) for m in models]
-    for s, pred in zip(stats[1:], predictions[1:]):
-        s.next_token_agreement = float((pred == predictions[0]).float().mean())
+    for s, pred in zip(stats, predictions):
+        s.next_token_predictions = pred.tolist()
+        s.next_token_agreement = float((pred == predictions[0]).float().mean()) if s is not stats[0] else None
     for s in stats[1:]:
         cand = np.asarray(s.tokens)
         same = cand == base

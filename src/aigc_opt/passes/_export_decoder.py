@@ -97,7 +97,7 @@ def _token_ids(inputs: Any) -> torch.Tensor:
 
 def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
-    from .export import _opset, _short, verify_outputs
+    from .export import _opset, _short, external_data_for, verify_outputs
 
     lm = unwrap(model.artifact)
     if settings.dynamic is not True:
@@ -115,8 +115,7 @@ def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]
     batch, new, past = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence"))
     dynamic_shapes = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
                       "position_ids": {0: batch, 1: new}, "past": [{0: batch, 2: past}] * len(past_names)}
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*lm.parameters(), *lm.buffers()))
-    external = settings.external_data if settings.external_data is not None else weight_bytes > 1.5e9
+    external = external_data_for(settings, lm)
     workdir = new_workdir("onnx")
     path = workdir / "model.onnx"
     try:

@@ -155,14 +155,17 @@ def _torch_module_path(node: Any) -> str:
 def _excluded_nodes(graph: Any, settings: Quantize) -> list[str]:
     if not settings.skip:
         return []
+    from .quantize import closest_names_hint, unmatched_patterns
+
     names = [(n.name, _torch_module_path(n)) for n in graph.node]
-    unmatched = [p for p in settings.skip if not any(fnmatch.fnmatch(name, p) for pair in names for name in pair)]
+    modules = [path for _, path in names if path]
+    unmatched = unmatched_patterns(settings.skip, [n for pair in names for n in pair])
     if unmatched:
-        modules = sorted({path for _, path in names if path})
         raise ConfigError(
             f"Quantize: skip={unmatched} matches no node of this ONNX graph (matched against node names "
-            f"and the torch module each node came from), so nothing would be skipped. Modules in the graph "
-            f"include {modules[:12]}; use fnmatch patterns such as 'lm_head' or '*.attention.*'.")
+            f"and the torch module each node came from), so nothing would be skipped"
+            + closest_names_hint(unmatched, modules)
+            + " Use module names or fnmatch patterns such as 'lm_head' or '*.attention.*'.")
     return [node for node, path in names if any(fnmatch.fnmatch(node, p) or fnmatch.fnmatch(path, p)
                                                 for p in settings.skip)]
 

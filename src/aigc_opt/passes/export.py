@@ -275,8 +275,7 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
     with torch.inference_mode():
         reference = module(*example_args, **example_kwargs)
     leaves, spec = pytree.tree_flatten(reference)
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-    external = settings.external_data if settings.external_data is not None else weight_bytes > 1.5e9
+    external = external_data_for(settings, module)
     workdir = new_workdir("onnx")
     path = workdir / "model.onnx"
     try:
@@ -318,6 +317,14 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
             diffs = verify_outputs(expected, got, atol=settings.atol, rtol=settings.rtol, what="The ONNX export")
             details.setdefault("max_abs_diff", diffs)
     return artifact, details
+
+
+def external_data_for(settings: Export, module: torch.nn.Module) -> bool:
+    """Whether the ONNX file keeps its weights beside the graph: as asked, else past 1.5 GB of
+    weights (protobuf's 2 GB limit, with room for the graph)."""
+    if settings.external_data is not None:
+        return bool(settings.external_data)
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) > 1.5e9
 
 
 def _opset(path: Any) -> int | None:

@@ -106,6 +106,19 @@ def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., Any]], Call
     return add
 
 
+def unmatched_patterns(patterns: tuple[str, ...], names: list[str]) -> list[str]:
+    """The ``skip`` patterns that match none of ``names`` (fnmatch)."""
+    return [p for p in patterns if not any(fnmatch.fnmatch(name, p) for name in names)]
+
+
+def closest_names_hint(unmatched: list[str], names: list[str]) -> str:
+    """"; did you mean [...]?" with the names closest to the unmatched patterns, else a sample."""
+    import difflib
+
+    close = sorted({c for p in unmatched for c in difflib.get_close_matches(p, names, n=3, cutoff=0.5)})
+    return f"; did you mean {close}?" if close else f"; names include {sorted(set(names))[:12]}."
+
+
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
@@ -275,14 +288,11 @@ class Quantize(Pass):
             return
         module = unwrap(model.artifact)
         names = [name for name, _ in module.named_modules() if name]
-        unmatched = [p for p in self.skip if not any(fnmatch.fnmatch(name, p) for name in names)]
+        unmatched = unmatched_patterns(self.skip, names)
         if unmatched:
-            import difflib
-
-            close = sorted({c for p in unmatched for c in difflib.get_close_matches(p, names, n=3, cutoff=0.5)})
             raise ConfigError(
                 f"Quantize: skip={unmatched} matches no module of {model.name}, so nothing would be skipped"
-                + (f"; did you mean {close}?" if close else f"; its modules include {names[:8]}.")
+                + closest_names_hint(unmatched, names)
                 + " skip takes module names as model.named_modules() gives them, or fnmatch patterns ('*.pooler*').")
         selected = self.selected(module, spec)
         if not selected:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
 
-__all__ = ["greedy_generate", "prefill_feed"]
+__all__ = ["greedy_generate", "prefill_feed", "positions_from_mask"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -32,6 +32,12 @@ def _as_int64(value: Any, name: str) -> np.ndarray:
         raise InvalidInputError(f"{name} must be a 2-D integer tensor (batch, length), got shape "
                                 f"{tuple(array.shape)} dtype {array.dtype}.")
     return array.astype(np.int64)
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """transformers' rule for left-padded batches: a token's position is the number of real
+    tokens before it; pads get 1 (unused)."""
+    return np.where(mask == 1, mask.cumsum(-1) - 1, 1)
 
 
 def prefill_feed(layout: dict[str, Any], input_ids: Any, attention_mask: Any = None) -> dict[str, np.ndarray]:
@@ -45,8 +51,7 @@ def prefill_feed(layout: dict[str, Any], input_ids: Any, attention_mask: Any = N
     empty = np.zeros((ids.shape[0], layout["kv_heads"], 0, layout["head_dim"]), np.dtype(layout["cache_dtype"]))
     feed = {"input_ids": ids, "attention_mask": mask, **{name: empty for name in layout["past"]}}
     if layout["position_ids"]:
-        # transformers' rule: position = number of real tokens before this one (pads get 1, unused)
-        feed["position_ids"] = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+        feed["position_ids"] = positions_from_mask(mask)
     return feed
 
 
