@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,14 @@ def _star_note(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """How a torch.export module takes its inputs, read once per module (runs are hot paths)."""
+    """How a torch.export module takes its inputs, read once per module (runs are hot paths).
 
-    graph: Any  # the graph it was read from (a module given a new graph is read again)
+    Kept in ``_LAYOUTS`` under the module, weakly: nothing in it may reference the module, or
+    the entry would keep its own key alive and no module ever read would be freed (a graph
+    references its owning module, hence the weak reference to it).
+    """
+
+    graph: Callable[[], Any] | None  # the graph it was read from (a module given a new graph is read again)
     signature: inspect.Signature | None  # forward(...) when it names the inputs in in_spec order
     n_positional: int
     keywords: tuple[str, ...]
@@ -72,10 +78,24 @@ class _Layout:
 _LAYOUTS: weakref.WeakKeyDictionary[Any, _Layout] = weakref.WeakKeyDictionary()
 
 
+def _no_graph() -> None:
+    return None
+
+
+def _weak(graph: Any) -> Callable[[], Any] | None:
+    """A weak reference to ``graph`` (None for a graph that cannot have one: never reused)."""
+    if graph is None:
+        return _no_graph
+    try:
+        return weakref.ref(graph)
+    except TypeError:
+        return None
+
+
 def _layout(module: Any) -> _Layout:
     graph = getattr(module, "graph", None)
     layout = _LAYOUTS.get(module)
-    if layout is not None and layout.graph is graph:
+    if layout is not None and layout.graph is not None and layout.graph() is graph:
         return layout
     signature, n_pos, keywords = None, -1, ()
     spec = getattr(module, "_in_spec", None)
@@ -87,7 +107,7 @@ def _layout(module: Any) -> _Layout:
         if (len(params) != n_pos + len(keywords) or tuple(p.name for p in params[n_pos:]) != keywords
                 or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in params)):
             signature = None  # nested inputs or an unusual signature: torch.export checks them itself
-    layout = _Layout(graph, signature, n_pos, keywords, tuple(_placeholders(module)))
+    layout = _Layout(_weak(graph), signature, n_pos, keywords, tuple(_placeholders(module)))
     try:
         _LAYOUTS[module] = layout
     except TypeError:  # not weak-referenceable: read again next time

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,17 @@ import torch
 
 from .._deps import require
 from .._tree import Inputs, describe, flatten_tensors
-from ..errors import InvalidInputError
+from .._safety import contained
+from ..errors import IntegrityError, InvalidInputError
 from .base import RUNTIMES
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
 
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+# The execution providers a saved model may name (others are refused on load: docs/security.md).
+KNOWN_PROVIDERS = frozenset({"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                             "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider"})
 
 # ONNX element types -> numpy, for casting inputs to what the session declares.
 _ORT_TYPES = {
@@ -41,6 +47,27 @@ def new_workdir(prefix: str) -> Path:
     from .._workdir import new_workdir as make
 
     return make(prefix)
+
+
+class _SessionCache:
+    """An artifact's InferenceSession and declared inputs, built once under the lock.
+
+    ``copy.copy`` of an artifact shares it (same file, same settings); an artifact made with
+    ``dataclasses.replace`` or ``with_settings`` (other settings) gets a new, empty one, and so
+    does a ``deepcopy`` (a lock cannot be copied, nor can a session)."""
+
+    __slots__ = ("lock", "session", "inputs")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.session: Any = None
+        self.inputs: list[tuple[str, str, int, list[Any]]] | None = None
+
+    def __copy__(self) -> _SessionCache:
+        return _SessionCache()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SessionCache:
+        return _SessionCache()
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,7 +100,8 @@ class OnnxArtifact:
     spin_wait: bool = False
     owns_dir: bool = False
     generation: dict[str, Any] | None = None
-    _session: list[Any] = field(default_factory=list, repr=False)  # [session, declared inputs] once built
+    # not an __init__ argument, so an artifact made with other settings never reuses the session
+    _session: _SessionCache = field(default_factory=_SessionCache, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.owns_dir:
@@ -89,27 +117,41 @@ class OnnxArtifact:
 
     def declared_inputs(self) -> list[tuple[str, str, int, list[Any]]]:
         """(name, type, rank, shape) of each session input, read once (the hot path uses it)."""
-        if len(self._session) < 2:
-            self._session.append([(d.name, d.type, len(d.shape), d.shape) for d in self.session().get_inputs()])
-        return self._session[1]
+        cache = self._session
+        if cache.inputs is None:
+            session = self.session()
+            with cache.lock:
+                if cache.inputs is None:
+                    cache.inputs = [(d.name, d.type, len(d.shape), d.shape) for d in session.get_inputs()]
+        return cache.inputs
 
     def session(self) -> Any:
-        if not self._session:
-            ort = require("onnxruntime", extra="onnx", purpose="Running an ONNX model")
-            options = ort.SessionOptions()
-            options.graph_optimization_level = {
-                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            }[self.graph_optimization]
-            options.intra_op_num_threads = self.intra_op_threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin_wait else "0")
-            options.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
-            disabled = disabled_optimizers(self.path, self.providers)
-            self._session.append(ort.InferenceSession(str(self.path), options, providers=list(self.providers),
-                                                      disabled_optimizers=disabled))
-        return self._session[0]
+        """The InferenceSession, built on first use, once: threads that call a fresh artifact
+        together wait for the first one's session (building one takes memory and seconds per
+        model, and the losers' would be thrown away)."""
+        cache = self._session
+        if cache.session is not None:  # the hot path takes no lock
+            return cache.session
+        with cache.lock:
+            if cache.session is None:
+                cache.session = self._new_session()
+        return cache.session
+
+    def _new_session(self) -> Any:
+        ort = require("onnxruntime", extra="onnx", purpose="Running an ONNX model")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.graph_optimization]
+        options.intra_op_num_threads = self.intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin_wait else "0")
+        options.log_severity_level = 3  # errors only: warnings about unused initializers etc. are noise
+        disabled = disabled_optimizers(self.path, self.providers)
+        return ort.InferenceSession(str(self.path), options, providers=list(self.providers),
+                                    disabled_optimizers=disabled)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())
@@ -118,14 +160,19 @@ class OnnxArtifact:
         """The model file and its external-data files."""
         import onnx
 
-        files = [self.path]
-        model = onnx.load(str(self.path), load_external_data=False)
-        locations = {
-            entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-            for entry in t.external_data if entry.key == "location"
-        }
-        files += [self.path.parent / loc for loc in sorted(locations)]
-        return files
+        return [self.path, *(contained(self.path.parent, loc, what="external-data file")
+                             for loc in external_data_locations(self.path))]
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The external-data file names the ONNX model at ``path`` refers to, as written in it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({
+        entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "location"
+    })
 
 
 # Fused contrib ops that are slower on an execution provider than the standard ops they replace,
@@ -287,12 +334,33 @@ class OnnxRuntime:
                 "graph_optimization": artifact.graph_optimization, "intra_op_threads": artifact.intra_op_threads,
                 "spin_wait": artifact.spin_wait, "generation": artifact.generation}
 
-    def load(self, directory: Path, meta: dict[str, Any]) -> OnnxArtifact:
-        return OnnxArtifact(path=directory / meta["file"], output_spec=meta.get("output_spec"),
-                            providers=tuple(meta.get("providers", ("CPUExecutionProvider",))),
-                            graph_optimization=meta.get("graph_optimization", "all"),
-                            intra_op_threads=int(meta.get("intra_op_threads", 0)),
-                            spin_wait=bool(meta.get("spin_wait", False)), generation=meta.get("generation"))
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> OnnxArtifact:
+        """The saved graph, its external data checked to lie in ``directory`` and be covered by the
+        manifest, and its session settings checked against what this runtime accepts: a recorded
+        value never reaches ONNX Runtime unchecked (docs/security.md)."""
+        path = contained(directory, meta.get("file"), listed=files, what="ONNX model")
+        for location in external_data_locations(path):
+            contained(directory, location, listed=files, what="external-data file")
+        providers = meta.get("providers", ["CPUExecutionProvider"])
+        if not (isinstance(providers, list) and providers and all(p in KNOWN_PROVIDERS for p in providers)):
+            raise IntegrityError(f"The manifest of {str(directory)!r} names execution providers {providers!r:.120}; "
+                                 f"known: {sorted(KNOWN_PROVIDERS)}.")
+        optimization = meta.get("graph_optimization", "all")
+        if optimization not in ("disable", "basic", "extended", "all"):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has graph_optimization {optimization!r:.40}.")
+        threads = meta.get("intra_op_threads", 0)
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 4096:
+            raise IntegrityError(f"The manifest of {str(directory)!r} has intra_op_threads {threads!r:.40}.")
+        spin_wait = meta.get("spin_wait", False)
+        if not isinstance(spin_wait, bool):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has spin_wait {spin_wait!r:.40}.")
+        for key, types in (("output_spec", (str, type(None))), ("generation", (dict, type(None)))):
+            if not isinstance(meta.get(key), types):
+                raise IntegrityError(f"The manifest of {str(directory)!r} has {key} of type "
+                                     f"{type(meta.get(key)).__name__}.")
+        return OnnxArtifact(path=path, output_spec=meta.get("output_spec"), providers=tuple(providers),
+                            graph_optimization=optimization, intra_op_threads=threads, spin_wait=spin_wait,
+                            generation=meta.get("generation"))
 
 
 RUNTIMES.register("onnx", OnnxRuntime())
