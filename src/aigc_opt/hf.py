@@ -87,7 +87,8 @@ def tokenize(tokenizer: Any, texts: Sequence[str], *, seq_len: int = 128, pad_to
 def from_hf(
     path: str | os.PathLike[str],
     *,
-    task: str = "feature-extraction",
+    task: str | None = None,
+    gguf_file: str | None = None,
     target: str | Target = "host",
     example_texts: Sequence[str] | None = None,
     batch_size: int = 8,
@@ -98,8 +99,12 @@ def from_hf(
     id when online) and wrap it as an ao.Model with tokenizer-made example inputs.
 
     Args:
-        task: ``"feature-extraction"`` (hidden states), ``"sentence-embedding"`` (pooled,
-            normalized embeddings), ``"text-classification"`` or ``"causal-lm"``.
+        task: ``"feature-extraction"`` (hidden states, the default), ``"sentence-embedding"`` (pooled,
+            normalized embeddings), ``"text-classification"`` or ``"causal-lm"`` (the default
+            with ``gguf_file``).
+        gguf_file: the name of a GGUF file inside ``path`` (extra ``aigc-opt[llm]``): transformers
+            dequantizes it to fp32 and builds the tokenizer and chat template from it; the file's
+            quantization is recorded in ``model.architecture["source"]`` (see :mod:`aigc_opt.gguf`).
         example_texts: texts for the example batch (default: a fixed sentence repeated).
         batch_size, seq_len: shape of the example batch.
 
@@ -108,18 +113,30 @@ def from_hf(
     """
     from .model import Model
 
+    task = task or ("causal-lm" if gguf_file else "feature-extraction")
     auto_name = TASKS.get(task)
+    source = None
+    if gguf_file is not None:
+        from .gguf import inspect_gguf, require_llm_packages
+
+        source = inspect_gguf(os.path.join(path, gguf_file))  # typed errors before any weight is read
+        require_llm_packages()
     transformers = _transformers()
     local = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
     try:
         with quiet_import_logs():  # transformers may import torchao while loading
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
-            module = getattr(transformers, auto_name).from_pretrained(path, local_files_only=local)
-    except (OSError, ValueError) as e:
-        raise UnsupportedModelError(
-            f"Could not load a transformers model from {str(path)!r}: {str(e).splitlines()[0]} "
-            "Give a directory with config.json, the weights and the tokenizer files."
-        ) from e
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local, **extra)
+            module = getattr(transformers, auto_name).from_pretrained(path, local_files_only=local, **extra)
+    except (OSError, ValueError, NotImplementedError, KeyError) as e:
+        if gguf_file is None and not isinstance(e, (OSError, ValueError)):
+            raise
+        what = f"the GGUF file {gguf_file!r} in {str(path)!r}" if gguf_file else repr(str(path))
+        hint = ("transformers could not convert it (an unsupported quantization or tensor layout): upgrade "
+                "transformers and gguf, or use a GGUF of another quantization type (Q4_0, Q4_1, Q8_0, F16...)."
+                if gguf_file else "Give a directory with config.json, the weights and the tokenizer files.")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedModelError(f"Could not load a transformers model from {what}: {first} {hint}") from e
     module.eval()
     if task == "causal-lm":  # decoder-only models continue from the right end: pad on the left
         tokenizer.padding_side = "left"
@@ -135,4 +152,6 @@ def from_hf(
     model = Model(module, example_inputs=example, target=resolved,
                   name=name or os.path.basename(os.path.normpath(str(path))))
     model.tokenizer = tokenizer  # type: ignore[attr-defined]
+    if source is not None:  # written to manifest.json with the architecture spec
+        model.architecture = {**model.architecture, "source": source.record()}
     return model

@@ -479,6 +479,14 @@ def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool) -> A
         from safetensors.torch import load_file
     except ImportError as e:
         raise MissingDependencyError("safetensors", None, f"Loading {str(path / SAFETENSORS)!r}") from e
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
+        """Load a GGUF LLM dequantized to fp32 with its tokenizer (needs ``aigc-opt[llm]``); see
+        :func:`aigc_opt.gguf.from_gguf`."""
+        from .gguf import from_gguf
+
+        return from_gguf(path, **kwargs)
+
     try:
         state = load_file(path / SAFETENSORS, device="cpu")
     except Exception as e:  # the checksum matched, so the file was written like this

@@ -10,15 +10,23 @@ from ..errors import IncompatibleTargetError
 if TYPE_CHECKING:
     from ..target import Target
 
-__all__ = ["choose_method"]
+__all__ = ["choose_method", "INT8_DOT_FEATURES"]
 
 # CPU features that give int8 dot-product instructions (x86 VNNI/AMX, Arm dot product/i8mm).
-_INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+INT8_DOT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
-def choose_method(target: Target, fmt: str = "torch") -> tuple[str, str]:
-    """``(method, reason)`` for ``target`` and model format ``fmt``."""
+def choose_method(target: Target, fmt: str = "torch", *, decoder: bool = False) -> tuple[str, str]:
+    """``(method, reason)`` for ``target`` and model format ``fmt``; ``decoder``: an ONNX causal-LM
+    step with its KV cache, whose decoding is bound by the bytes of weights read per token."""
     dtypes = set(target.dtypes)
+    if fmt == "onnx" and decoder and target.device_type in ("cpu", "cuda"):
+        # Measured on SmolLM2-135M (benchmarks/results/llm_decode.md): int8-dynamic (per-token int8
+        # activations everywhere) left fp32's greedy path after ~5 tokens and decoded slower than fp32;
+        # int8 weight-only MatMulNBits keeps the teacher-forced agreement >= 0.96 and reads 4x fewer bytes.
+        return "int8-weight-only", (f"ONNX decoder on {target.name!r}: decoding is bound by weight bytes read per "
+                                    "token, so int8 weight-only blocks (ONNX Runtime MatMulNBits); never "
+                                    "int8-dynamic, which loses fp32's greedy path on LLMs")
     if fmt == "onnx":
         if "int8" in dtypes:
             return "int8-dynamic", f"ONNX model on {target.name!r} (int8 native): ONNX Runtime dynamic int8"
@@ -35,7 +43,7 @@ def choose_method(target: Target, fmt: str = "torch") -> tuple[str, str]:
         if "fp16" in dtypes:
             return "fp16", f"{target.name!r} is Apple silicon (MPS): fp16 is its fast path"
     elif target.device_type == "cpu":
-        dot = [f for f in _INT8_DOT if target.has_feature(f)] or (
+        dot = [f for f in INT8_DOT_FEATURES if target.has_feature(f)] or (
             ["vnni/amx in arch"] if any(k in target.arch for k in ("vnni", "amx")) else [])
         if "int8" in dtypes and dot:
             return "int8-dynamic", (f"{target.name!r} ({target.arch}) has int8 dot-product instructions "

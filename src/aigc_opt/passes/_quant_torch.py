@@ -17,6 +17,7 @@ import torch
 from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ._prune_hf import is_conv1d
+from ._quant_nbits import check_nbits
 from .quantize import _is_quantized, quant_method
 
 if TYPE_CHECKING:
@@ -135,16 +136,31 @@ def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------- int8 weight-only
+def _check_nbits_onnx(settings: Quantize, target: Target, fmt: str) -> None:
+    if fmt == "onnx":
+        check_nbits(settings, target, fmt)
+
+
+def _int8_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+    from ._quant_nbits import matmul_nbits_onnx
+
+    return matmul_nbits_onnx(model, settings, bits=8)
+
+
 @quant_method(
     "int8-weight-only",
     description="int8 weights (per output channel, or per group), activations stay float: 4x smaller "
-    "Linear weights, dequantized in the matmul (torchao Int8WeightOnlyConfig)",
+    "Linear weights, dequantized in the matmul (torchao Int8WeightOnlyConfig); for ONNX models, ONNX "
+    "Runtime MatMulNBits int8 blocks (default 32)",
     target_dtype="int8",
     package="torchao",
     extra="quant",
     options=("per_channel", "group_size", "skip_types"),
+    onnx=_int8_weight_only_onnx,
+    onnx_options=("group_size", "symmetric"),
     keep_float=_one_input_feature,
     check_layers=_check_group_size,
+    check=_check_nbits_onnx,
 )
 def _int8_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
     require("torchao", extra="quant", purpose="Quantize('int8-weight-only')")
@@ -160,6 +176,9 @@ def _int8_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, 
 
 # ---------------------------------------------------------------------------------- int4 weight-only
 def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
+    if fmt == "onnx":  # MatMulNBits: CPU and CUDA kernels
+        check_nbits(settings, target, fmt)
+        return
     if target.device_type != "cuda":
         raise IncompatibleTargetError(
             f"Quantize(method='int4-weight-only') needs a CUDA target: torchao's Int4WeightOnlyConfig has no "
@@ -174,14 +193,24 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
         )
 
 
+def _int4_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+    from ._quant_nbits import matmul_nbits_onnx
+
+    return matmul_nbits_onnx(model, settings, bits=4)
+
+
 @quant_method(
     "int4-weight-only",
     description="int4 weights in groups (default 128), bf16 activations: 8x smaller Linear weights "
-    "(torchao Int4WeightOnlyConfig, CUDA tinygemm kernel)",
+    "(torchao Int4WeightOnlyConfig, CUDA tinygemm kernel); for ONNX models, ONNX Runtime MatMulNBits "
+    "int4 blocks (default 32) on CPU or CUDA, int8 activations where the CPU has int8 dot products",
     device_types=("cuda",),
+    onnx_device_types=("cpu", "cuda"),
     package="torchao",
     extra="quant",
     options=("group_size", "skip_types"),
+    onnx=_int4_weight_only_onnx,
+    onnx_options=("group_size", "symmetric"),
     check=_check_int4,
 )
 def _int4_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class QuantMethod:
     onnx: Callable[[Model, Quantize], tuple[Any, dict[str, Any]]] | None = None
     device_types: tuple[str, ...] = ("cpu", "cuda")
     target_dtype: str | None = None  # the target must run this dtype natively
+    # Where the ONNX implementation runs, when it differs from the torch one's device_types.
+    onnx_device_types: tuple[str, ...] | None = None
     # What happens when the target lacks target_dtype: "refuse", or "warn" on CPU targets
     # (the method runs, correctly but without fast kernels) and refuse elsewhere.
     dtype_policy: str = "refuse"
@@ -89,6 +91,10 @@ class QuantMethod:
     takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
 
     @property
+    def devices_for(self, fmt: str) -> tuple[str, ...]:
+        """The device types this method runs on for a model in format ``fmt``."""
+        return self.onnx_device_types if fmt == "onnx" and self.onnx_device_types else self.device_types
+
     def formats(self) -> tuple[str, ...]:
         return ("torch", "onnx") if self.onnx is not None else ("torch",)
 
@@ -206,13 +212,14 @@ class Quantize(Pass):
         return {k: v for k, v in full.items() if k in self._ALWAYS or v != _plain(defaults.get(k))}
 
     # ------------------------------------------------------------------ which method
-    def resolve(self, target: Target, fmt: str = "torch") -> tuple[QuantMethod, str | None]:
-        """The method to run (``"auto"`` resolved from the target) and, for auto, why."""
+    def resolve(self, target: Target, fmt: str = "torch", *, decoder: bool = False) -> tuple[QuantMethod, str | None]:
+        """The method to run (``"auto"`` resolved from the target, and for ``decoder``, an ONNX
+        causal-LM step with its KV cache) and, for auto, why."""
         if self.method != AUTO:
             return QUANT_METHODS.get(self.method), None
         from ._quant_auto import choose_method
 
-        name, reason = choose_method(target, fmt)
+        name, reason = choose_method(target, fmt, decoder=decoder)
         return QUANT_METHODS.get(name), reason
 
     @property
@@ -233,10 +240,11 @@ class Quantize(Pass):
                 f"{label} takes a model in format {' or '.join(map(repr, spec.formats))}, "
                 f"but got format {fmt!r}. Quantize before the model leaves that format (e.g. before Export)."
             )
-        if target.device_type not in spec.device_types:
-            usable = [n for n in QUANT_METHODS if target.device_type in QUANT_METHODS.get(n).device_types]
+        if target.device_type not in spec.devices_for(fmt):
+            usable = [n for n in QUANT_METHODS if target.device_type in QUANT_METHODS.get(n).devices_for(fmt)
+                      and fmt in QUANT_METHODS.get(n).formats]
             raise IncompatibleTargetError(
-                f"{label} runs on {'/'.join(spec.device_types)} devices, but target "
+                f"{label} runs on {'/'.join(spec.devices_for(fmt))} devices, but target "
                 f"{target.name!r} is a {target.device_type} device. "
                 + (f"Methods for it: {usable}." if usable else
                    f"No quantization method supports {target.device_type} targets yet.")
@@ -276,7 +284,7 @@ class Quantize(Pass):
                 )
 
     def check_model(self, model: Model) -> None:
-        spec, _ = self.resolve(model.target, model.format)
+        spec, _ = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.max_drop is not None and self.eval_fn is None:
             raise ConfigError("Quantize: max_drop needs eval_fn=(model -> metric, higher is better) at run time.")
         if spec.needs_data and self.data is None:
@@ -336,7 +344,7 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ work
     def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
-        spec, reason = self.resolve(model.target, model.format)
+        spec, reason = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.eval_fn is not None:
             from ._quant_fallback import quantize_within_budget
 
@@ -383,6 +391,11 @@ class Quantize(Pass):
 def quantize(model: Model, method: str = "int8-dynamic", **settings: Any) -> Model:
     """One-line form of ``Quantize(method, **settings).apply(model)``."""
     return Quantize(method, **settings).apply(model)
+
+
+def _is_decoder(model: Model) -> bool:
+    """An ONNX causal-LM step exported with its KV cache (what ``Model.generate`` runs)."""
+    return model.format == "onnx" and getattr(model.artifact, "generation", None) is not None
 
 
 # ---------------------------------------------------------------------------------- methods

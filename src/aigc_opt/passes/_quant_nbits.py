@@ -1,0 +1,174 @@
+"""Weight-only int4/int8 for ONNX decoders: ONNX Runtime's ``MatMulNBits`` (and ``GatherBlockQuantized``
+for the token embedding).
+
+Decoding one token reads every weight once, so it is bound by memory bandwidth: 4-bit weights move
+~8x fewer bytes than fp32. ``MatMulNBitsQuantizer`` replaces each MatMul whose weight is a constant
+with ``MatMulNBits`` (blocks of ``block_size`` input features, one scale and, asymmetric, one zero
+point per block). ``accuracy_level`` comes from the target: 4 (activations quantized to int8 per
+block, int8 dot products) where the CPU has int8 dot-product instructions (VNNI, AMX, Arm dotprod),
+else 0 (weights dequantized to fp32).
+
+A tied ``lm_head`` is exported as ``MatMul(x, Transpose(embedding))``: its weight is not a constant
+of the MatMul, so the quantizer would leave the largest matmul of a small LLM (vocab x hidden) in
+fp32. It is untied here on purpose: the transposed weight becomes the MatMul's own constant and is
+quantized; the embedding's ``Gather`` is quantized too (``GatherBlockQuantized``, 4-bit) unless
+``skip=`` names it. Measured on SmolLM2-135M (benchmarks/results/llm_decode.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, UnsupportedModelError
+from ._quant_auto import INT8_DOT_FEATURES
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+    from .quantize import Quantize
+
+__all__ = ["matmul_nbits_onnx", "accuracy_level_for", "BLOCK_SIZES", "DEFAULT_BLOCK_SIZE"]
+
+log = logging.getLogger("aigc_opt")
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
+DEFAULT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1/Q8_0 blocks
+
+
+def accuracy_level_for(target: Target) -> tuple[int, str]:
+    """MatMulNBits' ``accuracy_level`` for ``target`` and why: 4 (int8 activations, int8 dot products)
+    where the target has int8 dot-product instructions, else 0 (fp32 compute on dequantized weights)."""
+    dot = [f for f in INT8_DOT_FEATURES if target.has_feature(f)] or (
+        ["vnni/amx in arch"] if any(k in target.arch for k in ("vnni", "amx")) else [])
+    if target.device_type == "cpu" and dot:
+        return 4, f"{target.name!r} has int8 dot-product instructions ({', '.join(dot)}): int8 activations"
+    return 0, f"{target.name!r} lists no int8 dot-product instructions: fp32 activations"
+
+
+def check_nbits(settings: Quantize, target: Target, fmt: str) -> None:
+    """Refusals that need no model: block sizes MatMulNBits has no kernel for."""
+    if fmt == "onnx" and settings.group_size is not None and settings.group_size not in BLOCK_SIZES:
+        raise ConfigError(
+            f"Quantize(method={settings.method!r}) on an ONNX model: group_size={settings.group_size} is not a "
+            f"MatMulNBits block size; use one of {list(BLOCK_SIZES)} (a power of two dividing every layer's "
+            "input width; 32 is llama.cpp's block).")
+
+
+def _untie_transposed_weights(graph: Any, numpy_helper: Any) -> list[str]:
+    """MatMul(x, Transpose(W)) with a constant 2-D W (a tied lm_head): give the MatMul W.T as its own
+    constant so it can be quantized. Returns the MatMul node names rewritten."""
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    rewritten, dropped = [], []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] in initializers:
+            continue
+        transpose = producers.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        weight = initializers[transpose.input[0]]
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+        if len(weight.dims) != 2 or perm not in ([], [[1, 0]]):
+            continue
+        name = f"{weight.name}.transposed"
+        if name not in initializers:
+            array = numpy_helper.to_array(weight).T.copy()
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            initializers[name] = graph.initializer[-1]
+        node.input[1] = name
+        rewritten.append(node.name)
+        consumers[transpose.output[0]] -= 1
+        if consumers[transpose.output[0]] == 0:
+            dropped.append(transpose)
+    for transpose in dropped:
+        graph.node.remove(transpose)
+    return rewritten
+
+
+def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -> None:
+    """The block runs along each MatMul weight's input axis (K): it must divide K, or the last block of
+    every column would be padded with zeros and its scale fitted to fewer weights."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    bad = [(n.name, shapes[n.input[1]][0]) for n in graph.node
+           if n.op_type == "MatMul" and n.name not in excluded and len(shapes.get(n.input[1], [])) == 2
+           and shapes[n.input[1]][0] % block]
+    if bad:
+        shown = ", ".join(f"{name} (input width {k})" for name, k in bad[:3]) + (
+            f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        fits = [b for b in BLOCK_SIZES if all(k % b == 0 for _, k in bad)]
+        raise ConfigError(
+            f"Quantize(method={method!r}): group_size={block} does not divide the input width of {shown}; "
+            "blocks run along a weight's input features. Use "
+            + (f"group_size={max(fits)} (divides them), " if fits else "")
+            + "or skip= those layers.")
+
+
+def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[Any, dict[str, Any]]:
+    """Weight-only ``bits``-bit (4 or 8) quantization of an ONNX model's constant-weight MatMuls (and, at 4
+    bits, of the token embedding's Gather), blockwise along the input axis."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from .._deps import quiet_import_logs
+    from ..runtime.onnxruntime import new_workdir
+    from ._quant_onnx import _excluded_nodes, _new_artifact
+
+    source = model.artifact
+    proto = onnx.load(str(source.path))
+    graph = proto.graph
+    excluded = _excluded_nodes(graph, settings)
+    untied = _untie_transposed_weights(graph, numpy_helper)
+    block = settings.group_size or DEFAULT_BLOCK_SIZE
+    _check_block_size(graph, block, set(excluded), settings.method)
+    # symmetric by default: on SmolLM2 (Q4_1 GGUF) int4 symmetric blocks gave perplexity 14.7 vs 15.5
+    # asymmetric (ONNX Runtime widens each block to include 0), and the kernel skips zero points
+    symmetric = settings.symmetric if settings.symmetric is not None else True
+    level, level_reason = accuracy_level_for(model.target)
+    # GatherBlockQuantized takes 4-bit data only; at 8 bits the embedding stays fp32 (a Gather reads a
+    # few rows per token, so it costs file size, not decode bandwidth).
+    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    before = sum(t.dims[0] * t.dims[1] * 4 for t in graph.initializer if len(t.dims) == 2)
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
+                                     accuracy_level=level or None, nodes_to_exclude=excluded,
+                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    with quiet_import_logs("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
+        quantizer.process()
+    out = quantizer.model.model
+    ops = [n.op_type for n in out.graph.node]
+    n_matmul, n_gather = ops.count("MatMulNBits"), ops.count("GatherBlockQuantized")
+    if n_matmul == 0:
+        raise UnsupportedModelError(
+            f"Quantize({settings.method!r}): this ONNX graph has no MatMul with a constant weight outside skip "
+            "(MatMulNBits replaced none); refusing to return it unchanged.")
+    # the untied copy is left in the graph only if something still reads it
+    target = new_workdir("quant") / "model.onnx"
+    large = out.ByteSize() > 1.8e9 if hasattr(out, "ByteSize") else False
+    onnx.save(out, str(target), save_as_external_data=large)
+    after = sum(_nbytes(t) for t in out.graph.initializer)
+    return _new_artifact(source, target), {
+        "bits": bits, "block_size": block, "symmetric": symmetric, "accuracy_level": level,
+        "accuracy_level_reason": level_reason, "matmulnbits_nodes": n_matmul, "gather_quantized_nodes": n_gather,
+        "nodes_skipped": excluded,
+        "tied_lm_head": ({"untied": untied, "how": "the transposed embedding became the lm_head MatMul's own "
+                          "constant and was quantized" + ("; the embedding Gather quantized separately"
+                                                          if n_gather else "; the embedding Gather kept fp32")}
+                         if untied else None),
+        "weight_bytes_before": int(before), "initializer_bytes_after": int(after),
+        "kernel": f"onnxruntime MatMulNBits int{bits} weight-only (accuracy_level {level})"
+                  + (", GatherBlockQuantized embedding" if n_gather else ""),
+    }
+
+
+def _nbytes(tensor: Any) -> int:
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n * 4
