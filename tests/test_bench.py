@@ -117,9 +117,9 @@ def test_report_renderings(mlp_model, x):
     for row in ("latency p50 (ms)", "latency p90 (ms)", "95% CI", "throughput", "size on disk", "peak run memory",
                 "parameters", "cosine vs baseline", "max abs error", "top-1 agreement"):
         assert row in text
-    assert "MLP+Quantize" in text
+    assert "MLP+Quantize(int8-dynamic)" in text
     md = report.to_markdown()
-    assert md.startswith("| metric | MLP | MLP+Quantize |") and "|---|---|---|" in md
+    assert md.startswith("| metric | MLP | MLP+Quantize(int8-dynamic) |") and "|---|---|---|" in md
     data = json.loads(report.to_json())
     assert len(data["candidates"][0]["measurement"]["samples"]) == 5
     assert data["candidates"][0]["fidelity"]["cosine_mean"] > 0.99
@@ -234,7 +234,7 @@ def test_plot_and_pandas(mlp_model, x, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["report.png"]  # no temporary file left
     frame = report.to_pandas()
-    assert list(frame.columns) == ["MLP", "MLP+Quantize"] and "latency p50 (ms)" in frame.index
+    assert list(frame.columns) == ["MLP", "MLP+Quantize(int8-dynamic)"] and "latency p50 (ms)" in frame.index
 
 
 def test_peak_rss_sees_memory_outside_torch_allocations():

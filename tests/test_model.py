@@ -275,12 +275,12 @@ def test_unpicklable_module_is_refused_at_save_and_nothing_is_written(tmp_path, 
 
 def test_label_names_passes_since_the_name(mlp_model, tmp_path):
     q = ao.quantize(mlp_model, "int8-dynamic")
-    assert mlp_model.label == "MLP" and q.label == "MLP+Quantize"
+    assert mlp_model.label == "MLP" and q.label == "MLP+Quantize(int8-dynamic)"
     q.name = "int8 MLP"
     assert q.label == "int8 MLP"
-    assert ao.compile(q, "inductor", warmup_iters=0).label == "int8 MLP+Compile"
+    assert ao.compile(q, "inductor", warmup_iters=0).label == "int8 MLP+Compile(inductor, warmup_iters=0)"
     q.save(tmp_path / "q")
-    assert ao.Model.load(tmp_path / "q", trust=True).label == "int8 MLP+Quantize"
+    assert ao.Model.load(tmp_path / "q", trust=True).label == "int8 MLP+Quantize(int8-dynamic)"
 
 
 # ------------------------------------------------------------------------------ on-disk weights format

@@ -224,9 +224,11 @@ class Model:
     @property
     def label(self) -> str:
         """How reports name this model: ``name`` plus the passes applied since it was named
-        ("MiniLM+Quantize+Compile"); a name set on a derived model is used as it is."""
+        with the settings that differ ("MiniLM+Quantize(int8-static)+Compile(inductor)", see
+        ``PassRecord.label``); a name set on a derived model (``name=`` of the pass functions) is
+        used as it is."""
         own = getattr(self, "_named_at", 0)
-        passes = [r.pass_type for r in self.history[own:]]
+        passes = [r.label() for r in self.history[own:]]
         return "+".join([self.name, *passes])
 
     def __setattr__(self, key: str, value: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -15,12 +16,12 @@ from ..errors import AigcOptError, ConfigError, InvalidInputError, UnsupportedMo
 from .fidelity import FidelityAccumulator
 from .measurement import Measurement, median_ci, ratio_ci
 from .probes import count_flops, on_device, peak_memory_bytes, peak_rss_bytes, pinned_threads, timed_call
-from .report import Entry, Report
+from .report import Entry, Report, unique_names
 
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["benchmark", "compare"]
+__all__ = ["benchmark", "compare", "MAX_ITERS_ENV", "iters_cap"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -63,6 +64,26 @@ def _given_batches(inputs: Any, model: Model) -> list[Any]:
             raise InvalidInputError("inputs is an empty list; give at least one batch.")
         return [normalize_inputs(b, what=f"inputs[{i}]") for i, b in enumerate(inputs)]
     return [normalize_inputs(inputs, what="inputs")]
+
+
+# For documentation tests, CI and trying things out: caps every timing loop (benchmark, compare,
+# bench.generation rounds) at this many rounds, whatever iters= says; the stop reason records it.
+MAX_ITERS_ENV = "AIGC_OPT_MAX_ITERS"
+
+
+def iters_cap() -> int | None:
+    """The round cap set by ``$AIGC_OPT_MAX_ITERS``, or None when it is unset or empty."""
+    raw = os.environ.get(MAX_ITERS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        cap = int(raw)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise ConfigError(f"${MAX_ITERS_ENV} must be an int >= 1 (the most timed rounds), got {raw!r}; "
+                          "unset it to measure as asked.")
+    return cap
 
 
 # Adaptive measuring (iters=None): at least MIN_ROUNDS rounds, then stop once every model's
@@ -150,6 +171,11 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
     per_model = [[on_device(m, b) for b in batches] for m in models]
     _check_runs(models, per_model)
     devices = [m.device for m in models]
+    names = unique_names([m.label for m in models])  # a report never shows two columns under one name
+    cap, capped = iters_cap(), ""
+    if cap is not None and (iters is None or iters > cap):
+        capped = f" (capped by ${MAX_ITERS_ENV}={cap}; asked: {iters if iters is not None else 'until stable'})"
+        iters = cap
     samples: list[list[float]] = [[] for _ in models]
     last = [float("inf") for _ in models]  # each model's latest call time (unknown: slow), for auto-settle
     with pinned_threads(threads) as num_threads:
@@ -162,7 +188,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             order_rng = random.Random(0)
             order = list(range(len(models)))
             previous: Model | None = None
-            stop_reason = f"{iters} rounds, as asked"
+            stop_reason = f"{iters} rounds, as asked" if not capped else f"{iters} rounds{capped}"
             while True:
                 if iters is not None and r >= iters:
                     break
@@ -189,14 +215,14 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
             if bar is not None:
                 bar.close()
         results = []
-        for m, own, dev, s in zip(models, per_model, devices, samples):
+        for m, name, own, dev, s in zip(models, names, per_model, devices, samples):
             # A peak from another device's spec sheet would make a meaningless fraction.
             same_device = dev.split(":")[0] == m.target.torch_device
             dtype_peak = m.target.peak("fp32") if same_device else None
             peak_source = {"builtin": "spec sheet", "file": "target file", "measured": "measured on this machine",
                            "detected": None}.get(m.target.origin) if dtype_peak else None
             results.append(Measurement(
-                name=m.label,
+                name=name,
                 samples=s,
                 # rounds cycle through the batches: the mean size is the samples per call
                 batch_size=sum(batch_size(b) for b in own) / len(own),
@@ -281,7 +307,7 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,
                             verbose=verbose, memory=memory, max_time=max_time, rel_ci=rel_ci, settle=settle)
     select = output_fn or (lambda out: out)
-    accumulators = [FidelityAccumulator(c.name, top1=top1) for c in candidates]
+    accumulators = [FidelityAccumulator(meas.name, top1=top1) for meas in measurements[1:]]
     for batch in batches:
         reference = select(baseline.run(batch))
         for c, acc in zip(candidates, accumulators):

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import random
 import time
@@ -35,13 +36,16 @@ import torch
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
+from .compare import MAX_ITERS_ENV, iters_cap
 from .measurement import median_ci, ratio_ci
-from .report import text_table
+from .report import text_table, unique_names
 
 if TYPE_CHECKING:
     from ..model import Model
 
 __all__ = ["generation", "GenerationStats", "GenerationReport", "next_token_logits", "continuation_batch"]
+
+log = logging.getLogger("aigc_opt")
 
 
 @dataclass
@@ -88,6 +92,10 @@ class GenerationReport:
     candidates: list[GenerationStats]
     rounds: int
 
+    def names(self) -> list[str]:
+        """Column names, baseline first, repeats told apart (for reports put together by hand)."""
+        return unique_names([e.name for e in (self.baseline, *self.candidates)])
+
     def rows(self) -> list[tuple[str, list[str]]]:
         es = [self.baseline, *self.candidates]
         ratio = lambda r: f"{r[0]:.2f}x [{r[1]:.2f}, {r[2]:.2f}]" if r else "1.00x"  # noqa: E731
@@ -106,7 +114,7 @@ class GenerationReport:
 
     def __str__(self) -> str:
         b = self.baseline
-        table = text_table([e.name for e in [b, *self.candidates]], self.rows())
+        table = text_table(self.names(), self.rows())
         return "\n".join([table, "", f"batch {b.batch_size}, {b.new_tokens} new tokens (greedy), "
                                       f"{self.rounds} interleaved rounds"])
 
@@ -115,51 +123,48 @@ class GenerationReport:
                 "rounds": self.rounds}
 
     def to_markdown(self) -> str:
-        names = [e.name for e in (self.baseline, *self.candidates)]
+        names = self.names()
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         return "\n".join(lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in self.rows()])
 
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Save a figure (PNG, SVG or PDF by the suffix): time per output token per model (one
-        point per round), and TPOT speed-up vs teacher-forced next-token agreement with one
-        point per candidate. Needs matplotlib. Written atomically."""
-        from .._deps import require
-
-        require("matplotlib", extra="plot", purpose="GenerationReport.plot()")
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)  # no display needed
-        import matplotlib.pyplot as plt
+    def figure(self) -> Any:
+        """The report as a matplotlib Figure (needs matplotlib): time per output token per model
+        (one point per round), and TPOT speed-up vs teacher-forced next-token agreement with one
+        point per candidate, labels placed apart. Built without pyplot (see ``Report.figure``)."""
+        from ._figures import new_figure, place_labels
 
         entries = [self.baseline, *self.candidates]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(entries) + 2.5))
+        names = self.names()
+        fig, (left, right) = new_figure((13, 0.45 * len(entries) + 2.5), purpose="GenerationReport.figure()")
         for row, e in enumerate(entries):
             left.scatter([t * 1e3 for t in e.tpot], [row] * len(e.tpot), s=14, alpha=0.6, color=f"C{row}")
             left.plot([e.tpot_p50 * 1e3] * 2, [row - 0.3, row + 0.3], color="black", linewidth=1.5)  # median
-        left.set_yticks(range(len(entries)), [e.name for e in entries], fontsize=8)
+        left.set_yticks(range(len(entries)), names, fontsize=8)
         left.invert_yaxis()
         left.set_xlabel("time per output token (ms; rounds, median as a bar)")
         left.set_title(f"batch {self.baseline.batch_size}, {self.baseline.new_tokens} greedy tokens")
+        points, labels, colors = [], [], []
         for row, e in enumerate(entries[1:], start=1):  # the same colour as on the left
             if e.tpot_ratio and e.next_token_agreement is not None:
                 x = 1 / e.tpot_ratio[0]
                 right.scatter(x, e.next_token_agreement, color=f"C{row}")
                 right.plot([1 / e.tpot_ratio[2], 1 / e.tpot_ratio[1]], [e.next_token_agreement] * 2, alpha=0.5,
                            color=f"C{row}")
-                right.annotate(e.name, (x, e.next_token_agreement), fontsize=8, xytext=(4, 4),
-                               textcoords="offset points")
+                points.append((x, e.next_token_agreement))
+                labels.append(names[row])
+                colors.append(f"C{row}")
         right.axvline(1.0, color="grey", linewidth=0.8)
         right.set_xlabel("TPOT speed-up vs baseline (x, 95% interval)")
         right.set_ylabel("next-token agreement (teacher-forced)")
         fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-        try:
-            fig.savefig(tmp, dpi=110)
-        finally:
-            plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        place_labels(right, points, labels, colors=colors)
+        return fig
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Save :meth:`figure` (PNG, SVG or PDF by the suffix), atomically. Needs matplotlib."""
+        from ._figures import save_figure
+
+        return save_figure(self.figure(), path)
 
 
 def _generate(model: Model, enc: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> torch.Tensor:
@@ -229,6 +234,10 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         raise ConfigError(f"max_new_tokens must be an int >= 2 (TPOT needs two tokens), got {max_new_tokens!r}.")
     if not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}.")
+    cap = iters_cap()
+    if cap is not None and rounds > cap:
+        log.info("bench.generation: %d rounds instead of %d ($%s)", cap, rounds, MAX_ITERS_ENV)
+        rounds = cap
     models = [baseline, *candidates]
     for m in models:
         if not _can_generate(m):
@@ -244,8 +253,9 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         tokenizer.pad_token = tokenizer.eos_token
     enc = dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
     prompt_len = enc["input_ids"].shape[1]
-    stats = [GenerationStats(name=m.label,
-                             ttft=[], total=[], new_tokens=max_new_tokens, batch_size=len(prompts)) for m in models]
+    names = unique_names([m.label for m in models])  # two models never share a column name
+    stats = [GenerationStats(name=name, ttft=[], total=[], new_tokens=max_new_tokens, batch_size=len(prompts))
+             for name in names]
     for m in models:
         for _ in range(warmup):
             _generate(m, enc, 2, tokenizer.pad_token_id)

@@ -12,7 +12,7 @@ from typing import Any
 from .fidelity import Fidelity
 from .measurement import Measurement
 
-__all__ = ["Report", "Entry", "text_table"]
+__all__ = ["Report", "Entry", "text_table", "unique_names"]
 
 
 @dataclass
@@ -32,6 +32,26 @@ class Entry:
             "metric": self.metric,
             "latency_ratio": list(self.latency_ratio) if self.latency_ratio else None,
         }
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """The names with repeats told apart: a second ``MiniLM+Quantize(int8-static)`` becomes
+    ``MiniLM+Quantize(int8-static) #2`` (a report never shows two columns under one name)."""
+    seen = set(names)
+    counts: dict[str, int] = {}
+    out = []
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+        if counts[name] == 1:
+            out.append(name)
+            continue
+        n = counts[name]
+        while f"{name} #{n}" in seen:
+            n += 1
+        counts[name] = n
+        seen.add(f"{name} #{n}")
+        out.append(f"{name} #{n}")
+    return out
 
 
 def text_table(columns: list[str], rows: list[tuple[str, list[str]]]) -> str:
@@ -73,6 +93,11 @@ class Report:
 
     def candidate(self, index: int = 0) -> Entry:
         return self.candidates[index]
+
+    def names(self) -> list[str]:
+        """Column names, baseline first: each model's label, repeats told apart (``ao.compare``
+        already names its measurements so; this covers Reports put together by hand)."""
+        return unique_names([e.measurement.name for e in self.entries])
 
     def rows(self) -> list[tuple[str, list[str]]]:
         """(label, one cell per entry) for every row of the table."""
@@ -118,15 +143,15 @@ class Report:
 
     def _warnings(self) -> list[str]:
         out = list(self.notes)
-        for e in self.entries:
+        for e, name in zip(self.entries, self.names()):
             x = e.measurement
             if x.noisy:
-                out.append(f"{x.name}: latency spread is high (IQR {_ms(x.iqr)} ms > 25% of the median); "
+                out.append(f"{name}: latency spread is high (IQR {_ms(x.iqr)} ms > 25% of the median); "
                            "run again with nothing else on the machine or more iters.")
             if e.fidelity is not None and e.fidelity.nonfinite:
-                out.append(f"{x.name}: {e.fidelity.nonfinite} output value(s) are NaN/inf where the baseline's are finite.")
+                out.append(f"{name}: {e.fidelity.nonfinite} output value(s) are NaN/inf where the baseline's are finite.")
             if x.simulated:
-                out.append(f"{x.name}: low precision is SIMULATED (fake-quant); its latency is not a speed claim.")
+                out.append(f"{name}: low precision is SIMULATED (fake-quant); its latency is not a speed claim.")
         return out
 
     def _footer(self) -> list[str]:
@@ -135,16 +160,17 @@ class Report:
             f"device {b.device}, {b.num_threads} threads, target {b.target}, batch {b.batch_size:g}, "
             f"{self.batches} input batch(es), {self.iters} interleaved rounds after {self.warmup} warm-up"
             + (f" ({b.stop_reason})" if b.stop_reason else "") + (f"; {self.settle}" if self.settle else ""),
-            *[f"{e.measurement.name}: {' -> '.join(e.measurement.passes) or 'no passes'}" for e in self.candidates],
+            *[f"{name}: {' -> '.join(e.measurement.passes) or 'no passes'}"
+              for e, name in zip(self.candidates, self.names()[1:])],
             *[f"warning: {w}" for w in self._warnings()],
         ]
 
     def __str__(self) -> str:
-        table = text_table([e.measurement.name for e in self.entries], self.rows())
+        table = text_table(self.names(), self.rows())
         return "\n".join([table, "", *self._footer()])
 
     def to_markdown(self) -> str:
-        header = ["metric", *[e.measurement.name for e in self.entries]]
+        header = ["metric", *self.names()]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in self.rows()]
         return "\n".join(lines + [""] + [f"- {line}" for line in self._footer()]) + "\n"
@@ -161,19 +187,17 @@ class Report:
         """JSON text; NaN and infinity (a broken candidate) are written as null, as JSON has none."""
         return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
 
-    def plot(self, path: str | os.PathLike[str]) -> Path:
-        """Save a figure (PNG, SVG or PDF by the suffix): latency distributions per model, and
-        speed-up vs fidelity with one point per candidate. Needs matplotlib."""
-        from .._deps import require
+    def figure(self) -> Any:
+        """The report as a matplotlib Figure (needs matplotlib): latency distributions per
+        model, and speed-up vs fidelity with one point per candidate, each labelled by its
+        column name with labels placed apart. Built without pyplot, so a notebook's backend is
+        left alone; ``IPython.display.display(report.figure())`` shows it inline."""
+        from ._figures import new_figure, place_labels
 
-        require("matplotlib", extra="plot", purpose="Report.plot()")
+        names = self.names()
+        fig, (left, right) = new_figure((12, 4.5 + 0.12 * len(names)), purpose="Report.figure()")
         import matplotlib
 
-        matplotlib.use("Agg", force=False)  # no display needed
-        import matplotlib.pyplot as plt
-
-        names = [e.measurement.name for e in self.entries]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
         # matplotlib 3.10 renamed vert=False to orientation="horizontal" (vert warns from 3.11)
         horizontal = ({"orientation": "horizontal"} if tuple(int(p) for p in matplotlib.__version__.split(".")[:2])
                       >= (3, 10) else {"vert": False})
@@ -181,36 +205,42 @@ class Report:
                      tick_labels=names, showfliers=True)
         left.set_xlabel("latency per batch (ms)")
         left.set_title("latency distribution")
-        for e in self.candidates:
+        points, labels, colors = [], [], []
+        for i, (e, name) in enumerate(zip(self.candidates, names[1:])):
             if e.latency_ratio and e.fidelity:
-                right.scatter(1 / e.latency_ratio[0], e.fidelity.cosine_mean)
+                point = (1 / e.latency_ratio[0], e.fidelity.cosine_mean)
+                right.scatter(*point, color=f"C{i}")
                 lo, hi = 1 / e.latency_ratio[2], 1 / e.latency_ratio[1]
-                right.plot([lo, hi], [e.fidelity.cosine_mean] * 2, alpha=0.5)  # 95% interval
-                right.annotate(e.measurement.name, (1 / e.latency_ratio[0], e.fidelity.cosine_mean),
-                               fontsize=8, xytext=(4, 4), textcoords="offset points")
+                right.plot([lo, hi], [point[1]] * 2, alpha=0.5, color=f"C{i}")  # 95% interval
+                points.append(point)
+                labels.append(name)
+                colors.append(f"C{i}")
         right.axvline(1.0, color="grey", linewidth=0.8)
         right.set_xlabel("speed-up vs baseline (x, 95% interval)")
         right.set_ylabel("cosine vs baseline (mean)")
         right.ticklabel_format(axis="y", useOffset=False)
         right.set_title("speed vs fidelity")
         fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        place_labels(right, points, labels, colors=colors)
+        return fig
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Save :meth:`figure` to ``path`` (PNG, SVG or PDF by the suffix), atomically. Needs matplotlib."""
+        from ._figures import save_figure
+
+        return save_figure(self.figure(), path)
 
     def to_pandas(self) -> Any:
         """The table as a pandas DataFrame (needs pandas)."""
         from .._deps import require
 
         pd = require("pandas", extra=None, purpose="Report.to_pandas()")
-        return pd.DataFrame({e.measurement.name: cells for e, cells in zip(
-            self.entries, zip(*[cells for _, cells in self.rows()]))}, index=[label for label, _ in self.rows()])
+        rows = self.rows()
+        return pd.DataFrame({name: list(cells) for name, cells in zip(self.names(), zip(*[c for _, c in rows]))},
+                            index=[label for label, _ in rows])
 
     def _repr_html_(self) -> str:
-        header = "".join(f"<th>{html.escape(h)}</th>" for h in ["", *[e.measurement.name for e in self.entries]])
+        header = "".join(f"<th>{html.escape(h)}</th>" for h in ["", *self.names()])
         body = "".join(
             "<tr>" + f"<th style='text-align:left'>{html.escape(label)}</th>"
             + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["Pass", "PassRecord", "PASS_TYPES", "register_pass", "runtime_field"]
+__all__ = ["Pass", "PassRecord", "PASS_TYPES", "register_pass", "runtime_field", "named"]
 
 CONFIG_VERSION = 1
 
@@ -60,6 +60,14 @@ class PassRecord:
     def from_dict(cls, data: dict[str, Any]) -> PassRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def label(self) -> str:
+        """Short name for report columns: ``Quantize(int8-static)``, ``Prune(ratio=0.3)``, with
+        every other setting that differs from its default (see ``Pass.label``)."""
+        try:
+            return PASS_TYPES.get(self.pass_type).from_config(self.config).label()
+        except AigcOptError:
+            return self.pass_type
 
     def summary(self) -> str:
         ratio = self.size_after / self.size_before if self.size_before else float("nan")
@@ -177,6 +185,24 @@ class Pass:
                              if k == first or _plain(defaults.get(k, object())) != v)
         return f"{type(self).__name__}({settings})"
 
+    def label(self) -> str:
+        """Short name for report columns: ``Quantize(int8-static)``, ``Compile(inductor)``,
+        ``Prune(pattern=2:4)``. The first setting unless unset (its value alone when it is a
+        name), then the others that differ from their defaults, so that two recipes in one
+        report never read the same. Settings that change nothing in the result (``verbose``)
+        are left out."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        first = next((f.name for f in dataclasses.fields(self) if f.init), None)
+        parts = []
+        for k, v in self.config_dict().items():
+            if k in _NOT_IN_LABEL or (k == first and v is None):
+                continue
+            if k == first:
+                parts.append(v if isinstance(v, str) else f"{k}={_label_value(v)}")
+            elif _plain(defaults.get(k, object())) != v:
+                parts.append(f"{k}={_label_value(v)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     def config_dict(self) -> dict[str, Any]:
         """The serializable settings (runtime-only fields such as datasets are left out)."""
         return {
@@ -212,6 +238,29 @@ class Pass:
             raise RecipeError(f"{where}: {e}") from None
         except TypeError as e:
             raise RecipeError(f"{where}: bad settings for {cls.__name__}: {e}") from None
+
+
+# Settings that say how a pass talks, not what it does: never part of a model's label.
+_NOT_IN_LABEL = frozenset({"verbose"})
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_label_value(v) for v in value) + "]"
+    return str(value)
+
+
+def named(model: Model, name: str | None) -> Model:
+    """``model`` with ``name`` set (the ``name=`` of the pass functions); None keeps the default
+    label, the input's name plus the passes applied (``MiniLM+Quantize(int8-static)``)."""
+    if name is None:
+        return model
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"name must be a non-empty string (how reports label the result), got {name!r}.")
+    model.name = name
+    return model
 
 
 def _plain(value: Any) -> Any:

@@ -189,9 +189,12 @@ class Compile(Pass):
         return COMPILE_BACKENDS.get(self.backend).build(unwrap(module), self)
 
 
-def compile(model: Model, backend: str = "inductor", **settings: Any) -> Model:  # noqa: A001
-    """One-line form of ``Compile(backend, **settings).apply(model)``."""
-    return Compile(backend, **settings).apply(model)
+def compile(model: Model, backend: str = "inductor", *, name: str | None = None,  # noqa: A001
+            **settings: Any) -> Model:
+    """One-line form of ``Compile(backend, **settings).apply(model)``; ``name=`` labels the result."""
+    from .base import named
+
+    return named(Compile(backend, **settings).apply(model), name)
 
 
 # ---------------------------------------------------------------------------------- backends

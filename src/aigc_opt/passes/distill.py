@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ._distill_losses import FEATURE_LOSSES, OUTPUT_LOSSES
-from .base import Pass, register_pass, runtime_field, validate_choice
+from .base import Pass, named, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -204,6 +204,8 @@ def teacher_module(teacher: Any) -> nn.Module:
                                 f"{type(teacher).__name__}.")
 
 
-def distill(student: Model, teacher: Any, data: Any, epochs: int = 1, **settings: Any) -> Model:
-    """One-line form of ``Distill(epochs, teacher=teacher, data=data, **settings).apply(student)``."""
-    return Distill(epochs, teacher=teacher, data=data, **settings).apply(student)
+def distill(student: Model, teacher: Any, data: Any, epochs: int = 1, *, name: str | None = None,
+            **settings: Any) -> Model:
+    """One-line form of ``Distill(epochs, teacher=teacher, data=data, **settings).apply(student)``;
+    ``name=`` labels the result."""
+    return named(Distill(epochs, teacher=teacher, data=data, **settings).apply(student), name)

@@ -133,9 +133,11 @@ class Export(Pass):
         return EXPORTERS.get(self.to).export(model, self)
 
 
-def export(model: Model, to: str = "onnx", **settings: Any) -> Model:
-    """One-line form of ``Export(to, **settings).apply(model)``."""
-    return Export(to, **settings).apply(model)
+def export(model: Model, to: str = "onnx", *, name: str | None = None, **settings: Any) -> Model:
+    """One-line form of ``Export(to, **settings).apply(model)``; ``name=`` labels the result."""
+    from .base import named
+
+    return named(Export(to, **settings).apply(model), name)
 
 
 # ---------------------------------------------------------------------------------- helpers

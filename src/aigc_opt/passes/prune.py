@@ -46,7 +46,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
 from ._prune_structured import _replay_structure, _run_structured
-from .base import Pass, PassRecord, register_pass, runtime_field, validate_choice
+from .base import Pass, PassRecord, named, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -228,9 +228,9 @@ class Prune(Pass):
         return module
 
 
-def prune(model: Model, ratio: float | None = None, **settings: Any) -> Model:
-    """One-line form of ``Prune(ratio, **settings).apply(model)``."""
-    return Prune(ratio, **settings).apply(model)
+def prune(model: Model, ratio: float | None = None, *, name: str | None = None, **settings: Any) -> Model:
+    """One-line form of ``Prune(ratio, **settings).apply(model)``; ``name=`` labels the result."""
+    return named(Prune(ratio, **settings).apply(model), name)
 
 
 def default_round_to(target: Target) -> tuple[int, str]:

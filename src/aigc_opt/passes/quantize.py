@@ -37,7 +37,7 @@ from .._registry import Registry
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from ._prune_hf import convert_conv1d, is_conv1d
-from .base import Pass, PassRecord, _plain, register_pass, runtime_field, validate_choice
+from .base import Pass, PassRecord, _plain, named, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -388,9 +388,9 @@ class Quantize(Pass):
         return result[0] if isinstance(result, tuple) else module
 
 
-def quantize(model: Model, method: str = "int8-dynamic", **settings: Any) -> Model:
-    """One-line form of ``Quantize(method, **settings).apply(model)``."""
-    return Quantize(method, **settings).apply(model)
+def quantize(model: Model, method: str = "int8-dynamic", *, name: str | None = None, **settings: Any) -> Model:
+    """One-line form of ``Quantize(method, **settings).apply(model)``; ``name=`` labels the result."""
+    return named(Quantize(method, **settings).apply(model), name)
 
 
 def _is_decoder(model: Model) -> bool:
