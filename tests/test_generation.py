@@ -120,5 +120,5 @@ def test_generation_report_plot_and_markdown(tiny_gpt2, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["generation.png"]  # no temporary file left
     md = report.to_markdown().splitlines()
-    assert md[0] == "| metric | tiny-gpt2 | tiny-gpt2 |" and len(md) == 2 + len(report.rows())
+    assert md[0] == "| metric | tiny-gpt2 | tiny-gpt2 #2 |" and len(md) == 2 + len(report.rows())  # told apart
     assert md[-1].startswith("| next-token agreement (teacher-forced) | 1 | 1.000 |")
