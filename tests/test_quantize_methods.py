@@ -162,7 +162,7 @@ def test_bad_settings_are_refused_naming_value_and_fix(mlp_model):
         ao.quantize(mlp_model, "int8-static", symmetric=False, data=_calib(1))
     with pytest.raises(ConfigError, match="calibration_method='kl'.*Allowed"):
         ao.Quantize("int8-static", calibration_method="kl")
-    with pytest.raises(ConfigError, match="group_size must be a positive int"):
+    with pytest.raises(ConfigError, match="group_size=0 is not allowed; it must be an int >= 1"):
         ao.Quantize("int8-weight-only", group_size=0)
     with pytest.raises(ConfigError, match="max_drop needs eval_fn"):
         ao.quantize(mlp_model, "int8-dynamic", max_drop=0.01)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ._registry import Registry
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, IntegrityError, UnsupportedModelError
 
 __all__ = ["describe_architecture", "build_architecture", "AIGC_MODULES", "factory_path", "structure_only",
            "materialize"]
@@ -77,7 +77,27 @@ def _pretrained_model_class() -> type:
     return PreTrainedModel
 
 
-def build_architecture(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
+def build_architecture(spec: dict[str, Any], *, trust: bool, max_bytes: int | None = None) -> torch.nn.Module:
+    """Build the recorded architecture (weights not loaded yet).
+
+    With ``max_bytes``, a recorded config (untrusted: it comes from a saved manifest) is first built
+    on the meta device, which allocates nothing, and refused if its parameters and buffers would
+    take more than ``max_bytes``: a config asking for a 400k-token vocabulary fails here, before
+    gigabytes are allocated, not after."""
+    if max_bytes is not None and spec.get("builder") in ("aigc_opt", "hf"):
+        with torch.device("meta"):
+            dry = _build(spec, trust=trust)
+        need = sum(t.numel() * t.element_size() for t in (*dry.parameters(), *dry.buffers()))
+        if need > max_bytes:
+            raise IntegrityError(
+                f"The recorded architecture ({spec.get('class') or spec.get('name')!r:.60}) would take "
+                f"{need / 1e6:,.0f} MB, far more than its saved weights can fill ({max_bytes / 1e6:,.0f} MB at "
+                "most); the manifest is damaged or was crafted. Nothing was allocated."
+            )
+    return _build(spec, trust=trust)
+
+
+def _build(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
     builder = spec.get("builder")
     if builder == "aigc_opt":
         from . import hf  # noqa: F401  (registers the sentence-embedding module)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -27,10 +28,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import IntegrityError, NotASavedModelError
+from ._safety import contained, refuse_symlinks
+from ._workdir import terminate_raises
+from .errors import IntegrityError, NotASavedModelError, SaveConflictError
 
 __all__ = ["MANIFEST", "atomic_directory", "sha256_file", "write_manifest", "read_manifest",
            "verify_files", "is_saved_model", "clean_stale_saves"]
@@ -39,6 +42,7 @@ log = logging.getLogger("aigc_opt")
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 32 << 20  # far above any real manifest; bounds memory before validation
 TMP_MARK = ".tmp-"  # work directories are named ".<target name>.tmp-<host tag>-<pid>-<random>"
 OWNER = "owner.json"  # in a work directory: the writing process's host and start time (pid reuse)
 STAGED = "model"  # in a work directory: the save being written (or, after the swap, the previous one)
@@ -95,18 +99,21 @@ def atomic_directory(target: Path) -> Iterator[Path]:
                 f"Cannot save to {str(target)!r}: it is a non-empty directory that is not a saved "
                 "Model, and saving would replace its contents. Choose a new or empty directory."
             )
+        if is_saved_model(target):
+            _refuse_unknown_entries(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_saves(target)
     prefix = f".{target.name}{TMP_MARK}{_HOST_TAG}-{os.getpid()}-"  # who writes it, from its first moment
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        _write_owner(work)
-        staged = work / STAGED
-        staged.mkdir()  # mode 0777 less the umask: a saved model gets normal permissions
-        yield staged
-        _fsync_tree(staged)
-        _swap_into_place(staged, target)
-        _fsync_dir(target.parent)
+        with terminate_raises():  # SIGTERM unwinds like Ctrl-C, so the finally below removes the work
+            _write_owner(work)
+            staged = work / STAGED
+            staged.mkdir()  # mode 0777 less the umask: a saved model gets normal permissions
+            yield staged
+            _fsync_tree(staged)
+            _swap_into_place(staged, target)
+            _fsync_dir(target.parent)
     finally:
         if os.path.lexists(work / PARKED) and not os.path.lexists(target):  # could not be put back
             log.error("The previous save of %s could not be put back; it is in %s.", target, work / PARKED)
@@ -114,10 +121,37 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _refuse_unknown_entries(target: Path) -> None:
+    """A save replaces a previous save as a whole, so it must not hold anything the user put
+    there: files the manifest does not list, or directories holding none of its files (e.g. an
+    optimized model saved inside the one it came from)."""
+    try:
+        listed = json.loads((target / MANIFEST).read_text()).get("files", {})
+        listed = set(listed) if isinstance(listed, dict) else set()
+    except (OSError, ValueError, RecursionError, AttributeError):
+        listed = set()
+    ours = listed | {MANIFEST} | {PurePosixPath(f).parts[0] for f in listed if PurePosixPath(f).parts}
+    unknown = sorted(p.name for p in target.iterdir() if p.name not in ours)
+    if unknown:
+        raise NotASavedModelError(
+            f"Cannot save to {str(target)!r}: it is a saved Model that also holds {unknown[:5]} (not "
+            "written by Model.save), which replacing it would delete. Move them out, or save elsewhere."
+        )
+
+
 def _swap_into_place(staged: Path, target: Path) -> None:
     """Put ``staged`` at ``target`` so that ``target`` never lacks a complete save."""
     if not os.path.lexists(target):
-        os.rename(staged, target)
+        try:
+            os.rename(staged, target)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise SaveConflictError(
+                f"Cannot save to {str(target)!r}: another process created it while this save was being "
+                "written (two saves to one new directory at once). Nothing was changed by this save; "
+                "save again to replace it, or give each writer its own directory."
+            ) from None
         return
     if _exchange(staged, target):  # atomic: target is the new save, staged the previous one
         return
@@ -213,6 +247,16 @@ def _is_stale(work: Path, prefix: str) -> bool:
         return False
 
 
+def _is_ours(work: Path) -> bool:
+    """True if ``work`` holds only what :func:`atomic_directory` writes there (its owner record,
+    the staged save, the parked previous one), or nothing. A directory the user named like one,
+    holding anything else, is never removed."""
+    try:
+        return {p.name for p in work.iterdir()} <= {OWNER, STAGED, PARKED}
+    except OSError:
+        return False
+
+
 def _work_dirs(target: Path) -> list[Path]:
     prefix = f".{target.name}{TMP_MARK}"
     try:
@@ -233,7 +277,7 @@ def clean_stale_saves(target: Path) -> list[Path]:
     prefix = f".{target.name}{TMP_MARK}"
     removed = []
     for work in _work_dirs(target):
-        if not _is_stale(work, prefix):
+        if not _is_ours(work) or not _is_stale(work, prefix):
             continue
         parked = work / PARKED
         if not os.path.lexists(target) and is_saved_model(parked):
@@ -282,10 +326,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise NotASavedModelError(
             f"{str(directory)!r} has no {MANIFEST}, so it is not a directory written by Model.save."
         )
+    if path.is_symlink():
+        raise IntegrityError(f"{str(path)!r} is a symlink; a saved model holds only plain files. Save it again.")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise IntegrityError(f"{str(path)!r} is {size:,} bytes, more than any manifest aigc_opt writes "
+                             f"({MAX_MANIFEST_BYTES:,}); the save is damaged or was crafted.")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{str(path)!r} is not valid JSON ({e}); the save is damaged.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError: JSON, or a huge int
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise IntegrityError(f"{str(path)!r} is not valid JSON ({reason}); the save is damaged.") from None
     if not isinstance(manifest, dict) or "aigc_opt_manifest" not in manifest:
         raise NotASavedModelError(f"{str(path)!r} is not an aigc_opt manifest.")
     if manifest["aigc_opt_manifest"] != MANIFEST_VERSION:
@@ -296,6 +347,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     missing = [k for k in ("format", "target", "architecture", "history", "files") if k not in manifest]
     if missing:
         raise NotASavedModelError(f"{str(path)!r} lacks the field(s) {missing}; it was not written by Model.save.")
+    _check_shape(manifest, path)
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise IntegrityError(
             f"{str(path)!r} was changed after it was saved (its checksum does not match). "
@@ -304,10 +356,38 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+# The top-level fields of a manifest and the JSON types they must have ("?": may be absent).
+_FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
+    "format": (str,), "target": (dict,), "architecture": (dict, type(None)), "history": (list,),
+    "files": (dict,), "manifest_sha256": (str,), "name?": (str,), "weights?": (dict,), "artifact?": (dict,),
+    "versions?": (dict,), "aigc_opt_version?": (str,),
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_shape(manifest: dict[str, Any], path: Path) -> None:
+    """Every field of the expected JSON type before anything reads it: a manifest of the wrong
+    shape is an :class:`IntegrityError`, never a bare TypeError deep inside a loader."""
+    for key, types in _FIELD_TYPES.items():
+        name = key.rstrip("?")
+        if name not in manifest and key.endswith("?"):
+            continue
+        if not isinstance(manifest.get(name), types):
+            raise IntegrityError(f"{str(path)!r}: field {name!r} is {type(manifest.get(name)).__name__}, expected "
+                                 f"{' or '.join(t.__name__ for t in types)}; the save is damaged or was crafted.")
+    bad = [k for k, v in manifest["files"].items() if not isinstance(v, str) or not _SHA256.fullmatch(v)]
+    if bad:
+        raise IntegrityError(f"{str(path)!r}: the checksum of {bad[0]!r:.80} is not a sha256 hex digest.")
+    if not all(isinstance(r, dict) for r in manifest["history"]):
+        raise IntegrityError(f"{str(path)!r}: every 'history' entry must be a JSON object.")
+
+
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or changed."""
+    """Raise :class:`IntegrityError` naming the first file that is missing, changed, outside the
+    directory or a symlink (a save holds only plain files, and nothing outside it is ever read)."""
+    refuse_symlinks(directory)
     for rel, expected in manifest.get("files", {}).items():
-        path = directory / rel
+        path = contained(directory, rel, what="file")
         if not path.is_file():
             raise IntegrityError(f"Saved model {str(directory)!r} is missing {rel!r} listed in its manifest.")
         actual = sha256_file(path)

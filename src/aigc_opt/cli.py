@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import AigcOptError
+from .errors import AigcOptError, ConfigError
 
 __all__ = ["main"]
 
@@ -74,11 +74,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_output_inside_input(source: Path, output: Path) -> None:
+    """The optimized model may not replace the one it comes from, or be saved inside it: the
+    baseline of the report (an ONNX model is read lazily from its directory) would be the new
+    file, and a later save to the input would delete the output."""
+    src, out = source.resolve(), output.resolve()
+    if out == src or out.is_relative_to(src):
+        raise ConfigError(f"-o {str(output)!r} is {'the input directory' if out == src else 'inside the input'} "
+                          f"{str(source)!r}; save the optimized model to a directory of its own (e.g. "
+                          f"{str(source).rstrip('/')}-opt).")
+
+
 def _optimize(args: argparse.Namespace) -> int:
     from .bench import compare
     from .model import Model
     from .pipeline import Pipeline
 
+    _refuse_output_inside_input(Path(args.model_dir), Path(args.output))
     model = Model.load(args.model_dir, target=args.target, trust=args.trust)
     pipe = Pipeline.load(args.recipe)
     optimized = pipe(model)

@@ -22,6 +22,7 @@ __all__ = [
     "RecipeError",
     "IntegrityError",
     "NotASavedModelError",
+    "SaveConflictError",
     "PassError",
     "closest",
 ]
@@ -93,6 +94,10 @@ class RecipeError(AigcOptError, ValueError):
 
 class IntegrityError(AigcOptError):
     """A saved model's files do not match the checksums in its manifest."""
+
+
+class SaveConflictError(AigcOptError, FileExistsError):
+    """Another writer created the directory a save was about to create (two saves raced)."""
 
 
 class NotASavedModelError(AigcOptError, FileNotFoundError):

@@ -27,8 +27,10 @@ import torch
 from . import __version__
 from ._architecture import build_architecture, describe_architecture, materialize, structure_only
 from ._deps import library_versions
+from ._safety import contained, no_unpickling
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
-from ._tree import Inputs, describe, normalize_inputs
+from ._tree import (Inputs, batch_size, describe, is_empty_batch, normalize_inputs, require_data, with_rows,
+                    without_rows)
 from .errors import (
     AigcOptError,
     IntegrityError,
@@ -129,8 +131,30 @@ class Model:
         return self.run(kwargs if kwargs else args)
 
     def run(self, inputs: Any) -> Any:
-        """Run one batch given as a tuple (positional), a dict (keyword) or a tensor."""
-        return runtime_for(self.format).run(self.artifact, normalize_inputs(inputs))
+        """Run one batch given as a tuple (positional), a dict (keyword) or a tensor.
+
+        Tensors may be torch tensors or numpy arrays, whatever the format. An empty batch (every
+        input tensor has 0 rows) gives outputs of 0 rows, in every format: see :meth:`_run_empty`.
+        """
+        inputs = normalize_inputs(inputs)
+        require_data(inputs)
+        if is_empty_batch(inputs):
+            return self._run_empty(inputs)
+        return runtime_for(self.format).run(self.artifact, inputs)
+
+    def _run_empty(self, inputs: Inputs) -> Any:
+        """Outputs of 0 rows for an empty batch, shaped as the model's outputs.
+
+        Not every runtime takes a batch of 0 (torchao's int8 kernels under inductor raise a
+        TypeError; an export may fix the batch size), so the model runs a batch of zeros as long as
+        ``example_inputs``' (the size it was exported, compiled and calibrated for; 1 without
+        them) and every output tensor whose first axis is that long is cut to 0 rows. An output
+        not batched along its first axis but as long by chance would be cut too; outputs that
+        are not tensors (a Hugging Face cache object) come back as computed.
+        """
+        rows = batch_size(self.example_inputs) if self.example_inputs is not None else 1
+        outputs = runtime_for(self.format).run(self.artifact, with_rows(inputs, rows))
+        return without_rows(outputs, rows)
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int = 32,
                  min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
@@ -337,24 +361,37 @@ class Model:
         path = Path(path)
         manifest = read_manifest(path)
         verify_files(path, manifest)
+        # Defence in depth: without trust, any unpickling of a global anywhere below is refused.
+        guard = contextlib.nullcontext() if trust else no_unpickling(f"Model.load({str(path)!r})")
+        with guard, _manifest_values(path):
+            return cls._load_verified(path, manifest, target=target, module=module, trust=trust)
+
+    @classmethod
+    def _load_verified(cls, path: Path, manifest: dict[str, Any], *, target: str | Target | None,
+                       module: torch.nn.Module | None, trust: bool) -> Model:
+        files = manifest["files"]
         history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
         if manifest["format"] != "torch":
             if manifest["format"] not in RUNTIMES:
                 raise UnsupportedModelError(
-                    f"Saved format {manifest['format']!r} is not supported by this aigc_opt "
+                    f"Saved format {manifest['format']!r:.40} is not supported by this aigc_opt "
                     f"(it reads {RUNTIMES.names()}); upgrade aigc-opt."
                 )
-            artifact = runtime_for(manifest["format"]).load(path, manifest.get("artifact", {}))
+            artifact = runtime_for(manifest["format"]).load(path, manifest.get("artifact", {}), files=files,
+                                                            trust=trust)
             return cls._loaded(path, manifest, artifact, history, target)
         passes = [PASS_TYPES.get(r.pass_type).from_config(r.config, where=f"manifest of {path}") for r in history]
         spec = manifest["architecture"]
+        if spec is None:
+            raise IntegrityError(f"The manifest of {str(path)!r} (format 'torch') has no architecture to rebuild.")
         structure = None
         if module is not None:
             skeleton = copy.deepcopy(module)
             structure = structure_only(module)
         elif spec.get("builder") == "custom" and trust and (path / PICKLED_MODULE).exists():
             try:
-                structure = torch.load(path / PICKLED_MODULE, map_location="cpu", weights_only=False)
+                structure = torch.load(contained(path, PICKLED_MODULE, listed=files), map_location="cpu",
+                                       weights_only=False)
             except (AttributeError, ImportError) as e:  # its class is not importable here
                 raise UnsupportedModelError(
                     f"The saved module's class ({spec.get('class')!r}) cannot be found in this process: {e}. "
@@ -363,10 +400,10 @@ class Model:
                 ) from None
             skeleton = materialize(copy.deepcopy(structure))
         else:
-            skeleton = build_architecture(spec, trust=trust)
+            skeleton = build_architecture(spec, trust=trust, max_bytes=_weights_budget(path, manifest))
         for pass_, record in zip(passes, history):
             skeleton = pass_.restore(skeleton, record)
-        state = _read_weights(path, manifest.get("weights"), trust=trust)
+        state = _read_weights(path, manifest.get("weights"), trust=trust, files=files)
         try:
             unwrap(skeleton).load_state_dict(state, strict=True, assign=True)
         except RuntimeError as e:
@@ -389,7 +426,8 @@ class Model:
         model.artifact = module
         model.format = manifest["format"]
         model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
-        model.example_inputs = _load_tensors(example_path, trust=False) if example_path.exists() else None
+        model.example_inputs = (_load_tensors(contained(path, EXAMPLE_INPUTS, listed=manifest["files"]), trust=False)
+                                if example_path.exists() else None)
         model.name = manifest.get("name", type(unwrap(module)).__name__)  # before history: label = name+passes
         model.history = history
         model.architecture = manifest["architecture"]
@@ -441,6 +479,14 @@ class Model:
 
         return from_hf(path, **kwargs)
 
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
+        """Load a GGUF LLM dequantized to fp32 with its tokenizer (needs ``aigc-opt[llm]``); see
+        :func:`aigc_opt.gguf.from_gguf`."""
+        from .gguf import from_gguf
+
+        return from_gguf(path, **kwargs)
+
 
 def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Write a state dict as safetensors if it can be, else with torch.save; return the
@@ -464,14 +510,14 @@ def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:
     return {"file": WEIGHTS, "format": "torch.save", "reason": plan.reason}
 
 
-def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool) -> Any:
+def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool, files: dict[str, str]) -> Any:
     """The state dict as the manifest's ``weights`` entry says it was written (saves made
     before that entry existed hold ``weights.pt``)."""
     if entry is None:
-        return _load_tensors(path / WEIGHTS, trust=trust)
+        return _load_tensors(contained(path, WEIGHTS, listed=files), trust=trust)
     fmt, file = entry.get("format"), entry.get("file")
     if fmt == "torch.save" and file == WEIGHTS:
-        return _load_tensors(path / WEIGHTS, trust=trust)
+        return _load_tensors(contained(path, WEIGHTS, listed=files), trust=trust)
     if fmt != "safetensors" or file != SAFETENSORS:
         raise UnsupportedModelError(
             f"{str(path)!r} holds weights as {fmt!r} in {file!r}; this aigc_opt reads 'safetensors' "
@@ -481,25 +527,48 @@ def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool) -> A
         from safetensors.torch import load_file
     except ImportError as e:
         raise MissingDependencyError("safetensors", None, f"Loading {str(path / SAFETENSORS)!r}") from e
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
-        """Load a GGUF LLM dequantized to fp32 with its tokenizer (needs ``aigc-opt[llm]``); see
-        :func:`aigc_opt.gguf.from_gguf`."""
-        from .gguf import from_gguf
-
-        return from_gguf(path, **kwargs)
-
     try:
-        state = load_file(path / SAFETENSORS, device="cpu")
+        state = load_file(contained(path, SAFETENSORS, listed=files), device="cpu")
     except Exception as e:  # the checksum matched, so the file was written like this
         raise IntegrityError(f"{str(path / SAFETENSORS)!r} is not a readable safetensors file: {e}") from None
     aliases = entry.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise IntegrityError(f"The manifest of {str(path)!r} has weights.aliases of type {type(aliases).__name__}.")
     for alias, name in aliases.items():
         if name not in state:
             raise IntegrityError(f"The manifest of {str(path)!r} ties {alias!r} to {name!r}, which "
                                  f"{SAFETENSORS} does not hold.")
         state[alias] = state[name]  # tied weights share one tensor again
     return state
+
+
+def _weights_budget(path: Path, manifest: dict[str, Any]) -> int:
+    """The most bytes a rebuilt architecture may take before its weights are read: what the
+    saved weights could hold at 1 bit per fp32 element (int4 packing and headers leave room), plus
+    room for non-persistent buffers. A crafted config asking for far more fails before allocating."""
+    weights = manifest.get("weights") or {}
+    name = weights.get("file") if isinstance(weights.get("file"), str) else WEIGHTS
+    try:
+        size = contained(path, name, listed=manifest["files"]).stat().st_size
+    except (OSError, IntegrityError):
+        size = 0
+    return 32 * size + (64 << 20)
+
+
+@contextlib.contextmanager
+def _manifest_values(path: Path) -> Iterator[None]:
+    """Values read from a verified manifest that have the wrong type or an impossible value reach
+    code that expects them (dataclass constructors, transformers configs); what fails there is an
+    :class:`IntegrityError` naming the save, not a bare TypeError or KeyError."""
+    try:
+        yield
+    except AigcOptError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, RecursionError, OverflowError) as e:
+        raise IntegrityError(
+            f"The manifest of {str(path)!r} holds a value aigc_opt cannot use ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); the save is damaged or was crafted. Save it again."
+        ) from e
 
 
 def _refuse_empty_batch(inputs: Any) -> None:

@@ -124,6 +124,9 @@ class Pipeline:
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "recipe") -> Pipeline:
+        if _depth(data) > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep; a recipe is a list of "
+                              "passes with flat settings.")
         if not isinstance(data, dict) or "passes" not in data:
             raise RecipeError(f"{where}: a recipe is a mapping with a 'passes' list, got {str(data)[:80]!r}.")
         unknown = sorted(set(data) - {"aigc_opt_recipe", "passes"})
@@ -172,6 +175,9 @@ class Pipeline:
     def load(cls, path: str | os.PathLike[str]) -> Pipeline:
         path = Path(path)
         try:
+            if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+                raise RecipeError(f"Recipe file {str(path)!r} is {path.stat().st_size:,} bytes; a recipe is a short "
+                                  f"list of passes (at most {MAX_RECIPE_BYTES:,} bytes are read).")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
@@ -188,15 +194,45 @@ class Pipeline:
 
             yaml = require("yaml", extra=None, package="pyyaml", purpose="Loading a YAML recipe")
             try:
-                data = yaml.safe_load(text)
+                data = yaml.load(text, Loader=_recipe_yaml_loader(yaml))  # noqa: S506 (a SafeLoader subclass)
             except yaml.YAMLError as e:
-                raise RecipeError(f"{str(path)!r} is not valid YAML: {e}") from None
+                raise RecipeError(f"{str(path)!r} is not valid YAML: {str(e)[:300]}") from None
+            except RecursionError:
+                raise RecipeError(f"{str(path)!r} is nested too deeply to be a recipe.") from None
         else:
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{str(path)!r} is not valid JSON: {e}") from None
+            except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of thousands of digits
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:300]
+                raise RecipeError(f"{str(path)!r} is not valid JSON: {reason}") from None
         return cls.from_dict(data, where=str(path))
+
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 16
+
+
+def _depth(data: Any, limit: int = MAX_RECIPE_DEPTH + 1) -> int:
+    """How deeply ``data`` nests (counted up to ``limit``, so a crafted structure costs little)."""
+    if limit <= 0 or not isinstance(data, (dict, list)):
+        return 0
+    items = data.values() if isinstance(data, dict) else data
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
+def _recipe_yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader without aliases: a recipe never needs them, and nested aliases expand
+    a few hundred bytes into gigabytes (the "billion laughs")."""
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise RecipeError(f"A recipe may not use YAML aliases (*{event.anchor} at line "
+                                  f"{event.start_mark.line + 1}); write each value out.")
+            return super().compose_node(parent, index)
+
+    return RecipeLoader
 
 
 def _where(i: int, p: Pass, done: Sequence[str], total: int) -> str:

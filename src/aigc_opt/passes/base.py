@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .._deps import library_versions
 from .._registry import Registry
 from .._workdir import removed_on_error
-from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
+from ..errors import AigcOptError, ConfigError, IntegrityError, PassError, RecipeError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -58,8 +58,19 @@ class PassRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PassRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """A record read back from a manifest (untrusted): every field of its declared type, else
+        an :class:`IntegrityError` (not a TypeError later, when the record is printed)."""
+        kept = {k: v for k, v in data.items() if k in _RECORD_TYPES}
+        for name, types in _RECORD_TYPES.items():
+            if name in kept and (not isinstance(kept[name], types) or (
+                    isinstance(kept[name], bool) and bool not in types)):
+                raise IntegrityError(f"A pass record's {name!r} is {kept[name]!r:.60}, expected "
+                                     f"{' or '.join(t.__name__ for t in types)}; the history is damaged or was crafted.")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in kept and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise IntegrityError(f"A pass record lacks {missing}; the history is damaged or was crafted.")
+        return cls(**kept)
 
     def label(self) -> str:
         """Short name for report columns: ``Quantize(int8-static)``, ``Prune(ratio=0.3)``, with
@@ -79,6 +90,13 @@ class PassRecord:
         return (f"{described}{sim}: {self.format_before}->{self.format_after}, "
                 f"size x{ratio:.2f}, {self.seconds:.2f}s")
 
+
+# The JSON types of each PassRecord field, checked when a record is read from a manifest.
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "pass_type": (str,), "config": (dict,), "seconds": (int, float), "format_before": (str,),
+    "format_after": (str,), "size_before": (int,), "size_after": (int,), "params_before": (int,),
+    "params_after": (int,), "changed": (bool,), "simulated": (bool,), "details": (dict,), "versions": (dict,),
+}
 
 PASS_TYPES: Registry[type[Pass]] = Registry("pass")
 
@@ -218,8 +236,10 @@ class Pass:
     def from_config(cls, data: dict[str, Any], *, where: str = "recipe") -> Pass:
         """Build from settings, refusing unknown keys with the list of known ones."""
         if not isinstance(data, dict):
-            raise RecipeError(f"{where}: settings for {cls.__name__} must be a mapping, got {data!r}.")
+            raise RecipeError(f"{where}: settings for {cls.__name__} must be a mapping, got {data!r:.120}.")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        if not all(isinstance(k, str) for k in data):
+            raise RecipeError(f"{where}: {cls.__name__}'s setting names must be strings, got {list(data)!r:.120}.")
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise RecipeError(
@@ -236,8 +256,8 @@ class Pass:
             return cls(**kwargs)
         except ConfigError as e:
             raise RecipeError(f"{where}: {e}") from None
-        except TypeError as e:
-            raise RecipeError(f"{where}: bad settings for {cls.__name__}: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:  # e.g. a setting of the wrong type deep in a check
+            raise RecipeError(f"{where}: bad settings for {cls.__name__}: {str(e)[:300]}") from None
 
 
 # Settings that say how a pass talks, not what it does: never part of a model's label.

@@ -28,8 +28,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._checks import MAX_THREADS, check_float, check_int
 from .._registry import Registry
-from ..errors import ConfigError, IncompatibleTargetError, MissingDependencyError, UnsupportedModelError
+from ..errors import (
+    ConfigError,
+    IncompatibleTargetError,
+    IntegrityError,
+    MissingDependencyError,
+    UnsupportedModelError,
+)
 from ..runtime.torch_module import unwrap
 from .base import Pass, PassRecord, register_pass, validate_choice
 
@@ -113,14 +120,14 @@ class Compile(Pass):
         from ..runtime.onnxruntime import ORT_OPT_LEVELS
 
         validate_choice("Compile", "graph_optimization", self.graph_optimization, ORT_OPT_LEVELS)
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"Compile: threads must be an int >= 1 or None (from the target), got {self.threads!r}.")
+        check_int("Compile", "threads", self.threads, low=1, high=MAX_THREADS, optional=True, hint="from the target")
         validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
         validate_choice("Compile", "transformer_fusions", self.transformer_fusions, (None, True, False))
         if not isinstance(self.spin_wait, bool):
             raise ConfigError(f"Compile: spin_wait must be True or False, got {self.spin_wait!r}.")
-        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
-            raise ConfigError(f"Compile: warmup_iters must be an int >= 0, got {self.warmup_iters!r}.")
+        check_int("Compile", "warmup_iters", self.warmup_iters, low=0, high=10_000)
+        check_float("Compile", "workspace_gb", self.workspace_gb, low=0, high=4096, low_open=True, optional=True)
+        check_int("Compile", "max_batch_multiplier", self.max_batch_multiplier, low=1, high=1024)
 
     def config_dict(self) -> dict[str, Any]:
         """The backend and the settings that apply to it (a recipe carries nothing else)."""
@@ -164,9 +171,7 @@ class Compile(Pass):
         # freezing); they hold for this compilation only, not globally.
         import torch._inductor.config  # noqa: F401  (loaded lazily by torch otherwise)
 
-        config: dict[str, Any] = {}
-        for record in model.history:
-            config.update(record.details.get("inductor_config", {}))
+        config = requested_inductor_config(model.history)
         if config:
             details["inductor_config"] = config
         start = time.perf_counter()
@@ -203,6 +208,33 @@ def _cxx_compiler() -> str | None:
         if candidate and shutil.which(candidate):
             return candidate
     return None
+
+
+# Inductor settings an earlier pass may ask for, with the type each must have. Records come from
+# saved manifests (untrusted: docs/security.md), and inductor's config includes compiler paths and
+# flags (``cpp.cxx``), so only these keys and types ever reach ``torch._inductor.config.patch``.
+INDUCTOR_CONFIG_ALLOWED: dict[str, type] = {"freezing": bool}
+
+
+def requested_inductor_config(history: tuple[PassRecord, ...]) -> dict[str, Any]:
+    """The inductor settings earlier passes recorded as needed (PT2E int8 needs freezing), checked
+    against :data:`INDUCTOR_CONFIG_ALLOWED`; anything else is an :class:`IntegrityError`."""
+    config: dict[str, Any] = {}
+    for record in history:
+        asked = record.details.get("inductor_config", {})
+        if not isinstance(asked, dict):
+            raise IntegrityError(f"{record.pass_type}'s record asks for inductor settings {asked!r:.80}; "
+                                 "expected a mapping. The model's history is damaged or was crafted.")
+        for key, value in asked.items():
+            kind = INDUCTOR_CONFIG_ALLOWED.get(key)
+            if kind is None or type(value) is not kind:
+                raise IntegrityError(
+                    f"{record.pass_type}'s record asks for the inductor setting {key!r:.60} = {value!r:.60}, "
+                    f"which aigc_opt never records (allowed: {INDUCTOR_CONFIG_ALLOWED}). The model's history is "
+                    "damaged or was crafted; load the original model again."
+                )
+            config[key] = value
+    return config
 
 
 def _check_inductor(settings: Compile, target: Target) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from .._checks import check_float, check_int
 from ..errors import ConfigError, UnsupportedModelError
 from ._distill_losses import FEATURE_LOSSES, OUTPUT_LOSSES
 from .base import Pass, named, register_pass, runtime_field, validate_choice
@@ -115,20 +116,13 @@ class Distill(Pass):
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"Distill: {name}={getattr(self, name)!r} is not allowed; {rule}.")
 
-        for name in ("epochs", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "epochs" else 0):
-                raise bad(name, "it must be an int >= " + ("1" if name == "epochs" else "0"))
-        for name, low, high in (("lr", 0, None), ("temperature", 0, None), ("alpha", None, None),
-                                ("feature_weight", None, None), ("weight_decay", None, None),
-                                ("warmup_ratio", None, None), ("max_grad_norm", None, None)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                    low is not None and value <= low):
-                raise bad(name, "it must be a number > 0" if low is not None else "it must be a number >= 0")
+        check_int("Distill", "epochs", self.epochs, low=1, high=100_000)
+        check_int("Distill", "seed", self.seed, low=0, high=2**63 - 1)
+        for name, low_open in (("lr", True), ("temperature", True), ("feature_weight", False),
+                               ("weight_decay", False), ("max_grad_norm", False)):
+            check_float("Distill", name, getattr(self, name), low=0, high=1e6, low_open=low_open)
         for name in ("alpha", "warmup_ratio"):
-            if getattr(self, name) > 1:
-                raise bad(name, "it must be in [0, 1]")
+            check_float("Distill", name, getattr(self, name), low=0, high=1)
         validate_choice("Distill", "output_loss", self.output_loss, OUTPUT_LOSSES)
         validate_choice("Distill", "feature_loss", self.feature_loss, FEATURE_LOSSES)
         validate_choice("Distill", "strategy", self.strategy, STRATEGIES)

@@ -25,6 +25,7 @@ import torch
 from .._deps import quiet_import_logs, require
 from .._registry import Registry
 from .._tree import flatten_tensors, split_inputs
+from .._checks import check_float, check_int
 from ..errors import ConfigError, FidelityError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from .base import Pass, register_pass
@@ -93,12 +94,9 @@ class Export(Pass):
             raise ConfigError(f"Export: kv_cache=True exports ONNX decoder steps; it does not apply to to={self.to!r}.")
         if not isinstance(self.dynamic, (bool, dict)):
             raise ConfigError(f"Export: dynamic must be True, False or {{input: [axes]}}, got {self.dynamic!r}.")
-        if self.opset is not None and (not isinstance(self.opset, int) or not 7 <= self.opset <= 30):
-            raise ConfigError(f"Export: opset must be an int between 7 and 30, got {self.opset!r}.")
+        check_int("Export", "opset", self.opset, low=7, high=30, optional=True)
         for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"Export: {name} must be a number >= 0, got {value!r}.")
+            check_float("Export", name, getattr(self, name), low=0, high=1e30)
 
     def output_format(self, fmt: str) -> str:
         return EXPORTERS.get(self.to).output_format

@@ -42,6 +42,7 @@ from torch import nn
 from .._deps import require
 from .._registry import Registry
 from .._tree import map_tensors, split_inputs
+from .._checks import check_int
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
@@ -149,12 +150,8 @@ class Prune(Pass):
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not all(isinstance(p, str) for p in self.ignore):
             raise ConfigError(f"Prune: ignore takes module-name patterns (str), got {list(self.ignore)!r}.")
-        for name, low in (("round_to", 1), ("iterative_steps", 1)):
-            value = getattr(self, name)
-            if (value is not None or name == "iterative_steps") and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ConfigError(f"Prune: {name}={value!r} is not allowed; it must be an int >= {low}"
-                                  + (" or None (from the target)." if name == "round_to" else "."))
+        check_int("Prune", "round_to", self.round_to, low=1, high=1 << 16, optional=True, hint="from the target")
+        check_int("Prune", "iterative_steps", self.iterative_steps, low=1, high=1000)
         if self.iterative_steps > 1 and self.method != "structured":
             raise ConfigError(f"Prune: iterative_steps={self.iterative_steps} applies to structured pruning "
                               f"only; {self.method} magnitude pruning in steps equals one step.")

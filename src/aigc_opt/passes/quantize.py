@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._checks import check_float, check_int
 from .._deps import require
 from .._registry import Registry
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
@@ -197,14 +198,10 @@ class Quantize(Pass):
                 raise ConfigError(f"Quantize: {name}={value!r} is not allowed; it must be True or False.")
         if self.symmetric not in (None, True, False):
             raise ConfigError(f"Quantize: symmetric must be True, False or None, got {self.symmetric!r}.")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size < 1):
-            raise ConfigError(f"Quantize: group_size must be a positive int or None, got {self.group_size!r} "
-                              "(typical: 32, 64, 128).")
+        check_int("Quantize", "group_size", self.group_size, low=1, high=1 << 20, optional=True,
+                  hint="typical: 32, 64, 128")
         validate_choice("Quantize", "calibration_method", self.calibration_method, CALIBRATION_METHODS)
-        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float))
-                                          or self.max_drop < 0):
-            raise ConfigError(f"Quantize: max_drop must be a number >= 0 (metric units), got {self.max_drop!r}.")
+        check_float("Quantize", "max_drop", self.max_drop, low=0, high=1e12, optional=True, hint="in metric units")
 
     def config_dict(self) -> dict[str, Any]:
         full = super().config_dict()

@@ -31,8 +31,12 @@ class Runtime(Protocol):
         """Write the artifact's files into ``directory``; return what ``load`` needs (JSON)."""
         ...
 
-    def load(self, directory: Path, meta: dict[str, Any]) -> Any:
-        """Rebuild the artifact from files written by ``save`` (already checksum-verified)."""
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> Any:
+        """Rebuild the artifact from files written by ``save`` (already checksum-verified).
+
+        ``meta`` and ``directory`` are untrusted (docs/security.md): every file read must come through
+        ``_safety.contained(directory, name, listed=files)``, every recorded setting must be checked
+        against what the runtime accepts, and without ``trust`` nothing may run code from the files."""
         ...
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._tree import Inputs, describe, flatten_tensors, map_tensors, split_inputs
-from ..errors import InvalidInputError
+from .._safety import contained
+from ..errors import InvalidInputError, UnsupportedModelError
 from .base import RUNTIMES
 from .torch_module import module_facts
 
@@ -250,8 +251,20 @@ class ExportedProgramRuntime:
         torch.export.save(artifact, str(directory / PROGRAM_FILE))
         return {"file": PROGRAM_FILE}
 
-    def load(self, directory: Path, meta: dict[str, Any]) -> Any:
-        return torch.export.load(str(directory / meta["file"]))
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> Any:
+        # torch.export.load runs code from the file: pickled weights, constants and sample inputs
+        # fall back to full unpickling, symbolic sizes are parsed by sympy's eval, and recorded guard
+        # code is compiled into the module. No check of the archive can make that safe, so a
+        # torch.export save loads only with consent.
+        if not trust:
+            raise UnsupportedModelError(
+                f"{str(directory)!r} holds a torch.export program, and loading one can run code from the "
+                "file (torch.export.load unpickles and evaluates parts of it). Load it with trust=True if "
+                "you trust this directory (from the command line: --trust), or save the model before "
+                "Export('torch.export') and export it again here."
+            )
+        path = contained(directory, meta.get("file"), listed=files, what="torch.export program")
+        return torch.export.load(str(path))
 
 
 RUNTIMES.register("torch.export", ExportedProgramRuntime())

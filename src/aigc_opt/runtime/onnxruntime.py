@@ -21,12 +21,17 @@ import torch
 
 from .._deps import require
 from .._tree import Inputs, describe, flatten_tensors
-from ..errors import InvalidInputError
+from .._safety import contained
+from ..errors import IntegrityError, InvalidInputError
 from .base import RUNTIMES
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
 
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+# The execution providers a saved model may name (others are refused on load: docs/security.md).
+KNOWN_PROVIDERS = frozenset({"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+                             "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider"})
 
 # ONNX element types -> numpy, for casting inputs to what the session declares.
 _ORT_TYPES = {
@@ -155,14 +160,19 @@ class OnnxArtifact:
         """The model file and its external-data files."""
         import onnx
 
-        files = [self.path]
-        model = onnx.load(str(self.path), load_external_data=False)
-        locations = {
-            entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-            for entry in t.external_data if entry.key == "location"
-        }
-        files += [self.path.parent / loc for loc in sorted(locations)]
-        return files
+        return [self.path, *(contained(self.path.parent, loc, what="external-data file")
+                             for loc in external_data_locations(self.path))]
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The external-data file names the ONNX model at ``path`` refers to, as written in it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({
+        entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data if entry.key == "location"
+    })
 
 
 # Fused contrib ops that are slower on an execution provider than the standard ops they replace,
@@ -324,12 +334,33 @@ class OnnxRuntime:
                 "graph_optimization": artifact.graph_optimization, "intra_op_threads": artifact.intra_op_threads,
                 "spin_wait": artifact.spin_wait, "generation": artifact.generation}
 
-    def load(self, directory: Path, meta: dict[str, Any]) -> OnnxArtifact:
-        return OnnxArtifact(path=directory / meta["file"], output_spec=meta.get("output_spec"),
-                            providers=tuple(meta.get("providers", ("CPUExecutionProvider",))),
-                            graph_optimization=meta.get("graph_optimization", "all"),
-                            intra_op_threads=int(meta.get("intra_op_threads", 0)),
-                            spin_wait=bool(meta.get("spin_wait", False)), generation=meta.get("generation"))
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> OnnxArtifact:
+        """The saved graph, its external data checked to lie in ``directory`` and be covered by the
+        manifest, and its session settings checked against what this runtime accepts: a recorded
+        value never reaches ONNX Runtime unchecked (docs/security.md)."""
+        path = contained(directory, meta.get("file"), listed=files, what="ONNX model")
+        for location in external_data_locations(path):
+            contained(directory, location, listed=files, what="external-data file")
+        providers = meta.get("providers", ["CPUExecutionProvider"])
+        if not (isinstance(providers, list) and providers and all(p in KNOWN_PROVIDERS for p in providers)):
+            raise IntegrityError(f"The manifest of {str(directory)!r} names execution providers {providers!r:.120}; "
+                                 f"known: {sorted(KNOWN_PROVIDERS)}.")
+        optimization = meta.get("graph_optimization", "all")
+        if optimization not in ("disable", "basic", "extended", "all"):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has graph_optimization {optimization!r:.40}.")
+        threads = meta.get("intra_op_threads", 0)
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= 4096:
+            raise IntegrityError(f"The manifest of {str(directory)!r} has intra_op_threads {threads!r:.40}.")
+        spin_wait = meta.get("spin_wait", False)
+        if not isinstance(spin_wait, bool):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has spin_wait {spin_wait!r:.40}.")
+        for key, types in (("output_spec", (str, type(None))), ("generation", (dict, type(None)))):
+            if not isinstance(meta.get(key), types):
+                raise IntegrityError(f"The manifest of {str(directory)!r} has {key} of type "
+                                     f"{type(meta.get(key)).__name__}.")
+        return OnnxArtifact(path=path, output_spec=meta.get("output_spec"), providers=tuple(providers),
+                            graph_optimization=optimization, intra_op_threads=threads, spin_wait=spin_wait,
+                            generation=meta.get("generation"))
 
 
 RUNTIMES.register("onnx", OnnxRuntime())

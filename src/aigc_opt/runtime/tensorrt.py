@@ -16,7 +16,8 @@ import torch
 
 from .._deps import require
 from .._tree import Inputs, flatten_tensors
-from ..errors import InvalidInputError
+from .._safety import contained
+from ..errors import IntegrityError, InvalidInputError, UnsupportedModelError
 from .base import RUNTIMES
 
 __all__ = ["TensorRTArtifact", "TensorRTRuntime"]
@@ -98,8 +99,20 @@ class TensorRTRuntime:
         shutil.copyfile(artifact.path, directory / "model.engine")
         return {"file": "model.engine", "output_spec": artifact.output_spec}
 
-    def load(self, directory: Path, meta: dict[str, Any]) -> TensorRTArtifact:
-        return TensorRTArtifact(path=directory / meta["file"], output_spec=meta.get("output_spec"))
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
+             trust: bool = False) -> TensorRTArtifact:
+        # A serialized engine can hold plugins (native code) and is built for one GPU: only with consent.
+        if not trust:
+            raise UnsupportedModelError(
+                f"{str(directory)!r} holds a TensorRT engine, which can carry native plugin code. "
+                "Load it with trust=True if you trust this directory, or save the ONNX model and compile "
+                "it here with Compile('tensorrt')."
+            )
+        path = contained(directory, meta.get("file"), listed=files, what="TensorRT engine")
+        output_spec = meta.get("output_spec")
+        if not isinstance(output_spec, (str, type(None))):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has output_spec of type {type(output_spec).__name__}.")
+        return TensorRTArtifact(path=path, output_spec=output_spec)
 
 
 RUNTIMES.register("tensorrt", TensorRTRuntime())
