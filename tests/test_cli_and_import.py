@@ -90,21 +90,3 @@ def test_demo_command_end_to_end(capsys, tmp_path):
     cand = report["candidates"][0]
     assert cand["fidelity"]["cosine_mean"] > 0.99 and cand["fidelity"]["samples"] == 40
     assert cand["measurement"]["size_bytes"] < 0.75 * report["baseline"]["measurement"]["size_bytes"]
-
-
-def test_readme_quickstart_runs(tmp_path, monkeypatch):
-    # The README's Python quickstart, executed as written (fewer rounds so it stays quick).
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
-    assert "ao.compare(" in code and "ao.Model.load(" in code
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ao, "compare", lambda *a, **k: __import__("aigc_opt").bench.compare(*a, **{**k, "iters": 3}))
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    again, fast, x = namespace["again"], namespace["fast"], namespace["x"]
-    assert torch.allclose(again(x), fast(x), atol=1e-5)
-    assert [r.pass_type for r in again.history] == ["Quantize", "Compile"]
-    assert (tmp_path / "recipe.yaml").read_text().startswith("aigc_opt_recipe: 1")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["new_figure", "place_labels", "save_figure"]
+__all__ = ["new_figure", "place_labels", "save_figure", "wrap_label"]
 
 # Offsets tried for a label, in points from its point, nearest ring first: right, left, above,
 # below, then the diagonals, each text anchored on the side facing its point.
@@ -46,7 +46,7 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], texts: Sequence
                  colors: Sequence[Any] | None = None, fontsize: float = 8) -> list[Any]:
     """Annotate each point with its text so that no two labels overlap, nor a label another
     point (a greedy adjustText): each label takes the nearest offset, ring by ring around its
-    point, where its box touches nothing placed before and stays inside the axes; a label
+    point, where its box touches nothing placed before, preferring offsets inside the axes; a label
     moved off its first ring gets a thin line back to its point. Call it once the axes are
     laid out (after ``tight_layout``), as it measures in display pixels. Returns the annotations."""
     from matplotlib.transforms import Bbox
@@ -68,11 +68,11 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], texts: Sequence
                                 ha=ha, va=va)
             boxes.append(probe.get_window_extent(renderer))
             probe.remove()
-        free = [not any(b.overlaps(o) for o in occupied) for b in boxes]  # off points and labels so far
-        inside = [frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes]
-        # Free and inside the axes; else free anywhere; else (crowded past every ring) the nearest.
-        k = next((j for j in range(len(boxes)) if free[j] and inside[j]),
-                 next((j for j in range(len(boxes)) if free[j]), 0))
+        # The nearest box touching no point and no label so far, and the least outside the axes
+        # (a long label on a point near the edge goes to the side with room); when every ring is
+        # crowded, the nearest.
+        free = [j for j, b in enumerate(boxes) if not any(b.overlaps(o) for o in occupied)]
+        k = min(free, key=lambda j: (_outside(boxes[j], frame), j)) if free else 0
         box = boxes[k]
         dx, dy, ha, va = offsets[k]
         # Off the first ring: a thin line says which point it names.
@@ -83,6 +83,24 @@ def place_labels(ax: Any, points: Sequence[tuple[float, float]], texts: Sequence
         occupied.append(box)
         placed.append(ann)
     return placed
+
+
+def _outside(box: Any, frame: Any) -> float:
+    """Area of ``box`` outside ``frame`` (display pixels), rounded so near-equal ties keep ring order."""
+    w = max(0.0, min(box.x1, frame.x1) - max(box.x0, frame.x0))
+    h = max(0.0, min(box.y1, frame.y1) - max(box.y0, frame.y0))
+    return round(box.width * box.height - w * h)
+
+
+def wrap_label(name: str, width: int = 34) -> str:
+    """A long model label on several lines, broken after its ``+`` (tick labels of a figure)."""
+    lines, line = [], ""
+    for part in name.replace("+", "+\x00").split("\x00"):
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    return "\n".join([*lines, line])
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:

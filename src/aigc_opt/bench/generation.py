@@ -131,7 +131,7 @@ class GenerationReport:
         """The report as a matplotlib Figure (needs matplotlib): time per output token per model
         (one point per round), and TPOT speed-up vs teacher-forced next-token agreement with one
         point per candidate, labels placed apart. Built without pyplot (see ``Report.figure``)."""
-        from ._figures import new_figure, place_labels
+        from ._figures import new_figure, place_labels, wrap_label
 
         entries = [self.baseline, *self.candidates]
         names = self.names()
@@ -139,7 +139,7 @@ class GenerationReport:
         for row, e in enumerate(entries):
             left.scatter([t * 1e3 for t in e.tpot], [row] * len(e.tpot), s=14, alpha=0.6, color=f"C{row}")
             left.plot([e.tpot_p50 * 1e3] * 2, [row - 0.3, row + 0.3], color="black", linewidth=1.5)  # median
-        left.set_yticks(range(len(entries)), names, fontsize=8)
+        left.set_yticks(range(len(entries)), [wrap_label(n) for n in names], fontsize=8)
         left.invert_yaxis()
         left.set_xlabel("time per output token (ms; rounds, median as a bar)")
         left.set_title(f"batch {self.baseline.batch_size}, {self.baseline.new_tokens} greedy tokens")

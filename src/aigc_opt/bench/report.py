@@ -192,7 +192,7 @@ class Report:
         model, and speed-up vs fidelity with one point per candidate, each labelled by its
         column name with labels placed apart. Built without pyplot, so a notebook's backend is
         left alone; ``IPython.display.display(report.figure())`` shows it inline."""
-        from ._figures import new_figure, place_labels
+        from ._figures import new_figure, place_labels, wrap_label
 
         names = self.names()
         fig, (left, right) = new_figure((12, 4.5 + 0.12 * len(names)), purpose="Report.figure()")
@@ -202,7 +202,7 @@ class Report:
         horizontal = ({"orientation": "horizontal"} if tuple(int(p) for p in matplotlib.__version__.split(".")[:2])
                       >= (3, 10) else {"vert": False})
         left.boxplot([[t * 1e3 for t in e.measurement.samples] for e in self.entries], **horizontal,
-                     tick_labels=names, showfliers=True)
+                     tick_labels=[wrap_label(n) for n in names], showfliers=True)
         left.set_xlabel("latency per batch (ms)")
         left.set_title("latency distribution")
         points, labels, colors = [], [], []
