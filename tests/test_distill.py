@@ -163,11 +163,11 @@ def test_bad_input_errors(tmp_path):
     student, teacher, data = problem()
     with pytest.raises(InvalidInputError, match="no batches"):
         distill(student, teacher, [])
-    onnx_teacher = teacher._derive(teacher.artifact, format="onnx")
+    onnx_teacher = teacher.derive(teacher.artifact, format="onnx")
     with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
         distill(student, onnx_teacher, data)
     with pytest.raises(UnsupportedModelError, match="format 'onnx'"):
-        Distill(teacher=teacher, data=data).apply(student._derive(student.artifact, format="onnx"))
+        Distill(teacher=teacher, data=data).apply(student.derive(student.artifact, format="onnx"))
     with pytest.raises(ConfigError, match="teacher="):
         Distill(data=data).apply(student)
     with pytest.raises(ConfigError, match="resume_from"):

@@ -163,7 +163,7 @@ def test_onnxruntime_on_a_gpu_target_without_gpu_ep_is_refused(mlp_model):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    gpu = o._derive(o.artifact)
+    gpu = o.derive(o.artifact)
     gpu.target = ao.Target.get("nvidia-l4")
     with pytest.raises(IncompatibleTargetError, match="onnxruntime-gpu"):
         ao.compile(gpu, "onnxruntime")
@@ -173,7 +173,7 @@ def test_tensorrt_is_refused_clearly(mlp_model, monkeypatch):
     o = ao.export(mlp_model, "onnx")
     with pytest.raises(IncompatibleTargetError, match="NVIDIA GPUs"):
         ao.compile(o, "tensorrt")  # a CPU target
-    h100 = o._derive(o.artifact)
+    h100 = o.derive(o.artifact)
     h100.target = ao.Target.get("h100")
     import sys
 

@@ -106,7 +106,7 @@ def test_failure_names_the_pass_and_the_ones_before(mlp_model):
 
 
 def test_pass_refuses_a_format_it_does_not_take(mlp_model):
-    engine_like = mlp_model._derive(mlp_model.artifact, format="tensorrt")
+    engine_like = mlp_model.derive(mlp_model.artifact, format="tensorrt")
     with pytest.raises(UnsupportedModelError, match="format 'tensorrt'"):
         ao.quantize(engine_like, "int8-dynamic")
 

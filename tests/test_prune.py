@@ -343,7 +343,7 @@ def test_onnx_format_is_refused_in_check_pointing_to_prune_before_export(mlp_mod
     target = ao.Target.get("x86-avx2-desktop")
     with pytest.raises(UnsupportedModelError, match=r"format 'onnx'.*Prune before Export"):
         Prune(0.3).check_static("onnx", target)
-    onnx_model = mlp_model._derive(mlp_model.artifact, format="onnx")
+    onnx_model = mlp_model.derive(mlp_model.artifact, format="onnx")
     with pytest.raises(UnsupportedModelError, match="Prune before Export"):
         prune(onnx_model, 0.3)
 

@@ -76,7 +76,7 @@ def test_detect_describes_this_machine():
 
 
 def test_cpu_arch_from_flags():
-    from aigc_opt.target import _cpu_arch
+    from aigc_opt._host import cpu_arch as _cpu_arch
 
     assert _cpu_arch("x86_64", {"avx2", "fma"})[0] == "x86_64-avx2"
     arch, dtypes, simd = _cpu_arch("x86_64", {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})

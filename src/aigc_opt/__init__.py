@@ -11,9 +11,8 @@ Example:
 ``import aigc_opt`` needs only torch and numpy; every optional backend is imported when used.
 """
 
-__version__ = "0.1.0"
-
-from . import errors
+from . import errors, hf  # noqa: F401  (hf registers Model.from_hf / from_gguf's sources)
+from ._version import __version__
 from .bench import Fidelity, Measurement, Report, benchmark, compare
 from .model import Model
 from .passes import (

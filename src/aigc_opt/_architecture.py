@@ -100,8 +100,6 @@ def build_architecture(spec: dict[str, Any], *, trust: bool, max_bytes: int | No
 def _build(spec: dict[str, Any], *, trust: bool) -> torch.nn.Module:
     builder = spec.get("builder")
     if builder == "aigc_opt":
-        from . import hf  # noqa: F401  (registers the sentence-embedding module)
-
         return AIGC_MODULES.get(spec["name"])(**spec.get("kwargs", {}))
     if builder == "hf":
         return build_hf(spec["class"], spec["config"], spec.get("attn_implementation"))

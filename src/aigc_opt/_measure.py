@@ -27,9 +27,9 @@ def cache_dir() -> Path:
 def _fingerprint(device: str) -> str:
     import torch
 
-    from .target import _cpu_model_name
+    from ._host import cpu_model_name
 
-    name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_model_name()
+    name = torch.cuda.get_device_name(0) if device == "cuda" else cpu_model_name()
     key = f"{device}|{name}|{torch.get_num_threads()}|{torch.__version__}|{platform.machine()}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import AigcOptError, ConfigError
 
@@ -33,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _targets(args: argparse.Namespace) -> int:
-    from .target import Target, targets_json, targets_table
+    from .target import Target
 
     targets = Target.list()
     if args.detect or args.measure:
@@ -41,6 +42,37 @@ def _targets(args: argparse.Namespace) -> int:
         targets = [host.measure(refresh=args.refresh) if args.measure else host]
     print(targets_json(targets) if args.json else targets_table(targets))
     return 0
+
+
+def _json_default(obj: Any) -> Any:
+    from .target import Target
+
+    if isinstance(obj, Target):
+        return obj.to_dict()
+    raise TypeError(type(obj).__name__)
+
+
+def targets_table(targets: list[Any]) -> str:
+    """A plain-text table of targets (used by ``aigc-opt targets``)."""
+    rows = [("name", "device", "arch", "memory", "bandwidth", "fp32", "bf16/fp16", "int8", "backends")]
+    for t in targets:
+        half = t.peak("bf16") or t.peak("fp16")
+        rows.append((
+            t.name, t.device_type, t.arch, f"{t.memory_gb:g} GB",
+            f"{t.mem_bandwidth_gbs:g} GB/s" if t.mem_bandwidth_gbs else "-",
+            f"{t.peak('fp32'):g}" if t.peak("fp32") else "-",
+            f"{half:g}" if half else "-",
+            f"{t.peak('int8'):g}" if t.peak("int8") else "-",
+            ",".join(t.backends),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n(peak numbers: dense TFLOP/s, TOPS for int8)"
+
+
+def targets_json(targets: list[Any]) -> str:
+    return json.dumps([t.to_dict() for t in targets], indent=2, default=_json_default)
 
 
 def _bench(args: argparse.Namespace) -> int:

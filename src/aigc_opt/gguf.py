@@ -19,18 +19,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._deps import require
 from .errors import UnsupportedModelError
-from .target import Target
 
-if TYPE_CHECKING:
-    from .model import Model
-
-__all__ = ["GgufInfo", "inspect_gguf", "from_gguf", "require_llm_packages", "GGUF_MAGIC"]
+__all__ = ["GgufInfo", "inspect_gguf", "require_llm_packages", "GGUF_MAGIC"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -143,20 +138,6 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GgufInfo:
                     size_bytes=size, has_tokenizer=True,
                     has_chat_template=_field(reader, "tokenizer.chat_template") is not None,
                     tied_embeddings=all(t.name != "output.weight" for t in tensors))
-
-
-def from_gguf(path: str | os.PathLike[str], *, target: str | Target = "host",
-              example_texts: Sequence[str] | None = None, batch_size: int = 1, seq_len: int = 32,
-              name: str | None = None) -> Model:
-    """A GGUF LLM as a ``causal-lm`` Model: transformers' fp32 model dequantized from the file, its
-    tokenizer (``model.tokenizer``, left padding) with the file's chat template, and the GGUF's
-    quantization recorded in ``model.architecture["source"]``. See :func:`inspect_gguf` for
-    what is refused before any weight is read."""
-    from .hf import from_hf
-
-    path = Path(path)
-    return from_hf(path.parent, task="causal-lm", gguf_file=path.name, target=target, example_texts=example_texts,
-                   batch_size=batch_size, seq_len=seq_len, name=name or path.stem)
 
 
 def require_llm_packages() -> None:

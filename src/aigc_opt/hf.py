@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,13 +21,14 @@ from ._architecture import AIGC_MODULES, build_hf, hf_attn_implementation
 from ._deps import quiet_import_logs, require
 from ._registry import Registry
 from .errors import ConfigError, UnsupportedModelError
+from .model_sources import MODEL_SOURCES
 
 from .target import Target
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["from_hf", "tokenize", "SentenceEmbedder", "TASKS"]
+__all__ = ["from_hf", "from_gguf", "tokenize", "SentenceEmbedder", "TASKS"]
 
 # task -> the transformers Auto class that builds its model
 TASKS: Registry[str] = Registry("task")
@@ -155,3 +157,19 @@ def from_hf(
     if source is not None:  # written to manifest.json with the architecture spec
         model.architecture = {**model.architecture, "source": source.record()}
     return model
+
+
+def from_gguf(path: str | os.PathLike[str], *, target: str | Target = "host",
+              example_texts: Sequence[str] | None = None, batch_size: int = 1, seq_len: int = 32,
+              name: str | None = None) -> Model:
+    """A GGUF LLM as a ``causal-lm`` Model: transformers' fp32 model dequantized from the file, its
+    tokenizer (``model.tokenizer``, left padding) with the file's chat template, and the GGUF's
+    quantization recorded in ``model.architecture["source"]``. See :func:`aigc_opt.gguf.inspect_gguf` for
+    what is refused before any weight is read."""
+    path = Path(path)
+    return from_hf(path.parent, task="causal-lm", gguf_file=path.name, target=target, example_texts=example_texts,
+                   batch_size=batch_size, seq_len=seq_len, name=name or path.stem)
+
+
+MODEL_SOURCES.register("hf", from_hf)
+MODEL_SOURCES.register("gguf", from_gguf)

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from ._architecture import build_architecture, describe_architecture, materialize, structure_only
 from ._deps import library_versions
 from ._safety import contained, no_unpickling
@@ -38,7 +37,9 @@ from .errors import (
     MissingDependencyError,
     UnsupportedModelError,
 )
-from .passes.base import PASS_TYPES, PassRecord
+from ._version import __version__
+from .model_sources import MODEL_SOURCES
+from .record import PassRecord, replay
 from .runtime import RUNTIMES, runtime_for
 from .runtime.torch_module import SAFETENSORS_METADATA, plan_weights, unwrap
 from .target import Target
@@ -271,16 +272,24 @@ class Model:
                 f"passes=[{passes}])")
 
     # ------------------------------------------------------------------ derivation (for passes)
-    def _derive(self, artifact: Any, *, format: str | None = None) -> Model:
-        """A new Model sharing this one's target, inputs and history, with another artifact."""
+    def derive(self, artifact: Any, *, format: str | None = None, record: PassRecord | None = None) -> Model:
+        """A new Model sharing this one's target, inputs, name and history, holding ``artifact``
+        (in ``format``, this one's by default), with ``record`` appended to its history when given.
+
+        This is how passes return their result; ``self`` is not changed.
+
+        Example:
+            >>> import aigc_opt as ao, torch
+            >>> m = ao.Model(torch.nn.Linear(4, 2), example_inputs=(torch.randn(1, 4),))
+            >>> m.derive(torch.nn.Linear(4, 2)).history == m.history
+            True
+        """
         new = copy.copy(self)
         new.artifact = artifact
         new.format = format or self.format
+        if record is not None:
+            new.history = (*self.history, record)
         return new
-
-    def _with_record(self, record: PassRecord) -> Model:
-        self.history = (*self.history, record)
-        return self
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -380,7 +389,6 @@ class Model:
             artifact = runtime_for(manifest["format"]).load(path, manifest.get("artifact", {}), files=files,
                                                             trust=trust)
             return cls._loaded(path, manifest, artifact, history, target)
-        passes = [PASS_TYPES.get(r.pass_type).from_config(r.config, where=f"manifest of {path}") for r in history]
         spec = manifest["architecture"]
         if spec is None:
             raise IntegrityError(f"The manifest of {str(path)!r} (format 'torch') has no architecture to rebuild.")
@@ -401,8 +409,7 @@ class Model:
             skeleton = materialize(copy.deepcopy(structure))
         else:
             skeleton = build_architecture(spec, trust=trust, max_bytes=_weights_budget(path, manifest))
-        for pass_, record in zip(passes, history):
-            skeleton = pass_.restore(skeleton, record)
+        skeleton = replay(history, skeleton, where=str(path))
         state = _read_weights(path, manifest.get("weights"), trust=trust, files=files)
         try:
             unwrap(skeleton).load_state_dict(state, strict=True, assign=True)
@@ -475,17 +482,13 @@ class Model:
     @classmethod
     def from_hf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
         """Wrap a Hugging Face transformers model (needs ``aigc-opt[hf]``); see :func:`aigc_opt.hf.from_hf`."""
-        from .hf import from_hf
-
-        return from_hf(path, **kwargs)
+        return MODEL_SOURCES.get("hf")(path, **kwargs)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
         """Load a GGUF LLM dequantized to fp32 with its tokenizer (needs ``aigc-opt[llm]``); see
-        :func:`aigc_opt.gguf.from_gguf`."""
-        from .gguf import from_gguf
-
-        return from_gguf(path, **kwargs)
+        :func:`aigc_opt.hf.from_gguf`."""
+        return MODEL_SOURCES.get("gguf")(path, **kwargs)
 
 
 def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:

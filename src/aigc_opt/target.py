@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import platform
@@ -22,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from ._host import INTERESTING_FLAGS, cpu_arch, cpu_flags, cpu_model_name, host_memory_gb
 from .errors import ConfigError, UnknownNameError
 
 __all__ = ["Target", "DEVICE_TYPES", "DTYPES"]
@@ -298,78 +298,15 @@ def _builtin_targets() -> dict[str, Target]:
     return targets
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _host_memory_gb() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    except (ValueError, OSError, AttributeError):
-        return 1.0
-
-
-def _cpu_arch(machine: str, flags: set[str]) -> tuple[str, tuple[str, ...], int | None]:
-    """(arch string, dtypes with native fast paths, SIMD width in bits) from the CPU flags."""
-    dtypes = ["fp32", "int8"]
-    if machine in ("x86_64", "amd64", "AMD64"):
-        if {"amx_bf16", "amx_int8"} <= flags:
-            arch = "x86_64-amx"
-        elif "avx512_vnni" in flags:
-            arch = "x86_64-avx512_vnni"
-        elif "avx512f" in flags:
-            arch = "x86_64-avx512"
-        elif "avx2" in flags:
-            arch = "x86_64-avx2"
-        else:
-            arch = "x86_64"
-        if "avx512_bf16" in flags or "amx_bf16" in flags:
-            dtypes.append("bf16")
-        if "avx512_fp16" in flags or "amx_fp16" in flags:
-            dtypes.append("fp16")
-        simd = 512 if "avx512f" in flags else 256 if "avx2" in flags else 128
-        return arch, tuple(dtypes), simd
-    if machine in ("aarch64", "arm64"):
-        arch = "aarch64-sve" if "sve" in flags else "aarch64"
-        if "bf16" in flags:
-            dtypes.append("bf16")
-        if "fphp" in flags or "asimdhp" in flags or platform.system() == "Darwin":
-            dtypes.append("fp16")
-        return arch, tuple(dtypes), 128
-    return machine, tuple(dtypes), None
-
-
-_INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-                      "amx_bf16", "amx_int8", "amx_fp16", "avx_vnni", "sve", "bf16", "i8mm", "asimddp")
-
-
 def _detect_host() -> Target:
     import torch
 
     if torch.cuda.is_available():
         return _detect_cuda(torch)
     machine = platform.machine()
-    flags = _cpu_flags()
-    arch, dtypes, simd = _cpu_arch(machine, flags)
-    model_name = _cpu_model_name()
+    flags = cpu_flags()
+    arch, dtypes, simd = cpu_arch(machine, flags)
+    model_name = cpu_model_name()
     backends = ["torch", "onnxruntime-cpu"]
     device_type: DeviceType = "cpu"
     if platform.system() == "Darwin" and machine == "arm64" and torch.backends.mps.is_available():
@@ -381,12 +318,12 @@ def _detect_host() -> Target:
         vendor=model_name.split()[0] if model_name else "",
         device_type=device_type,
         arch=arch,
-        memory_gb=round(_host_memory_gb(), 1),
+        memory_gb=round(host_memory_gb(), 1),
         cores=cores,
         simd_width_bits=simd,
         dtypes=dtypes,
         backends=tuple(backends),
-        features=tuple(f for f in _INTERESTING_FLAGS if f in flags),
+        features=tuple(f for f in INTERESTING_FLAGS if f in flags),
         sources={"memory_gb": "os.sysconf", "cores": "os.sched_getaffinity"},
         notes="Detected at run time; call .measure() for peak FLOP/s and bandwidth.",
         origin="detected",
@@ -433,32 +370,3 @@ def _best_match(device_name: str, device_type: str) -> Target | None:
             if pattern.lower() in device_name.lower() and len(pattern) > best_len:
                 best, best_len = target, len(pattern)
     return best
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Target):
-        return obj.to_dict()
-    raise TypeError(type(obj).__name__)
-
-
-def targets_table(targets: list[Target]) -> str:
-    """A plain-text table of targets (used by ``aigc-opt targets``)."""
-    rows = [("name", "device", "arch", "memory", "bandwidth", "fp32", "bf16/fp16", "int8", "backends")]
-    for t in targets:
-        half = t.peak("bf16") or t.peak("fp16")
-        rows.append((
-            t.name, t.device_type, t.arch, f"{t.memory_gb:g} GB",
-            f"{t.mem_bandwidth_gbs:g} GB/s" if t.mem_bandwidth_gbs else "-",
-            f"{t.peak('fp32'):g}" if t.peak("fp32") else "-",
-            f"{half:g}" if half else "-",
-            f"{t.peak('int8'):g}" if t.peak("int8") else "-",
-            ",".join(t.backends),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n(peak numbers: dense TFLOP/s, TOPS for int8)"
-
-
-def targets_json(targets: list[Target]) -> str:
-    return json.dumps([t.to_dict() for t in targets], indent=2, default=_json_default)

@@ -169,7 +169,7 @@ def count_flops(model: Model, batch: Any) -> int | None:
 
     from ..runtime.torch_module import unwrap
 
-    eager = model._derive(unwrap(model.artifact))
+    eager = model.derive(unwrap(model.artifact))
     try:
         with FlopCounterMode(display=False) as counter:
             eager.run(batch)

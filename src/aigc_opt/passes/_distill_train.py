@@ -387,7 +387,7 @@ def _evaluate(cfg: Distill, model: Model, trainee: nn.Module, wrapped: nn.Module
             student.load_state_dict(_student_state(wrapped, trainee, cfg.strategy, size))
             student.eval()
         with torch.no_grad():
-            score = float(cfg.eval_fn(model._derive(student)))
+            score = float(cfg.eval_fn(model.derive(student)))
     finally:
         trainee.train()
     if size > 1:

@@ -39,7 +39,7 @@ def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) 
 
     def trial(keep: tuple[str, ...]) -> tuple[Any, dict[str, Any], float]:
         artifact, details = settings.run_once(model, spec, keep_float=keep)
-        return artifact, details, _metric(settings, model._derive(artifact))
+        return artifact, details, _metric(settings, model.derive(artifact))
 
     artifact, details, metric = trial(())
     info: dict[str, Any] = {"metric_float": base, "metric_quantized": metric, "drop": base - metric,
@@ -76,7 +76,7 @@ def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) 
         )
         error.best = {"artifact": art, "details": det, "metric": met, "drop": base - met,  # type: ignore[attr-defined]
                       "kept_in_float": list(keep), "metric_float": base,
-                      "model": model._derive(art)}
+                      "model": model.derive(art)}
         raise error
     while lo < hi:
         mid = (lo + hi) // 2

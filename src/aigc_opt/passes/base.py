@@ -15,10 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._deps import library_versions
 from .._registry import Registry
 from .._workdir import removed_on_error
-from ..errors import AigcOptError, ConfigError, IntegrityError, PassError, RecipeError, UnsupportedModelError
+from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
+from ..record import PassPlugin, PassRecord, register_pass_plugin
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -34,76 +34,22 @@ def runtime_field(**kwargs: Any) -> Any:
     return field(metadata={"runtime": True}, **kwargs)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PassRecord:
-    """What one pass did to a Model: kept in ``Model.history`` and in the saved manifest."""
-
-    pass_type: str
-    config: dict[str, Any]
-    seconds: float
-    format_before: str
-    format_after: str
-    size_before: int
-    size_after: int
-    params_before: int
-    params_after: int
-    changed: bool = True
-    # True when low precision is only simulated (fake-quant): no speed may be claimed from it.
-    simulated: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=library_versions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PassRecord:
-        """A record read back from a manifest (untrusted): every field of its declared type, else
-        an :class:`IntegrityError` (not a TypeError later, when the record is printed)."""
-        kept = {k: v for k, v in data.items() if k in _RECORD_TYPES}
-        for name, types in _RECORD_TYPES.items():
-            if name in kept and (not isinstance(kept[name], types) or (
-                    isinstance(kept[name], bool) and bool not in types)):
-                raise IntegrityError(f"A pass record's {name!r} is {kept[name]!r:.60}, expected "
-                                     f"{' or '.join(t.__name__ for t in types)}; the history is damaged or was crafted.")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in kept and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise IntegrityError(f"A pass record lacks {missing}; the history is damaged or was crafted.")
-        return cls(**kept)
-
-    def label(self) -> str:
-        """Short name for report columns: ``Quantize(int8-static)``, ``Prune(ratio=0.3)``, with
-        every other setting that differs from its default (see ``Pass.label``)."""
-        try:
-            return PASS_TYPES.get(self.pass_type).from_config(self.config).label()
-        except AigcOptError:
-            return self.pass_type
-
-    def summary(self) -> str:
-        ratio = self.size_after / self.size_before if self.size_before else float("nan")
-        sim = " [simulated]" if self.simulated else ""
-        try:
-            described = PASS_TYPES.get(self.pass_type).from_config(self.config).describe()
-        except AigcOptError:
-            described = self.pass_type
-        return (f"{described}{sim}: {self.format_before}->{self.format_after}, "
-                f"size x{ratio:.2f}, {self.seconds:.2f}s")
-
-
-# The JSON types of each PassRecord field, checked when a record is read from a manifest.
-_RECORD_TYPES: dict[str, tuple[type, ...]] = {
-    "pass_type": (str,), "config": (dict,), "seconds": (int, float), "format_before": (str,),
-    "format_after": (str,), "size_before": (int,), "size_after": (int,), "params_before": (int,),
-    "params_after": (int,), "changed": (bool,), "simulated": (bool,), "details": (dict,), "versions": (dict,),
-}
-
 PASS_TYPES: Registry[type[Pass]] = Registry("pass")
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a Pass type loadable from recipes and saved manifests."""
+    """Class decorator: make a Pass type loadable from recipes, and its records replayable by
+    ``Model.load`` (a :class:`~aigc_opt.record.PassPlugin` in Core's registry)."""
     PASS_TYPES.register(cls.__name__, cls)
+
+    def restore(module: Any, record: PassRecord, where: str) -> Any:
+        return cls.from_config(record.config, where=f"manifest of {where}").restore(module, record)
+
+    register_pass_plugin(cls.__name__, PassPlugin(
+        restore=restore,
+        describe=lambda record: cls.from_config(record.config).describe(),
+        label=lambda record: cls.from_config(record.config).label(),
+    ))
     return cls
 
 
@@ -163,7 +109,7 @@ class Pass:
         except Exception as e:
             raise PassError(f"{self.describe()} failed: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - start
-        new = model._derive(artifact, format=self.output_format(model.format))
+        new = model.derive(artifact, format=self.output_format(model.format))
         if "example_inputs" in details:  # a pass that changes the model's calling convention (Export of a decoder)
             new.example_inputs = details.pop("example_inputs")
         record = PassRecord(
@@ -180,7 +126,7 @@ class Pass:
             simulated=self.simulated(),
             details=details,
         )
-        return new._with_record(record)
+        return new.derive(new.artifact, record=record)
 
     def __call__(self, model: Model) -> Model:
         return self.apply(model)

@@ -16,7 +16,7 @@ from .._tree import Inputs, describe, flatten_tensors, map_tensors, split_inputs
 from .._safety import contained
 from ..errors import InvalidInputError, UnsupportedModelError
 from .base import RUNTIMES
-from .torch_module import module_facts
+from ._module_facts import module_facts
 
 __all__ = ["ExportedProgramRuntime", "arrange_inputs", "call_exported", "exported_shapes", "guard_failure"]
 

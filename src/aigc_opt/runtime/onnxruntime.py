@@ -158,8 +158,6 @@ class OnnxArtifact:
 
     def files(self) -> list[Path]:
         """The model file and its external-data files."""
-        import onnx
-
         return [self.path, *(contained(self.path.parent, loc, what="external-data file")
                              for loc in external_data_locations(self.path))]
 
