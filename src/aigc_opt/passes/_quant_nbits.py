@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from ..target import Target
     from .quantize import Quantize
 
-__all__ = ["matmul_nbits_onnx", "accuracy_level_for", "BLOCK_SIZES", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["matmul_nbits_onnx", "accuracy_level_for", "grid_fit", "check_nbits", "BLOCK_SIZES", "DEFAULT_BLOCK_SIZE",
+           "GGUF_BLOCK"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -90,6 +91,115 @@ def _untie_transposed_weights(graph: Any, numpy_helper: Any) -> list[str]:
     return rewritten
 
 
+# --------------------------------------------------------------------------- GGUF blocks, reused
+GGUF_BLOCK = 32  # llama.cpp's Q4_0, Q4_1 and Q8_0 blocks
+
+
+def grid_fit(weight: Any, block: int = GGUF_BLOCK) -> tuple[str, Any, Any, Any] | None:
+    """Whether a MatMul weight ``(K, N)`` already lies exactly on a llama.cpp block grid along K (it was
+    dequantized from a GGUF): ``("Q8_0", q, d, None)`` (d*q, q in -127..127), ``("Q4_0", q, d, None)``
+    (d*(q-8), q in 0..15) or ``("Q4_1", q, d, m)`` (d*q + m, q in 0..15), with ``q`` of shape
+    ``(N, K/block, block)`` and per-block ``d``/``m`` of shape ``(N, K/block)``; None if none fits.
+
+    The fit is checked, not assumed: every weight must be reproduced to 1e-3 of its block's step."""
+    import numpy as np
+
+    k, n = weight.shape
+    if k % block:
+        return None
+    w = np.asarray(weight, dtype=np.float64).T.reshape(n, k // block, block)
+    lo, hi = w.min(-1), w.max(-1)
+    amax = np.maximum(-lo, hi)
+
+    def exact(recon: Any, step: Any) -> bool:
+        return bool((np.abs(recon - w) <= 1e-3 * step[..., None] + 1e-30).all())
+
+    d = amax / 127
+    step = np.where(d > 0, d, 1.0)
+    q = np.rint(w / step[..., None])
+    if exact(q * d[..., None], step):
+        return "Q8_0", q.astype(np.int8), d.astype(np.float32), None
+    for d in (amax / 8, amax / 7):  # the largest magnitude sits at -8d or at +7d
+        step = np.where(d > 0, d, 1.0)
+        q = np.rint(w / step[..., None]) + 8
+        if q.min() >= 0 and q.max() <= 15 and exact((q - 8) * d[..., None], step):
+            return "Q4_0", q.astype(np.uint8), d.astype(np.float32), None
+    d = (hi - lo) / 15
+    step = np.where(d > 0, d, 1.0)
+    q = np.rint((w - lo[..., None]) / step[..., None])
+    if q.max() <= 15 and exact(q * d[..., None] + lo[..., None], step):
+        return "Q4_1", q.astype(np.uint8), d.astype(np.float32), lo.astype(np.float32)
+    return None
+
+
+def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any, helper: Any) -> dict[str, Any]:
+    """Replace each MatMul whose constant weight lies on a GGUF block grid by MatMulNBits holding those
+    very blocks (no second rounding): Q4_0 as 4-bit (zero point 8), Q8_0 as 8-bit (zero point 128),
+    Q4_1 (d*q + m) as 4-bit ``(q - 8) * d`` plus the per-block offsets ``m + 8d`` applied to the
+    block sums of the input (ReduceSum, then a small fp32 MatMul). Returns the counts per format and
+    the names of the helper MatMuls (which the int4/int8 quantizer must leave alone)."""
+    import numpy as np
+
+    initializers = {t.name: t for t in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info, *graph.output)}
+    counts: dict[str, int] = {}
+    helpers: list[str] = []
+    block_sums: dict[str, str] = {}
+    new_nodes = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        fit = None
+        if weight is not None and node.name not in excluded and len(weight.dims) == 2:
+            fit = grid_fit(numpy_helper.to_array(weight))
+        if fit is None:
+            new_nodes.append(node)
+            continue
+        kind, q, d, m = fit
+        n, blocks, _ = q.shape
+        k = blocks * GGUF_BLOCK
+        a, y, base = node.input[0], node.output[0], node.name or y
+        if kind == "Q4_1" and ranks.get(a, 3) not in (2, 3):
+            new_nodes.append(node)
+            continue
+        if kind == "Q8_0":
+            packed, bits = (q.astype(np.int16) + 128).astype(np.uint8), 8
+        else:
+            packed, bits = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), 4
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{weight.name}.{kind}"),
+                                  numpy_helper.from_array(d.reshape(-1), f"{weight.name}.{kind}.scales")])
+        out = f"{y}.nbits" if kind == "Q4_1" else y
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": GGUF_BLOCK}
+        if level:
+            attrs["accuracy_level"] = level
+        new_nodes.append(helper.make_node("MatMulNBits", [a, f"{weight.name}.{kind}", f"{weight.name}.{kind}.scales"],
+                                          [out], name=f"{base}_{kind}", domain="com.microsoft", **attrs))
+        if kind == "Q4_1":
+            if a not in block_sums:
+                shape = f"{a}.block_shape"
+                dims = [0, 0, blocks, GGUF_BLOCK] if ranks.get(a, 3) == 3 else [0, blocks, GGUF_BLOCK]
+                graph.initializer.extend([numpy_helper.from_array(np.asarray(dims, np.int64), shape),
+                                          numpy_helper.from_array(np.asarray([-1], np.int64), f"{a}.block_axis")])
+                new_nodes += [helper.make_node("Reshape", [a, shape], [f"{a}.blocks"], name=f"{a}_blocks"),
+                              helper.make_node("ReduceSum", [f"{a}.blocks", f"{a}.block_axis"], [f"{a}.block_sums"],
+                                               name=f"{a}_block_sums", keepdims=0)]
+                block_sums[a] = f"{a}.block_sums"
+            offsets = (m + 8 * d).T.astype(np.float32)  # (blocks, N)
+            graph.initializer.append(numpy_helper.from_array(offsets, f"{weight.name}.Q4_1.offsets"))
+            helpers.append(f"{base}_offsets")
+            new_nodes += [helper.make_node("MatMul", [block_sums[a], f"{weight.name}.Q4_1.offsets"], [f"{y}.offsets"],
+                                           name=f"{base}_offsets"),
+                          helper.make_node("Add", [out, f"{y}.offsets"], [y], name=f"{base}_add_offsets")]
+        counts[kind] = counts.get(kind, 0) + 1
+    if counts:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return {"formats": counts, "helpers": helpers}
+
+
 def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -> None:
     """The block runs along each MatMul weight's input axis (K): it must divide K, or the last block of
     every column would be padded with zeros and its scale fitted to fewer weights."""
@@ -125,23 +235,27 @@ def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[A
     excluded = _excluded_nodes(graph, settings)
     untied = _untie_transposed_weights(graph, numpy_helper)
     block = settings.group_size or DEFAULT_BLOCK_SIZE
-    _check_block_size(graph, block, set(excluded), settings.method)
+    level, level_reason = accuracy_level_for(model.target)
+    reused: dict[str, Any] = {"formats": {}, "helpers": []}
+    if settings.reuse_blocks and block == GGUF_BLOCK:
+        reused = _reuse_blocks(graph, set(excluded), level, numpy_helper, onnx.helper)
+    _check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
     # symmetric by default: on SmolLM2 (Q4_1 GGUF) int4 symmetric blocks gave perplexity 14.7 vs 15.5
     # asymmetric (ONNX Runtime widens each block to include 0), and the kernel skips zero points
     symmetric = settings.symmetric if settings.symmetric is not None else True
-    level, level_reason = accuracy_level_for(model.target)
     # GatherBlockQuantized takes 4-bit data only; at 8 bits the embedding stays fp32 (a Gather reads a
     # few rows per token, so it costs file size, not decode bandwidth).
-    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    op_types = ("MatMul", "Gather") if bits == 4 and not reused["formats"] else ("MatMul",)
     before = sum(t.dims[0] * t.dims[1] * 4 for t in graph.initializer if len(t.dims) == 2)
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
-                                     accuracy_level=level or None, nodes_to_exclude=excluded,
+                                     accuracy_level=level or None, nodes_to_exclude=excluded + reused["helpers"],
                                      op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     with quiet_import_logs("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer"):
         quantizer.process()
     out = quantizer.model.model
     ops = [n.op_type for n in out.graph.node]
     n_matmul, n_gather = ops.count("MatMulNBits"), ops.count("GatherBlockQuantized")
+    requantized = n_matmul - sum(reused["formats"].values())
     if n_matmul == 0:
         raise UnsupportedModelError(
             f"Quantize({settings.method!r}): this ONNX graph has no MatMul with a constant weight outside skip "
@@ -154,13 +268,16 @@ def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[A
     return _new_artifact(source, target), {
         "bits": bits, "block_size": block, "symmetric": symmetric, "accuracy_level": level,
         "accuracy_level_reason": level_reason, "matmulnbits_nodes": n_matmul, "gather_quantized_nodes": n_gather,
-        "nodes_skipped": excluded,
+        "nodes_skipped": excluded, "gguf_blocks_reused": reused["formats"], "requantized_nodes": requantized,
+        "blocks": ("GGUF blocks reused as they are: " + ", ".join(f"{v} {k}" for k, v in reused["formats"].items())
+                   + (f"; {requantized} other MatMuls requantized to int{bits}" if requantized else "")
+                   if reused["formats"] else f"requantized to int{bits} blocks of {block}"),
         "tied_lm_head": ({"untied": untied, "how": "the transposed embedding became the lm_head MatMul's own "
                           "constant and was quantized" + ("; the embedding Gather quantized separately"
                                                           if n_gather else "; the embedding Gather kept fp32")}
                          if untied else None),
         "weight_bytes_before": int(before), "initializer_bytes_after": int(after),
-        "kernel": f"onnxruntime MatMulNBits int{bits} weight-only (accuracy_level {level})"
+        "kernel": f"onnxruntime MatMulNBits weight-only (accuracy_level {level})"
                   + (", GatherBlockQuantized embedding" if n_gather else ""),
     }
 

@@ -157,7 +157,7 @@ def _int8_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[st
     extra="quant",
     options=("per_channel", "group_size", "skip_types"),
     onnx=_int8_weight_only_onnx,
-    onnx_options=("group_size", "symmetric"),
+    onnx_options=("group_size", "symmetric", "reuse_blocks"),
     keep_float=_one_input_feature,
     check_layers=_check_group_size,
     check=_check_nbits_onnx,
@@ -210,7 +210,7 @@ def _int4_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[st
     extra="quant",
     options=("group_size", "skip_types"),
     onnx=_int4_weight_only_onnx,
-    onnx_options=("group_size", "symmetric"),
+    onnx_options=("group_size", "symmetric", "reuse_blocks"),
     check=_check_int4,
 )
 def _int4_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:

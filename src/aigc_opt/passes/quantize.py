@@ -52,7 +52,8 @@ AUTO = "auto"  # method name resolved from the target
 
 
 # Settings beyond ``skip`` that a method may honour; the others are refused in ``check``.
-OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions")
+OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions",
+           "reuse_blocks")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -143,6 +144,9 @@ class Quantize(Pass):
         per_channel: one weight scale per output channel (accurate) instead of one per tensor.
         symmetric: symmetric (zero point 0) or asymmetric quantization; None: the method's default.
         group_size: weight-only methods: one scale per ``group_size`` weights along the input axis.
+        reuse_blocks: ONNX int4/int8 weight-only (MatMulNBits): a weight that already lies exactly on a
+            llama.cpp block grid (a model loaded from a Q4_0/Q4_1/Q8_0 GGUF) keeps those blocks as they
+            are instead of being rounded a second time; False requantizes every weight.
         calibration_method: static methods: ``"minmax"``, ``"entropy"`` or ``"percentile"``.
         transformer_fusions: ONNX int8-dynamic: fuse attention/LayerNorm/GELU into ONNX Runtime's
             contrib ops first, so attention is quantized too (``QAttention``). None (default): on
@@ -168,6 +172,7 @@ class Quantize(Pass):
     skip_types: tuple[str, ...] = ()
     symmetric: bool | None = None
     group_size: int | None = None
+    reuse_blocks: bool = True
     calibration_method: str = "minmax"
     transformer_fusions: bool | None = None
     max_drop: float | None = None
@@ -192,7 +197,7 @@ class Quantize(Pass):
             if bad:
                 raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
         validate_choice("Quantize", "transformer_fusions", self.transformer_fusions, (None, True, False))
-        for name in ("per_channel", "verbose"):
+        for name in ("per_channel", "verbose", "reuse_blocks"):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"Quantize: {name}={value!r} is not allowed; it must be True or False.")
@@ -271,7 +276,8 @@ class Quantize(Pass):
         used = {"per_channel": not self.per_channel, "symmetric": self.symmetric is not None,
                 "group_size": self.group_size is not None,
                 "calibration_method": self.calibration_method != "minmax", "skip_types": bool(self.skip_types),
-                "transformer_fusions": self.transformer_fusions is not None}
+                "transformer_fusions": self.transformer_fusions is not None,
+                "reuse_blocks": not self.reuse_blocks}
         for option in OPTIONS:
             if used[option] and option not in honoured:
                 raise ConfigError(

