@@ -85,6 +85,17 @@ def test_deterministic_with_seed_and_learns_projection():
     assert not torch.equal(state_snapshot(a)["0.weight"], state_snapshot(c)["0.weight"])
 
 
+def test_distill_leaves_the_callers_random_state_alone():
+    """Seeds are set inside torch.random.fork_rng: the caller's next random numbers are the ones
+    they would have drawn without distilling (the pass used to reseed the global generator)."""
+    student, teacher, data = problem()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    distill(student, teacher, data, **SETTINGS)
+    assert torch.equal(torch.rand(3), expected)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_stay_in_sync_and_match_single_process(tmp_path, strategy):
     """2 ranks (gloo, CPU): same weights on both, equal to one process on the merged batches."""

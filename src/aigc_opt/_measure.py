@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ._store import atomic_write_text
+
 __all__ = ["measure_host", "cache_dir"]
 
 
@@ -89,9 +91,7 @@ def measure_host(device: str, *, refresh: bool = False) -> dict[str, Any]:
     result = {"peak_tflops": peaks, "mem_bandwidth_gbs": _copy_bandwidth_gbs(torch, device, sync)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(result))
     except OSError:
         pass  # a read-only home still gets the numbers, just not cached
     return result

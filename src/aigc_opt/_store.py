@@ -35,7 +35,7 @@ from ._safety import contained, refuse_symlinks
 from ._workdir import terminate_raises
 from .errors import IntegrityError, NotASavedModelError, SaveConflictError
 
-__all__ = ["MANIFEST", "atomic_directory", "sha256_file", "write_manifest", "read_manifest",
+__all__ = ["MANIFEST", "atomic_directory", "atomic_write", "atomic_write_text", "sha256_file", "write_manifest", "read_manifest",
            "verify_files", "is_saved_model", "clean_stale_saves"]
 
 log = logging.getLogger("aigc_opt")
@@ -79,6 +79,31 @@ def _fsync_dir(path: Path) -> None:
 
 def is_saved_model(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write one file atomically: ``write(tmp)`` fills a temporary sibling of ``path``, which is
+    fsynced and renamed over ``path``; on any error (or a kill) ``path`` keeps its previous
+    content and the temporary file is removed. Every single-file write of the library (recipes,
+    checkpoints, figures, reports, measurement caches) goes through here."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`atomic_write` of UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------- atomic saves

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._store import atomic_write_text
 from .errors import AigcOptError, ConfigError
 
 __all__ = ["main"]
@@ -90,9 +91,9 @@ def _bench(args: argparse.Namespace) -> int:
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "report.json").write_text(report.to_json())
-            (out / "report.md").write_text(report.to_markdown())
-            (out / "report.txt").write_text(str(report) + "\n")
+            for name, text in (("report.json", report.to_json()), ("report.md", report.to_markdown()),
+                               ("report.txt", str(report) + "\n")):
+                atomic_write_text(out / name, text)
             try:
                 report.plot(out / "report.png")
             except AigcOptError as e:  # matplotlib missing: the text outputs still count
@@ -102,7 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
     print(json.dumps(measurement.to_dict(), indent=2) if args.json else measurement)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "measurement.json").write_text(json.dumps(measurement.to_dict(), indent=2))
+        atomic_write_text(Path(args.out) / "measurement.json", json.dumps(measurement.to_dict(), indent=2))
     return 0
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._progress import progress_bar
+from ._store import atomic_write_text
 from .errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
 from .passes.base import PASS_TYPES, Pass
 
@@ -90,7 +92,7 @@ class Pipeline:
 
     def apply(self, model: Model, *, verbose: bool | None = None) -> Model:
         self.check(model)
-        bar = _progress(len(self.passes), verbose)
+        bar = progress_bar(len(self.passes), unit="pass", verbose=verbose)
         done: list[str] = []
         before: list[tuple[Pass, Model]] = []
         try:
@@ -166,9 +168,7 @@ class Pipeline:
         if path.is_dir():
             raise RecipeError(f"Cannot save the recipe to {str(path)!r}: it is a directory; give a file name "
                               "ending in .yaml or .json.")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
         return path
 
     @classmethod
@@ -238,11 +238,3 @@ def _recipe_yaml_loader(yaml: Any) -> type:
 def _where(i: int, p: Pass, done: Sequence[str], total: int) -> str:
     after = f"after {', '.join(done)}" if done else "as the first pass"
     return f"(pipeline step {i + 1} of {total}: {type(p).__name__} failed {after}; the input model is unchanged)"
-
-
-def _progress(total: int, verbose: bool | None) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, disable=None if verbose is None else not verbose, leave=False, unit="pass")

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._store import atomic_write
+
 __all__ = ["new_figure", "place_labels", "save_figure", "wrap_label"]
 
 # Offsets tried for a label, in points from its point, nearest ring first: right, left, above,
@@ -107,10 +109,5 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` (format by the suffix) atomically: a half-written file never
     takes the place of a good one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    fmt = path.suffix.lstrip(".") or None  # the temporary name's suffix is not the format
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._progress import progress_bar
 from .._tree import batch_size, describe, flatten_tensors, normalize_inputs
 from ..errors import AigcOptError, ConfigError, InvalidInputError, UnsupportedModelError
 from .fidelity import FidelityAccumulator
@@ -121,15 +122,6 @@ def _check_runs(models: Sequence[Model], batches: list[list[Any]]) -> None:
                 ) from e
 
 
-def _progress(total: int, desc: str, verbose: bool | None) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    # disable=None: tqdm hides itself when stderr is not a terminal.
-    return tqdm(total=total, desc=desc, disable=None if verbose is None else not verbose, leave=False)
-
-
 def _stable(samples: list[list[float]], rel_ci: float) -> bool:
     for s in samples:
         lo, hi = median_ci(np.asarray(s))
@@ -182,7 +174,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
         for j, (m, own, dev) in enumerate(zip(models, per_model, devices)):
             for i in range(warmup):
                 last[j] = timed_call(m, own[i % len(own)], dev)
-        bar = _progress(iters, "benchmark", verbose)
+        bar = progress_bar(iters, desc="benchmark", verbose=verbose)
         try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
             start, r = time.perf_counter(), 0
             order_rng = random.Random(0)

@@ -11,12 +11,15 @@ import copy
 import logging
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .._progress import progress_bar
+from .._store import atomic_write
 from .._tree import map_tensors, normalize_inputs
 from ..errors import ConfigError, InvalidInputError, PassError
 from . import _distill_losses as L
@@ -107,9 +110,7 @@ def _batches(data: Any, rank: int, size: int) -> list[Any]:
 # ---------------------------------------------------------------------- checkpoints
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _checkpoint_path(where: str | os.PathLike[str]) -> Path:
@@ -192,152 +193,217 @@ def resolve_precision(cfg: Distill, target: Any, device: torch.device) -> tuple[
     return "fp32", f"auto: target {target.name!r} lists neither bf16 nor fp16"
 
 
-def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module, module_device: Any) -> tuple[nn.Module, dict[str, Any]]:
+@dataclass
+class _Run:
+    """Everything one distillation run carries from step to step (and into a checkpoint)."""
+
+    cfg: Distill
+    device: torch.device
+    rank: int
+    size: int
+    amp_dtype: torch.dtype | None
+    pairs: list[tuple[str, str]]
+    teacher: nn.Module
+    t_tap: Any
+    trainee: Any = None
+    wrapped: nn.Module | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    start_epoch: int = 0
+    step: int = 0
+    best_score: float | None = None
+    best_state: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_good: str | None = None
+    first_epoch: list[Any] = field(default_factory=list)  # epoch 1's batches, listed once before seeding
+    total: int = 0  # optimizer steps over all epochs
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, tree: Any) -> Any:
+        return map_tensors(lambda t: t.to(self.device), tree)
+
+    def teacher_forward(self, inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        if self.t_tap is not None:
+            self.t_tap.values.clear()
+        with torch.no_grad(), self.autocast():
+            out = L.run_module(self.teacher, inputs)
+        return out, {t: self.t_tap.values.get(t) for _, t in self.pairs} if self.t_tap else {}
+
+
+def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module,
+           module_device: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Distill ``source`` (a copy of it) from ``teacher``; the caller's random state is untouched
+    (seeds are set inside ``fork_rng``, so a run is reproducible without changing the user's)."""
     rank, size = world()
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
               if size > 1 and torch.cuda.is_available() else module_device(source))
     precision, precision_reason = resolve_precision(cfg, model.target, device)
-    amp_dtype = _AUTOCAST_DTYPES.get(precision)
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-    batches = _batches(cfg.data, rank, size)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        batches = _batches(cfg.data, rank, size)  # read once: a DataLoader may shuffle with the caller's seed
+        run, student, widths = _start(cfg, teacher, source, device, batches, _AUTOCAST_DTYPES.get(precision))
+        _resume(run)
+        _epochs(run, model)
+    final = _student_state(run.wrapped, run.trainee, cfg.strategy, size)
+    result = copy.deepcopy(source)
+    result.load_state_dict(run.best_state if run.best_state is not None else final)
+    result.eval()
+    details = {"epochs": cfg.epochs, "steps": run.step, "world_size": size,
+               "strategy": cfg.strategy if size > 1 else "single", "history": run.history,
+               "precision": precision, "precision_reason": precision_reason,
+               "final_loss": run.history[-1]["loss"] if run.history else None, "best_score": run.best_score,
+               "projections": {s: list(w) for s, w in widths.items() if w[0] != w[1]}}
+    return result, details
+
+
+def _start(cfg: Distill, teacher: nn.Module, source: nn.Module, device: torch.device, batches: list[Any],
+           amp_dtype: torch.dtype | None) -> tuple[_Run, nn.Module, dict[str, tuple[int, int]]]:
+    """The student, the projections, the optimizer: after one forward on the first batch has shown
+    that student and teacher outputs (and the paired features) can be compared."""
+    pairs = [tuple(p) for p in cfg.feature_layers]
+    teacher = teacher.to(device).eval()
+    rank, size = world()
+    run = _Run(cfg=cfg, device=device, rank=rank, size=size, amp_dtype=amp_dtype, pairs=pairs, teacher=teacher,
+               t_tap=L.FeatureTap(teacher, [t for _, t in pairs], "teacher") if pairs else None,
+               first_epoch=batches, total=cfg.epochs * len(batches))
     torch.manual_seed(cfg.seed)
     student = copy.deepcopy(source).to(device)
-    teacher = teacher.to(device).eval()
-    pairs = [tuple(p) for p in cfg.feature_layers]
-    t_tap = L.FeatureTap(teacher, [t for _, t in pairs], "teacher") if pairs else None
-    to_dev = lambda tree: map_tensors(lambda t: t.to(device), tree)  # noqa: E731
-
-    def teacher_forward(inputs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        if t_tap is not None:
-            t_tap.values.clear()
-        with torch.no_grad(), autocast():
-            out = L.run_module(teacher, inputs)
-        return out, {t: t_tap.values.get(t) for _, t in pairs} if t_tap else {}  # type: ignore[misc]
-
-    # One forward on the first batch: refuse outputs that cannot be compared before training.
-    first_inputs, _ = split_batch(batches[0], cfg.labeled)
-    first_inputs = to_dev(first_inputs)
+    first_inputs = run.to_device(split_batch(batches[0], cfg.labeled)[0])
     s_tap = L.FeatureTap(student, [s for s, _ in pairs], "student") if pairs else None
     with torch.no_grad():
         s_out = L.run_module(student.eval(), first_inputs)
     s_feats = dict(s_tap.values) if s_tap else {}
     if s_tap:
         s_tap.remove()
-    t_out, t_feats = teacher_forward(first_inputs)
+    t_out, t_feats = run.teacher_forward(first_inputs)
     suggest = lambda: repr(L.suggest_pairs(student, teacher, first_inputs))  # noqa: E731
     widths = L.check_comparable(cfg.output_loss, s_out, t_out, s_feats, t_feats, pairs, suggest)
 
     torch.manual_seed(cfg.seed)  # projections start the same on every rank and every run
-    trainee = L.Trainee(student, pairs, widths).to(device)
-    wrapped = _wrap(trainee, cfg.strategy, device) if size > 1 else trainee
-    decay = [p for n, p in wrapped.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in wrapped.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    total = cfg.epochs * len(batches)
-    warmup = int(cfg.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    run.trainee = L.Trainee(student, pairs, widths).to(device)
+    run.wrapped = _wrap(run.trainee, cfg.strategy, device) if size > 1 else run.trainee
+    decay = [p for n, p in run.wrapped.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in run.wrapped.named_parameters() if p.ndim < 2]
+    run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total, warmup = run.total, int(cfg.warmup_ratio * run.total)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: _schedule(s, total, warmup))
+    # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+    run.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16 and device.type == "cuda")
+    return run, student, widths
 
-    start_epoch, step, best_score, best_state, history = 0, 0, None, None, []
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if cfg.resume_from:
-        path = _checkpoint_path(cfg.resume_from)
-        if not path.is_file():
-            raise ConfigError(f"Distill: resume_from={str(cfg.resume_from)!r} has no checkpoint ({path} is "
-                              "missing); give the checkpoint_dir of an earlier run.")
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        _load_full_state(wrapped, trainee, ck["trainee"], cfg.strategy, size)
-        if size > 1 and cfg.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(wrapped, optimizer, ck["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, step, best_score, best_state, history = (
-            ck["epoch"], ck["step"], ck["best_score"], ck["best_state"], list(ck["history"]))
-        log.info("Distill: resumed from %s after epoch %d (step %d)", path, start_epoch, step)
+def _resume(run: _Run) -> None:
+    """Continue from ``resume_from``'s checkpoint: weights, optimizer, schedule, history."""
+    cfg = run.cfg
+    if not cfg.resume_from:
+        return
+    path = _checkpoint_path(cfg.resume_from)
+    if not path.is_file():
+        raise ConfigError(f"Distill: resume_from={str(cfg.resume_from)!r} has no checkpoint ({path} is "
+                          "missing); give the checkpoint_dir of an earlier run.")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    _load_full_state(run.wrapped, run.trainee, ck["trainee"], cfg.strategy, run.size)
+    if run.size > 1 and cfg.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    bar = _progress(total, step, cfg.verbose if rank == 0 else False)
-    last_good = None
+        set_optimizer_state_dict(run.wrapped, run.optimizer, ck["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    run.start_epoch, run.step, run.best_score, run.best_state = (
+        ck["epoch"], ck["step"], ck["best_score"], ck["best_state"])
+    run.history = list(ck["history"])
+    log.info("Distill: resumed from %s after epoch %d (step %d)", path, run.start_epoch, run.step)
+
+
+def _epochs(run: _Run, model: Model) -> None:
+    """The training loop: every epoch's steps, its evaluation and its checkpoint."""
+    cfg = run.cfg
+    bar = progress_bar(run.total, initial=run.step, unit="step", desc="Distill",
+                       verbose=cfg.verbose if run.rank == 0 else False)
     position = [0, 0]  # epoch, batch: for the BatchNorm guard's message
-    guards = _batchnorm_guards(trainee.student, position)
+    guards = _batchnorm_guards(run.trainee.student, position)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             torch.manual_seed(cfg.seed + epoch)  # dropout and shuffling: the same with or without resume
-            wrapped.train()
-            trainee.student.train()
+            run.wrapped.train()
+            run.trainee.student.train()
             running, count = 0.0, 0
-            for i, batch in enumerate(_batches(cfg.data, rank, size) if epoch else batches):
+            for i, batch in enumerate(_batches(cfg.data, run.rank, run.size) if epoch else run.first_epoch):
                 position[:] = [epoch + 1, i + 1]
-                inputs, labels = split_batch(batch, cfg.labeled)
-                inputs = to_dev(inputs)
-                labels = to_dev(labels) if labels is not None else None
-                t_out, t_feats = teacher_forward(inputs)
-                with autocast():
-                    s_out, s_feats = wrapped(inputs)
-                # the loss in fp32: KL/softmax over low-precision logits loses the small differences
-                if amp_dtype is not None:
-                    s_out, t_out, s_feats, t_feats = map_tensors(_to_fp32, (s_out, t_out, s_feats, t_feats))
-                loss = _loss(cfg, s_out, t_out, s_feats, t_feats, labels, pairs)
-                shown = _mean_across(loss, size)
-                if not torch.isfinite(shown):
-                    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
-                    raise PassError(f"Distill: loss became {shown.item()} at step {step + 1} (epoch {epoch + 1}, "
-                                    f"batch {i + 1}); training stopped, the input model is unchanged, {where}. "
-                                    f"Try a lower lr (now {cfg.lr}) or max_grad_norm (now {cfg.max_grad_norm}).")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.max_grad_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                running, count = running + shown.item(), count + 1
+                shown = _step(run, batch, epoch, i)
+                running, count = running + shown, count + 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{shown.item():.4f}", epoch=epoch + 1)
-            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": running / max(1, count)}
-            if cfg.eval_fn is not None:
-                score = _evaluate(cfg, model, trainee, wrapped, size)
-                entry["score"] = score
-                if best_score is None or score > best_score:
-                    best_score, best_state = score, _student_state(wrapped, trainee, cfg.strategy, size)
-            history.append(entry)
-            log.info("Distill epoch %d/%d: %s", epoch + 1, cfg.epochs, entry)
-            if ckpt_dir is not None:
-                state = _full_state(wrapped, trainee, cfg.strategy, size)  # collective under FSDP
-                optim = _optimizer_state(wrapped, optimizer, cfg.strategy, size)
-                if rank == 0:
-                    _atomic_save({"epoch": epoch + 1, "step": step, "trainee": state,
-                                  "optimizer": optim, "scheduler": scheduler.state_dict(),
-                                  "best_score": best_score, "best_state": best_state, "history": history,
-                                  "config": cfg.config_dict()}, ckpt_dir / CHECKPOINT_FILE)
-                last_good = str(ckpt_dir / CHECKPOINT_FILE)
+                    bar.set_postfix(loss=f"{shown:.4f}", epoch=epoch + 1)
+            _end_epoch(run, model, epoch, running / max(1, count))
     finally:
         if bar is not None:
             bar.close()
         for guard in guards:
             guard.remove()
-        for tap in (t_tap, trainee.tap):
+        for tap in (run.t_tap, run.trainee.tap):
             if tap is not None:
                 tap.remove()
 
-    final = _student_state(wrapped, trainee, cfg.strategy, size)
-    result = copy.deepcopy(source)
-    result.load_state_dict(best_state if best_state is not None else final)
-    result.eval()
-    details = {"epochs": cfg.epochs, "steps": step, "world_size": size,
-               "strategy": cfg.strategy if size > 1 else "single", "history": history,
-               "precision": precision, "precision_reason": precision_reason,
-               "final_loss": history[-1]["loss"] if history else None, "best_score": best_score,
-               "projections": {s: list(w) for s, w in widths.items() if w[0] != w[1]}}
-    return result, details
+
+def _step(run: _Run, batch: Any, epoch: int, index: int) -> float:
+    """One optimizer step on one batch; returns the loss (averaged across ranks)."""
+    cfg = run.cfg
+    inputs, labels = split_batch(batch, cfg.labeled)
+    inputs = run.to_device(inputs)
+    labels = run.to_device(labels) if labels is not None else None
+    t_out, t_feats = run.teacher_forward(inputs)
+    with run.autocast():
+        s_out, s_feats = run.wrapped(inputs)
+    # the loss in fp32: KL/softmax over low-precision logits loses the small differences
+    if run.amp_dtype is not None:
+        s_out, t_out, s_feats, t_feats = map_tensors(_to_fp32, (s_out, t_out, s_feats, t_feats))
+    loss = _loss(cfg, s_out, t_out, s_feats, t_feats, labels, run.pairs)
+    shown = _mean_across(loss, run.size)
+    if not torch.isfinite(shown):
+        where = f"last good checkpoint: {run.last_good}" if run.last_good else "no checkpoint was written"
+        raise PassError(f"Distill: loss became {shown.item()} at step {run.step + 1} (epoch {epoch + 1}, "
+                        f"batch {index + 1}); training stopped, the input model is unchanged, {where}. "
+                        f"Try a lower lr (now {cfg.lr}) or max_grad_norm (now {cfg.max_grad_norm}).")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if cfg.max_grad_norm:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.wrapped.parameters(), cfg.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+    return shown.item()
+
+
+def _end_epoch(run: _Run, model: Model, epoch: int, mean_loss: float) -> None:
+    """Evaluate (keeping the best student), log, and write the checkpoint."""
+    cfg = run.cfg
+    entry: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+    if cfg.eval_fn is not None:
+        score = _evaluate(cfg, model, run.trainee, run.wrapped, run.size)
+        entry["score"] = score
+        if run.best_score is None or score > run.best_score:
+            run.best_score, run.best_state = score, _student_state(run.wrapped, run.trainee, cfg.strategy, run.size)
+    run.history.append(entry)
+    log.info("Distill epoch %d/%d: %s", epoch + 1, cfg.epochs, entry)
+    if cfg.checkpoint_dir is None:
+        return
+    path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
+    state = _full_state(run.wrapped, run.trainee, cfg.strategy, run.size)  # collective under FSDP
+    optim = _optimizer_state(run.wrapped, run.optimizer, cfg.strategy, run.size)
+    if run.rank == 0:
+        _atomic_save({"epoch": epoch + 1, "step": run.step, "trainee": state, "optimizer": optim,
+                      "scheduler": run.scheduler.state_dict(), "best_score": run.best_score,
+                      "best_state": run.best_state, "history": run.history, "config": cfg.config_dict()}, path)
+    run.last_good = str(path)
 
 
 def _batchnorm_guards(student: nn.Module, position: list[int]) -> list[Any]:
@@ -403,13 +469,3 @@ def unwrap_source(model: Model) -> nn.Module:
     from ..runtime.torch_module import unwrap
 
     return unwrap(model.artifact)
-
-
-def _progress(total: int, initial: int, verbose: bool | None) -> Any:
-    if verbose is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, disable=None if verbose is None else False, leave=False, unit="step", desc="Distill")
