@@ -52,13 +52,20 @@ def pinned_threads(num_threads: int | None) -> Iterator[int]:
 
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
-    """The CPU profiler's C++ side prints start/stop lines to fd 2; keep them off the user's console."""
+    """The CPU profiler's C++ side prints start/stop lines to fd 2; keep them off the user's console.
+
+    Always fd 2, not ``sys.stderr.fileno()``: in a Jupyter kernel that is a copy of the original
+    descriptor, while native code still writes to fd 2, which the kernel shows in the notebook."""
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
+        os.fstat(fd)
+    except OSError:
         yield
         return
-    sys.stderr.flush()
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
     saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
