@@ -3,6 +3,7 @@
 from .base import PASS_TYPES, Pass, PassRecord, register_pass, runtime_field
 from .compile import COMPILE_BACKENDS, Compile, compile
 from . import compile_onnx as _compile_onnx  # noqa: F401,E402  (registers "onnxruntime" and "tensorrt")
+from . import _compile_openvino  # noqa: F401,E402  (registers "openvino"; imports openvino lazily)
 from .export import EXPORTERS, Export, export
 from .prune import IMPORTANCES, PRUNE_METHODS, Prune, prune
 from .distill import Distill, distill

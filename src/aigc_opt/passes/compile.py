@@ -87,9 +87,20 @@ class Compile(Pass):
         workspace_gb: tensorrt workspace limit (default: a quarter of the target's memory).
         max_batch_multiplier: tensorrt: the optimization profile's largest batch, as a multiple
             of the example batch.
+        shapes: inductor: what happens when a call brings another shape (see
+            :mod:`aigc_opt.passes._compile_shapes`): ``"static"`` (a graph per shape, recompiles counted),
+            ``"dynamic"`` (symbolic shapes) or ``"buckets"`` (sequence inputs padded to a few lengths, all
+            compiled up front: no call recompiles). None: torch's default (``dynamic`` decides).
+        buckets: inductor with ``shapes="buckets"``: the sequence lengths to compile (at most 8).
+            None: the example inputs' length and up to three halvings of it, down to the target's
+            vector width and the shortest real example sequence.
+        device: openvino: ``"CPU"``, ``"GPU"`` or ``"NPU"`` (default: the target's kind).
+        precision: openvino inference precision hint, ``"f32"``, ``"bf16"`` or ``"f16"`` (default:
+            bf16 where the target has AVX512-BF16 or AMX, f16 on GPU/NPU, else f32).
 
     Backends: ``"inductor"`` (torch models), ``"onnxruntime"`` and ``"tensorrt"`` (ONNX models,
-    see :mod:`aigc_opt.passes.compile_onnx`).
+    see :mod:`aigc_opt.passes.compile_onnx`), ``"openvino"`` (OpenVINO IR, see
+    :mod:`aigc_opt.passes._compile_openvino`).
     """
 
     backend: str = "inductor"
@@ -104,6 +115,10 @@ class Compile(Pass):
     transformer_fusions: bool | None = None
     workspace_gb: float | None = None
     max_batch_multiplier: int = 4
+    shapes: str | None = None
+    buckets: tuple[int, ...] | None = None
+    device: str | None = None
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         backend = COMPILE_BACKENDS.get(self.backend)
@@ -128,6 +143,18 @@ class Compile(Pass):
         check_int("Compile", "warmup_iters", self.warmup_iters, low=0, high=10_000)
         check_float("Compile", "workspace_gb", self.workspace_gb, low=0, high=4096, low_open=True, optional=True)
         check_int("Compile", "max_batch_multiplier", self.max_batch_multiplier, low=1, high=1024)
+        from ._compile_shapes import SHAPE_POLICIES, check_buckets
+
+        validate_choice("Compile", "shapes", self.shapes, (None, *SHAPE_POLICIES))
+        object.__setattr__(self, "buckets", check_buckets(self.buckets))
+        if self.buckets is not None and self.shapes != "buckets":
+            raise ConfigError(f"Compile: buckets={list(self.buckets)} applies to shapes='buckets', not "
+                              f"shapes={self.shapes!r}.")
+        if self.shapes is not None and self.dynamic is not None:
+            raise ConfigError(f"Compile: give shapes={self.shapes!r} or dynamic={self.dynamic!r}, not both "
+                              "(shapes='dynamic' is dynamic=True, 'static' and 'buckets' compile static shapes).")
+        validate_choice("Compile", "device", self.device, (None, "CPU", "GPU", "NPU"))
+        validate_choice("Compile", "precision", self.precision, (None, "f32", "bf16", "f16"))
 
     def config_dict(self) -> dict[str, Any]:
         """The backend and the settings that apply to it (a recipe carries nothing else)."""
@@ -160,6 +187,10 @@ class Compile(Pass):
         module = copy.deepcopy(unwrap(model.artifact))
         compiled = COMPILE_BACKENDS.get(self.backend).build(module, self)
         details: dict[str, Any] = {"backend": self.backend}
+        if self.shapes is not None:
+            from ._compile_shapes import shape_policy_run
+
+            return shape_policy_run(self, model, compiled, details, requested_inductor_config(model.history))
         if model.example_inputs is None:
             details["compile_seconds"] = None
             details["note"] = "No example inputs: compilation happens on the first call."
@@ -191,6 +222,10 @@ class Compile(Pass):
 
     def restore(self, module: Any, record: PassRecord) -> Any:
         # Compilation is not saved: it is replayed lazily, and runs again on the first call.
+        if self.shapes is not None:
+            from ._compile_shapes import restore_policy
+
+            return restore_policy(self, unwrap(module), record)
         return COMPILE_BACKENDS.get(self.backend).build(unwrap(module), self)
 
 
@@ -256,7 +291,8 @@ def _check_inductor(settings: Compile, target: Target) -> None:
 
 
 def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
-    options = {"backend": "inductor", "mode": settings.mode, "dynamic": settings.dynamic,
+    dynamic = {"static": False, "buckets": False, "dynamic": True}.get(settings.shapes or "", settings.dynamic)
+    options = {"backend": "inductor", "mode": settings.mode, "dynamic": dynamic,
                "fullgraph": settings.fullgraph}
     compiled = torch.compile(module, **options)
     # Model.generate compiles the module's forward with the same options: transformers' generate
@@ -267,6 +303,6 @@ def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
 
 COMPILE_BACKENDS.register("inductor", CompileBackend(
     name="inductor", check=_check_inductor, build=_build_inductor,
-    settings=("mode", "dynamic", "fullgraph", "warmup_iters"),
+    settings=("mode", "dynamic", "fullgraph", "warmup_iters", "shapes", "buckets"),
     description="torch.compile with TorchInductor (C++/OpenMP on CPU, Triton on CUDA)",
 ))

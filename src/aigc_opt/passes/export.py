@@ -52,7 +52,7 @@ EXPORTERS: Registry[Exporter] = Registry("export format")
 @register_pass
 @dataclass(frozen=True)
 class Export(Pass):
-    """Export to ``to`` (``"onnx"`` or ``"torch.export"``).
+    """Export to ``to`` (``"onnx"``, ``"torch.export"`` or ``"openvino"``: an OpenVINO IR, extra ``[openvino]``).
 
     Args:
         to: the format to export to.
@@ -363,3 +363,13 @@ EXPORTERS.register("onnx", Exporter(name="onnx", output_format="onnx", export=_e
                                     packages=("onnx", "onnxscript", "onnxruntime"), extra="onnx"))
 EXPORTERS.register("torch.export", Exporter(name="torch.export", output_format="torch.export",
                                             export=_export_program))
+
+
+def _export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+    from ._export_openvino import export_openvino  # imports openvino, and this module: kept lazy
+
+    return export_openvino(model, settings)
+
+
+EXPORTERS.register("openvino", Exporter(name="openvino", output_format="openvino", export=_export_openvino,
+                                        packages=("openvino",), extra="openvino"))

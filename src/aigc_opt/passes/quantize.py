@@ -161,7 +161,7 @@ class Quantize(Pass):
     """
 
     accepts_compiled: ClassVar[bool] = False
-    input_formats: ClassVar[tuple[str, ...]] = ("torch", "onnx")
+    input_formats: ClassVar[tuple[str, ...]] = ("torch", "onnx", "openvino")
     # Always written to recipes; the other settings only when they differ from the default.
     _ALWAYS: ClassVar[tuple[str, ...]] = ("method", "skip", "per_channel")
 
@@ -235,6 +235,10 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ checks
     def check_static(self, fmt: str, target: Target) -> None:
+        if fmt == "openvino":  # NNCF's methods (passes/_quant_nncf.py)
+            from ._quant_nncf import check_openvino
+
+            return check_openvino(self, target)
         spec, _ = self.resolve(target, fmt)
         label = f"Quantize(method={spec.name!r})"
         if fmt not in spec.formats:
@@ -287,6 +291,10 @@ class Quantize(Pass):
                 )
 
     def check_model(self, model: Model) -> None:
+        if model.format == "openvino":
+            from ._quant_nncf import check_openvino_model
+
+            return check_openvino_model(self, model)
         spec, _ = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.max_drop is not None and self.eval_fn is None:
             raise ConfigError("Quantize: max_drop needs eval_fn=(model -> metric, higher is better) at run time.")
@@ -347,6 +355,10 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------ work
     def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+        if model.format == "openvino":
+            from ._quant_nncf import quantize_openvino
+
+            return quantize_openvino(model, self)
         spec, reason = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.eval_fn is not None:
             from ._quant_fallback import quantize_within_budget

@@ -1,0 +1,298 @@
+"""Embed a corpus of variable-length sentences: total wall time (compiles included), steady speed, fidelity.
+
+The workload users run: N sentences (default: the 400 reference sentences shipped with aigc_opt;
+any text file, one sentence a line) embedded in batches of ``--batch-size`` (32), each batch padded
+to its longest sentence (``--sort``: length-sorted first). For each row:
+- ``prep_s``: export, quantization and compilation (everything before the first sentence);
+- ``first_pass_s``: the first pass over the corpus, which includes every recompile a new shape causes;
+- ``total_s`` = prep + first pass: what embedding the corpus once costs;
+- ``steady_sps``: sentences/s over the best of ``--passes`` further passes;
+- ``fp32_sps``: fp32 eager measured in the same process, for ``speedup`` (steady / fp32 eager);
+- cosine of each sentence's embedding against fp32 eager's (mean and min).
+
+Rows: fp32 eager; torch.compile (inductor, torch's default shapes); aigc_opt's recipes
+(int8-dynamic + inductor and PT2E int8-static + inductor, both with ``shapes="buckets"``; ONNX
+int8 + ONNX Runtime; OpenVINO IR + NNCF int8 + Compile("openvino")); and the peers, used through
+their own APIs: OpenVINO + NNCF int8 (``ov.convert_model``, ``nncf.quantize(model_type=TRANSFORMER)``,
+LATENCY hint) and Hugging Face Optimum's int8 ONNX (its avx512_vnni dynamic recipe, made in its own
+venv, run in ONNX Runtime). Static int8 rows calibrate on the demo sentences (not the corpus).
+
+Every row runs in its own process (a runtime's idle threads, torch's compile caches and
+OpenVINO's TBB pool would otherwise bias the rows after it), with a fresh inductor cache (compiles
+are cold, as on a user's first run), each timed against its own fp32 eager.
+    .venv/bin/python benchmarks/embed_corpus.py [--model DIR] [--texts FILE] [--sort] [--rows a,b]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).parent
+
+ROWS = {
+    "fp32-eager": "fp32 eager",
+    "torch-compile": "torch.compile (inductor, default shapes)",
+    "ours-int8-dynamic-inductor": "ours: int8-dynamic + inductor (shapes=buckets)",
+    "ours-pt2e-int8-static-inductor": "ours: PT2E int8-static + inductor (shapes=buckets)",
+    "ours-onnx-int8-ort": "ours: ONNX int8-dynamic + ONNX Runtime",
+    "ours-openvino-int8": "ours: Export(openvino) + Quantize(int8-static) + Compile(openvino)",
+    "peer-openvino-nncf-int8": "peer: OpenVINO + NNCF int8 (by hand)",
+    "peer-optimum-int8-onnx": "peer: Optimum int8 ONNX + ONNX Runtime",
+}
+
+
+def corpus(texts: Path | None) -> list[str]:
+    from aigc_opt.demo import reference_sentences
+
+    if texts is None:
+        return reference_sentences()
+    return [line.strip() for line in Path(texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------- worker
+def worker(row: str, args: Any) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    import aigc_opt as ao
+    from aigc_opt.demo import demo_sentences, minilm_dir
+
+    model_dir = Path(args.model) if args.model else minilm_dir()
+    sentences = corpus(args.texts)
+    base = ao.Model.from_hf(model_dir, task="sentence-embedding", example_texts=sentences[:args.batch_size],
+                            batch_size=args.batch_size, seq_len=args.example_len, name="fp32")
+    tok = base.tokenizer
+    order = sorted(range(len(sentences)), key=lambda i: len(tok(sentences[i])["input_ids"])) if args.sort \
+        else list(range(len(sentences)))
+    batches = [dict(tok([sentences[i] for i in order[s:s + args.batch_size]], padding=True, truncation=True,
+                        max_length=args.example_len, return_tensors="pt"))
+               for s in range(0, len(order), args.batch_size)]
+    calib = [dict(tok(demo_sentences()[s:s + 8], padding=True, return_tensors="pt"))
+             for s in range(0, len(demo_sentences()), 8)]
+
+    def passes(run: Any) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = [run(b) for b in batches]
+        return time.perf_counter() - start, out
+
+    def steady(run: Any) -> float:
+        return min(passes(run)[0] for _ in range(args.passes))
+
+    fp32_run = lambda b: base(**b)  # noqa: E731
+    passes(fp32_run)  # warm
+    fp32_s = steady(fp32_run)
+    details: dict[str, Any] = {}
+    start = time.perf_counter()
+    run = _prepare(row, base, calib, details)
+    prep_s = time.perf_counter() - start
+    from aigc_opt.passes._compile_shapes import graphs_compiled
+
+    graphs = graphs_compiled()
+    first_s, outputs = passes(run)
+    details["graphs_compiled_in_first_pass"] = graphs_compiled() - graphs
+    steady_s = steady(run)
+    emb = torch.cat([o if isinstance(o, torch.Tensor) else torch.as_tensor(np.asarray(o)) for o in outputs]).float()
+    emb = torch.nn.functional.normalize(emb, dim=1)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    np.save(args.embeddings, emb[inverse].numpy())
+    n = len(sentences)
+    return {"row": row, "label": ROWS[row], "prep_s": prep_s, "first_pass_s": first_s, "total_s": prep_s + first_s,
+            "steady_s": steady_s, "steady_sps": n / steady_s, "fp32_sps": n / fp32_s,
+            "speedup": fp32_s / steady_s, "details": details}
+
+
+def _prepare(row: str, base: Any, calib: list[dict], details: dict[str, Any]) -> Any:
+    import aigc_opt as ao
+
+    if row == "fp32-eager":
+        return lambda b: base(**b)
+    if row == "torch-compile":
+        m = ao.compile(base, "inductor")
+    elif row == "ours-int8-dynamic-inductor":
+        m = ao.compile(ao.quantize(base, "int8-dynamic"), "inductor", shapes="buckets")
+    elif row == "ours-pt2e-int8-static-inductor":
+        m = ao.compile(ao.quantize(base, "int8-static", data=calib), "inductor", shapes="buckets")
+    elif row == "ours-onnx-int8-ort":
+        m = ao.compile(ao.quantize(ao.export(base, "onnx"), "int8-dynamic"), "onnxruntime")
+    elif row == "ours-openvino-int8":
+        m = ao.compile(ao.quantize(ao.export(base, "openvino"), "int8-static", data=calib), "openvino")
+    elif row == "peer-openvino-nncf-int8":
+        return _openvino_by_hand(base, calib, details)
+    elif row == "peer-optimum-int8-onnx":
+        return _optimum(base, details)
+    else:
+        raise SystemExit(f"unknown row {row!r}; rows: {list(ROWS)}")
+    details["history"] = [{"pass": r.pass_type, "config": r.config, "seconds": r.seconds,
+                           "details": {k: v for k, v in r.details.items() if k not in ("max_abs_diff",)}}
+                          for r in m.history]
+    artifact = m.artifact
+    if hasattr(artifact, "recompiles"):
+        def run(b: dict) -> Any:
+            return m(**b)
+
+        details["shape_policy"] = {"buckets": list(getattr(artifact, "buckets", ()))}
+        return run
+    return lambda b: m(**b)
+
+
+def _openvino_by_hand(base: Any, calib: list[dict], details: dict[str, Any]) -> Any:
+    """What an OpenVINO user writes: convert, NNCF int8 for transformers, compile with 2 threads, LATENCY."""
+    import nncf
+    import openvino as ov
+    import torch
+
+    module = base.artifact
+    with torch.no_grad():
+        ov_model = ov.convert_model(module, example_input=dict(base.example_inputs))
+    q = nncf.quantize(ov_model, nncf.Dataset(calib, lambda b: {k: v.numpy() for k, v in b.items()}),
+                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+    threads = str(torch.get_num_threads())
+    compiled = ov.Core().compile_model(q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    details.update(openvino=ov.__version__, nncf=nncf.__version__, threads=threads,
+                   precision=str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+    names = [p.get_any_name() for p in compiled.inputs]
+
+    def run(b: dict) -> Any:
+        request.infer({k: b[k].numpy() for k in names})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return run
+
+
+def _optimum(base: Any, details: dict[str, Any]) -> Any:
+    """Optimum's int8 ONNX (made by benchmarks/_optimum_peer.py in its venv, timed), in ONNX Runtime."""
+    import onnxruntime as ort
+    import torch
+
+    from _common import optimum_python
+
+    out = HERE / ".peer-artifacts"
+    out.mkdir(exist_ok=True)
+    py = optimum_python()
+    start = time.perf_counter()
+    subprocess.run([str(py), str(HERE / "_optimum_peer.py"), str(out)], check=True, capture_output=True)
+    peer = json.loads((out / "peer.json").read_text())
+    details.update(subprocess_seconds=time.perf_counter() - start, versions=peer["versions"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as fair as ours
+    session = ort.InferenceSession(peer["int8"], options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(b: dict) -> Any:
+        hidden = torch.from_numpy(session.run(None, {k: b[k].numpy() for k in names})[0])
+        mask = b["attention_mask"].unsqueeze(-1).float()  # the model's own pooling, as SentenceEmbedder does
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- main
+def main() -> None:
+    from _common import base_parser
+
+    parser = base_parser(__doc__)
+    parser.add_argument("--model", default=None, help="a sentence-transformers model directory (default: MiniLM)")
+    parser.add_argument("--texts", type=Path, default=None, help="text file, one sentence a line")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--example-len", type=int, default=64,
+                        help="sequence length of the example batch (the largest bucket; longer sentences truncated)")
+    parser.add_argument("--sort", action="store_true", help="length-sort the sentences before batching")
+    parser.add_argument("--passes", type=int, default=3, help="steady passes (best counts)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
+    parser.add_argument("--lock", default=None, metavar="PATH",
+                        help="hold this file's exclusive flock while each row runs (machines shared with others)")
+    parser.add_argument("--worker", default=None, help=argparse_hidden())
+    parser.add_argument("--embeddings", default=None, help=argparse_hidden())
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        return
+    rows, failures = [], {}
+    with tempfile.TemporaryDirectory(prefix="embed_corpus-") as tmp:
+        for row in args.rows.split(","):
+            emb = Path(tmp) / f"{row}.npy"
+            cmd = [sys.executable, __file__, "--worker", row, "--embeddings", str(emb), "--batch-size",
+                   str(args.batch_size), "--example-len", str(args.example_len), "--passes", str(args.passes)]
+            cmd += (["--model", args.model] if args.model else []) + (["--texts", str(args.texts)] if args.texts else [])
+            cmd += ["--sort"] if args.sort else []
+            cmd = ["flock", "-x", args.lock, *cmd] if args.lock else cmd
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / f"inductor-{row}")}
+            print(f"--- {row}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                failures[row] = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                print(f"    failed: {failures[row]}", flush=True)
+                continue
+            result = json.loads(line[len("RESULT "):])
+            result["embeddings"] = str(emb)
+            rows.append(result)
+            print(f"    total {result['total_s']:.1f} s, steady {result['steady_sps']:.0f} sentences/s "
+                  f"({result['speedup']:.2f}x fp32 eager)", flush=True)
+        _fidelity(rows)
+    write(rows, failures, args)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _fidelity(rows: list[dict]) -> None:
+    import numpy as np
+
+    ref = next((r for r in rows if r["row"] == "fp32-eager"), None)
+    if ref is None:
+        return
+    base = np.load(ref["embeddings"])
+    for r in rows:
+        cos = (np.load(r.pop("embeddings")) * base).sum(1)
+        r["cosine_mean"], r["cosine_min"] = float(cos.mean()), float(cos.min())
+
+
+def write(rows: list[dict], failures: dict, args: Any) -> None:
+    from _common import describe_machine, machine_info, markdown_table, result_header, write_results
+
+    machine = machine_info()
+    n = len(corpus(args.texts))
+    data = {**result_header("embed_corpus"), "machine": machine, "sentences": n, "batch_size": args.batch_size,
+            "sorted": args.sort, "example_len": args.example_len, "rows": rows, "failures": failures,
+            "texts": str(args.texts or "aigc_opt reference_sentences.txt")}
+    lines = [f"# Embedding a corpus: {n} sentences, batches of {args.batch_size} padded to their longest"
+             + (" (length-sorted)" if args.sort else ""), "",
+             f"Machine: {describe_machine(machine)}. One process per row (fresh inductor cache, cold compiles), "
+             "each with its own fp32 eager for the speed-up; cosine per sentence against fp32 eager.", ""]
+    table = [[r["label"], f"{r['total_s']:.1f}", f"{r['prep_s']:.1f}", f"{r['first_pass_s']:.2f}",
+              f"{r['steady_sps']:.0f}", f"{r['speedup']:.2f}x", f"{r.get('cosine_mean', float('nan')):.4f}",
+              f"{r.get('cosine_min', float('nan')):.4f}", r["details"].get("graphs_compiled_in_first_pass", 0)]
+             for r in rows]
+    lines += markdown_table(["row", "total s", "prep s", "first pass s", "steady sent/s", "vs fp32 eager",
+                             "cos mean", "cos min", "compiles in 1st pass"], table)
+    ours = [r for r in rows if r["row"].startswith("ours") and r.get("cosine_mean", 0) >= 0.99]
+    peers = [r for r in rows if r["row"].startswith("peer") and r.get("cosine_mean", 0) >= 0.99]
+    if ours and peers:
+        best, peer = min(ours, key=lambda r: r["total_s"]), min(peers, key=lambda r: r["total_s"])
+        data["headline"] = {"ours": best["row"], "peer": peer["row"], "total_ratio": best["total_s"] / peer["total_s"]}
+        lines += ["", f"Best of ours by total time: {best['label']} {best['total_s']:.1f} s; best peer: "
+                  f"{peer['label']} {peer['total_s']:.1f} s; ratio {best['total_s'] / peer['total_s']:.2f}x "
+                  "(target <= 0.75x)."]
+    if failures:
+        lines += ["", "Rows that failed: " + "; ".join(f"{k}: {' '.join(v)[-200:]}" for k, v in failures.items())]
+    print(write_results("embed_corpus", data, lines, args.results_dir))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

@@ -1,0 +1,94 @@
+"""``Compile("openvino")``: compile an OpenVINO IR for the target's device.
+
+The device comes from the target (``"CPU"`` on CPU targets; ``"GPU"`` / ``"NPU"`` only where the
+target lists ``openvino-gpu`` / ``openvino-npu`` among its backends, and this machine's OpenVINO
+sees that device), threads from its cores, and the precision hint from its features: ``bf16`` on
+CPUs with AVX512-BF16 or AMX (OpenVINO's own default there), ``f16`` on GPUs and NPUs, ``f32``
+otherwise. All three are recorded; the runtime compiles with the LATENCY hint and without CPU
+pinning (see :mod:`aigc_opt.runtime.openvino`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .._deps import require
+from ..errors import IncompatibleTargetError
+from .compile import COMPILE_BACKENDS, Compile, CompileBackend
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+
+__all__ = ["openvino_device", "openvino_precision"]
+
+# device -> the backend a target lists to say it has that device for OpenVINO
+_DEVICE_BACKENDS = {"GPU": "openvino-gpu", "NPU": "openvino-npu"}
+
+
+def openvino_device(settings: Compile, target: Target) -> str:
+    """The OpenVINO device for ``target`` (``settings.device`` if given), or IncompatibleTargetError."""
+    if settings.device is None:
+        if target.device_type == "cpu":
+            return "CPU"
+        for device, backend in _DEVICE_BACKENDS.items():
+            if backend in target.backends:
+                return device
+        raise IncompatibleTargetError(
+            f"Compile('openvino') runs on CPUs, and on Intel GPUs/NPUs whose target lists 'openvino-gpu' or "
+            f"'openvino-npu'; target {target.name!r} is a {target.device_type} device with backends "
+            f"{list(target.backends)}.")
+    if settings.device == "CPU":
+        if target.device_type != "cpu":
+            raise IncompatibleTargetError(f"Compile('openvino', device='CPU'): target {target.name!r} is a "
+                                          f"{target.device_type} device, not a CPU.")
+        return "CPU"
+    backend = _DEVICE_BACKENDS[settings.device]
+    if backend not in target.backends:
+        raise IncompatibleTargetError(
+            f"Compile('openvino', device={settings.device!r}): target {target.name!r} has no {settings.device} "
+            f"for OpenVINO (its backends: {list(target.backends)}; a target with one lists {backend!r}).")
+    return settings.device
+
+
+def openvino_precision(settings: Compile, target: Target, device: str) -> str:
+    if settings.precision is not None:
+        return settings.precision
+    if device != "CPU":
+        return "f16"
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(target.features) and target.supports_dtype("bf16") else "f32"
+
+
+def _check_openvino(settings: Compile, target: Target) -> None:
+    device = openvino_device(settings, target)  # before the import: a wrong target is said first
+    ov = require("openvino", extra="openvino", purpose="Compile('openvino')")
+    if device != "CPU" and not any(d.startswith(device) for d in ov.Core().available_devices):
+        raise IncompatibleTargetError(
+            f"Compile('openvino') for target {target.name!r} needs an OpenVINO {device} device, and this "
+            f"machine's OpenVINO sees only {ov.Core().available_devices}. Compile on the target machine.")
+
+
+def _run_openvino(model: Model, settings: Compile) -> tuple[Any, dict[str, Any]]:
+    device = openvino_device(settings, model.target)
+    precision = openvino_precision(settings, model.target, device)
+    threads = settings.threads or (model.target.cores if device == "CPU" else None) or 0
+    artifact = model.artifact.with_settings(device=device, threads=threads, precision=precision)
+    start = time.perf_counter()
+    artifact.compiled()
+    details: dict[str, Any] = {"backend": "openvino", "device": device, "threads": threads, "precision": precision,
+                               "config": artifact.config(), "compile_seconds": round(time.perf_counter() - start, 3)}
+    if model.example_inputs is not None:
+        from ..runtime import runtime_for
+
+        start = time.perf_counter()
+        runtime_for("openvino").run(artifact, model.example_inputs)
+        details["first_call_seconds"] = round(time.perf_counter() - start, 4)
+    return artifact, details
+
+
+COMPILE_BACKENDS.register("openvino", CompileBackend(
+    name="openvino", check=_check_openvino, build=lambda artifact, settings: artifact, run=_run_openvino,
+    formats=("openvino",), output_format="openvino", settings=("threads", "device", "precision"),
+    description="OpenVINO compiled model (CPU; Intel GPU/NPU targets), precision hint from the target",
+))

@@ -1,0 +1,148 @@
+"""Quantize an OpenVINO IR with NNCF (extra ``[openvino]``).
+
+- ``int8-static``: ``nncf.quantize`` on the calibration batches (``data=``), with
+  ``ModelType.TRANSFORMER`` when the graph has attention (Softmax), which makes NNCF keep the
+  precision-sensitive ops in float and apply SmoothQuant (alpha 0.95 on MatMuls) first.
+- ``int8-weight-only`` / ``int4-weight-only``: ``nncf.compress_weights`` (INT8_ASYM; INT4_SYM with
+  ``group_size``, default 128; NNCF keeps the embeddings and the last layer in int8).
+
+``skip`` takes fnmatch patterns of OpenVINO node names (NNCF's ``IgnoredScope``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .._deps import quiet_import_logs, require
+from ..errors import ConfigError, IncompatibleTargetError
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from ..target import Target
+    from .quantize import Quantize
+
+__all__ = ["NNCF_METHODS", "check_openvino", "check_openvino_model", "quantize_openvino"]
+
+# Ops that mark a transformer (the torch frontend turns SDPA into one op; older graphs keep Softmax).
+_ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})
+
+# The options each NNCF method honours (besides skip).
+_OPTIONS = {"int8-static": ("calibration_method",), "int8-weight-only": (), "int4-weight-only": ("group_size",
+                                                                                                  "symmetric")}
+
+
+def check_openvino(settings: Quantize, target: Target) -> None:
+    if settings.method not in NNCF_METHODS:
+        raise ConfigError(f"Quantize(method={settings.method!r}) does not take an OpenVINO model; NNCF's methods "
+                          f"are {sorted(NNCF_METHODS)}.")
+    if target.device_type != "cpu" and not any(b in target.backends for b in ("openvino-gpu", "openvino-npu")):
+        raise IncompatibleTargetError(f"Quantize on an OpenVINO model targets OpenVINO devices; target "
+                                      f"{target.name!r} is a {target.device_type} device without one.")
+    defaults = {"per_channel": True, "symmetric": None, "group_size": None, "calibration_method": "minmax",
+                "skip_types": (), "transformer_fusions": None, "max_drop": None}
+    for option, default in defaults.items():
+        if getattr(settings, option) != default and option not in _OPTIONS[settings.method]:
+            raise ConfigError(f"Quantize(method={settings.method!r}) on an OpenVINO model does not take "
+                              f"{option}={getattr(settings, option)!r}; it honours "
+                              f"{list(_OPTIONS[settings.method]) or 'no options'} (besides skip).")
+    require("nncf", extra="openvino", purpose=f"Quantize(method={settings.method!r}) of an OpenVINO model")
+
+
+def check_openvino_model(settings: Quantize, model: Model) -> None:
+    if settings.eval_fn is not None:
+        raise ConfigError("Quantize on an OpenVINO model does not take eval_fn yet; quantize the torch model "
+                          "with eval_fn/max_drop, or check the result with ao.compare.")
+    if settings.method == "int8-static" and settings.data is None:
+        raise ConfigError("Quantize(method='int8-static') calibrates activation ranges and needs data=: a list "
+                          "of batches, each given as the model is called (dict or tuple), e.g. 8-32 batches.")
+
+
+def _ignored(settings: Quantize) -> Any:
+    if not settings.skip:
+        return None
+    import nncf
+
+    return nncf.IgnoredScope(patterns=[fnmatch.translate(p) for p in settings.skip], validate=False)
+
+
+def _feed(names: list[str]) -> Callable[[Any], dict[str, np.ndarray]]:
+    def transform(batch: Any) -> dict[str, np.ndarray]:
+        values = batch if isinstance(batch, dict) else dict(zip(names, batch if isinstance(batch, (tuple, list))
+                                                                 else (batch,)))
+        return {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in values.items() if k in names}
+
+    return transform
+
+
+def _int8_static(ov_model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    names = [p.get_any_name() for p in ov_model.inputs]
+    data = list(settings.data)
+    transformer = any(op.get_type_name() in _ATTENTION_OPS for op in ov_model.get_ordered_ops())
+    ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
+              "entropy": RangeEstimatorParametersSet.MEAN_MINMAX}[settings.calibration_method]
+    advanced = AdvancedQuantizationParameters(activations_range_estimator_params=ranges)
+    quantized = nncf.quantize(
+        ov_model, nncf.Dataset(data, _feed(names)), subset_size=len(data),
+        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+        preset=nncf.QuantizationPreset.MIXED if transformer else None,
+        ignored_scope=_ignored(settings), advanced_parameters=advanced)
+    return quantized, {"model_type": "TRANSFORMER" if transformer else "default",
+                       "smooth_quant": transformer, "calibration_batches": len(data),
+                       "calibration_method": settings.calibration_method}
+
+
+def _weights(mode_name: str) -> Callable[[Any, Quantize], tuple[Any, dict[str, Any]]]:
+    def compress(ov_model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+        import nncf
+
+        options: dict[str, Any] = {}
+        mode = mode_name
+        if mode_name.startswith("INT4"):
+            mode = "INT4_ASYM" if settings.symmetric is False else "INT4_SYM"
+            options["group_size"] = settings.group_size or 128
+        compressed = nncf.compress_weights(ov_model, mode=getattr(nncf.CompressWeightsMode, mode),
+                                           ignored_scope=_ignored(settings), **options)
+        return compressed, {"mode": mode.lower(), **options}
+
+    return compress
+
+
+NNCF_METHODS: dict[str, Callable[[Any, Quantize], tuple[Any, dict[str, Any]]]] = {
+    "int8-static": _int8_static,
+    "int8-weight-only": _weights("INT8_ASYM"),
+    "int4-weight-only": _weights("INT4_SYM"),
+}
+
+
+def quantize_openvino(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+    """Quantize the IR of ``model`` with NNCF; the new IR goes into a new work directory."""
+    ov = require("openvino", extra="openvino", purpose="Quantize of an OpenVINO model")
+    nncf = require("nncf", extra="openvino", purpose="Quantize of an OpenVINO model")
+    from .._workdir import new_workdir
+    from ..runtime.openvino import OpenVINOArtifact
+
+    source: OpenVINOArtifact = model.artifact
+    ov_model = ov.Core().read_model(str(source.path))
+    start = time.perf_counter()
+    with quiet_import_logs("nncf"):
+        logging.getLogger("nncf").setLevel(logging.ERROR)
+        quantized, details = NNCF_METHODS[settings.method](ov_model, settings)
+    workdir = new_workdir("openvino")
+    path = workdir / "model.xml"
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    artifact = OpenVINOArtifact(path=path, output_spec=source.output_spec, device=source.device,
+                                threads=source.threads, precision=source.precision, owns_dir=True)
+    return artifact, {"method": settings.method, "library": "nncf", "nncf": nncf.__version__,
+                      "nncf_seconds": round(time.perf_counter() - start, 3), **details}

@@ -1,0 +1,242 @@
+"""Runtime for ``format="openvino"``: an OpenVINO IR (``model.xml`` + ``model.bin``) run by OpenVINO.
+
+The artifact is an :class:`OpenVINOArtifact`: the IR files (in a directory the artifact owns), the
+settings the model is compiled with (device, threads, precision hint) and the output structure
+recorded at export, so outputs come back as torch tensors shaped like the original model's.
+
+The compiled model is built once per artifact with settings that keep OpenVINO from taking the
+machine from everything else in the process: the LATENCY hint (one stream), ``INFERENCE_NUM_THREADS``
+from the target, and ``ENABLE_CPU_PINNING=False`` (pinned TBB workers fight torch's OpenMP threads
+for the same cores). OpenVINO has no switch for its TBB workers' short spin after a call; with one
+stream and no pinning they yield to other threads.
+
+Loading follows the trust rules of docs/security.md: the IR files come through
+:func:`aigc_opt._safety.contained` and must be covered by the manifest's checksums, and every
+recorded setting is checked against the closed sets below before it reaches OpenVINO. An IR holds
+no code (OpenVINO reads a graph of its own operations), so loading needs no ``trust``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._deps import require
+from .._safety import contained
+from .._tree import Inputs, describe, flatten_tensors
+from ..errors import IntegrityError, InvalidInputError
+from .base import RUNTIMES
+
+__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "compile_config"]
+
+# The devices and precision hints a saved model may name (anything else is refused on load).
+OV_DEVICES = ("CPU", "GPU", "NPU")
+OV_PRECISIONS = ("f32", "bf16", "f16")
+_MAX_THREADS = 4096
+
+
+def compile_config(device: str, threads: int, precision: str | None) -> dict[str, str]:
+    """The OpenVINO properties an artifact is compiled with (strings, as ``compile_model`` takes them)."""
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if device == "CPU":
+        config["ENABLE_CPU_PINNING"] = "NO"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return config
+
+
+class _CompiledCache:
+    """An artifact's compiled model and infer request, built once under the lock (not copied:
+    a copy or an artifact with other settings builds its own)."""
+
+    __slots__ = ("lock", "compiled", "request", "inputs")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.compiled: Any = None
+        self.request: Any = None
+        self.inputs: list[tuple[str, int]] | None = None
+
+    def __copy__(self) -> _CompiledCache:
+        return _CompiledCache()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCache:
+        return _CompiledCache()
+
+
+@dataclass(frozen=True, eq=False)
+class OpenVINOArtifact:
+    """An OpenVINO IR plus how to compile it and how to shape its outputs.
+
+    Attributes:
+        path: the ``.xml`` file (its ``.bin`` beside it, same stem).
+        output_spec: ``torch.utils._pytree.treespec_dumps`` of the original outputs, or None.
+        device: ``"CPU"``, ``"GPU"`` or ``"NPU"``.
+        threads: ``INFERENCE_NUM_THREADS`` (0: OpenVINO decides).
+        precision: ``INFERENCE_PRECISION_HINT`` (``"f32"``, ``"bf16"``, ``"f16"``); None: OpenVINO's
+            default for the device (bf16 on CPUs with AVX512-BF16 or AMX).
+        owns_dir: delete ``path.parent`` when the artifact is garbage-collected.
+    """
+
+    path: Path
+    output_spec: str | None = None
+    device: str = "CPU"
+    threads: int = 0
+    precision: str | None = "f32"
+    owns_dir: bool = False
+    _cache: _CompiledCache = field(default_factory=_CompiledCache, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.owns_dir:
+            weakref.finalize(self, shutil.rmtree, str(self.path.parent), True)
+
+    @property
+    def weights(self) -> Path:
+        return self.path.with_suffix(".bin")
+
+    def files(self) -> list[Path]:
+        return [self.path, self.weights]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files() if p.exists())
+
+    def with_settings(self, **changes: Any) -> OpenVINOArtifact:
+        """Same IR, other compile settings (compiled again on first use)."""
+        keep = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        keep.update(changes, owns_dir=False)
+        new = OpenVINOArtifact(**keep)
+        object.__setattr__(new, "_keepalive", self)  # the files live as long as their owner
+        return new
+
+    def config(self) -> dict[str, str]:
+        return compile_config(self.device, self.threads, self.precision)
+
+    def compiled(self) -> Any:
+        """The compiled model, built on first use, once."""
+        cache = self._cache
+        if cache.compiled is not None:
+            return cache.compiled
+        with cache.lock:
+            if cache.compiled is None:
+                ov = require("openvino", extra="openvino", purpose="Running an OpenVINO model")
+                core = ov.Core()
+                compiled = core.compile_model(core.read_model(str(self.path)), self.device, self.config())
+                cache.inputs = [(port.get_any_name(), port.get_partial_shape().rank.get_length())
+                                for port in compiled.inputs]
+                cache.request = compiled.create_infer_request()
+                cache.compiled = compiled
+        return cache.compiled
+
+    def declared_inputs(self) -> list[tuple[str, int]]:
+        self.compiled()
+        return self._cache.inputs  # type: ignore[return-value]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class OpenVINORuntime:
+    def run(self, artifact: OpenVINOArtifact, inputs: Inputs) -> Any:
+        artifact.compiled()
+        declared = artifact.declared_inputs()
+        names = [n for n, _ in declared]
+        if isinstance(inputs, dict):
+            if set(inputs) != set(names):
+                raise InvalidInputError(f"The OpenVINO model takes inputs {names}; got {sorted(inputs)}.")
+            values = [inputs[n] for n in names]
+        else:
+            values = list(flatten_tensors(inputs).values()) if not isinstance(inputs, np.ndarray) else [inputs]
+            if len(values) != len(declared):
+                raise InvalidInputError(
+                    f"The OpenVINO model takes {len(declared)} inputs {names}; got {len(values)}: {describe(inputs)}.")
+        feed = {}
+        for (name, rank), value in zip(declared, values):
+            array = _to_numpy(value)
+            if array.ndim != rank:
+                raise InvalidInputError(f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the "
+                                        f"OpenVINO model expects rank {rank}.")
+            feed[name] = array
+        cache = artifact._cache
+        with cache.lock:  # one infer request per artifact: calls from several threads take turns
+            try:
+                cache.request.infer(feed)
+            except RuntimeError as e:
+                got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
+                raise InvalidInputError(f"OpenVINO refused the inputs {{{got}}}: "
+                                        f"{str(e).strip().splitlines()[0][:300]}") from e
+            outputs = [torch.from_numpy(np.array(cache.request.get_output_tensor(i).data))
+                       for i in range(len(cache.compiled.outputs))]
+        if artifact.output_spec is not None:
+            import torch.utils._pytree as pytree
+
+            if "transformers." in artifact.output_spec:  # its ModelOutput types register on import
+                require("transformers", extra="hf", purpose="Rebuilding Hugging Face outputs")
+            return pytree.tree_unflatten(outputs, pytree.treespec_loads(artifact.output_spec))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def device(self, artifact: OpenVINOArtifact) -> str:
+        return artifact.device.lower()
+
+    def facts(self, artifact: OpenVINOArtifact, *, size: bool = True) -> dict[str, int]:
+        """Parameter count and bytes of the IR's constants (its weights), and bytes on disk."""
+        ov = require("openvino", extra="openvino", purpose="Describing an OpenVINO model")
+        model = ov.Core().read_model(str(artifact.path))
+        params = nbytes = 0
+        for op in model.get_ordered_ops():
+            if op.get_type_name() == "Constant":
+                shape = op.get_output_shape(0)
+                count = int(np.prod([d for d in shape])) if len(shape) else 1
+                if count > 1:  # scalars are attributes (axes, epsilons), not weights
+                    params += count
+                    nbytes += count * op.get_output_element_type(0).size
+        facts = {"num_parameters": params, "memory_bytes": nbytes}
+        if size:
+            facts["size_bytes"] = artifact.size_bytes()
+        return facts
+
+    def save(self, artifact: OpenVINOArtifact, directory: Path) -> dict[str, Any]:
+        shutil.copyfile(artifact.path, directory / "model.xml")
+        shutil.copyfile(artifact.weights, directory / "model.bin")
+        return {"file": "model.xml", "weights": "model.bin", "output_spec": artifact.output_spec,
+                "device": artifact.device, "threads": artifact.threads, "precision": artifact.precision}
+
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
+             trust: bool = False) -> OpenVINOArtifact:
+        """The saved IR, both files inside ``directory`` and covered by the manifest, and its compile
+        settings checked against what this runtime accepts (docs/security.md)."""
+        path = contained(directory, meta.get("file"), listed=files, what="OpenVINO IR")
+        weights = contained(directory, meta.get("weights"), listed=files, what="OpenVINO weights")
+        if path.suffix != ".xml" or weights != path.with_suffix(".bin"):
+            raise IntegrityError(f"The manifest of {str(directory)!r} names the IR {meta.get('file')!r:.60} and "
+                                 f"weights {meta.get('weights')!r:.60}; expected NAME.xml and NAME.bin.")
+        device = meta.get("device", "CPU")
+        if device not in OV_DEVICES:
+            raise IntegrityError(f"The manifest of {str(directory)!r} has OpenVINO device {device!r:.40}; "
+                                 f"known: {list(OV_DEVICES)}.")
+        threads = meta.get("threads", 0)
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= _MAX_THREADS:
+            raise IntegrityError(f"The manifest of {str(directory)!r} has threads {threads!r:.40}.")
+        precision = meta.get("precision")
+        if precision is not None and precision not in OV_PRECISIONS:
+            raise IntegrityError(f"The manifest of {str(directory)!r} has precision {precision!r:.40}; "
+                                 f"known: {list(OV_PRECISIONS)}.")
+        spec = meta.get("output_spec")
+        if not isinstance(spec, (str, type(None))):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has output_spec of type {type(spec).__name__}.")
+        return OpenVINOArtifact(path=path, output_spec=spec, device=device, threads=threads, precision=precision)
+
+
+RUNTIMES.register("openvino", OpenVINORuntime())
