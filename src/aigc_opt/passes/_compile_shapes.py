@@ -77,13 +77,18 @@ def choose_buckets(example_len: int, real_lengths: list[int], *, align: int, lim
 
 
 def _pad_to(value: torch.Tensor, length: int, rows: int) -> torch.Tensor:
+    """``value`` padded (or cut) to ``length`` columns and ``rows`` rows, always a new contiguous
+    tensor made here (inside inference mode): dynamo guards on strides and on whether a tensor is an
+    inference tensor, so every call must hand the compiled graph tensors made the same way."""
+    original = value
     if value.shape[1] < length:
         value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=0)
     elif value.shape[1] > length:
         value = value[:, :length]
     if value.shape[0] < rows:  # copies of the first row: real data, so no all-masked row
         value = torch.cat([value, value[:1].expand(rows - value.shape[0], -1)])
-    return value.contiguous()  # dynamo guards on strides: a view here would compile a graph of its own
+    return value.clone(memory_format=torch.contiguous_format) if value is original or not value.is_contiguous() \
+        else value
 
 
 class ShapedCompiled(torch.nn.Module):
@@ -125,6 +130,10 @@ class ShapedCompiled(torch.nn.Module):
             self.recompiles += graphs_compiled() - before
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode():  # as the buckets were compiled (grad mode is guarded on)
+            return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.policy != "buckets":
             return self._counted(lambda: self.compiled(*args, **kwargs))
         sequences = [v for v in (*args, *kwargs.values()) if _is_sequence(v)]
@@ -202,9 +211,9 @@ class ShapedCompiled(torch.nn.Module):
                         v[:, 0] = 1  # a mask whose kept part is all zero: keep one token
                 return v
 
-            batch = (tuple(fixed(a) for a in args), {k: fixed(v) for k, v in kwargs.items()})
             start = time.perf_counter()
-            with torch.inference_mode():  # as the runtime calls it: grad mode is guarded on too
+            with torch.inference_mode():  # as forward calls it: grad mode is guarded on too
+                batch = (tuple(fixed(a) for a in args), {k: fixed(v) for k, v in kwargs.items()})
                 out = run(lambda: self.compiled(*batch[0], **batch[1]))
             seconds[bucket] = round(time.perf_counter() - start, 3)
             import torch.utils._pytree as pytree

@@ -1,0 +1,172 @@
+"""The OpenVINO backend: Export('openvino') -> IR, Quantize with NNCF, Compile('openvino') with the
+target's device/threads/precision, save/load under the trust rules, and typed refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import aigc_opt as ao
+from aigc_opt._deps import is_available
+from aigc_opt.errors import ConfigError, IncompatibleTargetError, IntegrityError, MissingDependencyError
+
+needs_openvino = pytest.mark.skipif(not (is_available("openvino") and is_available("nncf")),
+                                    reason='openvino/nncf not installed: pip install "aigc-opt[openvino]"')
+
+
+def tiny_bert() -> ao.Model:
+    transformers = pytest.importorskip("transformers")
+    from aigc_opt.hf import SentenceEmbedder
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=64)
+    module = SentenceEmbedder(transformers.BertModel(config)).eval()
+    return ao.Model(module, example_inputs=batch(4, 16), target="host", name="tiny-bert")
+
+
+def batch(rows: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return {"input_ids": torch.randint(1, 120, (rows, length), generator=g) * mask, "attention_mask": mask}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def exported() -> tuple[ao.Model, ao.Model]:
+    if not (is_available("openvino") and is_available("nncf")):
+        pytest.skip('openvino/nncf not installed: pip install "aigc-opt[openvino]"')
+    base = tiny_bert()
+    return base, ao.export(base, "openvino")
+
+
+@needs_openvino
+def test_export_runs_every_shape_and_matches_torch(exported):
+    base, ov = exported
+    assert ov.format == "openvino" and ov.history[-1].details["exporter"] == "openvino.convert_model"
+    for rows, length in [(4, 16), (1, 5), (7, 40)]:  # dynamic axes: no recompile, no padding
+        inputs = batch(rows, length, seed=length)
+        torch.testing.assert_close(ov(**inputs), base(**inputs), atol=1e-4, rtol=1e-3)
+    # constant folding (unused position rows, token types) may drop a few weights
+    assert ov.num_parameters() == pytest.approx(base.num_parameters(), rel=0.1)
+
+
+@needs_openvino
+def test_int8_static_with_nncf_keeps_embeddings(exported):
+    base, ov = exported
+    calib = [batch(4, 16, seed=s) for s in range(8)]
+    q = ao.quantize(ov, "int8-static", data=calib)
+    details = q.history[-1].details
+    assert details["model_type"] == "TRANSFORMER" and details["smooth_quant"] and details["library"] == "nncf"
+    compiled = ao.compile(q, "openvino", precision="f32")
+    inputs = batch(6, 24, seed=99)
+    assert cosine(compiled(**inputs), base(**inputs)).min() > 0.98
+    assert q.memory_bytes() < 0.5 * ov.memory_bytes()  # int8 weights: about a quarter
+
+
+@needs_openvino
+def test_weight_compression(exported):
+    base, ov = exported
+    q8 = ao.quantize(ov, "int8-weight-only")
+    inputs = batch(4, 16, seed=3)
+    assert cosine(q8(**inputs), base(**inputs)).min() > 0.99
+    assert q8.memory_bytes() < 0.5 * ov.memory_bytes()
+    q4 = ao.quantize(ov, "int4-weight-only", group_size=32)
+    assert q4.history[-1].details["group_size"] == 32 and q4.history[-1].details["mode"] == "int4_sym"
+
+
+@needs_openvino
+def test_compile_records_device_threads_precision_from_the_target(exported):
+    _, ov = exported
+    compiled = ao.compile(ov, "openvino", threads=1)
+    d = compiled.history[-1].details
+    host = ao.Target.get("host")
+    want = "bf16" if {"avx512_bf16", "amx_bf16"} & set(host.features) and host.supports_dtype("bf16") else "f32"
+    assert (d["device"], d["threads"], d["precision"]) == ("CPU", 1, want)
+    assert d["config"]["ENABLE_CPU_PINNING"] == "NO" and d["config"]["PERFORMANCE_HINT"] == "LATENCY"
+
+
+@needs_openvino
+def test_precision_defaults_follow_target_features():
+    from aigc_opt.passes._compile_openvino import openvino_precision
+
+    settings = ao.Compile("openvino")
+    assert openvino_precision(settings, ao.Target.get("xeon-amx"), "CPU") == "bf16"
+    assert openvino_precision(settings, ao.Target.get("x86-avx2-desktop"), "CPU") == "f32"
+
+
+@needs_openvino
+def test_device_the_target_lacks_is_refused_before_any_work(exported):
+    _, ov = exported
+    with pytest.raises(IncompatibleTargetError, match="no NPU for OpenVINO"):
+        ao.Compile("openvino", device="NPU").check_static("openvino", ao.Target.get("amd-epyc-genoa"))
+    with pytest.raises(IncompatibleTargetError, match="not a CPU"):
+        ao.Compile("openvino", device="CPU").check_static("openvino", ao.Target.get("nvidia-a100-sxm-80gb"))
+
+
+@needs_openvino
+def test_save_load_round_trip_and_checked_manifest(exported, tmp_path):
+    base, ov = exported
+    compiled = ao.compile(ov, "openvino", precision="f32")
+    compiled.save(tmp_path / "m")
+    loaded = ao.Model.load(tmp_path / "m")
+    assert loaded.format == "openvino" and loaded.artifact.precision == "f32"
+    inputs = batch(3, 12)
+    torch.testing.assert_close(loaded(**inputs), compiled(**inputs))
+    # a crafted manifest: a device outside the allowlist, a file outside the directory
+    manifest_path = tmp_path / "m" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for key, value, match in [("device", "HETERO:CPU", "device"), ("file", "../x.xml", "outside"),
+                              ("threads", -1, "threads")]:
+        crafted = json.loads(json.dumps(manifest))
+        crafted["artifact"][key] = value
+        meta = crafted["artifact"]
+        from aigc_opt.runtime.openvino import OpenVINORuntime
+
+        with pytest.raises(IntegrityError, match=match):
+            OpenVINORuntime().load(tmp_path / "m", meta, files=manifest["files"])
+
+
+@needs_openvino
+def test_numpy_inputs(exported):
+    base, ov = exported
+    inputs = batch(2, 8)
+    got = ov(**{k: v.numpy() for k, v in inputs.items()})
+    torch.testing.assert_close(got, base(**inputs), atol=1e-4, rtol=1e-3)
+
+
+@needs_openvino
+def test_quantize_on_openvino_refuses_what_nncf_does_not_do(exported):
+    _, ov = exported
+    with pytest.raises(ConfigError, match="needs data="):
+        ao.quantize(ov, "int8-static")
+    with pytest.raises(ConfigError, match="does not take an OpenVINO model"):
+        ao.quantize(ov, "int8-dynamic")
+
+
+def test_missing_openvino_names_the_pip_line(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    import sys
+
+    for mod in [m for m in sys.modules if m == "openvino" or m.startswith("openvino.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    with pytest.raises(MissingDependencyError, match=r'pip install "aigc-opt\[openvino\]"'):
+        ao.Compile("openvino").check_static("openvino", ao.Target.get("host"))
+    model = ao.Model(torch.nn.Linear(4, 2), example_inputs=(torch.randn(2, 4),), target="host")
+    with pytest.raises(MissingDependencyError, match=r'pip install "aigc-opt\[openvino\]"'):
+        ao.export(model, "openvino")
