@@ -170,47 +170,14 @@ class Model:
             >>> enc = lm.tokenizer(["def main"], return_tensors="pt")                   # doctest: +SKIP
             >>> ao.export(lm, "onnx").generate(**enc, max_new_tokens=16)                # doctest: +SKIP
         """
-        if self.format == "onnx":
-            from .runtime.onnx_generation import greedy_generate
-
-            return greedy_generate(self.artifact, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
-                                   pad_token_id=pad_token_id)
-        module = unwrap(self.artifact) if self.format == "torch" else None
-        if module is None or not hasattr(module, "generate"):
+        generate = getattr(runtime_for(self.format), "generate", None)  # an optional runtime capability
+        if generate is None:
             raise UnsupportedModelError(
                 f"{self.name} ({self.format}, {type(self.artifact).__name__}) cannot generate: generation takes a "
                 "Hugging Face causal LM (ao.Model.from_hf(path, task='causal-lm')) or its ONNX export."
             )
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        # None would unset the model's own default, so only given ids are passed
-        extra = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)) if v is not None}
-        if attention_mask is not None:
-            extra["attention_mask"] = attention_mask.to(device)
-        with torch.inference_mode(), self._compiled_forward(module):
-            return module.generate(input_ids=input_ids.to(device), **extra, max_new_tokens=max_new_tokens,
-                                   min_new_tokens=min_new_tokens, do_sample=False, num_beams=1).cpu()
-
-    @contextlib.contextmanager
-    def _compiled_forward(self, module: torch.nn.Module) -> Iterator[None]:
-        """While generating, a compiled model's forward runs compiled.
-
-        transformers' generate calls ``module.forward`` on the plain module, which a torch.compile
-        wrapper does not replace; without this, generating from ``Compile("inductor")``'s output
-        would run eager. The forward is compiled once per compiled model, with the Compile pass's options.
-        """
-        options = getattr(self.artifact, "compile_options", None) if self.is_compiled else None
-        if options is None:
-            yield
-            return
-        compiled = self.artifact.__dict__.get("generate_forward")
-        if compiled is None:  # kept on the compiled wrapper: it lives exactly as long as the compiled model
-            compiled = self.artifact.__dict__["generate_forward"] = torch.compile(module.forward, **options)
-        module.forward = compiled
-        try:
-            yield
-        finally:
-            del module.forward  # the class's forward again
+        return generate(self.artifact, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
     @property
     def is_compiled(self) -> bool:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..runtime.torch_module import unwrap
+from ..runtime import runtime_for
 from .compare import MAX_ITERS_ENV, iters_cap
 from .measurement import median_ci, ratio_ci
 from .report import text_table, unique_names
@@ -178,21 +177,11 @@ def next_token_logits(model: Model, input_ids: torch.Tensor, attention_mask: tor
     Positions follow transformers' rule for padded batches (count of real tokens before each);
     a compiled torch model runs its plain module (same numbers, no recompilation for the shape).
     """
-    if model.format == "onnx":
-        from ..runtime.onnx_generation import prefill_feed
-
-        feed = prefill_feed(model.artifact.generation, input_ids, attention_mask)
-        return model(**{k: torch.from_numpy(v) for k, v in feed.items()})[0].float()
-    module = unwrap(model.artifact)
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    if "position_ids" in inspect.signature(module.forward).parameters:
-        from ..runtime.onnx_generation import positions_from_mask
-
-        kwargs["position_ids"] = torch.from_numpy(positions_from_mask(attention_mask.cpu().numpy())).to(device)
-    with torch.inference_mode():
-        out = module(**kwargs, use_cache=False)
-    return (out.logits if hasattr(out, "logits") else out[0]).float().cpu()
+    logits = getattr(runtime_for(model.format), "next_token_logits", None)
+    if logits is None:
+        raise UnsupportedModelError(f"{model.label} ({model.format}) cannot give next-token logits: it takes a "
+                                    "Hugging Face causal LM or its ONNX decoder export.")
+    return logits(model.artifact, input_ids, attention_mask)
 
 
 def continuation_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -212,9 +201,7 @@ def _teacher_forced_predictions(model: Model, sequences: torch.Tensor, mask: tor
 
 
 def _can_generate(model: Model) -> bool:
-    if model.format == "onnx":
-        return getattr(model.artifact, "generation", None) is not None
-    return model.format == "torch" and hasattr(unwrap(model.artifact), "generate")
+    return getattr(runtime_for(model.format), "can_generate", lambda artifact: False)(model.artifact)
 
 
 def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_new_tokens: int = 32,

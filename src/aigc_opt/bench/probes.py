@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._tree import flatten_tensors, map_tensors
+from .._tree import map_tensors
+from ..runtime import runtime_for
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -163,24 +164,5 @@ def peak_rss_bytes(model: Model, batch: Any, interval: float = 0.0005) -> int | 
 def count_flops(model: Model, batch: Any) -> int | None:
     """FLOPs of one batch: torch.utils.flop_counter for torch modules (None when nothing could be
     counted: quantized kernels are opaque to it), counted from the graph for ONNX models."""
-    if model.format == "onnx":
-        from .onnx_flops import count_onnx_flops
-
-        inputs = batch if isinstance(batch, dict) else dict(
-            zip([d[0] for d in model.artifact.declared_inputs()], flatten_tensors(batch).values()))
-        shapes = {k: list(v.shape) for k, v in inputs.items() if hasattr(v, "shape")}
-        return count_onnx_flops(str(model.artifact.path), shapes) or None
-    if model.format != "torch":
-        return None
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ..runtime.torch_module import unwrap
-
-    eager = model.derive(unwrap(model.artifact))
-    try:
-        with FlopCounterMode(display=False) as counter:
-            eager.run(batch)
-    except Exception:
-        return None
-    total = int(counter.get_total_flops())
-    return total or None
+    counter = getattr(runtime_for(model.format), "count_flops", None)
+    return counter(model.artifact, batch) if counter is not None else None

@@ -312,6 +312,32 @@ class OnnxRuntime:
         return "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
                              for p in artifact.providers) else "cpu"
 
+    # ------------------------------------------------------------------ optional capabilities
+    def can_generate(self, artifact: OnnxArtifact) -> bool:
+        return artifact.generation is not None  # a decoder step exported with its KV cache
+
+    def generate(self, artifact: OnnxArtifact, input_ids: Any, attention_mask: Any, **options: Any) -> torch.Tensor:
+        """aigc_opt's greedy decoder loop in ONNX Runtime (runtime/onnx_generation.py)."""
+        from .onnx_generation import greedy_generate
+
+        return greedy_generate(artifact, input_ids, attention_mask, **options)
+
+    def next_token_logits(self, artifact: OnnxArtifact, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor) -> torch.Tensor:
+        from .onnx_generation import prefill_feed
+
+        feed = prefill_feed(artifact.generation, input_ids, attention_mask)
+        return self.run(artifact, {k: torch.from_numpy(v) for k, v in feed.items()})[0].float()
+
+    def count_flops(self, artifact: OnnxArtifact, batch: Any) -> int | None:
+        """Counted from the graph with the batch's shapes (runtime/_onnx_flops.py)."""
+        from ._onnx_flops import count_onnx_flops
+
+        inputs = batch if isinstance(batch, dict) else dict(
+            zip([d[0] for d in artifact.declared_inputs()], flatten_tensors(batch).values()))
+        shapes = {k: list(v.shape) for k, v in inputs.items() if hasattr(v, "shape")}
+        return count_onnx_flops(str(artifact.path), shapes) or None
+
     def facts(self, artifact: OnnxArtifact, *, size: bool = True) -> dict[str, int]:
         """Parameter count and bytes of the initializers (the weights), and bytes on disk."""
         import onnx

@@ -1,12 +1,20 @@
-"""Runtime for ``format="torch"``: an ``nn.Module`` (possibly wrapped by ``torch.compile``)."""
+"""Runtime for ``format="torch"``: an ``nn.Module`` (possibly wrapped by ``torch.compile``).
+
+Besides running, it has the optional capabilities of runtime/base.py: greedy ``generate`` for
+Hugging Face causal LMs (compiled forward included), ``next_token_logits`` and ``count_flops``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from .._tree import Inputs, map_tensors, split_inputs
+from .._tree import Inputs, map_tensors, normalize_inputs, split_inputs
+from ..errors import UnsupportedModelError
 from ._module_facts import (
     SAFETENSORS_METADATA,
     WeightsPlan,
@@ -38,6 +46,77 @@ class TorchModuleRuntime:
 
     def facts(self, artifact: Any, *, size: bool = True) -> dict[str, int]:
         return module_facts(artifact, size=size)
+
+    # ------------------------------------------------------------------ optional capabilities
+    def can_generate(self, artifact: Any) -> bool:
+        return hasattr(unwrap(artifact), "generate")
+
+    def generate(self, artifact: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                 max_new_tokens: int, min_new_tokens: int, eos_token_id: int | list[int] | None,
+                 pad_token_id: int | None) -> torch.Tensor:
+        """transformers' greedy ``generate``, on the compiled forward when the model is compiled."""
+        module = unwrap(artifact)
+        if not hasattr(module, "generate"):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} cannot generate: generation takes a Hugging Face causal LM "
+                "(ao.Model.from_hf(path, task='causal-lm')) or its ONNX export."
+            )
+        device = module_device(module)
+        # None would unset the model's own default, so only given ids are passed
+        extra = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)) if v is not None}
+        if attention_mask is not None:
+            extra["attention_mask"] = attention_mask.to(device)
+        with torch.inference_mode(), _compiled_forward(artifact, module):
+            return module.generate(input_ids=input_ids.to(device), **extra, max_new_tokens=max_new_tokens,
+                                   min_new_tokens=min_new_tokens, do_sample=False, num_beams=1).cpu()
+
+    def next_token_logits(self, artifact: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of one forward pass over left-padded sequences without a cache; a compiled model
+        runs its plain module (same numbers, no recompilation for the shape)."""
+        module = unwrap(artifact)
+        device = module_device(module)
+        kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if "position_ids" in inspect.signature(module.forward).parameters:
+            from .onnx_generation import positions_from_mask
+
+            kwargs["position_ids"] = torch.from_numpy(positions_from_mask(attention_mask.cpu().numpy())).to(device)
+        with torch.inference_mode():
+            out = module(**kwargs, use_cache=False)
+        return (out.logits if hasattr(out, "logits") else out[0]).float().cpu()
+
+    def count_flops(self, artifact: Any, batch: Any) -> int | None:
+        """torch.utils.flop_counter over the plain module; None when nothing could be counted
+        (quantized kernels are opaque to it)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.run(unwrap(artifact), normalize_inputs(batch))
+        except Exception:
+            return None
+        return int(counter.get_total_flops()) or None
+
+
+@contextlib.contextmanager
+def _compiled_forward(artifact: Any, module: torch.nn.Module) -> Iterator[None]:
+    """While generating, a compiled model's forward runs compiled.
+
+    transformers' generate calls ``module.forward`` on the plain module, which a torch.compile
+    wrapper does not replace; without this, generating from ``Compile("inductor")``'s output would
+    run eager. The forward is compiled once per compiled model, with the Compile pass's options.
+    """
+    options = getattr(artifact, "compile_options", None) if artifact is not module else None
+    if options is None:
+        yield
+        return
+    compiled = artifact.__dict__.get("generate_forward")
+    if compiled is None:  # kept on the compiled wrapper: it lives exactly as long as the compiled model
+        compiled = artifact.__dict__["generate_forward"] = torch.compile(module.forward, **options)
+    module.forward = compiled
+    try:
+        yield
+    finally:
+        del module.forward  # the class's forward again
 
     # Saving a torch module needs its architecture spec and pass replay: Model.save does it.
 
