@@ -321,10 +321,11 @@ def shape_policy_run(settings: Any, model: Any, compiled: Any, details: dict[str
     return wrapper, details
 
 
-def restore_policy(settings: Any, module: torch.nn.Module, record: Any) -> ShapedCompiled:
-    """The wrapper rebuilt from a saved record (untrusted: buckets and batch checked), compiling lazily."""
+def restore_policy(settings: Any, module: torch.nn.Module, record: Any, *, build: Callable[..., Any],
+                   inductor_config: dict[str, Any]) -> ShapedCompiled:
+    """The wrapper rebuilt from a saved record (untrusted: buckets and batch checked), compiling lazily
+    with ``build`` (the backend's); ``inductor_config`` is what earlier passes asked for, checked."""
     from ..errors import IntegrityError
-    from .compile import COMPILE_BACKENDS, requested_inductor_config
 
     buckets: tuple[int, ...] = ()
     batch = None
@@ -336,7 +337,6 @@ def restore_policy(settings: Any, module: torch.nn.Module, record: Any) -> Shape
         batch = record.details.get("batch")
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1 << 20:
             raise IntegrityError(f"Compile's record has batch {batch!r:.40}; expected a positive int.")
-    compiled = COMPILE_BACKENDS.get(settings.backend).build(module, settings)
-    wrapper = ShapedCompiled(compiled, module, policy=settings.shapes, buckets=buckets, batch=batch)
-    wrapper.inductor_config = requested_inductor_config((record,))
+    wrapper = ShapedCompiled(build(module, settings), module, policy=settings.shapes, buckets=buckets, batch=batch)
+    wrapper.inductor_config = inductor_config
     return wrapper

@@ -225,7 +225,8 @@ class Compile(Pass):
         if self.shapes is not None:
             from ._compile_shapes import restore_policy
 
-            return restore_policy(self, unwrap(module), record)
+            return restore_policy(self, unwrap(module), record, build=COMPILE_BACKENDS.get(self.backend).build,
+                                  inductor_config=requested_inductor_config((record,)))
         return COMPILE_BACKENDS.get(self.backend).build(unwrap(module), self)
 
 
