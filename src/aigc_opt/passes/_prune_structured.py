@@ -17,6 +17,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,8 +37,21 @@ __all__: list[str] = []
 log = logging.getLogger("aigc_opt")
 
 
+@dataclass
+class _Selection:
+    """What Torch-Pruning may touch: its dependency graph, the layers left alone and why."""
+
+    dg: Any
+    reasons: dict[str, str]
+    ignored_params: Any
+    frozen: set[nn.Module]
+    ignored: list[nn.Module]
+    untraced: list[str]
+    num_heads: dict[nn.Module, int]
+
+
 def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[str, Any]:
-    from .prune import IMPORTANCES, default_round_to  # lazy: prune.py imports this module
+    from .prune import default_round_to  # lazy: prune.py imports this module
 
     tp = require("torch_pruning", extra="prune", package="torch-pruning", purpose=settings.describe())
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -64,45 +78,8 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
     names = {m: n for n, m in module.named_modules()}
     with _traceable(module), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # importance="random" is reproducible; the caller's RNG is restored
-        dg, output_fns = _trace(tp, module, one, forward_one, ran)
-        reasons, ignored_params = _ignored(tp, dg, module, settings, names, output_fns)
-        fixed = {**_fixed_convs(tp, dg, names), **_tied_layers(module)}  # channels that must not move
-        for name, why in fixed.items():
-            reasons.setdefault(name, why)
-        frozen = {module.get_submodule(n) for n in fixed}
-        ignored = [module.get_submodule(n) for n in reasons]
-        untraced = sorted(n for n in ran if module.get_submodule(n) not in dg.module2node
-                          and not any(n == r or n.startswith(r + ".") for r in reasons))
-        if untraced:
-            log.warning("Prune: Torch-Pruning did not see %s in its trace (not reached from the outputs "
-                        "through autograd); they are left unchanged.", untraced)
-        num_heads = {layer: a.num_heads(module.get_submodule(n)) for n, a in attention.items()
-                     for layer in a.head_layers(module.get_submodule(n))}
-        ratios, plan = _plan(tp, dg, ignored, num_heads, settings, round_to, names, frozen)
-        importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names, frozen)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Torch-Pruning warns on every unknown op it traces
-            pruner = tp.pruner.MetaPruner(
-                module, one, importance=importance, global_pruning=settings.global_pruning,
-                pruning_ratio=settings.ratio, pruning_ratio_dict=None if settings.global_pruning else ratios,
-                iterative_steps=settings.iterative_steps, ignored_layers=ignored,
-                round_to=round_to if settings.global_pruning and round_to > 1 else None,
-                # fresh dicts: Torch-Pruning's defaults are shared mutable dicts it writes into
-                in_channel_groups={}, out_channel_groups={}, num_heads=dict(num_heads),
-                prune_num_heads=settings.prune_heads and bool(num_heads), prune_head_dims=False,
-                head_pruning_ratio=settings.ratio if settings.prune_heads else 0.0, forward_fn=forward_one)
-        if settings.iterative_steps > 1 and settings.prune_heads:
-            # Torch-Pruning 1.6.1 removes ceil(step ratio x *current* heads) per step, which compounds
-            # over steps; whole heads are removed in the last step instead (exactly ceil(ratio x heads)).
-            pruner.per_step_head_pruning_ratio = [0.0] * settings.iterative_steps + [settings.ratio]
-        batches = list(settings.data) if settings.importance == "taylor" else []
-        if settings.importance == "taylor" and not batches:
-            raise ConfigError("Prune: importance='taylor' got data with no batches; give at least one.")
-        for _ in range(settings.iterative_steps):
-            importance.grads = _gradients(module, batches, settings, device) if batches else []
-            _step(tp, pruner, importance, ignored_params, names)
-            for n, a in attention.items():
-                a.update(module.get_submodule(n))
+        selection = _select(tp, module, settings, one, forward_one, ran, attention, names)
+        plan = _prune_in_place(tp, module, settings, selection, attention, names, one, forward_one, round_to, device)
     heads = _heads(module, attention, q_before)
     modules, layers = _diff(before, _snapshot(module))
     for n, a in attention.items():
@@ -115,14 +92,68 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
         "changed": bool(modules), "importance": settings.importance, "round_to": round_to,
         "round_to_reason": why, "macs_per_example_before": macs_before,
         "macs_per_example_after": _macs(module, forward_one),
-        "heads": heads, "layers": layers, "ignored": reasons,
+        "heads": heads, "layers": layers, "ignored": selection.reasons,
         "planned_channels": {} if settings.global_pruning else plan,  # global: ranked across layers
-        "untraced_layers": untraced, "example_cosine": _cosine(reference, output),
+        "untraced_layers": selection.untraced, "example_cosine": _cosine(reference, output),
         "hidden_width": "kept: embeddings and layers producing outputs are not pruned (Torch-Pruning 1.6.1 "
                         "prunes BERT's hidden width but leaves its untraced pooler at the old width)",
         "config": config, "config_notes": config_notes,
         "structure": {"attention_prepared": prepared, "conv1d": conv1d, "modules": modules, "config": config},
     }
+
+
+def _select(tp: Any, module: nn.Module, settings: Prune, one: Any, forward_one: Any, ran: Any,
+            attention: dict[str, Any], names: dict[nn.Module, str]) -> _Selection:
+    """Trace the module and decide what stays: ignored layers, fixed channels, untraced layers."""
+    dg, output_fns = _trace(tp, module, one, forward_one, ran)
+    reasons, ignored_params = _ignored(tp, dg, module, settings, names, output_fns)
+    fixed = {**_fixed_convs(tp, dg, names), **_tied_layers(module)}  # channels that must not move
+    for name, why in fixed.items():
+        reasons.setdefault(name, why)
+    untraced = sorted(n for n in ran if module.get_submodule(n) not in dg.module2node
+                      and not any(n == r or n.startswith(r + ".") for r in reasons))
+    if untraced:
+        log.warning("Prune: Torch-Pruning did not see %s in its trace (not reached from the outputs "
+                    "through autograd); they are left unchanged.", untraced)
+    num_heads = {layer: a.num_heads(module.get_submodule(n)) for n, a in attention.items()
+                 for layer in a.head_layers(module.get_submodule(n))}
+    return _Selection(dg=dg, reasons=reasons, ignored_params=ignored_params,
+                      frozen={module.get_submodule(n) for n in fixed},
+                      ignored=[module.get_submodule(n) for n in reasons], untraced=untraced, num_heads=num_heads)
+
+
+def _prune_in_place(tp: Any, module: nn.Module, settings: Prune, sel: _Selection, attention: dict[str, Any],
+                    names: dict[nn.Module, str], one: Any, forward_one: Any, round_to: int,
+                    device: torch.device) -> dict[str, Any]:
+    """Plan each layer's channels, then remove them in ``iterative_steps`` steps; returns the plan."""
+    from .prune import IMPORTANCES  # lazy: prune.py imports this module
+
+    ratios, plan = _plan(tp, sel.dg, sel.ignored, sel.num_heads, settings, round_to, names, sel.frozen)
+    importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names, sel.frozen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Torch-Pruning warns on every unknown op it traces
+        pruner = tp.pruner.MetaPruner(
+            module, one, importance=importance, global_pruning=settings.global_pruning,
+            pruning_ratio=settings.ratio, pruning_ratio_dict=None if settings.global_pruning else ratios,
+            iterative_steps=settings.iterative_steps, ignored_layers=sel.ignored,
+            round_to=round_to if settings.global_pruning and round_to > 1 else None,
+            # fresh dicts: Torch-Pruning's defaults are shared mutable dicts it writes into
+            in_channel_groups={}, out_channel_groups={}, num_heads=dict(sel.num_heads),
+            prune_num_heads=settings.prune_heads and bool(sel.num_heads), prune_head_dims=False,
+            head_pruning_ratio=settings.ratio if settings.prune_heads else 0.0, forward_fn=forward_one)
+    if settings.iterative_steps > 1 and settings.prune_heads:
+        # Torch-Pruning 1.6.1 removes ceil(step ratio x *current* heads) per step, which compounds
+        # over steps; whole heads are removed in the last step instead (exactly ceil(ratio x heads)).
+        pruner.per_step_head_pruning_ratio = [0.0] * settings.iterative_steps + [settings.ratio]
+    batches = list(settings.data) if settings.importance == "taylor" else []
+    if settings.importance == "taylor" and not batches:
+        raise ConfigError("Prune: importance='taylor' got data with no batches; give at least one.")
+    for _ in range(settings.iterative_steps):
+        importance.grads = _gradients(module, batches, settings, device) if batches else []
+        _step(tp, pruner, importance, sel.ignored_params, names)
+        for n, a in attention.items():
+            a.update(module.get_submodule(n))
+    return plan
 
 
 class _Tracked:
