@@ -19,6 +19,7 @@ A block's traceback names the markdown file and its line.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import re
 import sys
@@ -97,6 +98,7 @@ class DocRun:
     module: types.ModuleType
     done: int = 0  # blocks run so far
     failed: str | None = None
+    skipped: bool = False
 
     @property
     def namespace(self) -> dict[str, Any]:
@@ -180,22 +182,28 @@ def test_doc_block(block: Block, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AIGC_OPT_MAX_ITERS", ITERS)
     own = [b for b in BLOCKS if b.path == path]
     index = own.index(block)
-    # Run the blocks before this one first when they have not run (e.g. under -k).
-    for earlier in own[run.done:index + 1]:
-        if run.failed:
-            pytest.skip(f"an earlier block of {path.name} failed ({run.failed})")
-        reason = earlier.skip or _missing(earlier)
-        if reason is None:
-            try:
-                _execute(earlier, run)
-            except BaseException:
-                run.failed = earlier.id
-                raise
-        run.done += 1
-        if earlier is block and reason is not None:
-            pytest.skip(reason)
-    if index == len(own) - 1 and path.name in AFTER_FILE:
-        AFTER_FILE[path.name](run.namespace, run.workdir)
+    try:
+        # Run the blocks before this one first when they have not run (e.g. under -k).
+        for earlier in own[run.done:index + 1]:
+            if run.failed:
+                pytest.skip(f"an earlier block of {path.name} failed ({run.failed})")
+            reason = earlier.skip or _missing(earlier)
+            run.skipped |= reason is not None
+            if reason is None:
+                try:
+                    _execute(earlier, run)
+                except BaseException:
+                    run.failed = earlier.id
+                    raise
+            run.done += 1
+            if earlier is block and reason is not None:
+                pytest.skip(reason)
+        if index == len(own) - 1 and path.name in AFTER_FILE and not run.skipped:
+            AFTER_FILE[path.name](run.namespace, run.workdir)
+    finally:
+        if index == len(own) - 1:  # the file's models (MiniLM, compiled copies) freed before the next file
+            run.namespace.clear()
+            gc.collect()
 
 
 def test_every_doc_file_is_collected():
