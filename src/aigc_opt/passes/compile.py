@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["Compile", "compile", "COMPILE_BACKENDS", "CompileBackend"]
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Settings written to recipes and records only when given (recipes made before they existed stay the same).
+_ONLY_WHEN_SET = ("shapes", "buckets", "device", "precision")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,7 +161,8 @@ class Compile(Pass):
     def config_dict(self) -> dict[str, Any]:
         """The backend and the settings that apply to it (a recipe carries nothing else)."""
         relevant = ("backend", *COMPILE_BACKENDS.get(self.backend).settings)
-        return {k: v for k, v in super().config_dict().items() if k in relevant}
+        return {k: v for k, v in super().config_dict().items()
+                if k in relevant and not (k in _ONLY_WHEN_SET and v is None)}
 
     @property
     def compiles(self) -> bool:  # type: ignore[override]
