@@ -168,72 +168,86 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
     if cap is not None and (iters is None or iters > cap):
         capped = f" (capped by ${MAX_ITERS_ENV}={cap}; asked: {iters if iters is not None else 'until stable'})"
         iters = cap
+    with pinned_threads(threads) as num_threads:
+        samples, stop_reason = _rounds(models, per_model, devices, warmup=warmup, iters=iters, verbose=verbose,
+                                       max_time=max_time, rel_ci=rel_ci, settle=settle, capped=capped)
+        return [_measurement(m, name, own, dev, s, num_threads=num_threads, stop_reason=stop_reason, memory=memory)
+                for m, name, own, dev, s in zip(models, names, per_model, devices, samples)]
+
+
+def _rounds(models: Sequence[Model], per_model: list[list[Any]], devices: list[str], *, warmup: int,
+            iters: int | None, verbose: bool | None, max_time: float, rel_ci: float, settle: int | None,
+            capped: str) -> tuple[list[list[float]], str]:
+    """The warm-up calls, then the timed rounds (see :func:`_measure`); returns every model's
+    samples and why the rounds stopped."""
     samples: list[list[float]] = [[] for _ in models]
     last = [float("inf") for _ in models]  # each model's latest call time (unknown: slow), for auto-settle
-    with pinned_threads(threads) as num_threads:
-        for j, (m, own, dev) in enumerate(zip(models, per_model, devices)):
-            for i in range(warmup):
-                last[j] = timed_call(m, own[i % len(own)], dev)
-        bar = progress_bar(iters, desc="benchmark", verbose=verbose)
-        try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
-            start, r = time.perf_counter(), 0
-            order_rng = random.Random(0)
-            order = list(range(len(models)))
-            previous: Model | None = None
-            stop_reason = f"{iters} rounds, as asked" if not capped else f"{iters} rounds{capped}"
-            while True:
-                if iters is not None and r >= iters:
+    for j, (m, own, dev) in enumerate(zip(models, per_model, devices)):
+        for i in range(warmup):
+            last[j] = timed_call(m, own[i % len(own)], dev)
+    bar = progress_bar(iters, desc="benchmark", verbose=verbose)
+    try:  # closed on Ctrl-C too: an open bar keeps tqdm's monitor thread alive
+        start, r = time.perf_counter(), 0
+        order_rng = random.Random(0)
+        order = list(range(len(models)))
+        previous: Model | None = None
+        stop_reason = f"{iters} rounds, as asked" if not capped else f"{iters} rounds{capped}"
+        while True:
+            if iters is not None and r >= iters:
+                break
+            if iters is None and r >= MIN_ROUNDS and r % 5 == 0:
+                if _stable(samples, rel_ci):
+                    stop_reason = f"stable: every median's 95% interval within ±{100 * rel_ci:g}% after {r} rounds"
                     break
-                if iters is None and r >= MIN_ROUNDS and r % 5 == 0:
-                    if _stable(samples, rel_ci):
-                        stop_reason = f"stable: every median's 95% interval within ±{100 * rel_ci:g}% after {r} rounds"
-                        break
-                    if time.perf_counter() - start > max_time or r >= MAX_ROUNDS:
-                        stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
-                                       f"was within ±{100 * rel_ci:g}%")
-                        break
-                order_rng.shuffle(order)
-                for j in order:
-                    batch = per_model[j][r % len(batches)]
-                    for _ in range(_settle_calls(settle, previous, models[j], last[j])):
-                        timed_call(models[j], batch, devices[j])
-                    last[j] = timed_call(models[j], batch, devices[j])
-                    samples[j].append(last[j])
-                    previous = models[j]
-                r += 1
-                if bar is not None:
-                    bar.update(1)
-        finally:
+                if time.perf_counter() - start > max_time or r >= MAX_ROUNDS:
+                    stop_reason = (f"time budget {max_time:g} s reached after {r} rounds before every median "
+                                   f"was within ±{100 * rel_ci:g}%")
+                    break
+            order_rng.shuffle(order)
+            for j in order:
+                batch = per_model[j][r % len(per_model[j])]
+                for _ in range(_settle_calls(settle, previous, models[j], last[j])):
+                    timed_call(models[j], batch, devices[j])
+                last[j] = timed_call(models[j], batch, devices[j])
+                samples[j].append(last[j])
+                previous = models[j]
+            r += 1
             if bar is not None:
-                bar.close()
-        results = []
-        for m, name, own, dev, s in zip(models, names, per_model, devices, samples):
-            # A peak from another device's spec sheet would make a meaningless fraction.
-            same_device = dev.split(":")[0] == m.target.torch_device
-            dtype_peak = m.target.peak("fp32") if same_device else None
-            peak_source = {"builtin": "spec sheet", "file": "target file", "measured": "measured on this machine",
-                           "detected": None}.get(m.target.origin) if dtype_peak else None
-            results.append(Measurement(
-                name=name,
-                samples=s,
-                # rounds cycle through the batches: the mean size is the samples per call
-                batch_size=sum(batch_size(b) for b in own) / len(own),
-                device=dev,
-                num_threads=num_threads,
-                target=m.target.name,
-                memory_bytes=m.memory_bytes(),
-                size_bytes=m.size_bytes(),
-                num_parameters=m.num_parameters(),
-                peak_memory_bytes=peak_memory_bytes(m, own[0], dev) if memory else None,
-                peak_rss_bytes=peak_rss_bytes(m, own[0]) if memory and dev == "cpu" else None,
-                flops=count_flops(m, own[0]),
-                target_peak_tflops=dtype_peak,
-                peak_source=peak_source,
-                stop_reason=stop_reason,
-                simulated=any(r.simulated for r in m.history),
-                passes=[r.summary() for r in m.history],
-            ))
-    return results
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return samples, stop_reason
+
+
+def _measurement(m: Model, name: str, own: list[Any], dev: str, samples: list[float], *, num_threads: int,
+                 stop_reason: str, memory: bool) -> Measurement:
+    """One model's Measurement: its samples plus what it is (sizes, FLOPs, the target's peak)."""
+    # A peak from another device's spec sheet would make a meaningless fraction.
+    same_device = dev.split(":")[0] == m.target.torch_device
+    dtype_peak = m.target.peak("fp32") if same_device else None
+    peak_source = {"builtin": "spec sheet", "file": "target file", "measured": "measured on this machine",
+                   "detected": None}.get(m.target.origin) if dtype_peak else None
+    return Measurement(
+        name=name,
+        samples=samples,
+        # rounds cycle through the batches: the mean size is the samples per call
+        batch_size=sum(batch_size(b) for b in own) / len(own),
+        device=dev,
+        num_threads=num_threads,
+        target=m.target.name,
+        memory_bytes=m.memory_bytes(),
+        size_bytes=m.size_bytes(),
+        num_parameters=m.num_parameters(),
+        peak_memory_bytes=peak_memory_bytes(m, own[0], dev) if memory else None,
+        peak_rss_bytes=peak_rss_bytes(m, own[0]) if memory and dev == "cpu" else None,
+        flops=count_flops(m, own[0]),
+        target_peak_tflops=dtype_peak,
+        peak_source=peak_source,
+        stop_reason=stop_reason,
+        simulated=any(r.simulated for r in m.history),
+        passes=[r.summary() for r in m.history],
+    )
 
 
 def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int | None = None,
