@@ -167,3 +167,33 @@ def test_max_iters_env_caps_every_timing_loop(mlp_model, x, monkeypatch):
     monkeypatch.setenv("AIGC_OPT_MAX_ITERS", "zero")
     with pytest.raises(ConfigError, match="AIGC_OPT_MAX_ITERS must be an int >= 1"):
         ao.benchmark(mlp_model, iters=3)
+
+
+# ------------------------------------------------------------------------------ stored reports drawn again
+def test_report_from_dict_round_trip(mlp_model, x):
+    report = ao.compare(mlp_model, ao.quantize(mlp_model, "int8-dynamic"), inputs=[x], iters=3, memory=False)
+    back = ao.Report.from_dict(json.loads(report.to_json()))
+    assert back.rows() == report.rows() and back.names() == report.names()
+    assert str(back) == str(report)
+
+
+def test_generation_report_from_dict_round_trip():
+    base = _stats("gpt2", 2.0)
+    report = GenerationReport(baseline=base, candidates=[_stats("int8", 1.0, 0.99, (0.5, 0.45, 0.55))], rounds=3)
+    back = GenerationReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert str(back) == str(report) and back.candidates[0].tpot_ratio == (0.5, 0.45, 0.55)
+
+
+def test_replot_redraws_stored_figures(mlp_model, x, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replot.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_replot", path)
+    replot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replot)
+    report = ao.compare(mlp_model, ao.quantize(mlp_model, "int8-dynamic"), inputs=[x], iters=3, memory=False)
+    data = {"report": report.to_dict(), "runs": [{"batch_size": 8, "report": report.to_dict()}]}
+    (tmp_path / "mine.json").write_text(json.dumps(data))
+    assert replot.main(["--results-dir", str(tmp_path), "mine"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine-batch8.png", "mine.json", "mine.png"]

@@ -121,6 +121,20 @@ class GenerationReport:
         return {"baseline": self.baseline.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
                 "rounds": self.rounds}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationReport:
+        """A GenerationReport back from :meth:`to_dict` (e.g. to draw a stored result again)."""
+        from .report import _from_fields
+
+        def stats(d: dict[str, Any]) -> GenerationStats:
+            s = _from_fields(GenerationStats, d)
+            s.ttft_ratio = tuple(s.ttft_ratio) if s.ttft_ratio else None
+            s.tpot_ratio = tuple(s.tpot_ratio) if s.tpot_ratio else None
+            return s
+
+        return cls(baseline=stats(data["baseline"]), candidates=[stats(c) for c in data["candidates"]],
+                   rounds=data["rounds"])
+
     def to_markdown(self) -> str:
         names = self.names()
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

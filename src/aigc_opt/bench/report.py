@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,21 @@ class Report:
             "warnings": self._warnings(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """A Report back from :meth:`to_dict` (or the parsed :meth:`to_json`), e.g. to draw the
+        figure of a stored result again: every sample, fidelity number and ratio is kept; derived
+        numbers are recomputed from them."""
+        def entry(d: dict[str, Any]) -> Entry:
+            ratio = d.get("latency_ratio")
+            return Entry(measurement=_from_fields(Measurement, d["measurement"]),
+                         fidelity=_from_fields(Fidelity, d["fidelity"]) if d.get("fidelity") else None,
+                         metric=d.get("metric"), latency_ratio=tuple(ratio) if ratio else None)
+
+        return cls(baseline=entry(data["baseline"]), candidates=[entry(c) for c in data["candidates"]],
+                   batches=data["batches"], iters=data["iters"], warmup=data["warmup"],
+                   settle=data.get("settle", ""))
+
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text; NaN and infinity (a broken candidate) are written as null, as JSON has none."""
         return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
@@ -207,7 +222,7 @@ class Report:
         left.set_title("latency distribution")
         points, labels, colors = [], [], []
         for i, (e, name) in enumerate(zip(self.candidates, names[1:])):
-            if e.latency_ratio and e.fidelity:
+            if e.latency_ratio and e.fidelity and e.fidelity.cosine_mean is not None:
                 point = (1 / e.latency_ratio[0], e.fidelity.cosine_mean)
                 right.scatter(*point, color=f"C{i}")
                 lo, hi = 1 / e.latency_ratio[2], 1 / e.latency_ratio[1]
@@ -248,6 +263,12 @@ class Report:
         )
         foot = "".join(f"<li>{html.escape(line)}</li>" for line in self._footer())
         return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table><ul>{foot}</ul>"
+
+
+def _from_fields(cls: Any, data: dict[str, Any]) -> Any:
+    """``cls(**data)`` keeping only its constructor fields (``to_dict`` adds derived ones)."""
+    names = {f.name for f in fields(cls) if f.init}
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 def _finite(obj: Any) -> Any:
