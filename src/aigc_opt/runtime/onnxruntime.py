@@ -239,66 +239,80 @@ def _check_shared_axes(declared: list[tuple[str, str, int, list[Any]]], feed: di
                 )
 
 
+def _input_values(declared: list[tuple[str, str, int, list[Any]]], inputs: Inputs) -> list[Any]:
+    """The given inputs in the order the session declares them (by name, or flattened by position)."""
+    names = [d[0] for d in declared]
+    if isinstance(inputs, dict):
+        if inputs.keys() != set(names):
+            unknown = sorted(set(inputs) - set(names))
+            missing = [n for n in names if n not in inputs]
+            raise InvalidInputError(
+                f"The ONNX model takes inputs {names}; got {sorted(inputs)} (missing {missing}, unknown {unknown})."
+            )
+        return [inputs[n] for n in names]
+    values = list(flatten_tensors(inputs).values())
+    # Exporters drop None and constant arguments, so those may be passed (and are skipped);
+    # when the tensors then do not add up, say which arguments were not tensors.
+    others = [f"input {i} is {type(v).__name__} {_short_repr(v)}" for i, v in enumerate(inputs)
+              if v is not None and not isinstance(v, (torch.Tensor, tuple, list, dict))]
+    if others and len(values) != len(declared):
+        raise InvalidInputError(
+            f"The ONNX model takes tensors {names}, but {'; '.join(others)}. Pass torch tensors "
+            "(e.g. torch.tensor(...))."
+        )
+    if len(values) != len(declared):
+        raise InvalidInputError(
+            f"The ONNX model takes {len(declared)} inputs {names}; got {len(values)}: {describe(inputs)}."
+        )
+    return values
+
+
+def _feed(declared: list[tuple[str, str, int, list[Any]]], values: list[Any]) -> dict[str, np.ndarray]:
+    """numpy arrays of the declared element types, each checked against its declared rank and sizes."""
+    feed = {}
+    for (name, kind, rank, shape), value in zip(declared, values):
+        array = _to_numpy(value, kind, name)
+        if array.ndim != rank:
+            raise InvalidInputError(
+                f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the ONNX model expects "
+                f"rank {rank} (shape {shape})."
+            )
+        wrong = [f"dimension {i} is {n}, expected {d}" for i, (n, d) in enumerate(zip(array.shape, shape))
+                 if isinstance(d, int) and d >= 0 and n != d]
+        if wrong:
+            raise InvalidInputError(
+                f"Input {name!r} has shape {tuple(array.shape)}, but the ONNX model expects shape {shape} "
+                f"({'; '.join(wrong)})."
+            )
+        feed[name] = array
+    return feed
+
+
+def _session_run(session: Any, feed: dict[str, np.ndarray], declared: list[tuple[str, str, int, list[Any]]]) -> Any:
+    """``session.run``; inputs ONNX Runtime refuses, or a kernel fails on, become InvalidInputError."""
+    try:
+        return session.run(None, feed)
+    except Exception as e:
+        # InvalidArgument: ORT refused the inputs; Fail / RuntimeException: a kernel failed on
+        # them (sizes that must agree but do not, e.g. a mask longer than the ids).
+        if type(e).__name__ not in ("InvalidArgument", "Fail", "RuntimeException"):
+            raise
+        got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
+        verb = "refused" if type(e).__name__ == "InvalidArgument" else "failed running the model on"
+        raise InvalidInputError(
+            f"ONNX Runtime {verb} the inputs {{{got}}} (declared: "
+            f"{', '.join(f'{n}: {shape}' for n, _, _, shape in declared)}): {str(e).strip().splitlines()[0]}. "
+            "Check that sizes which must agree across inputs (batch, sequence) do."
+        ) from e
+
+
 class OnnxRuntime:
     def run(self, artifact: OnnxArtifact, inputs: Inputs) -> Any:
         session = artifact.session()
         declared = artifact.declared_inputs()
-        names = [d[0] for d in declared]
-        if isinstance(inputs, dict):
-            if inputs.keys() != set(names):
-                unknown = sorted(set(inputs) - set(names))
-                missing = [n for n in names if n not in inputs]
-                raise InvalidInputError(
-                    f"The ONNX model takes inputs {names}; got {sorted(inputs)} (missing {missing}, unknown {unknown})."
-                )
-            values = [inputs[n] for n in names]
-        else:
-            values = list(flatten_tensors(inputs).values())
-            # Exporters drop None and constant arguments, so those may be passed (and are skipped);
-            # when the tensors then do not add up, say which arguments were not tensors.
-            others = [f"input {i} is {type(v).__name__} {_short_repr(v)}" for i, v in enumerate(inputs)
-                      if v is not None and not isinstance(v, (torch.Tensor, tuple, list, dict))]
-            if others and len(values) != len(declared):
-                raise InvalidInputError(
-                    f"The ONNX model takes tensors {names}, but {'; '.join(others)}. Pass torch tensors "
-                    "(e.g. torch.tensor(...))."
-                )
-            if len(values) != len(declared):
-                raise InvalidInputError(
-                    f"The ONNX model takes {len(declared)} inputs {names}; got {len(values)}: {describe(inputs)}."
-                )
-        feed = {}
-        for (name, kind, rank, shape), value in zip(declared, values):
-            array = _to_numpy(value, kind, name)
-            if array.ndim != rank:
-                raise InvalidInputError(
-                    f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the ONNX model expects "
-                    f"rank {rank} (shape {shape})."
-                )
-            wrong = [f"dimension {i} is {n}, expected {d}" for i, (n, d) in enumerate(zip(array.shape, shape))
-                     if isinstance(d, int) and d >= 0 and n != d]
-            if wrong:
-                raise InvalidInputError(
-                    f"Input {name!r} has shape {tuple(array.shape)}, but the ONNX model expects shape {shape} "
-                    f"({'; '.join(wrong)})."
-                )
-            feed[name] = array
+        feed = _feed(declared, _input_values(declared, inputs))
         _check_shared_axes(declared, feed)
-        try:
-            results = session.run(None, feed)
-        except Exception as e:
-            # InvalidArgument: ORT refused the inputs; Fail / RuntimeException: a kernel failed on
-            # them (sizes that must agree but do not, e.g. a mask longer than the ids).
-            if type(e).__name__ not in ("InvalidArgument", "Fail", "RuntimeException"):
-                raise
-            got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
-            verb = "refused" if type(e).__name__ == "InvalidArgument" else "failed running the model on"
-            raise InvalidInputError(
-                f"ONNX Runtime {verb} the inputs {{{got}}} (declared: "
-                f"{', '.join(f'{n}: {shape}' for n, _, _, shape in declared)}): {str(e).strip().splitlines()[0]}. "
-                "Check that sizes which must agree across inputs (batch, sequence) do."
-            ) from e
-        outputs = [torch.from_numpy(o) for o in results]
+        outputs = [torch.from_numpy(o) for o in _session_run(session, feed, declared)]
         if artifact.output_spec is not None:
             import torch.utils._pytree as pytree
 
