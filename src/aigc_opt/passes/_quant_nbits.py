@@ -157,7 +157,7 @@ def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any,
         kind, q, d, m = fit
         n, blocks, _ = q.shape
         k = blocks * GGUF_BLOCK
-        a, y, base = node.input[0], node.output[0], node.name or y
+        a, y, base = node.input[0], node.output[0], node.name or node.output[0]
         if kind == "Q4_1" and ranks.get(a, 3) not in (2, 3):
             new_nodes.append(node)
             continue
