@@ -68,9 +68,9 @@ class QuantMethod:
     # The ONNX implementation, if any: onnx(model, settings) -> (new OnnxArtifact, details).
     onnx: Callable[[Model, Quantize], tuple[Any, dict[str, Any]]] | None = None
     device_types: tuple[str, ...] = ("cpu", "cuda")
-    target_dtype: str | None = None  # the target must run this dtype natively
     # Where the ONNX implementation runs, when it differs from the torch one's device_types.
     onnx_device_types: tuple[str, ...] | None = None
+    target_dtype: str | None = None  # the target must run this dtype natively
     # What happens when the target lacks target_dtype: "refuse", or "warn" on CPU targets
     # (the method runs, correctly but without fast kernels) and refuse elsewhere.
     dtype_policy: str = "refuse"
@@ -92,11 +92,11 @@ class QuantMethod:
     restore: Callable[[torch.nn.Module, Quantize, dict[str, Any]], torch.nn.Module] | None = None
     takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
 
-    @property
     def devices_for(self, fmt: str) -> tuple[str, ...]:
         """The device types this method runs on for a model in format ``fmt``."""
         return self.onnx_device_types if fmt == "onnx" and self.onnx_device_types else self.device_types
 
+    @property
     def formats(self) -> tuple[str, ...]:
         return ("torch", "onnx") if self.onnx is not None else ("torch",)
 
