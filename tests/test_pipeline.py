@@ -6,12 +6,20 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-
-import aigc_opt as ao
-from aigc_opt.errors import ConfigError, IncompatibleTargetError, PassError, RecipeError, UnsupportedModelError
-from aigc_opt.passes.base import PASS_TYPES, Pass, register_pass
 from conftest import assert_state_equal, state_snapshot
 from toy_models import make_mlp
+
+import aigc_opt as ao
+from aigc_opt.errors import (
+    ConfigError,
+    IncompatibleTargetError,
+    PassError,
+    RecipeError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
+from aigc_opt.passes.base import PASS_TYPES, Pass, PassResult, register_pass, unregister_pass
+from aigc_opt.record import PASS_PLUGINS
 
 
 def test_pipeline_runs_passes_in_order(mlp_model, x):
@@ -102,7 +110,7 @@ def test_failure_names_the_pass_and_the_ones_before(mlp_model):
         assert isinstance(info.value.__cause__, RuntimeError)
         assert_state_equal(before, state_snapshot(mlp_model))
     finally:
-        PASS_TYPES.unregister("_Explode")
+        unregister_pass("_Explode")
 
 
 def test_pass_refuses_a_format_it_does_not_take(mlp_model):
@@ -117,3 +125,28 @@ def test_structural_pass_after_compile_is_refused_up_front(mlp_model, monkeypatc
     with pytest.raises(UnsupportedModelError, match="before Compile") as info:
         ao.Pipeline([ao.Compile("inductor"), ao.Quantize("int8-dynamic")])(mlp_model)
     assert ran == [] and "step 2 of 2" in "".join(info.value.__notes__)
+
+
+@register_pass
+@dataclass(frozen=True)
+class _Retarget(Pass):
+    """A pass that returns a PassResult: nothing changed, new example inputs, not simulated."""
+
+    def run(self, model):
+        return PassResult(model.artifact, {"note": "kept"}, changed=False,
+                          example_inputs=(torch.ones(2, 32),), simulated=True)
+
+
+def test_a_typed_pass_result_reaches_the_model_and_its_record(mlp_model):
+    try:
+        out = _Retarget().apply(mlp_model)
+        record = out.history[-1]
+        assert (record.changed, record.simulated, record.details) == (False, True, {"note": "kept"})
+        assert torch.equal(out.example_inputs[0], torch.ones(2, 32))
+        assert mlp_model.example_inputs[0].shape == (8, 32) and mlp_model.history == ()  # input untouched
+        assert "_Retarget" in record.summary()  # described through Core's plugin registry
+    finally:
+        unregister_pass("_Retarget")
+    assert "_Retarget" not in PASS_PLUGINS and record.label() == "_Retarget"  # unknown: its bare name
+    with pytest.raises(UnknownNameError, match="_Retarget"):
+        PASS_TYPES.get("_Retarget")

@@ -19,6 +19,7 @@ import torch
 from .._deps import quiet_import_logs
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
+from .base import PassResult
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -95,7 +96,7 @@ def _token_ids(inputs: Any) -> torch.Tensor:
     return ids
 
 
-def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+def export_decoder(model: Model, settings: Export) -> PassResult:
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
     from .export import _opset, _short, external_data_for, verify_outputs
 
@@ -148,12 +149,11 @@ def export_decoder(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]
     example = _feed(ids, 0, heads, head_dim, dtype, layers)
     flat_example = _flat(example, past_names, takes_positions)
     details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True), decoder step with KV cache",
-                               "opset": _opset(path), "external_data": external, "kv_cache": generation,
-                               "example_inputs": flat_example}
+                               "opset": _opset(path), "external_data": external, "kv_cache": generation}
     if settings.verify:
         details["max_abs_diff"] = _verify(step, artifact, ids, layers, heads, head_dim, dtype, settings,
                                           past_names, takes_positions, verify_outputs)
-    return artifact, details
+    return PassResult(artifact, details, example_inputs=flat_example)
 
 
 def _feed(ids: torch.Tensor, past_len: int, heads: int, head_dim: int, dtype: torch.dtype,

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .._registry import Registry
 from .._workdir import removed_on_error
 from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
-from ..record import PassPlugin, PassRecord, register_pass_plugin
+from ..record import PASS_PLUGINS, PassPlugin, PassRecord, register_pass_plugin
 
 if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["Pass", "PassRecord", "PASS_TYPES", "register_pass", "runtime_field", "named"]
+__all__ = ["Pass", "PassRecord", "PassResult", "PASS_TYPES", "register_pass", "unregister_pass", "runtime_field", "named"]
 
 CONFIG_VERSION = 1
 
@@ -34,7 +34,39 @@ def runtime_field(**kwargs: Any) -> Any:
     return field(metadata={"runtime": True}, **kwargs)
 
 
+@dataclass
+class PassResult:
+    """What a pass's ``run`` made, each part in its own field (no magic keys in a dict).
+
+    ``details`` is the report a user reads (JSON, kept in the PassRecord and the manifest);
+    ``changed`` says whether the pass changed anything (False: e.g. nothing matched);
+    ``example_inputs``, when set, replaces the Model's example inputs because the pass changed how
+    the model is called (an ONNX decoder step takes its KV cache as inputs); ``simulated``, when
+    set, overrides the pass's own answer for this run.
+    """
+
+    artifact: Any
+    details: dict[str, Any] = field(default_factory=dict)
+    changed: bool = True
+    example_inputs: Any = None
+    simulated: bool | None = None  # None: the pass's own simulated(); a run may know better (real 2:4 kernels)
+
+    @classmethod
+    def of(cls, returned: PassResult | tuple[Any, dict[str, Any]]) -> PassResult:
+        """A run's return value as a PassResult; the short form ``(artifact, details)`` is accepted."""
+        if isinstance(returned, PassResult):
+            return returned
+        artifact, details = returned
+        return cls(artifact, dict(details))
+
+
 PASS_TYPES: Registry[type[Pass]] = Registry("pass")
+
+
+def unregister_pass(name: str) -> None:
+    """Forget a Pass type registered with :func:`register_pass` (recipes and saved records both)."""
+    PASS_TYPES.unregister(name)
+    PASS_PLUGINS.unregister(name)
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -90,8 +122,9 @@ class Pass:
         self.check_model(model)
 
     # ------------------------------------------------------------------ work
-    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
-        """Return ``(new_artifact, details)``; must not modify ``model``. Subclasses implement."""
+    def run(self, model: Model) -> PassResult | tuple[Any, dict[str, Any]]:
+        """Return a :class:`PassResult` (or, the short form, ``(new_artifact, details)``); must not
+        modify ``model``. Subclasses implement."""
         raise NotImplementedError
 
     def simulated(self) -> bool:
@@ -103,15 +136,15 @@ class Pass:
         start = time.perf_counter()
         try:
             with removed_on_error():  # a failed or interrupted pass leaves no temporary files
-                artifact, details = self.run(model)
+                result = PassResult.of(self.run(model))
         except AigcOptError:
             raise
         except Exception as e:
             raise PassError(f"{self.describe()} failed: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - start
-        new = model.derive(artifact, format=self.output_format(model.format))
-        if "example_inputs" in details:  # a pass that changes the model's calling convention (Export of a decoder)
-            new.example_inputs = details.pop("example_inputs")
+        new = model.derive(result.artifact, format=self.output_format(model.format))
+        if result.example_inputs is not None:  # the pass changed how the model is called
+            new.example_inputs = result.example_inputs
         record = PassRecord(
             pass_type=type(self).__name__,
             config=self.config_dict(),
@@ -122,9 +155,9 @@ class Pass:
             size_after=new.memory_bytes(),
             params_before=model.num_parameters(),
             params_after=new.num_parameters(),
-            changed=details.pop("changed", True),
-            simulated=self.simulated(),
-            details=details,
+            changed=result.changed,
+            simulated=self.simulated() if result.simulated is None else result.simulated,
+            details=result.details,
         )
         return new.derive(new.artifact, record=record)
 

@@ -28,7 +28,7 @@ from .._tree import flatten_tensors, split_inputs
 from .._checks import check_float, check_int
 from ..errors import ConfigError, FidelityError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
-from .base import Pass, register_pass
+from .base import Pass, PassResult, register_pass
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -127,7 +127,7 @@ class Export(Pass):
                     f"{model.name} ({type(unwrap(model.artifact)).__name__}) is not one. Leave kv_cache=None."
                 )
 
-    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+    def run(self, model: Model) -> PassResult | tuple[Any, dict[str, Any]]:
         return EXPORTERS.get(self.to).export(model, self)
 
 
@@ -236,7 +236,7 @@ def verify_outputs(reference: Any, exported: Any, *, atol: float, rtol: float, w
 
 
 # ---------------------------------------------------------------------------------- exporters
-def _export_onnx(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
+def _export_onnx(model: Model, settings: Export) -> PassResult | tuple[Any, dict[str, Any]]:
     from ._export_decoder import export_decoder, is_causal_lm
 
     module = unwrap(model.artifact)

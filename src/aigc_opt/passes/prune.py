@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import logging
 import math
@@ -47,7 +46,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
 from ._prune_structured import _replay_structure, _run_structured
-from .base import Pass, PassRecord, named, register_pass, runtime_field, validate_choice
+from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -209,16 +208,12 @@ class Prune(Pass):
                                   f"importance={self.importance!r}.")
 
     # ------------------------------------------------------------------ work
-    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+    def run(self, model: Model) -> PassResult:
         module = copy.deepcopy(unwrap(model.artifact))
-        return module, PRUNE_METHODS.get(self.method).run(module, self, model)
-
-    def apply(self, model: Model) -> Model:
-        new = super().apply(model)
-        record = new.history[-1]
-        if record.details.get("accelerated_layers"):  # 2:4 really ran on sparse tensor cores
-            new.history = (*new.history[:-1], dataclasses.replace(record, simulated=False))
-        return new
+        details = PRUNE_METHODS.get(self.method).run(module, self, model)
+        return PassResult(module, details, changed=details.pop("changed", True),
+                          # 2:4 that really runs on sparse tensor cores is not simulated
+                          simulated=False if details.get("accelerated_layers") else None)
 
     def restore(self, module: Any, record: PassRecord) -> Any:
         PRUNE_METHODS.get(self.method).restore(unwrap(module), record.details)
