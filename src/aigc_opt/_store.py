@@ -385,7 +385,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 _FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
     "format": (str,), "target": (dict,), "architecture": (dict, type(None)), "history": (list,),
     "files": (dict,), "manifest_sha256": (str,), "name?": (str,), "weights?": (dict,), "artifact?": (dict,),
-    "versions?": (dict,), "aigc_opt_version?": (str,),
+    "versions?": (dict,), "aigc_opt_version?": (str,), "name_covers_passes?": (int,),
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

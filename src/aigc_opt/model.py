@@ -298,6 +298,7 @@ class Model:
         write_manifest(tmp, {
             "aigc_opt_version": __version__,
             "name": self.name,
+            "name_covers_passes": getattr(self, "_named_at", 0),  # passes the name already says (label)
             "format": self.format,
             "target": self.target.to_dict(),
             "architecture": self.architecture,
@@ -404,6 +405,9 @@ class Model:
                                 if example_path.exists() else None)
         model.name = manifest.get("name", type(unwrap(module)).__name__)  # before history: label = name+passes
         model.history = history
+        covered = manifest.get("name_covers_passes", 0)
+        if isinstance(covered, int) and not isinstance(covered, bool) and 0 <= covered <= len(history):
+            object.__setattr__(model, "_named_at", covered)  # a name given after some passes keeps covering them
         model.architecture = manifest["architecture"]
         model._skeleton = None
         return model
