@@ -150,3 +150,9 @@ def test_a_typed_pass_result_reaches_the_model_and_its_record(mlp_model):
     assert "_Retarget" not in PASS_PLUGINS and record.label() == "_Retarget"  # unknown: its bare name
     with pytest.raises(UnknownNameError, match="_Retarget"):
         PASS_TYPES.get("_Retarget")
+
+
+def test_pipeline_name_labels_the_result(mlp_model):
+    pipe = ao.Pipeline([ao.Prune(0.25), ao.Quantize("int8-dynamic")])
+    assert pipe(mlp_model, name="small").label == "small"
+    assert pipe(mlp_model).label == "MLP+Prune(ratio=0.25)+Quantize(int8-dynamic)"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ._progress import progress_bar
 from ._store import atomic_write_text
 from .errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
-from .passes.base import PASS_TYPES, Pass
+from .passes.base import PASS_TYPES, Pass, named
 
 if TYPE_CHECKING:
     from .model import Model
@@ -90,7 +90,9 @@ class Pipeline:
             fmt = p.output_format(fmt)
             compiled = compiled or p.compiles
 
-    def apply(self, model: Model, *, verbose: bool | None = None) -> Model:
+    def apply(self, model: Model, *, verbose: bool | None = None, name: str | None = None) -> Model:
+        """Run every pass in order on ``model`` (after checking the whole chain); ``name=`` labels
+        the result in reports (default: the input's name plus the passes, as the pass functions do)."""
         self.check(model)
         bar = progress_bar(len(self.passes), unit="pass", verbose=verbose)
         done: list[str] = []
@@ -115,7 +117,7 @@ class Pipeline:
         finally:
             if bar is not None:
                 bar.close()
-        return model
+        return named(model, name)
 
     __call__ = apply
 
