@@ -57,6 +57,9 @@ class Target:
     mem_bandwidth_gbs: float | None = None
     cores: int | None = None
     simd_width_bits: int | None = None
+    # The channel count matrix units want layers to be a multiple of (tensor-core tiles, a TPU's
+    # systolic array); structured pruning rounds to it. None: derived from simd_width_bits, else 1.
+    channel_multiple: int | None = None
     peak_tflops: Mapping[str, float] = field(default_factory=dict)
     dtypes: tuple[str, ...] = ("fp32",)
     backends: tuple[str, ...] = ("torch",)
@@ -83,7 +86,7 @@ class Target:
             value = getattr(self, key)
             if value is not None and (not _is_number(value) or value <= 0):
                 raise ConfigError(f"Target {self.name!r}: {key} must be a positive number, got {value!r}.")
-        for key in ("cores", "simd_width_bits"):
+        for key in ("cores", "simd_width_bits", "channel_multiple"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Target {self.name!r}: {key} must be a positive integer, got {value!r}.")

@@ -226,19 +226,15 @@ def prune(model: Model, ratio: float | None = None, *, name: str | None = None, 
 
 
 def default_round_to(target: Target) -> tuple[int, str]:
-    """The channel multiple the target's matrix units want, and why."""
-    if target.device_type == "cuda":
-        if target.has_feature("tensor_cores"):
-            return 16, "tensor-core GEMM tiles: multiples of 8 (fp16/bf16) or 16 (int8/fp8) elements"
-        return 1, "no tensor cores listed for this target"
-    if target.device_type == "cpu" and target.simd_width_bits:
+    """The channel multiple the target's matrix units want, and why: the target's data
+    (``channel_multiple`` with its source, targets/*.toml), else its SIMD width in fp32 lanes."""
+    if target.channel_multiple:
+        source = target.sources.get("channel_multiple", "the target's data")
+        return target.channel_multiple, f"channel_multiple of {target.name!r} ({source})"
+    if target.simd_width_bits:
         lanes = target.simd_width_bits // 32
         return lanes, f"{target.simd_width_bits}-bit SIMD registers hold {lanes} fp32 values"
-    if target.device_type == "tpu":
-        return 128, "the TPU matrix unit is a 128x128 systolic array"
-    if target.device_type == "mps":
-        return 8, "Apple GPU matrix operations work on 8x8 tiles (simdgroup_matrix)"
-    return 1, f"no alignment known for {target.device_type} target {target.name!r}"
+    return 1, f"no channel multiple known for {target.device_type} target {target.name!r}"
 
 
 def pruning_table(model: Model) -> str:
