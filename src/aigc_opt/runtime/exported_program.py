@@ -128,31 +128,8 @@ def arrange_inputs(module: Any, args: tuple[Any, ...],
     checked the same way, runtime/onnxruntime.py); sizes are left to the program's own guards
     (:func:`call_exported`), which know which axes are dynamic and how they relate."""
     layout = _layout(module)
-    signature = layout.signature
-    if signature is not None and (len(args) != layout.n_positional or kwargs.keys() != set(layout.keywords)):
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as e:
-            names = list(signature.parameters)
-            by_position = set(names[:len(args)])
-            missing = [n for n in names if n not in by_position and n not in kwargs]
-            unknown, twice = sorted(set(kwargs) - set(names)), sorted(by_position & set(kwargs))
-            wrong = [f"{len(args) - len(names)} positional too many"] if len(args) > len(names) else []
-            wrong += [f"missing {missing}"] if missing else []
-            wrong += [f"unknown {unknown}"] if unknown else []
-            wrong += [f"{twice} given by position and by name"] if twice else []
-            raise InvalidInputError(
-                f"The model exported (torch.export) takes inputs ({', '.join(names)}); got "
-                f"{describe(kwargs if not args else args if not kwargs else (args, kwargs))} "
-                f"({'; '.join(wrong) or e}). Pass one batch as at export, by position or by name "
-                f"(exported for {exported_shapes(module)})."
-            ) from None
-        names = list(signature.parameters)
-        args = tuple(bound.arguments[n] for n in names[:layout.n_positional])
-        kwargs = {n: bound.arguments[n] for n in layout.keywords}
-    elif signature is not None and tuple(kwargs) != layout.keywords:
-        kwargs = {n: kwargs[n] for n in layout.keywords}
-    if signature is not None and all(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+    args, kwargs = _bound(module, layout, args, kwargs)
+    if layout.signature is not None and all(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
         leaves, tree = [*args, *kwargs.values()], None  # flat already: skip pytree (a hot path)
     else:
         leaves, tree = pytree.tree_flatten((args, kwargs))
@@ -163,31 +140,68 @@ def arrange_inputs(module: Any, args: tuple[Any, ...],
     for index, (given, (name, traced)) in enumerate(zip(leaves, placeholders)):
         if not isinstance(traced, torch.Tensor):
             continue
-        if not isinstance(given, torch.Tensor):
-            raise InvalidInputError(
-                f"Input {name!r} is {type(given).__name__} {given!r:.60}, but the model exported "
-                f"(torch.export) takes a tensor of shape {_shape_text(traced)} "
-                f"{str(traced.dtype).replace('torch.', '')} there. Pass torch tensors (e.g. torch.tensor(...)).")
-        if given.dim() != traced.dim():
-            raise InvalidInputError(
-                f"Input {name!r} has rank {given.dim()} (shape {tuple(given.shape)}), but the model exported "
-                f"(torch.export) expects rank {traced.dim()} (shape {_star_note(_shape_text(traced))}).")
-        if given.dtype == traced.dtype:
-            continue
-        if _dtype_kind(given.dtype) == _dtype_kind(traced.dtype) == "int":
-            # token ids as int32 where int64 was traced: an eager model takes them, so does this
-            # (the program's graph asserts the traced dtype); ONNX inputs are cast the same way
-            leaves[index], cast = given.to(traced.dtype), True
-            continue
-        raise InvalidInputError(
-            f"Input {name!r} has dtype {str(given.dtype).replace('torch.', '')}, but the model exported "
-            f"(torch.export) expects {str(traced.dtype).replace('torch.', '')}; convert it "
-            f"(x.to({traced.dtype})).")
+        checked = _checked_leaf(name, given, traced)
+        if checked is not given:
+            leaves[index], cast = checked, True
     if not cast:
         return args, kwargs
     if tree is None:
         return tuple(leaves[:len(args)]), dict(zip(kwargs, leaves[len(args):]))
     return pytree.tree_unflatten(leaves, tree)
+
+
+def _bound(module: Any, layout: _Layout, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments given by name or by position, laid out as the program was traced."""
+    signature = layout.signature
+    if signature is None:
+        return args, kwargs
+    if len(args) == layout.n_positional and kwargs.keys() == set(layout.keywords):
+        return args, kwargs if tuple(kwargs) == layout.keywords else {n: kwargs[n] for n in layout.keywords}
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        names = list(signature.parameters)
+        by_position = set(names[:len(args)])
+        missing = [n for n in names if n not in by_position and n not in kwargs]
+        unknown, twice = sorted(set(kwargs) - set(names)), sorted(by_position & set(kwargs))
+        wrong = [f"{len(args) - len(names)} positional too many"] if len(args) > len(names) else []
+        wrong += [f"missing {missing}"] if missing else []
+        wrong += [f"unknown {unknown}"] if unknown else []
+        wrong += [f"{twice} given by position and by name"] if twice else []
+        raise InvalidInputError(
+            f"The model exported (torch.export) takes inputs ({', '.join(names)}); got "
+            f"{describe(kwargs if not args else args if not kwargs else (args, kwargs))} "
+            f"({'; '.join(wrong) or e}). Pass one batch as at export, by position or by name "
+            f"(exported for {exported_shapes(module)})."
+        ) from None
+    names = list(signature.parameters)
+    return (tuple(bound.arguments[n] for n in names[:layout.n_positional]),
+            {n: bound.arguments[n] for n in layout.keywords})
+
+
+def _checked_leaf(name: str, given: Any, traced: torch.Tensor) -> Any:
+    """``given`` if it can run where ``traced`` was (a tensor of that rank and dtype); an integer
+    tensor of another integer dtype comes back cast; anything else is an InvalidInputError."""
+    if not isinstance(given, torch.Tensor):
+        raise InvalidInputError(
+            f"Input {name!r} is {type(given).__name__} {given!r:.60}, but the model exported "
+            f"(torch.export) takes a tensor of shape {_shape_text(traced)} "
+            f"{str(traced.dtype).replace('torch.', '')} there. Pass torch tensors (e.g. torch.tensor(...)).")
+    if given.dim() != traced.dim():
+        raise InvalidInputError(
+            f"Input {name!r} has rank {given.dim()} (shape {tuple(given.shape)}), but the model exported "
+            f"(torch.export) expects rank {traced.dim()} (shape {_star_note(_shape_text(traced))}).")
+    if given.dtype == traced.dtype:
+        return given
+    if _dtype_kind(given.dtype) == _dtype_kind(traced.dtype) == "int":
+        # token ids as int32 where int64 was traced: an eager model takes them, so does this
+        # (the program's graph asserts the traced dtype); ONNX inputs are cast the same way
+        return given.to(traced.dtype)
+    raise InvalidInputError(
+        f"Input {name!r} has dtype {str(given.dtype).replace('torch.', '')}, but the model exported "
+        f"(torch.export) expects {str(traced.dtype).replace('torch.', '')}; convert it "
+        f"(x.to({traced.dtype})).")
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:
