@@ -144,18 +144,42 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
     QAttention lacks. (c) is rewritten to the raw 2-D ``mask_index`` (input 3) only when that bias
     is computed from a graph input named ``attention_mask`` and nothing else.
     """
-    import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    graph_inputs = {i.name: i for i in graph.input}
+    index = _GraphIndex(model.graph)
     changes = {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0, "bias_to_mask_index": 0}
+    attentions = [n for n in model.graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    for i, node in enumerate(attentions):
+        node.name = node.name or f"Attention_{i}"  # the quantizer excludes nodes by name
+        changes["qkv_weights_folded"] += _fold_qkv_weight(index, node)
+        sizes = next((a for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
+        if sizes is not None and len(set(sizes.ints)) == 1:
+            node.attribute.remove(sizes)
+            changes["qkv_hidden_sizes_dropped"] += 1
+        changes["bias_to_mask_index"] += _bias_to_mask_index(index, node)
+    # QAttention has no attention_bias input: the quantizer would silently drop it. Those nodes
+    # must stay float (the caller excludes them by name).
+    changes["attention_kept_float"] = [n.name for n in attentions if len(n.input) > 5 and n.input[5]]
+    if not any(changes.values()):
+        return changes
+    _drop_unused(model.graph)
+    onnx.save(model, str(path))
+    return changes
 
-    def sources(name: str) -> set[str]:
+
+class _GraphIndex:
+    """A graph with its initializers, producers and inputs looked up by name (kept current by the
+    rewrites below)."""
+
+    def __init__(self, graph: Any):
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.inputs = {i.name: i for i in graph.input}
+        self.mask_cast: str | None = None  # the int32 attention mask, once made
+
+    def sources(self, name: str) -> set[str]:
         """Graph inputs whose values ``name`` depends on (through a Shape only the shape counts)."""
         seen, stack, found = set(), [name], set()
         while stack:
@@ -163,54 +187,54 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
             if current in seen or not current:
                 continue
             seen.add(current)
-            if current in graph_inputs:
+            if current in self.inputs:
                 found.add(current)
-            elif current in producer and producer[current].op_type not in ("Shape", "Size"):
-                stack.extend(producer[current].input)
+            elif current in self.producer and self.producer[current].op_type not in ("Shape", "Size"):
+                stack.extend(self.producer[current].input)
         return found
 
-    mask_cast = None
-    attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
-    for i, node in enumerate(attentions):
-        node.name = node.name or f"Attention_{i}"  # the quantizer excludes nodes by name
-        weight = node.input[1]
-        concat = producer.get(weight)
-        if weight not in inits and concat is not None and concat.op_type == "Concat" and all(
-                i in inits for i in concat.input):
-            axis = next(a.i for a in concat.attribute if a.name == "axis")
-            packed = np.concatenate([numpy_helper.to_array(inits[i]) for i in concat.input], axis=axis)
-            tensor = numpy_helper.from_array(packed, weight)
-            graph.initializer.append(tensor)
-            graph.node.remove(concat)  # its output is an initializer now
-            del producer[weight]
-            inits[weight] = tensor
-            changes["qkv_weights_folded"] += 1
-        sizes = next((a for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
-        if sizes is not None and len(set(sizes.ints)) == 1:
-            node.attribute.remove(sizes)
-            changes["qkv_hidden_sizes_dropped"] += 1
-        inputs = list(node.input) + [""] * (6 - len(node.input))
-        if inputs[5] and not inputs[3] and sources(inputs[5]) == {"attention_mask"}:
-            mask = graph_inputs["attention_mask"]
-            if len(mask.type.tensor_type.shape.dim) == 2:
-                if mask_cast is None:
-                    mask_cast = "attention_mask_int32"
-                    graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [mask_cast],
-                                                          to=onnx.TensorProto.INT32, name="attention_mask_to_int32"))
-                inputs[3], inputs[5] = mask_cast, ""
-                while inputs and not inputs[-1]:
-                    inputs.pop()
-                del node.input[:]
-                node.input.extend(inputs)
-                changes["bias_to_mask_index"] += 1
-    # QAttention has no attention_bias input: the quantizer would silently drop it. Those nodes
-    # must stay float (the caller excludes them by name).
-    changes["attention_kept_float"] = [n.name for n in attentions if len(n.input) > 5 and n.input[5]]
-    if not any(changes.values()):
-        return changes
-    _drop_unused(graph)
-    onnx.save(model, str(path))
-    return changes
+
+def _fold_qkv_weight(index: _GraphIndex, node: Any) -> int:
+    """(a): a QKV weight concatenated from three initializers becomes one initializer; 1 if done."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weight = node.input[1]
+    concat = index.producer.get(weight)
+    if weight in index.inits or concat is None or concat.op_type != "Concat" or not all(
+            i in index.inits for i in concat.input):
+        return 0
+    axis = next(a.i for a in concat.attribute if a.name == "axis")
+    packed = np.concatenate([numpy_helper.to_array(index.inits[i]) for i in concat.input], axis=axis)
+    tensor = numpy_helper.from_array(packed, weight)
+    index.graph.initializer.append(tensor)
+    index.graph.node.remove(concat)  # its output is an initializer now
+    del index.producer[weight]
+    index.inits[weight] = tensor
+    return 1
+
+
+def _bias_to_mask_index(index: _GraphIndex, node: Any) -> int:
+    """(c): an attention_bias computed from the 2-D ``attention_mask`` alone becomes that mask
+    (as int32) in the mask_index slot; 1 if done."""
+    import onnx
+    from onnx import helper
+
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    if not inputs[5] or inputs[3] or index.sources(inputs[5]) != {"attention_mask"}:
+        return 0
+    if len(index.inputs["attention_mask"].type.tensor_type.shape.dim) != 2:
+        return 0
+    if index.mask_cast is None:
+        index.mask_cast = "attention_mask_int32"
+        index.graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [index.mask_cast],
+                                                    to=onnx.TensorProto.INT32, name="attention_mask_to_int32"))
+    inputs[3], inputs[5] = index.mask_cast, ""
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    del node.input[:]
+    node.input.extend(inputs)
+    return 1
 
 
 def _drop_unused(graph: Any) -> None:
