@@ -229,16 +229,7 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         tokenizer: default: ``baseline.tokenizer`` (set by ``Model.from_hf``).
         seed: seeds the per-round shuffle of the model order.
     """
-    if isinstance(prompts, str) or not prompts:
-        raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
-        raise ConfigError(f"max_new_tokens must be an int >= 2 (TPOT needs two tokens), got {max_new_tokens!r}.")
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}.")
-    cap = iters_cap()
-    if cap is not None and rounds > cap:
-        log.info("bench.generation: %d rounds instead of %d ($%s)", cap, rounds, MAX_ITERS_ENV)
-        rounds = cap
+    rounds = _checked_settings(prompts, max_new_tokens, rounds)
     models = [baseline, *candidates]
     for m in models:
         if not _can_generate(m):
@@ -253,25 +244,54 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = dict(tokenizer(list(prompts), return_tensors="pt", padding=True))
-    prompt_len = enc["input_ids"].shape[1]
     names = unique_names([m.label for m in models])  # two models never share a column name
     stats = [GenerationStats(name=name, ttft=[], total=[], new_tokens=max_new_tokens, batch_size=len(prompts))
              for name in names]
+    _timed_rounds(models, stats, enc, tokenizer.pad_token_id, max_new_tokens=max_new_tokens, rounds=rounds,
+                  warmup=warmup, seed=seed)
+    _agreement(models, stats, enc)
+    return GenerationReport(baseline=stats[0], candidates=stats[1:], rounds=rounds)
+
+
+def _checked_settings(prompts: Sequence[str], max_new_tokens: int, rounds: int) -> int:
+    """Refuse bad settings; returns the rounds to run (capped by ``$AIGC_OPT_MAX_ITERS``)."""
+    if isinstance(prompts, str) or not prompts:
+        raise ConfigError(f"prompts must be a non-empty list of strings, got {prompts!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+        raise ConfigError(f"max_new_tokens must be an int >= 2 (TPOT needs two tokens), got {max_new_tokens!r}.")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"rounds must be an int >= 1, got {rounds!r}.")
+    cap = iters_cap()
+    if cap is not None and rounds > cap:
+        log.info("bench.generation: %d rounds instead of %d ($%s)", cap, rounds, MAX_ITERS_ENV)
+        return cap
+    return rounds
+
+
+def _timed_rounds(models: list[Model], stats: list[GenerationStats], enc: dict[str, torch.Tensor], pad_id: int, *,
+                  max_new_tokens: int, rounds: int, warmup: int, seed: int) -> None:
+    """Warm up, then per round (models in a shuffled order) time a 1-token and a full generate."""
+    prompt_len = enc["input_ids"].shape[1]
     for m in models:
         for _ in range(warmup):
-            _generate(m, enc, 2, tokenizer.pad_token_id)
+            _generate(m, enc, 2, pad_id)
     order = list(range(len(models)))
     shuffle = random.Random(seed)
     for _ in range(rounds):
         shuffle.shuffle(order)  # like ao.compare: no model always runs after the same neighbour
         for j in order:
             start = time.perf_counter()
-            _generate(models[j], enc, 1, tokenizer.pad_token_id)
+            _generate(models[j], enc, 1, pad_id)
             stats[j].ttft.append(time.perf_counter() - start)
             start = time.perf_counter()
-            out = _generate(models[j], enc, max_new_tokens, tokenizer.pad_token_id)
+            out = _generate(models[j], enc, max_new_tokens, pad_id)
             stats[j].total.append(time.perf_counter() - start)
             stats[j].tokens = out[:, prompt_len:].tolist()
+
+
+def _agreement(models: list[Model], stats: list[GenerationStats], enc: dict[str, torch.Tensor]) -> None:
+    """Teacher-forced and free-running agreement with the baseline, and the timing ratios."""
+    prompt_len = enc["input_ids"].shape[1]
     base = np.asarray(stats[0].tokens)
     sequences, full_mask = continuation_batch(enc["input_ids"], enc.get("attention_mask"), stats[0].tokens)
     predictions = [_teacher_forced_predictions(m, sequences, full_mask, prompt_len) for m in models]
@@ -279,11 +299,9 @@ def generation(baseline: Model, *candidates: Model, prompts: Sequence[str], max_
         s.next_token_predictions = pred.tolist()
         s.next_token_agreement = float((pred == predictions[0]).float().mean()) if s is not stats[0] else None
     for s in stats[1:]:
-        cand = np.asarray(s.tokens)
-        same = cand == base
+        same = np.asarray(s.tokens) == base
         s.token_agreement = float(same.mean())
         diverged = [int(np.argmin(row)) for row in same if not row.all()]
         s.first_divergence = min(diverged) if diverged else None
         s.ttft_ratio = ratio_ci(stats[0].ttft, s.ttft)
         s.tpot_ratio = ratio_ci(stats[0].tpot, s.tpot)
-    return GenerationReport(baseline=stats[0], candidates=stats[1:], rounds=rounds)
