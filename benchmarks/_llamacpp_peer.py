@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 
 import numpy as np
+
+
+def _peak_rss() -> int:
+    """VmHWM (ru_maxrss would carry the forked parent's peak across exec on Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def generate(llm, prompt: list[int], n: int) -> list[int]:
@@ -60,7 +65,7 @@ def main() -> None:
         logz = (top[:, 0] + np.log(np.exp(logits - top).sum(-1)))
         nll.append((logz - logits[np.arange(len(ids) - 1), ids[1:]]).tolist())
     json.dump({"ttft": ttft, "total": total, "tokens": tokens, "predictions": predictions, "nll": nll,
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "peak_rss_bytes": _peak_rss(),
                "version": getattr(llama_cpp, "__version__", "?"),
                "perplexity": math.exp(float(np.mean([x for row in nll for x in row]))) if nll else None},
               sys.stdout)

@@ -99,11 +99,12 @@ def kv_bytes_per_token(layout: dict[str, Any], context: float) -> float:
 
 
 RSS_CHILD = r"""
-import json, resource, sys, torch, aigc_opt as ao
+import json, sys, torch, aigc_opt as ao
 m = ao.Model.load(sys.argv[1])
 ids = torch.tensor([json.loads(sys.argv[2])])
 m.generate(ids, max_new_tokens=int(sys.argv[3]), min_new_tokens=int(sys.argv[3]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forked (large) parent
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
@@ -133,12 +134,19 @@ def main() -> None:
     tok = base.tokenizer
     source = base.architecture["source"]
     onnx_fp32 = named(ao.export(base, "onnx"), "ONNX fp32")
+    # Compile("onnxruntime"): transformer fusions (RMSNorm, rotary, attention); spin_wait: a decode step is
+    # ~2,000 small kernels, and waking the second thread for each cost 13.6 -> 19 ms/token (measured).
+    ort = dict(spin_wait=True)
     recipes = [
-        ("ONNX int4-weight-only (MatMulNBits, block 32)", dict(method="int4-weight-only", group_size=32)),
-        ("ONNX int8-weight-only (MatMulNBits, block 32)", dict(method="int8-weight-only", group_size=32)),
-        ("ONNX int8-dynamic", dict(method="int8-dynamic")),
+        ("ONNX int4-weight-only, GGUF blocks reused + ORT", dict(method="int4-weight-only"), ort),
+        ("ONNX int4-weight-only, requantized + ORT", dict(method="int4-weight-only", reuse_blocks=False), ort),
+        ("ONNX int8-weight-only + ORT", dict(method="int8-weight-only", reuse_blocks=False), ort),
+        ("ONNX int8-dynamic", dict(method="int8-dynamic"), None),
     ]
-    candidates = [onnx_fp32] + [named(ao.quantize(onnx_fp32, **kw), name) for name, kw in recipes]
+    candidates = [onnx_fp32, named(ao.compile(onnx_fp32, "onnxruntime", **ort), "ONNX fp32 + ORT")]
+    for name, kw, compile_kw in recipes:
+        q = ao.quantize(onnx_fp32, **kw)
+        candidates.append(named(ao.compile(q, "onnxruntime", **compile_kw) if compile_kw is not None else q, name))
 
     # ---------------------------------------------------------------- fidelity on held-out text
     windows = text_windows(tok, heldout_text(), window=256, count=args.windows)
@@ -181,6 +189,7 @@ def main() -> None:
     bandwidth = host.mem_bandwidth_gbs * 1e9
     layout = onnx_fp32.artifact.generation
     prompt_len = len(prompt_ids)
+    padded = {b: tok(prompts[:b], padding=True, return_tensors="pt")["input_ids"].shape[1] for b in reports}
     kv = kv_bytes_per_token(layout, prompt_len + args.max_new_tokens / 2)
     fp32_weights = sum(p.numel() for p in base.artifact.parameters()) * 4  # tied: the table is read as lm_head
     bytes_per_token = {base.name: fp32_weights}
@@ -203,7 +212,7 @@ def main() -> None:
             rows.append({"batch": batch, "name": name, "tpot_ms": tpot * 1e3, "tpot_ci95_ms": [x * 1e3 for x in
                                                                                                 e.to_dict()["tpot_ci95"]],
                          "ttft_ms": e.ttft_p50 * 1e3,
-                         "prefill_tokens_per_s": batch * prompt_len / e.ttft_p50 if batch == 1 else None,
+                         "prefill_tokens_per_s": batch * padded[batch] / e.ttft_p50,
                          "tokens_per_s": batch / tpot, "bytes_per_token": per_token,
                          "roofline_fraction": per_token / tpot / bandwidth if batch == 1 else None,
                          "file_bytes": size[name], "peak_rss_bytes": rss.get(name),
@@ -229,7 +238,8 @@ def main() -> None:
                "bandwidth_gbs": host.mem_bandwidth_gbs, "prompt_tokens": prompt_len,
                "new_tokens": args.max_new_tokens, "rounds": args.rounds, "fidelity_positions": reference.positions,
                "rows": rows, "reports": {str(b): r.to_dict() for b, r in reports.items()},
-               "llamacpp": llamacpp, "quantize_details": {m.name: m.history[-1].details for m in candidates[1:]}}
+               "llamacpp": llamacpp, "quantize_details": {m.name: [r.details for r in m.history if r.pass_type == "Quantize"]
+                                     for m in candidates[2:]}}
     mb = lambda b: f"{b / 1e6:.0f}" if b else "-"  # noqa: E731
     table = markdown_table(
         ["batch", "model", "decode ms/token (p50)", "tokens/s", "prefill tok/s", "MB read/token", "roofline",
@@ -265,7 +275,7 @@ def main() -> None:
              f"copy bandwidth {host.mem_bandwidth_gbs:.1f} GB/s. Greedy decoding of {args.max_new_tokens} tokens after a "
              f"{prompt_len}-token chat prompt (batch 8: eight prompts, left-padded); decode ms/token is the median over "
              f"{args.rounds} interleaved rounds of (N-token generate - 1-token generate) / (N-1); prefill tok/s = prompt "
-             "tokens / time to first token. llama.cpp runs in its own process (own venv) between our batch-1 and "
+             "tokens (padded, x batch) / time to first token. llama.cpp runs in its own process (own venv) between our batch-1 and "
              "batch-8 rounds, batch 1 only. Fidelity: teacher-forced next-token agreement with transformers fp32 and "
              f"perplexity over {reference.positions} positions ({args.windows} x 256-token windows) of the held-out "
              "text shipped with aigc_opt (`aigc_opt.bench.llm.heldout_text()`). MB read/token: weight bytes a decode "
