@@ -123,23 +123,7 @@ def from_hf(
 
         source = inspect_gguf(os.path.join(path, gguf_file))  # typed errors before any weight is read
         require_llm_packages()
-    transformers = _transformers()
-    local = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
-    extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
-    try:
-        with quiet_import_logs():  # transformers may import torchao while loading
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local, **extra)
-            module = getattr(transformers, auto_name).from_pretrained(path, local_files_only=local, **extra)
-    except (OSError, ValueError, NotImplementedError, KeyError) as e:
-        if gguf_file is None and not isinstance(e, (OSError, ValueError)):
-            raise
-        what = f"the GGUF file {gguf_file!r} in {str(path)!r}" if gguf_file else repr(str(path))
-        hint = ("transformers could not convert it (an unsupported quantization or tensor layout): upgrade "
-                "transformers and gguf, or use a GGUF of another quantization type (Q4_0, Q4_1, Q8_0, F16...)."
-                if gguf_file else "Give a directory with config.json, the weights and the tokenizer files.")
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UnsupportedModelError(f"Could not load a transformers model from {what}: {first} {hint}") from e
-    module.eval()
+    tokenizer, module = _pretrained(path, auto_name, gguf_file)
     if task == "causal-lm":  # decoder-only models continue from the right end: pad on the left
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
@@ -157,6 +141,28 @@ def from_hf(
     if source is not None:  # written to manifest.json with the architecture spec
         model.architecture = {**model.architecture, "source": source.record()}
     return model
+
+
+def _pretrained(path: str | os.PathLike[str], auto_name: str, gguf_file: str | None) -> tuple[Any, torch.nn.Module]:
+    """transformers' tokenizer and model (in eval mode) from ``path`` (or a GGUF file in it), local
+    files only when ``path`` is a directory or the hub is offline; failures name the source."""
+    transformers = _transformers()
+    local = os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    extra = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    try:
+        with quiet_import_logs():  # transformers may import torchao while loading
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local, **extra)
+            module = getattr(transformers, auto_name).from_pretrained(path, local_files_only=local, **extra)
+    except (OSError, ValueError, NotImplementedError, KeyError) as e:
+        if gguf_file is None and not isinstance(e, (OSError, ValueError)):
+            raise
+        what = f"the GGUF file {gguf_file!r} in {str(path)!r}" if gguf_file else repr(str(path))
+        hint = ("transformers could not convert it (an unsupported quantization or tensor layout): upgrade "
+                "transformers and gguf, or use a GGUF of another quantization type (Q4_0, Q4_1, Q8_0, F16...)."
+                if gguf_file else "Give a directory with config.json, the weights and the tokenizer files.")
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedModelError(f"Could not load a transformers model from {what}: {first} {hint}") from e
+    return tokenizer, module.eval()
 
 
 def from_gguf(path: str | os.PathLike[str], *, target: str | Target = "host",

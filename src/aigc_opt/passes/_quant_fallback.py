@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .._progress import progress_bar
 from ..errors import ConfigError, FidelityError
 from ..runtime.torch_module import unwrap
 
@@ -32,8 +33,6 @@ def _metric(settings: Quantize, model: Model) -> float:
 
 
 def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) -> tuple[Any, dict[str, Any]]:
-    from tqdm.auto import tqdm
-
     base = _metric(settings, model)
     trials: dict[int, tuple[Any, dict[str, Any], float, tuple[str, ...]]] = {}
 
@@ -53,10 +52,7 @@ def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) 
         )
     layers = settings.selected(unwrap(model.artifact), spec)
     trials[0] = (artifact, details, metric, ())
-    sensitivity: dict[str, float] = {}
-    for layer in tqdm(layers, desc="layer sensitivity", unit="layer", disable=not settings.verbose or None):
-        others = tuple(n for n in layers if n != layer)
-        sensitivity[layer] = base - trial(others)[2] if others else base - metric
+    sensitivity = _sensitivity(layers, lambda others: base - trial(others)[2], base - metric, settings.verbose)
     order = sorted(layers, key=lambda n: -sensitivity[n])
 
     def run_k(k: int) -> float:
@@ -67,17 +63,7 @@ def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) 
 
     lo, hi = 1, len(layers) - 1  # keeping all n in float would be no quantization at all
     if hi < lo or run_k(hi) > settings.max_drop:
-        best_k = min(trials, key=lambda k: base - trials[k][2])
-        art, det, met, keep = trials[best_k]
-        error = FidelityError(
-            f"Quantize(method={spec.name!r}): no choice of float layers meets max_drop={settings.max_drop}: "
-            f"the float metric is {base:.4g}; the best quantized one {met:.4g} (drop {base - met:.4g}) keeps "
-            f"{list(keep)} in float. Raise max_drop, give more calibration data, or try another method."
-        )
-        error.best = {"artifact": art, "details": det, "metric": met, "drop": base - met,  # type: ignore[attr-defined]
-                      "kept_in_float": list(keep), "metric_float": base,
-                      "model": model.derive(art)}
-        raise error
+        raise _no_fit(settings, spec, model, base, trials)
     while lo < hi:
         mid = (lo + hi) // 2
         if run_k(mid) <= settings.max_drop:
@@ -92,3 +78,34 @@ def quantize_within_budget(settings: Quantize, spec: QuantMethod, model: Model) 
     log.info("Quantize(%s): kept %s in float to stay within max_drop=%s (drop %.4g)", spec.name, list(keep),
              settings.max_drop, base - metric)
     return artifact, {**details, "fallback": info}
+
+
+def _sensitivity(layers: list[str], drop_keeping: Any, full_drop: float, verbose: bool | None) -> dict[str, float]:
+    """Each layer's drop when it alone is quantized (every other layer kept in float)."""
+    bar = progress_bar(len(layers), desc="layer sensitivity", unit="layer", verbose=verbose)
+    sensitivity: dict[str, float] = {}
+    try:
+        for layer in layers:
+            others = tuple(n for n in layers if n != layer)
+            sensitivity[layer] = drop_keeping(others) if others else full_drop
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return sensitivity
+
+
+def _no_fit(settings: Quantize, spec: QuantMethod, model: Model, base: float,
+            trials: dict[int, tuple[Any, dict[str, Any], float, tuple[str, ...]]]) -> FidelityError:
+    """The error when no set of float layers meets max_drop, carrying the best trial in ``.best``."""
+    best_k = min(trials, key=lambda k: base - trials[k][2])
+    art, det, met, keep = trials[best_k]
+    error = FidelityError(
+        f"Quantize(method={spec.name!r}): no choice of float layers meets max_drop={settings.max_drop}: "
+        f"the float metric is {base:.4g}; the best quantized one {met:.4g} (drop {base - met:.4g}) keeps "
+        f"{list(keep)} in float. Raise max_drop, give more calibration data, or try another method."
+    )
+    error.best = {"artifact": art, "details": det, "metric": met, "drop": base - met,  # type: ignore[attr-defined]
+                  "kept_in_float": list(keep), "metric_float": base, "model": model.derive(art)}
+    return error
