@@ -27,7 +27,6 @@ KNOWN_CYCLES: list[set[str]] = [
     {"aigc_opt.passes.quantize", "aigc_opt.passes._quant_bnb", "aigc_opt.passes._quant_nbits",
      "aigc_opt.passes._quant_onnx", "aigc_opt.passes._quant_pt2e", "aigc_opt.passes._quant_torch",
      "aigc_opt.passes._quant_nncf"},
-    {"aigc_opt.passes.prune", "aigc_opt.passes._prune_structured"},
 ]
 
 

@@ -27,6 +27,7 @@ from .._deps import library_versions, require
 from .._tree import flatten_tensors, map_tensors, normalize_inputs, split_inputs
 from ..errors import ConfigError, UnsupportedModelError
 from . import _prune_hf as hf
+from ._prune_rules import IMPORTANCES, default_round_to
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -51,8 +52,6 @@ class _Selection:
 
 
 def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[str, Any]:
-    from .prune import default_round_to  # lazy: prune.py imports this module
-
     tp = require("torch_pruning", extra="prune", package="torch-pruning", purpose=settings.describe())
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     inputs = map_tensors(lambda t: t.to(device), model.example_inputs)
@@ -126,8 +125,6 @@ def _prune_in_place(tp: Any, module: nn.Module, settings: Prune, sel: _Selection
                     names: dict[nn.Module, str], one: Any, forward_one: Any, round_to: int,
                     device: torch.device) -> dict[str, Any]:
     """Plan each layer's channels, then remove them in ``iterative_steps`` steps; returns the plan."""
-    from .prune import IMPORTANCES  # lazy: prune.py imports this module
-
     ratios, plan = _plan(tp, sel.dg, sel.ignored, sel.num_heads, settings, round_to, names, sel.frozen)
     importance = _Tracked(IMPORTANCES.get(settings.importance)(tp), names, sel.frozen)
     with warnings.catch_warnings():

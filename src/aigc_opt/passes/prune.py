@@ -45,6 +45,7 @@ from .._checks import check_int
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
+from ._prune_rules import IMPORTANCES, default_round_to
 from ._prune_structured import _replay_structure, _run_structured
 from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, validate_choice
 
@@ -63,11 +64,6 @@ DEFAULT_IGNORE: tuple[str, ...] = ("*classifier*", "*lm_head", "*pooler*", "head
                                    "*qa_outputs")
 
 # importance name -> builder of the Torch-Pruning importance object (given the torch_pruning module)
-IMPORTANCES: Registry[Callable[[Any], Any]] = Registry("pruning importance")
-IMPORTANCES.register("l1", lambda tp: tp.importance.GroupMagnitudeImportance(p=1))
-IMPORTANCES.register("l2", lambda tp: tp.importance.GroupMagnitudeImportance(p=2))
-IMPORTANCES.register("taylor", lambda tp: tp.importance.GroupTaylorImportance())
-IMPORTANCES.register("random", lambda tp: tp.importance.RandomImportance())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,18 +219,6 @@ class Prune(Pass):
 def prune(model: Model, ratio: float | None = None, *, name: str | None = None, **settings: Any) -> Model:
     """One-line form of ``Prune(ratio, **settings).apply(model)``; ``name=`` labels the result."""
     return named(Prune(ratio, **settings).apply(model), name)
-
-
-def default_round_to(target: Target) -> tuple[int, str]:
-    """The channel multiple the target's matrix units want, and why: the target's data
-    (``channel_multiple`` with its source, targets/*.toml), else its SIMD width in fp32 lanes."""
-    if target.channel_multiple:
-        source = target.sources.get("channel_multiple", "the target's data")
-        return target.channel_multiple, f"channel_multiple of {target.name!r} ({source})"
-    if target.simd_width_bits:
-        lanes = target.simd_width_bits // 32
-        return lanes, f"{target.simd_width_bits}-bit SIMD registers hold {lanes} fp32 values"
-    return 1, f"no channel multiple known for {target.device_type} target {target.name!r}"
 
 
 def pruning_table(model: Model) -> str:
