@@ -98,7 +98,7 @@ def _token_ids(inputs: Any) -> torch.Tensor:
 
 def export_decoder(model: Model, settings: Export) -> PassResult:
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
-    from .export import _opset, _short, external_data_for, verify_outputs
+    from ._export_common import external_data_for, onnx_opset, short_error, verify_outputs
 
     lm = unwrap(model.artifact)
     if settings.dynamic is not True:
@@ -131,7 +131,7 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
             program.save(str(path), external_data=external)
     except Exception as e:
         raise UnsupportedModelError(
-            f"torch.onnx.export could not export {model.name} with its KV cache:\n{_short(e)}\n"
+            f"torch.onnx.export could not export {model.name} with its KV cache:\n{short_error(e)}\n"
             "Export with kv_cache=False, or keep the model in torch (Compile('inductor'))."
         ) from e
     import onnx
@@ -149,7 +149,7 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
     example = _feed(ids, 0, heads, head_dim, dtype, layers)
     flat_example = _flat(example, past_names, takes_positions)
     details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True), decoder step with KV cache",
-                               "opset": _opset(path), "external_data": external, "kv_cache": generation}
+                               "opset": onnx_opset(path), "external_data": external, "kv_cache": generation}
     if settings.verify:
         details["max_abs_diff"] = _verify(step, artifact, ids, layers, heads, head_dim, dtype, settings,
                                           past_names, takes_positions, verify_outputs)

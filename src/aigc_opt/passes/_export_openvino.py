@@ -30,7 +30,7 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
 
     from .._workdir import new_workdir
     from ..runtime.openvino import OpenVINOArtifact
-    from .export import _run_exported, _short, verify_outputs
+    from ._export_common import run_exported, short_error, verify_outputs
 
     ov = require("openvino", extra="openvino", purpose="Export('openvino')")
     module = unwrap(model.artifact)
@@ -53,7 +53,7 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
             ov.save_model(converted, str(path), compress_to_fp16=False)
     except Exception as e:
         raise UnsupportedModelError(
-            f"openvino.convert_model could not convert {model.name}:\n{_short(e)}\nExport to ONNX instead "
+            f"openvino.convert_model could not convert {model.name}:\n{short_error(e)}\nExport to ONNX instead "
             "(ao.Export('onnx')) or keep the model in torch."
         ) from e
     try:
@@ -66,7 +66,7 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
     if settings.verify:
         from ..runtime import runtime_for
 
-        got = _run_exported(lambda: runtime_for("openvino").run(artifact, inputs), "The OpenVINO export", inputs)
+        got = run_exported(lambda: runtime_for("openvino").run(artifact, inputs), "The OpenVINO export", inputs)
         details["max_abs_diff"] = verify_outputs(reference, got, atol=settings.atol, rtol=settings.rtol,
                                                  what="The OpenVINO export")
     return artifact, details

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._checks import check_float, check_int
 from .._deps import quiet_import_logs, require
 from .._registry import Registry
-from .._tree import flatten_tensors, split_inputs
-from .._checks import check_float, check_int
-from ..errors import ConfigError, FidelityError, UnsupportedModelError
+from .._tree import split_inputs
+from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
+from ._export_common import external_data_for, onnx_opset, run_exported, short_error, verify_outputs
 from .base import Pass, PassResult, register_pass
 
 if TYPE_CHECKING:
@@ -191,50 +192,6 @@ def tracing_inputs(inputs: Any, dynamic_shapes: Any) -> Any:
     return dict(zip(inputs, out)) if isinstance(inputs, dict) else tuple(out)
 
 
-def _run_exported(run: Callable[[], Any], what: str, inputs: Any) -> Any:
-    """Run an exported model for verification: a failure there is the export's fault, said as such."""
-    try:
-        return run()
-    except Exception as e:
-        from .._tree import describe
-
-        raise UnsupportedModelError(
-            f"{what} does not run on {describe(inputs)}:\n{_short(e)}\nThe exporter fixed a size or a branch "
-            "that these inputs need otherwise; export with dynamic=False (static shapes) or rewrite the "
-            "model's shape-dependent code."
-        ) from e
-
-
-def _short(e: BaseException, lines: int = 6) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    kept = [line for line in text if line.strip()][:lines]
-    return "\n".join(kept) + ("\n..." if len(text) > lines else "")
-
-
-def verify_outputs(reference: Any, exported: Any, *, atol: float, rtol: float, what: str) -> dict[str, float]:
-    """Max abs difference per output; FidelityError naming the worst one above tolerance."""
-    ref, out = flatten_tensors(reference), flatten_tensors(exported)
-    if len(ref) != len(out):
-        raise FidelityError(f"{what} returns {len(out)} outputs, the torch model {len(ref)}.")
-    diffs, worst = {}, None
-    for (name, r), o in zip(ref.items(), out.values()):
-        r, o = r.detach().float().cpu(), o.detach().float().cpu()
-        if r.shape != o.shape:
-            raise FidelityError(f"{what}: output {name!r} has shape {tuple(o.shape)}, torch gives {tuple(r.shape)}.")
-        diff = (r - o).abs()
-        diffs[name] = float(diff.max()) if diff.numel() else 0.0
-        excess = float((diff - (atol + rtol * r.abs())).max()) if diff.numel() else 0.0
-        if excess > 0 and (worst is None or excess > worst[1]):
-            worst = (name, excess)
-    if worst is not None:
-        raise FidelityError(
-            f"{what} does not match the torch model: output {worst[0]!r} differs by up to {diffs[worst[0]]:.3g} "
-            f"(tolerance {atol:g} + {rtol:g}*|value|). Raise atol/rtol if that is acceptable, or export "
-            "without optimize=True."
-        )
-    return diffs
-
-
 # ---------------------------------------------------------------------------------- exporters
 def _export_onnx(model: Model, settings: Export) -> PassResult | tuple[Any, dict[str, Any]]:
     from ._export_decoder import export_decoder, is_causal_lm
@@ -292,7 +249,7 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
             program.save(str(path), external_data=external)
     except Exception as e:
         raise UnsupportedModelError(
-            f"torch.onnx.export could not export {model.name}:\n{_short(e)}\nData-dependent control flow "
+            f"torch.onnx.export could not export {model.name}:\n{short_error(e)}\nData-dependent control flow "
             "(Python `if` on tensor values) is the usual cause: rewrite it with torch.where/torch.cond, "
             "or keep the model in torch (Compile('inductor'))."
         ) from e
@@ -305,7 +262,7 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
         spec_text = None
     artifact = OnnxArtifact(path=path, output_spec=spec_text, owns_dir=True)
     details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True)", "external_data": external,
-                               "opset": _opset(path), "outputs": len(leaves)}
+                               "opset": onnx_opset(path), "outputs": len(leaves)}
     if settings.verify:
         from ..runtime import runtime_for
 
@@ -313,25 +270,10 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
             batch_args, batch_kwargs = split_inputs(batch)
             with torch.inference_mode():
                 expected = module(*batch_args, **batch_kwargs)
-            got = _run_exported(lambda b=batch: runtime_for("onnx").run(artifact, b), "The ONNX export", batch)
+            got = run_exported(lambda b=batch: runtime_for("onnx").run(artifact, b), "The ONNX export", batch)
             diffs = verify_outputs(expected, got, atol=settings.atol, rtol=settings.rtol, what="The ONNX export")
             details.setdefault("max_abs_diff", diffs)
     return artifact, details
-
-
-def external_data_for(settings: Export, module: torch.nn.Module) -> bool:
-    """Whether the ONNX file keeps its weights beside the graph: as asked, else past 1.5 GB of
-    weights (protobuf's 2 GB limit, with room for the graph)."""
-    if settings.external_data is not None:
-        return bool(settings.external_data)
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) > 1.5e9
-
-
-def _opset(path: Any) -> int | None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _export_program(model: Model, settings: Export) -> tuple[Any, dict[str, Any]]:
@@ -343,7 +285,7 @@ def _export_program(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
     try:
         program = torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes)
     except Exception as e:
-        raise UnsupportedModelError(f"torch.export could not export {model.name}:\n{_short(e)}") from e
+        raise UnsupportedModelError(f"torch.export could not export {model.name}:\n{short_error(e)}") from e
     details: dict[str, Any] = {"exporter": "torch.export.export"}
     if settings.verify:
         exported_module = program.module()
@@ -351,7 +293,7 @@ def _export_program(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
             batch_args, batch_kwargs = split_inputs(batch)
             with torch.inference_mode():
                 reference = module(*batch_args, **batch_kwargs)
-                exported = _run_exported(lambda a=batch_args, k=batch_kwargs: exported_module(*a, **k),
+                exported = run_exported(lambda a=batch_args, k=batch_kwargs: exported_module(*a, **k),
                                          "The exported program", batch)
             diffs = verify_outputs(reference, exported, atol=settings.atol, rtol=settings.rtol,
                                    what="The exported program")
