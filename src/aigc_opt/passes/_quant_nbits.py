@@ -168,8 +168,9 @@ def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any,
     block_sums: dict[str, str] = {}
     emitted: dict[int, list[Any]] = {}
 
-    for (a, kind), members in groups.items():
+    for members in groups.values():
         nodes = [graph.node[i] for i in members]
+        a, kind = nodes[0].input[0], fits[members[0]][0]
         q = np.concatenate([fits[i][1] for i in members])
         d = np.concatenate([fits[i][2] for i in members])
         m = np.concatenate([fits[i][3] for i in members]) if kind == "Q4_1" else None
