@@ -10,7 +10,7 @@ import torch
 
 from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
-from .quantize import quant_method
+from ._quant_registry import quant_method
 
 if TYPE_CHECKING:
     from ..target import Target

@@ -155,7 +155,7 @@ def _torch_module_path(node: Any) -> str:
 def _excluded_nodes(graph: Any, settings: Quantize) -> list[str]:
     if not settings.skip:
         return []
-    from .quantize import closest_names_hint, unmatched_patterns
+    from ._quant_registry import closest_names_hint, unmatched_patterns
 
     names = [(n.name, _torch_module_path(n)) for n in graph.node]
     modules = [path for _, path in names if path]

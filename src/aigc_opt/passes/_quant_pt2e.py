@@ -20,7 +20,7 @@ import torch
 from .._deps import quiet_import_logs, require
 from .._tree import normalize_inputs, split_inputs
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
-from .quantize import quant_method
+from ._quant_registry import quant_method
 
 if TYPE_CHECKING:
     from ..target import Target

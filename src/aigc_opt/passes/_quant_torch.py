@@ -18,7 +18,7 @@ from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ._prune_hf import is_conv1d
 from ._quant_nbits import check_nbits
-from .quantize import _is_quantized, quant_method
+from ._quant_registry import is_quantized as _is_quantized, quant_method
 
 if TYPE_CHECKING:
     from ..target import Target

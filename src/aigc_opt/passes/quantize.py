@@ -34,10 +34,18 @@ import torch
 
 from .._checks import check_float, check_int
 from .._deps import require
-from .._registry import Registry
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from ._prune_hf import convert_conv1d, is_conv1d
+from . import _quant_bnb, _quant_onnx, _quant_pt2e, _quant_torch  # noqa: F401  (each registers its methods)
+from ._quant_registry import (
+    QUANT_METHODS,
+    QuantMethod,
+    closest_names_hint,
+    is_quantized,
+    quant_method,
+    unmatched_patterns,
+)
 from .base import Pass, PassRecord, _plain, named, register_pass, runtime_field, validate_choice
 
 if TYPE_CHECKING:
@@ -55,76 +63,6 @@ AUTO = "auto"  # method name resolved from the target
 OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions",
            "reuse_blocks")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantMethod:
-    """What a quantization method needs, and the function that does it."""
-
-    name: str
-    # convert(module, settings) -> details, changing ``module`` in place; or -> (new_module, details).
-    convert: Callable[[torch.nn.Module, Quantize], Any]
-    description: str
-    # The ONNX implementation, if any: onnx(model, settings) -> (new OnnxArtifact, details).
-    onnx: Callable[[Model, Quantize], tuple[Any, dict[str, Any]]] | None = None
-    device_types: tuple[str, ...] = ("cpu", "cuda")
-    # Where the ONNX implementation runs, when it differs from the torch one's device_types.
-    onnx_device_types: tuple[str, ...] | None = None
-    target_dtype: str | None = None  # the target must run this dtype natively
-    # What happens when the target lacks target_dtype: "refuse", or "warn" on CPU targets
-    # (the method runs, correctly but without fast kernels) and refuse elsewhere.
-    dtype_policy: str = "refuse"
-    onnx_packages: tuple[str, ...] = ("onnx", "onnxruntime")
-    package: str | None = None  # optional dependency, imported lazily
-    extra: str | None = None
-    simulated: bool = False
-    layer_types: tuple[type, ...] = (torch.nn.Linear,)  # the layers it quantizes (torch)
-    # keep_float(layer) -> why the method leaves that layer float (a shape its kernel cannot take), or None.
-    keep_float: Callable[[torch.nn.Module], str | None] | None = None
-    # check_layers(settings, {name: layer}): refusals that depend on the selected layers (ConfigError).
-    check_layers: Callable[[Quantize, dict[str, torch.nn.Module]], None] | None = None
-    options: tuple[str, ...] = ("per_channel", "skip_types")  # torch settings it honours
-    onnx_options: tuple[str, ...] = ("per_channel", "transformer_fusions")
-    needs_data: bool = False  # calibration batches (``data=``)
-    # check(settings, target, fmt): method-specific refusals (e.g. a kernel missing on CPU).
-    check: Callable[[Quantize, Target, str], None] | None = None
-    # restore(module, settings, details) -> module, for methods that replace the module itself.
-    restore: Callable[[torch.nn.Module, Quantize, dict[str, Any]], torch.nn.Module] | None = None
-    takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
-
-    def devices_for(self, fmt: str) -> tuple[str, ...]:
-        """The device types this method runs on for a model in format ``fmt``."""
-        return self.onnx_device_types if fmt == "onnx" and self.onnx_device_types else self.device_types
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        return ("torch", "onnx") if self.onnx is not None else ("torch",)
-
-
-QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
-
-
-def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(module, settings) -> details`` as quantization method ``name``."""
-
-    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
-        QUANT_METHODS.register(name, QuantMethod(name=name, convert=fn, **facts))
-        return fn
-
-    return add
-
-
-def unmatched_patterns(patterns: tuple[str, ...], names: list[str]) -> list[str]:
-    """The ``skip`` patterns that match none of ``names`` (fnmatch)."""
-    return [p for p in patterns if not any(fnmatch.fnmatch(name, p) for name in names)]
-
-
-def closest_names_hint(unmatched: list[str], names: list[str]) -> str:
-    """"; did you mean [...]?" with the names closest to the unmatched patterns, else a sample."""
-    import difflib
-
-    close = sorted({c for p in unmatched for c in difflib.get_close_matches(p, names, n=3, cutoff=0.5)})
-    return f"; did you mean {close}?" if close else f"; names include {sorted(set(names))[:12]}."
 
 
 @register_pass
@@ -413,12 +351,4 @@ def _is_decoder(model: Model) -> bool:
     return model.format == "onnx" and getattr(model.artifact, "generation", None) is not None
 
 
-# ---------------------------------------------------------------------------------- methods
-def _is_quantized(linear: torch.nn.Module) -> bool:
-    # torchao swaps the weight for a tensor subclass (Int8Tensor); a plain Parameter means untouched.
-    weight = getattr(linear, "weight", None)
-    return weight is not None and type(weight) not in (torch.Tensor, torch.nn.Parameter)
-
-
-# The other methods register themselves on import (each imports its backend lazily).
-from . import _quant_bnb, _quant_onnx, _quant_pt2e, _quant_torch  # noqa: E402,F401
+_is_quantized = is_quantized  # the earlier private name
