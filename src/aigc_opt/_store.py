@@ -35,7 +35,7 @@ from ._safety import contained, refuse_symlinks
 from ._workdir import terminate_raises
 from .errors import IntegrityError, NotASavedModelError, SaveConflictError
 
-__all__ = ["MANIFEST", "atomic_directory", "atomic_write", "atomic_write_text", "sha256_file", "write_manifest", "read_manifest",
+__all__ = ["MANIFEST", "atomic_directory", "atomic_write", "atomic_write_text", "read_user_text", "sha256_file", "write_manifest", "read_manifest",
            "verify_files", "is_saved_model", "clean_stale_saves"]
 
 log = logging.getLogger("aigc_opt")
@@ -104,6 +104,25 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`atomic_write` of UTF-8 text."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_user_text(path: Path, *, kind: str, error: type[Exception], directory_hint: str, text_hint: str,
+                   max_bytes: int | None = None) -> str:
+    """The UTF-8 text of a file the user named (a recipe, a target file), with every way reading it
+    can fail said as ``error``, naming the file: missing, a directory, too large, not UTF-8, unreadable."""
+    try:
+        if max_bytes is not None and path.is_file() and path.stat().st_size > max_bytes:
+            raise error(f"{kind} {str(path)!r} is {path.stat().st_size:,} bytes, more than the {max_bytes:,} "
+                        "aigc_opt reads from such a file.")
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{kind} {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise error(f"{kind} {str(path)!r} is a directory; {directory_hint}.") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{kind} {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); {text_hint}.") from None
+    except OSError as e:
+        raise error(f"{kind} {str(path)!r} cannot be read: {e.strerror or e}.") from None
 
 
 # ---------------------------------------------------------------------------------- atomic saves

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._progress import progress_bar
-from ._store import atomic_write_text
+from ._store import atomic_write_text, read_user_text
 from .errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
 from .passes.base import PASS_TYPES, Pass, named
 
@@ -176,21 +176,9 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Pipeline:
         path = Path(path)
-        try:
-            if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
-                raise RecipeError(f"Recipe file {str(path)!r} is {path.stat().st_size:,} bytes; a recipe is a short "
-                                  f"list of passes (at most {MAX_RECIPE_BYTES:,} bytes are read).")
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise RecipeError(f"Recipe file {str(path)!r} does not exist.") from None
-        except IsADirectoryError:
-            raise RecipeError(f"Recipe file {str(path)!r} is a directory; give the path of a .yaml or "
-                              ".json recipe file.") from None
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"Recipe file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              "a recipe is a YAML or JSON text file.") from None
-        except OSError as e:
-            raise RecipeError(f"Recipe file {str(path)!r} cannot be read: {e.strerror or e}.") from None
+        text = read_user_text(path, kind="Recipe file", error=RecipeError, max_bytes=MAX_RECIPE_BYTES,
+                              directory_hint="give the path of a .yaml or .json recipe file",
+                              text_hint="a recipe is a YAML or JSON text file")
         if path.suffix in (".yaml", ".yml"):
             from ._deps import require
 

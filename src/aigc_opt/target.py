@@ -14,14 +14,16 @@ import functools
 import logging
 import os
 import platform
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
+
 from ._host import INTERESTING_FLAGS, cpu_arch, cpu_flags, cpu_model_name, host_memory_gb
+from ._store import read_user_text
 from .errors import ConfigError, UnknownNameError
 
 __all__ = ["Target", "DEVICE_TYPES", "DTYPES"]
@@ -153,21 +155,12 @@ class Target:
     def from_toml(cls, path: str | os.PathLike[str]) -> Target:
         """Load a target from a TOML file with the schema in ``docs/targets.md``."""
         path = Path(path)
+        text = read_user_text(path, kind="Target file", error=ConfigError, text_hint="TOML files must be UTF-8",
+                              directory_hint="give the path of a .toml file (schema in docs/targets.md)")
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"Target file {str(path)!r} does not exist.") from None
-        except IsADirectoryError:
-            raise ConfigError(f"Target file {str(path)!r} is a directory; give the path of a .toml file "
-                              "(schema in docs/targets.md).") from None
-        except OSError as e:
-            raise ConfigError(f"Target file {str(path)!r} cannot be read: {e.strerror or e}.") from None
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Target file {str(path)!r} is not valid TOML: {e}.") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"Target file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              "TOML files must be UTF-8.") from None
         return cls.from_dict({"origin": "file", **data}, where=str(path))
 
     @classmethod
