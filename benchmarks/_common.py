@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_machine", "latency_fields",
            "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results", "OPTIMUM_VENV",
-           "optimum_python"]
+           "optimum_python", "peer_python"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -190,19 +190,24 @@ OPTIMUM_PACKAGES: tuple[tuple[str, ...], ...] = (
 )
 
 
-def optimum_python(venv: Path = OPTIMUM_VENV) -> Path:
-    """The Optimum venv's python, creating or completing the venv first (needs the package index)."""
+def peer_python(venv: Path, packages: tuple[tuple[str, ...], ...]) -> Path:
+    """A peer's own venv's python, creating or completing the venv first (needs the package index).
+    A marker file records the package list installed, so a venv made for another list is completed."""
     import subprocess
     import sys
 
-    py = venv / "bin" / "python"
-    marker = venv / ".installed"
-    wanted = "\n".join(" ".join(p) for p in OPTIMUM_PACKAGES) + "\n"
+    py, marker = venv / "bin" / "python", venv / ".installed"
+    wanted = "\n".join(" ".join(p) for p in packages) + "\n"
     if marker.exists() and marker.read_text() == wanted:
         return py
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    for spec in OPTIMUM_PACKAGES:
+    for spec in packages:
         subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec], check=True)
     marker.write_text(wanted)
     return py
+
+
+def optimum_python(venv: Path = OPTIMUM_VENV) -> Path:
+    """The Optimum venv's python, creating or completing the venv first (needs the package index)."""
+    return peer_python(venv, OPTIMUM_PACKAGES)

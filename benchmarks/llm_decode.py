@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 import aigc_opt as ao
-from _common import base_parser, machine_info, markdown_table, result_header, write_results
+from _common import base_parser, machine_info, markdown_table, peer_python, result_header, write_results
 from aigc_opt.bench import generation
 from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
 
@@ -61,16 +60,7 @@ def default_model() -> Path:
 
 def llamacpp_python(venv: Path = LLAMACPP_VENV) -> Path:
     """The llama-cpp-python venv's python, creating or completing the venv first (compiles llama.cpp)."""
-    py, marker = venv / "bin" / "python", venv / ".installed"
-    wanted = "\n".join(" ".join(p) for p in LLAMACPP_PACKAGES) + "\n"
-    if marker.exists() and marker.read_text() == wanted:
-        return py
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    for spec in LLAMACPP_PACKAGES:
-        subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec], check=True)
-    marker.write_text(wanted)
-    return py
+    return peer_python(venv, LLAMACPP_PACKAGES)
 
 
 def named(model: ao.Model, name: str) -> ao.Model:
