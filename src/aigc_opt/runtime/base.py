@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
 from .._registry import Registry
 from .._tree import Inputs
 
-__all__ = ["Runtime", "RUNTIMES", "runtime_for"]
+__all__ = ["Runtime", "RUNTIMES", "runtime_for", "BuildOnceCache"]
 
 
 class Runtime(Protocol):
@@ -45,3 +46,21 @@ RUNTIMES: Registry[Runtime] = Registry("model format")
 
 def runtime_for(fmt: str) -> Runtime:
     return RUNTIMES.get(fmt)
+
+
+class BuildOnceCache:
+    """What an artifact builds on first use (a session, a compiled model), built once under
+    ``lock``. Copies start empty: a lock cannot be copied, nor can what it guards, and an artifact
+    made with other settings must build its own (``copy.copy`` of an artifact still shares the
+    cache, since it copies the field by reference). Subclasses add their fields in ``__slots__``."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __copy__(self) -> BuildOnceCache:
+        return type(self)()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BuildOnceCache:
+        return type(self)()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .._deps import require
 from .._tree import Inputs, describe, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES
+from .base import RUNTIMES, BuildOnceCache
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
 
@@ -49,25 +48,19 @@ def new_workdir(prefix: str) -> Path:
     return make(prefix)
 
 
-class _SessionCache:
+class _SessionCache(BuildOnceCache):
     """An artifact's InferenceSession and declared inputs, built once under the lock.
 
     ``copy.copy`` of an artifact shares it (same file, same settings); an artifact made with
     ``dataclasses.replace`` or ``with_settings`` (other settings) gets a new, empty one, and so
-    does a ``deepcopy`` (a lock cannot be copied, nor can a session)."""
+    does a ``deepcopy``."""
 
-    __slots__ = ("lock", "session", "inputs")
+    __slots__ = ("session", "inputs")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        super().__init__()
         self.session: Any = None
         self.inputs: list[tuple[str, str, int, list[Any]]] | None = None
-
-    def __copy__(self) -> _SessionCache:
-        return _SessionCache()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _SessionCache:
-        return _SessionCache()
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from .._deps import require
 from .._safety import contained
 from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES
+from .base import RUNTIMES, BuildOnceCache
 
 __all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "compile_config"]
 
@@ -55,23 +54,17 @@ def compile_config(device: str, threads: int, precision: str | None) -> dict[str
     return config
 
 
-class _CompiledCache:
+class _CompiledCache(BuildOnceCache):
     """An artifact's compiled model and infer request, built once under the lock (not copied:
     a copy or an artifact with other settings builds its own)."""
 
-    __slots__ = ("lock", "compiled", "request", "inputs")
+    __slots__ = ("compiled", "request", "inputs")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        super().__init__()
         self.compiled: Any = None
         self.request: Any = None
         self.inputs: list[tuple[str, int]] | None = None
-
-    def __copy__(self) -> _CompiledCache:
-        return _CompiledCache()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledCache:
-        return _CompiledCache()
 
 
 @dataclass(frozen=True, eq=False)
