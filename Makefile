@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= quant,prune,hf,onnx,plot,bnb,llm,openvino,test
+EXTRAS ?= quant,prune,hf,onnx,plot,bnb,llm,openvino,diffusion,tune,ray,monitor,test
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

@@ -66,3 +66,25 @@ __all__ = [
     "Fidelity",
     "Report",
 ]
+
+
+# Imported on first use: each pulls an optional backend (optuna, ray, prometheus-client, diffusers).
+_LAZY = {
+    "tune": ("aigc_opt.tune", "tune"),
+    "Tune": ("aigc_opt.tune", "Tune"),
+    "TuneResult": ("aigc_opt.tune", "TuneResult"),
+    "monitor": ("aigc_opt.monitor", "monitor"),
+    "deploy": ("aigc_opt.deploy", None),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aigc_opt' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
