@@ -331,10 +331,10 @@ def restore_policy(settings: Any, module: torch.nn.Module, record: Any, *, build
     batch = None
     if settings.shapes == "buckets":
         try:
-            buckets = check_buckets(record.details.get("buckets")) or ()
+            buckets = check_buckets(record.restore_state().get("buckets")) or ()
         except ConfigError as e:
             raise IntegrityError(f"Compile's record has damaged buckets: {e}") from None
-        batch = record.details.get("batch")
+        batch = record.restore_state().get("batch")
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1 << 20:
             raise IntegrityError(f"Compile's record has batch {batch!r:.40}; expected a positive int.")
     wrapper = ShapedCompiled(build(module, settings), module, policy=settings.shapes, buckets=buckets, batch=batch)
