@@ -1,0 +1,135 @@
+"""Online serving on Ray Serve: a saved Model behind HTTP, with dynamic batching and its monitor."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._checks import check_float, check_int
+from ..errors import ConfigError
+from ._codec import InputSpec
+from ._common import ClusterMonitor, MonitorSettings, check_port, connect, load_model, load_tokenizer, require_ray
+
+__all__ = ["ray_serve", "ServeApp"]
+
+
+@dataclass
+class ServeApp:
+    """A Serve application for one saved model, built by :func:`ray_serve`.
+
+    ``app`` is the Ray Serve Application (``serve.run(app)`` it yourself, or call :meth:`run`);
+    ``monitor`` aggregates the replicas' metrics (also served at ``GET /metrics``).
+    """
+
+    app: Any
+    monitor: ClusterMonitor
+    route: str
+    name: str
+    address: str | None = None
+    url: str | None = field(default=None, init=False)
+
+    def run(self, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
+            timeout_s: float = 120.0) -> ServeApp:
+        """Start Serve's HTTP proxy on ``host:port`` and deploy the application; returns when it
+        answers ``GET /health`` (or blocks serving, with ``blocking=True``). A port in use is a
+        ConfigError; so is a Serve instance already running on other HTTP options."""
+        check_port(host, port)
+        connect(self.address, "ao.deploy.ray_serve")
+        require_ray("ao.deploy.ray_serve", "ray.serve")
+        from ray import serve
+
+        serve.start(http_options={"host": host, "port": port})
+        self.url = f"http://{host}:{port}"
+        serve.run(self.app, name=self.name, route_prefix="/", blocking=False)
+        self._wait_ready(timeout_s)
+        if blocking:
+            while True:  # pragma: no cover - interactive (aigc-opt serve); Ctrl-C ends it
+                time.sleep(3600)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                    if json.load(r).get("status") == "ok":
+                        return
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise ConfigError(f"ray_serve: {self.url}/health did not answer within {timeout_s:g} s ({last}). If "
+                                  "Serve was already running in this Ray cluster with other HTTP options, they were "
+                                  "kept: serve.shutdown() first, or use its port.")
+            time.sleep(0.2)
+
+    def shutdown(self) -> None:
+        """Delete this application (Serve itself keeps running; ``serve.shutdown()`` stops it)."""
+        from ray import serve
+
+        serve.delete(self.name)
+
+
+def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max_batch_size: int = 16,
+              batch_wait_timeout_s: float = 0.005, tokenizer: Any = None, max_length: int | None = None,
+              num_replicas: int = 1, num_cpus: float = 1, trust: bool = False,
+              baseline: str | os.PathLike[str] | None = None, threshold: Any = None, sample_rate: float = 0.0,
+              window: int = 50, top1: bool = True, name: str | None = None, address: str | None = None) -> ServeApp:
+    """Build a Ray Serve application serving a saved Model over HTTP.
+
+    ``POST <route>`` takes ``{"inputs": ...}`` (one array for a single positional input, a list
+    of arrays for several, an object by name for keyword inputs; rows first) or, with a
+    tokenizer, ``{"text": "..."}`` / ``{"texts": [...]}``; an optional ``"id"`` is echoed back.
+    It answers ``{"outputs": ..., "id": ...}`` (a nested list, or an object by output name).
+    Requests arriving within ``batch_wait_timeout_s`` of each other run as one batch of up to
+    ``max_batch_size`` requests (``@serve.batch``). A request that cannot run answers 400 with
+    the reason. ``GET /health`` answers ``{"status": "ok", ...}``; ``GET /metrics`` the monitor's
+    Prometheus metrics, aggregated over the replicas.
+
+    Args:
+        model_dir: a directory written by ``Model.save``, loaded here first (a typed error before
+            any replica starts), then by each replica with its saved runtime settings.
+        tokenizer: for text models, a tokenizer or a local directory of its files.
+        max_length: truncate tokenized text to this many tokens (default: the tokenizer's).
+        num_replicas, num_cpus: replicas, and CPUs each reserves.
+        trust: passed to ``Model.load`` (see docs/security.md); False by default.
+        baseline, threshold, sample_rate, window, top1: drift monitoring as in ``ao.monitor``.
+
+    Example:
+        >>> app = ao.deploy.ray_serve("minilm-int8/", tokenizer=tok_dir).run(port=8000)   # doctest: +SKIP
+        >>> # curl -d '{"text": "hello"}' http://127.0.0.1:8000/predict                    # doctest: +SKIP
+    """
+    if not isinstance(route, str) or not route.startswith("/") or route.rstrip("/") in ("", "/health", "/metrics"):
+        raise ConfigError(f"ray_serve: route must be a path such as '/predict' (not '/', '/health' or '/metrics'), "
+                          f"got {route!r}.")
+    check_int("ray_serve", "max_batch_size", max_batch_size, low=1, high=4096)
+    check_float("ray_serve", "batch_wait_timeout_s", batch_wait_timeout_s, low=0.0, high=60.0)
+    check_int("ray_serve", "num_replicas", num_replicas, low=1, high=10_000)
+    check_float("ray_serve", "num_cpus", num_cpus, low=0.0, high=4096.0)
+    check_float("ray_serve", "sample_rate", sample_rate, low=0.0, high=1.0)
+    model = load_model(model_dir, trust=trust)  # typed error before any replica starts
+    spec = InputSpec.of(model)
+    if tokenizer is not None and not spec.text_like:
+        raise ConfigError(f"ray_serve: tokenizer= needs a model taking token ids; {model.name} takes {spec.describe()}.")
+    load_tokenizer(tokenizer)
+    require_ray("ao.deploy.ray_serve", "ray.serve")
+    from ray import serve
+
+    from ._serve_app import ModelServer
+
+    app_name = name or "aigc_opt"
+    settings = MonitorSettings.build(model.label, baseline=baseline, threshold=threshold, sample_rate=sample_rate,
+                                     window=window, top1=top1, trust=trust)
+    connect(address, "ao.deploy.ray_serve")
+    aggregator = settings.start_aggregator(detached=True)  # outlives this driver, as Serve's replicas do
+    deployment = serve.deployment(ModelServer, name=f"{app_name}_model").options(
+        num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=max(4 * max_batch_size, 64))
+    app = deployment.bind(str(model_dir), trust=trust, max_length=max_length, route=route.rstrip("/"),
+                          tokenizer=str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer,
+                          monitor=settings, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    return ServeApp(app=app, monitor=ClusterMonitor(settings, aggregator), route=route.rstrip("/"), name=app_name, address=address)
