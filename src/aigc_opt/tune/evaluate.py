@@ -1,0 +1,171 @@
+"""One trial: build the recipe, check fidelity (cheap), then time it against the baseline.
+
+Timing follows ``ao.compare``'s protocol: the baseline and the candidate interleaved round by
+round on the user's workload, the latency a ratio with a 95% interval. While a trial times, it
+holds this node's timing lock exclusively and every build of the same tune (in this process or
+a Ray worker on the same node) waits, so no two timings, and no build and a timing, overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AigcOptError, FidelityError
+from ..passes.base import Pass
+from ..pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["EvalContext", "evaluate", "build", "metric_of", "timing_lock", "LOCK_ENV"]
+
+# Where the per-node lock lives (one file per machine: every tune on the node shares it).
+LOCK_ENV = "AIGC_OPT_TUNE_LOCK"
+
+
+@dataclass
+class EvalContext:
+    """What every trial needs besides its recipe (sent once to each Ray worker)."""
+
+    workload: list[Any]
+    max_drop: float
+    baseline_metric: float
+    eval_fn: Callable[[Any], float] | None = None
+    data: Any = None
+    teacher: Any = None
+    time_per_trial: float = 10.0
+    output_fn: Callable[[Any], Any] | None = None
+    top1: bool = True
+    keep_model: bool = True  # return the built Model (local runs); Ray workers return numbers only
+    runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def timing_lock_path() -> Path:
+    return Path(os.environ.get(LOCK_ENV) or Path(tempfile.gettempdir()) / "aigc_opt_tune_timing.lock")
+
+
+@contextlib.contextmanager
+def timing_lock(exclusive: bool) -> Iterator[None]:
+    """The node's lock: shared while building, exclusive while timing."""
+    path = timing_lock_path()
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def with_runtime(passes: tuple[Pass, ...], ctx: EvalContext) -> tuple[Pass, ...]:
+    """The passes with their run-time settings (data, teacher, eval_fn) filled where they have
+    such a field: calibration and distillation data, the teacher, and for a Quantize with
+    ``max_drop`` the eval function of its accuracy-aware fallback."""
+    out = []
+    for p in passes:
+        runtime = {f.name for f in dataclasses.fields(p) if f.metadata.get("runtime")}
+        values = {"data": ctx.data, "teacher": ctx.teacher}
+        if getattr(p, "max_drop", None) is not None:
+            values["eval_fn"] = ctx.eval_fn
+        values.update(ctx.runtime.get(type(p).__name__, {}))
+        given = {k: v for k, v in values.items() if k in runtime and v is not None}
+        out.append(dataclasses.replace(p, **given) if given else p)
+    return tuple(out)
+
+
+def build(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> Model:
+    pipe = Pipeline(with_runtime(passes, ctx))
+    return pipe.apply(base, verbose=False)
+
+
+def metric_of(model: Model, ctx: EvalContext, base: Model | None = None) -> float:
+    """The fidelity metric (higher is better): ``eval_fn(model)``, or without one the mean cosine
+    of the model's outputs to the baseline's over the workload (the baseline scores 1.0)."""
+    if ctx.eval_fn is not None:
+        value = ctx.eval_fn(model)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise FidelityError(f"eval_fn returned {value!r:.80}; it must return a number (higher is better).") from None
+        if not math.isfinite(value):
+            raise FidelityError(f"eval_fn returned {value} for {model.name}; it must return a finite number "
+                                "(higher is better), e.g. accuracy.")
+        return value
+    if base is None:
+        return 1.0
+    from ..bench.fidelity import FidelityAccumulator
+
+    acc = FidelityAccumulator(model.name, top1=ctx.top1)
+    select = ctx.output_fn or (lambda out: out)
+    for batch in ctx.workload:
+        acc.add(select(base.run(batch)), select(model.run(batch)))
+    cosine = acc.result().cosine_mean
+    return cosine if math.isfinite(cosine) else -1.0
+
+
+def evaluate(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> dict[str, Any]:
+    """Run one trial; returns its outcome as plain data (``state``: complete, over-budget,
+    refused or failed), with the built Model under ``"model"`` when ``ctx.keep_model``."""
+    out: dict[str, Any] = {"state": "failed", "error": None}
+    try:
+        Pipeline(passes).check_chain(base.format, base.target, compiled=base.is_compiled)
+    except AigcOptError as e:
+        return {**out, "state": "refused", "error": _short(e)}
+    start = time.perf_counter()
+    try:
+        with timing_lock(exclusive=False):
+            model = build(base, passes, ctx)
+    except Exception as e:  # a failed build is a result, not the end of the search
+        return {**out, "error": _short(e), "build_s": round(time.perf_counter() - start, 3)}
+    out["build_s"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    try:
+        with timing_lock(exclusive=False):
+            metric = metric_of(model, ctx, base)
+    except Exception as e:
+        return {**out, "error": f"fidelity check failed: {_short(e)}"}
+    out.update(metric=metric, drop=ctx.baseline_metric - metric, eval_s=round(time.perf_counter() - start, 3),
+               size_bytes=model.size_bytes())
+    if out["drop"] > ctx.max_drop:
+        return {**out, "state": "over-budget"}  # pruned before timing: it cannot be chosen
+    try:
+        with timing_lock(exclusive=True):
+            start, began = time.perf_counter(), time.time()
+            out.update(_time(base, model, ctx))
+            out["time_s"] = round(time.perf_counter() - start, 3)
+            out["timed_at"] = [began, time.time()]  # wall clock, so overlaps between trials can be checked
+    except Exception as e:
+        return {**out, "error": f"timing failed: {_short(e)}"}
+    out["state"] = "complete"
+    if ctx.keep_model:
+        out["model"] = model
+    return out
+
+
+def _time(base: Model, model: Model, ctx: EvalContext) -> dict[str, Any]:
+    from ..bench import compare
+
+    report = compare(base, model, inputs=ctx.workload, max_time=ctx.time_per_trial, output_fn=ctx.output_fn,
+                     top1=ctx.top1, memory=False, verbose=False)
+    entry = report.candidates[0]
+    ratio = [float(x) for x in entry.latency_ratio]
+    return {"latency_ratio": ratio, "baseline_ms": 1e3 * report.baseline.measurement.median,
+            "latency_ms": 1e3 * entry.measurement.median, "rounds": report.iters,
+            "cosine": entry.fidelity.cosine_mean if entry.fidelity else None}
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    notes = getattr(e, "__notes__", [])
+    if notes:
+        text += " " + " ".join(notes)
+    return text[:600]

@@ -1,0 +1,306 @@
+"""``ao.tune`` / ``ao.Tune``: search recipes for the fastest one within an accuracy budget.
+
+Example:
+    >>> import aigc_opt as ao, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    >>> m = ao.Model(net, example_inputs=(torch.randn(32, 64),))
+    >>> result = ao.tune(m, workload=[torch.randn(32, 64)], max_drop=0.01, budget="2m")  # doctest: +SKIP
+    >>> print(result.to_markdown()); result.recipe.save("recipe.yaml")                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .._checks import check_float, check_int
+from .._deps import require
+from .._progress import progress_bar
+from .._tree import describe, normalize_inputs
+from ..errors import AigcOptError, ConfigError, FidelityError, InvalidInputError
+from ..pipeline import Pipeline
+from .evaluate import EvalContext, build, evaluate, metric_of
+from .executors import make_executor
+from .result import Trial, TuneResult
+from .space import Candidates, Space, build_candidates, recipe_key
+from .study import coverage_params, fingerprint, open_study, parse_budget, stored_outcomes, suggest, tell
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+__all__ = ["Tune", "tune"]
+
+log = logging.getLogger("aigc_opt")
+
+# compare's protocol: warm-up calls and at least this many interleaved rounds per trial.
+_MIN_ROUNDS, _WARMUP = 10, 3
+# Samples in a row that only repeat finished recipes before the search calls the space exhausted.
+_MAX_REPEATS = 40
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tune:
+    """Recipe search settings; ``Tune(...).run(model, workload=..., eval_fn=...)`` searches.
+
+    Args:
+        max_drop: the largest allowed fidelity drop from the baseline: in ``eval_fn``'s units
+            (0.01 = one point of accuracy), or without ``eval_fn`` in mean output cosine to the
+            original over the workload (1.0 for the original).
+        budget: wall time for the search (``"20m"``, ``"90s"``, or seconds); no trial starts once
+            too little is left for one, and a trial in progress finishes.
+        target: where the recipe will run; None: the model's own target.
+        space: a :class:`~aigc_opt.tune.Space` narrowing or widening what is searched.
+        storage: an Optuna storage (``"tune.db"`` for SQLite, or a URL): the study resumes from it,
+            reusing every finished trial.
+        executor: ``None``/``"local"`` (trials in this process) or ``"ray"`` (Ray tasks on the
+            cluster ``ray.init`` joined; timings one at a time per node).
+        max_trials: stop after this many new trials (besides the budget).
+        time_per_trial: the most seconds one trial's interleaved timing runs (it stops earlier
+            once the median is known to ±2%).
+        seed: the sampler's seed.
+        top1: count top-1 agreement in output fidelity (off for embeddings).
+        verbose: the progress bar (None: on a terminal).
+    """
+
+    max_drop: float = 0.01
+    budget: str | float = "20m"
+    target: Any = None
+    space: Space | None = None
+    storage: Any = None
+    executor: Any = field(default=None, compare=False)
+    max_trials: int | None = None
+    time_per_trial: float = 10.0
+    seed: int = 0
+    top1: bool = True
+    verbose: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_float("Tune", "max_drop", self.max_drop, low=0, high=1e12, hint="e.g. 0.01 (one point of accuracy)")
+        parse_budget(self.budget)
+        check_int("Tune", "max_trials", self.max_trials, low=1, high=1_000_000, optional=True)
+        check_float("Tune", "time_per_trial", self.time_per_trial, low=0.1, high=3600, hint="seconds, e.g. 10")
+        check_int("Tune", "seed", self.seed, low=0, high=2**31)
+        if self.space is not None and not isinstance(self.space, Space):
+            raise ConfigError(f"Tune: space must be an ao.tune.Space, got {type(self.space).__name__}; "
+                              "e.g. space=ao.tune.Space(quantize=('int8-dynamic',)).")
+
+    def run(self, model: Model, *, workload: Any = None, eval_fn: Callable[[Any], float] | None = None,
+            data: Any = None, teacher: Any = None, output_fn: Callable[[Any], Any] | None = None) -> TuneResult:
+        """Search on ``model`` (left unchanged) with the user's ``workload`` (a list of batches;
+        default: its example inputs). ``eval_fn(model) -> float`` (higher is better) is the
+        fidelity metric; ``data`` (unlabeled input batches) calibrates static quantization and
+        trains Distill after Prune; ``teacher`` defaults to ``model``."""
+        start = time.monotonic()
+        budget_s = parse_budget(self.budget)
+        base = _retarget(model, self.target)
+        batches = _workload(workload, base)
+        ctx = EvalContext(workload=batches, max_drop=float(self.max_drop), baseline_metric=1.0, eval_fn=eval_fn,
+                          data=data if data is not None else batches, teacher=teacher,
+                          time_per_trial=float(self.time_per_trial), output_fn=output_fn, top1=self.top1)
+        ctx.baseline_metric, eval_s, call_s = _baseline(base, ctx)
+        min_trial = eval_s + (_MIN_ROUNDS + _WARMUP + len(batches)) * 2 * call_s
+        if budget_s < min_trial:
+            raise ConfigError(f"budget={self.budget!r} ({budget_s:g} s) is too small for one trial: evaluating and "
+                              f"timing one candidate against the baseline takes at least {min_trial:.1f} s here "
+                              f"(fidelity check {eval_s:.1f} s, {_MIN_ROUNDS} interleaved rounds of "
+                              f"{1e3 * call_s:.1f} ms per call, before any build). Give budget='{_suggest(min_trial)}' "
+                              "or more.")
+        cands = build_candidates(self.space or Space(), base, base.target, have_data=data is not None,
+                                 varied_shapes=len({describe(b) for b in batches}) > 1, have_eval=eval_fn is not None,
+                                 max_drop=float(self.max_drop))
+        log.info("tune space for %s: %s", base.name, cands.summary())
+        executor = make_executor(self.executor)
+        ctx.keep_model = bool(getattr(executor, "keeps_models", False))
+        study = open_study(self.storage, fingerprint(base, batches), seed=self.seed)
+        search = _Search(study, cands, executor, base, ctx, deadline=start + budget_s, min_trial=min_trial,
+                         max_trials=self.max_trials, verbose=self.verbose)
+        search.loop()
+        result = TuneResult(
+            model_name=base.name, target=base.target.name, metric_name="eval_fn" if eval_fn else "cosine",
+            baseline_metric=ctx.baseline_metric, max_drop=float(self.max_drop), trials=search.trials(),
+            space_summary=cands.summary(), refused_variants=cands.refused, budget_s=budget_s,
+            elapsed_s=time.monotonic() - start, stop_reason=search.stop_reason, executor=executor.name,
+            _build=lambda pipe: build(base, pipe.passes, ctx))
+        chosen = result.chosen
+        if chosen is not None and search.kept is not None and search.kept[0] == chosen.recipe:
+            result._best = search.kept[1]
+        elif chosen is None:
+            result._best = base
+        return result
+
+
+def tune(model: Model, *, target: Any = None, workload: Any = None, eval_fn: Callable[[Any], float] | None = None,
+         max_drop: float = 0.01, budget: str | float = "20m", data: Any = None, teacher: Any = None,
+         space: Space | None = None, storage: Any = None, executor: Any = None, max_trials: int | None = None,
+         time_per_trial: float = 10.0, seed: int = 0, top1: bool = True, output_fn: Callable[[Any], Any] | None = None,
+         verbose: bool | None = None) -> TuneResult:
+    """Find the fastest recipe for ``model`` on ``target`` within ``max_drop`` of its fidelity.
+
+    The search space comes from the pass registries, filtered by the target and the model's
+    format before any work; Optuna (multi-objective TPE: latency ratio and fidelity drop) samples
+    recipes; each trial builds, checks fidelity (a recipe beyond ``max_drop`` is not timed), then
+    is timed interleaved with the baseline on ``workload``. See :class:`Tune` for the settings.
+
+    Example:
+        >>> result = ao.tune(m, workload=batches, eval_fn=accuracy, max_drop=0.01, budget="10m")  # doctest: +SKIP
+        >>> result.recipe.save("recipe.yaml"); fast = result.best                                # doctest: +SKIP
+    """
+    settings = Tune(max_drop=max_drop, budget=budget, target=target, space=space, storage=storage, executor=executor,
+                    max_trials=max_trials, time_per_trial=time_per_trial, seed=seed, top1=top1, verbose=verbose)
+    return settings.run(model, workload=workload, eval_fn=eval_fn, data=data, teacher=teacher, output_fn=output_fn)
+
+
+class _Search:
+    """The ask/tell loop: trials in flight up to the executor's parallelism, until the budget,
+    ``max_trials`` or the space runs out."""
+
+    def __init__(self, study: Any, cands: Candidates, executor: Any, base: Model, ctx: EvalContext, *,
+                 deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None):
+        self.study, self.cands, self.executor, self.ctx = study, cands, executor, ctx
+        self.deadline, self.min_trial, self.max_trials, self.verbose = deadline, min_trial, max_trials, verbose
+        self.known = stored_outcomes(study)
+        self.reused = set(self.known)
+        self.new = 0
+        self.kept: tuple[str, Any] | None = None  # (recipe key, Model) of the best so far, local runs
+        self.stop_reason = ""
+        self.refs = (executor.put(base), executor.put(ctx))
+        for params in coverage_params(cands):
+            if not any(t.params.get("route") == params["route"] for t in study.get_trials(deepcopy=False)):
+                study.enqueue_trial(params, skip_if_exists=True)
+
+    def _stop(self) -> str | None:
+        if self.max_trials is not None and self.new >= self.max_trials:
+            return f"max_trials={self.max_trials} reached"
+        if time.monotonic() + self.min_trial > self.deadline:
+            return "budget spent"
+        if len(self.known) >= self.cands.size - 1:
+            return "every recipe in the space was tried"
+        return None
+
+    def loop(self) -> None:
+        in_flight: dict[Any, tuple[Any, str, list[dict[str, Any]]]] = {}
+        bar = progress_bar(self.max_trials, desc="tune", unit="trial", verbose=self.verbose)
+        repeats = 0
+        try:
+            while True:
+                while len(in_flight) < self.executor.parallel and not (reason := self._stop()):
+                    trial = self.study.ask()
+                    variants = suggest(trial, self.cands)
+                    passes = tuple(p for v in variants for p in v.passes)
+                    key = recipe_key(passes)
+                    plain = Pipeline(passes).to_dict()["passes"]
+                    taken = key in self.known or any(k == key for _, k, _ in in_flight.values())
+                    if taken or not passes:
+                        repeats += 1
+                        done = self.known.get(key)
+                        if done is None:  # the model as it is, or a recipe still running
+                            tell(self.study, trial, key, plain, {"state": "refused", "error": "repeat"}, repeat_of=-1)
+                        else:
+                            tell(self.study, trial, key, plain, done[2], repeat_of=done[0])
+                        if repeats > _MAX_REPEATS:
+                            reason = "the sampler kept repeating finished recipes"
+                            break
+                        continue
+                    repeats = 0
+                    future = self.executor.submit(evaluate, *self.refs[:1], passes, self.refs[1])
+                    in_flight[future] = (trial, key, plain)
+                if not in_flight:
+                    self.stop_reason = reason or "stopped"
+                    return
+                for future in self.executor.wait(list(in_flight)):
+                    trial, key, plain = in_flight.pop(future)
+                    self._record(trial, key, plain, self.executor.result(future), bar)
+        except BaseException:  # Ctrl-C or an error here: trials in flight are failed, finished ones stay stored
+            self.executor.cancel(list(in_flight))
+            for trial, key, plain in in_flight.values():
+                try:
+                    self.study.tell(trial, state=require("optuna", extra="tune", purpose="ao.tune").trial.TrialState.FAIL)
+                except Exception:  # storage gone: nothing more to save
+                    pass
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _record(self, trial: Any, key: str, plain: list[dict[str, Any]], outcome: dict[str, Any], bar: Any) -> None:
+        model = outcome.pop("model", None)
+        tell(self.study, trial, key, plain, outcome)
+        self.known[key] = (trial.number, plain, outcome)
+        self.new += 1
+        best = self._best()
+        if model is not None and best is not None and best[1] == key:
+            self.kept = (key, model)
+        if bar is not None:
+            bar.update(1)
+            if best is not None:
+                bar.set_postfix_str(f"best {best[0]:.3f}x ({best[1][:50]})")
+
+    def _best(self) -> tuple[float, str] | None:
+        ok = [(o["latency_ratio"][0], k) for k, (_, _, o) in self.known.items()
+              if o.get("state") == "complete" and o["drop"] <= self.ctx.max_drop]
+        return min(ok, default=None)
+
+    def trials(self) -> list[Trial]:
+        return sorted((Trial.from_outcome(n, key, plain, outcome, reused=key in self.reused)
+                       for key, (n, plain, outcome) in self.known.items()), key=lambda t: t.number)
+
+
+def _retarget(model: Model, target: Any) -> Model:
+    if not hasattr(model, "run") or not hasattr(model, "format"):
+        from ..errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"ao.tune takes an ao.Model, got {type(model).__name__}; wrap it first: "
+                                    "ao.Model(module, example_inputs=...).")
+    if target is None:
+        return model
+    from ..target import Target
+
+    new = model.derive(model.artifact)
+    new.target = Target.get(target)
+    return new
+
+
+def _workload(workload: Any, model: Model) -> list[Any]:
+    if workload is None:
+        if model.example_inputs is None:
+            raise InvalidInputError(f"ao.tune needs a workload to time {model.name} on: workload=[batch, ...] "
+                                    "(the batches your users run), or a Model built with example_inputs=.")
+        return [model.example_inputs]
+    workload = workload if isinstance(workload, list) else [workload]  # a tuple/dict/tensor is one batch
+    if not workload:
+        raise InvalidInputError("workload is an empty list; give the batches to time on, e.g. workload=[x1, x2].")
+    return [normalize_inputs(b, what=f"workload[{i}]") for i, b in enumerate(workload)]
+
+
+def _baseline(base: Model, ctx: EvalContext) -> tuple[float, float, float]:
+    """The baseline's metric (eval_fn checked: it must run and return a finite number), how long
+    one evaluation takes, and the mean time of one call over the workload."""
+    start = time.perf_counter()
+    for i, batch in enumerate(ctx.workload):
+        try:
+            base.run(batch)
+        except AigcOptError:
+            raise
+        except Exception as e:
+            raise InvalidInputError(f"workload[{i}] {describe(batch)} does not run {base.name}: "
+                                    f"{type(e).__name__}: {e}") from e
+    call_s = (time.perf_counter() - start) / len(ctx.workload)
+    start = time.perf_counter()
+    try:
+        metric = metric_of(base, ctx, base)
+    except FidelityError as e:
+        raise FidelityError(f"{e} (on the baseline, before any trial). Fix eval_fn: it is called as "
+                            "eval_fn(model) and must return a number, higher is better.") from None
+    except Exception as e:
+        raise FidelityError(f"eval_fn raised {type(e).__name__}: {e} on the baseline {base.name}, before any trial. "
+                            "Fix eval_fn: it is called as eval_fn(model) with an ao.Model (call it like the "
+                            "module: model(x)) and must return a number, higher is better.") from e
+    return metric, time.perf_counter() - start, call_s
+
+
+def _suggest(seconds: float) -> str:
+    return f"{math.ceil(seconds / 60) + 1}m" if seconds > 60 else f"{max(10, math.ceil(seconds * 3 / 10) * 10)}s"
