@@ -1,4 +1,4 @@
-"""The ``aigc-opt`` command line: demo, targets, bench, optimize."""
+"""The ``aigc-opt`` command line: demo, targets, bench, optimize, tune."""
 
 from __future__ import annotations
 
@@ -136,6 +136,35 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .model import Model
+    from .tune import Space, tune
+
+    _refuse_output_inside_input(Path(args.model_dir), Path(args.output))
+    model = Model.load(args.model_dir, target=args.target, trust=args.trust)
+    space = Space(routes=tuple(args.routes.split(",")) if args.routes else None,
+                  quantize=tuple(args.quantize.split(",")) if args.quantize else None,
+                  compile=tuple(args.compile.split(",")) if args.compile else None, prune=())
+    result = tune(model, max_drop=args.max_drop, budget=args.budget, space=space, storage=args.storage,
+                  executor=args.executor, max_trials=args.max_trials, top1=not args.no_top1,
+                  time_per_trial=args.time_per_trial, verbose=None)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    result.recipe.save(out / "recipe.yaml")
+    atomic_write_text(out / "tune.md", result.to_markdown())
+    atomic_write_text(out / "tune.json", result.to_json() + "\n")
+    try:
+        result.plot(out / "front.png")
+    except AigcOptError as e:  # matplotlib missing: the text outputs still count
+        print(f"aigc-opt: no plot: {e}", file=sys.stderr)
+    if result.chosen is not None:
+        result.best.save(out / "model")
+    print(result.to_markdown())
+    print(f"recipe: {out / 'recipe.yaml'}" + (f"; model: {out / 'model'}" if result.chosen is not None else
+                                               " (empty: no recipe beat the model as it is)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigc-opt", description="Make models smaller and faster for a "
                                      "named piece of hardware, and prove it.")
@@ -182,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="leave out top-1 agreement (for outputs that are not scores, e.g. embeddings)")
     optimize.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
     optimize.set_defaults(func=_optimize)
+
+    tune_ = sub.add_parser("tune", help="search for the fastest recipe within a fidelity budget (needs [tune])")
+    tune_.add_argument("model_dir")
+    tune_.add_argument("--max-drop", type=float, default=0.01,
+                       help="largest allowed drop of the outputs' mean cosine to the original (default 0.01)")
+    tune_.add_argument("--budget", default="20m", help="search wall time, e.g. 20m, 90s, 1h (default 20m)")
+    tune_.add_argument("-o", "--output", required=True,
+                       help="directory for recipe.yaml, tune.md, tune.json, front.png and the best model")
+    tune_.add_argument("--target", default=None, help="target name (default: the one saved)")
+    tune_.add_argument("--storage", default=None, help="SQLite file (or Optuna URL) to resume the search from")
+    tune_.add_argument("--executor", choices=["local", "ray"], default="local")
+    tune_.add_argument("--max-trials", type=int, default=None)
+    tune_.add_argument("--time-per-trial", type=float, default=10.0, help="most seconds of timing per trial")
+    tune_.add_argument("--routes", help="comma-separated: none and/or exporters (default: all)")
+    tune_.add_argument("--quantize", help="comma-separated quantization methods (default: all)")
+    tune_.add_argument("--compile", help="comma-separated compile backends (default: all)")
+    tune_.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
+    tune_.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+    tune_.set_defaults(func=_tune)
     return parser
 
 
