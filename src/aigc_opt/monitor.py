@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
+import types
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -255,3 +257,15 @@ def monitor(model: Any, baseline: Any = None, *, threshold: Any = None, sample_r
     """
     return Monitor(model, baseline=baseline, threshold=threshold, sample_rate=sample_rate, window=window,
                    top1=top1, output_fn=output_fn, name=name, seed=seed, on_alert=on_alert)
+
+
+class _CallableModule(types.ModuleType):
+    """``aigc_opt.monitor`` is both this module and its function: importing the module (``from
+    aigc_opt.monitor import DriftThreshold``) sets the package attribute ``ao.monitor`` to the
+    module, which would shadow the lazily exported function; so the module calls it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Monitor:
+        return monitor(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
