@@ -211,3 +211,10 @@ def test_ray_serve_port_in_use_is_a_typed_error(served, saved):
     port = int(app.url.rsplit(":", 1)[1])
     with pytest.raises(ConfigError, match=f"port {port} .* is in use"):
         ao.deploy.ray_serve(saved[0] / "mlp", trust=True).run(port=port)
+
+
+def test_cli_serve_refuses_a_directory_that_does_not_load(tmp_path, capsys):
+    from aigc_opt.cli import main
+
+    assert main(["serve", str(tmp_path / "nothing"), "--port", "8123"]) == 2
+    assert "checked before starting any Ray actor" in capsys.readouterr().err

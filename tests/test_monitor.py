@@ -177,3 +177,23 @@ def test_monitor_and_deploy_sit_above_core_bench_and_passes():
     below = sorted(f"{a} -> {b}" for a, targets in graph.items() if a.startswith(("aigc_opt.monitor", "aigc_opt._monitor_"))
                    for b in targets if b.startswith(("aigc_opt.deploy", "aigc_opt.passes", "aigc_opt.cli", "aigc_opt.pipeline")))
     assert not below, below
+
+
+def test_cli_monitor_prints_a_live_table_of_a_metrics_endpoint(models, capsys):
+    from aigc_opt.cli import main
+
+    m, _, x = models
+    mon = ao.monitor(m, name="mlp-cli")
+    for _ in range(4):
+        mon(x)
+    server = mon.serve_metrics(0)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        assert main(["monitor", url, "--count", "2", "--interval", "0.05"]) == 0
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("mlp-cli"))
+    assert row.split()[1] == "4" and out.count("p99 ms") == 2  # 4 calls, two refreshes
+    assert main(["monitor", "http://127.0.0.1:9/metrics", "--count", "1"]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -165,6 +165,44 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .deploy import ray_serve
+
+    app = ray_serve(args.model_dir, route=args.route, max_batch_size=args.max_batch_size,
+                    batch_wait_timeout_s=args.batch_wait_ms / 1e3, tokenizer=args.tokenizer,
+                    num_replicas=args.replicas, num_cpus=args.num_cpus, trust=args.trust, baseline=args.baseline,
+                    sample_rate=args.sample_rate if args.baseline else 0.0, address=args.address)
+    print(f"serving {args.model_dir}: POST http://{args.host}:{args.port}{app.route}, GET /health, GET /metrics "
+          "(Ctrl-C stops)", flush=True)
+    try:
+        app.run(host=args.host, port=args.port, blocking=True)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from ._monitor_scrape import scrape, table
+
+    before, last, shown = None, time.monotonic(), 0
+    try:
+        while True:
+            now, at = scrape(args.url), time.monotonic()
+            text = table(now, before, at - last)
+            if sys.stdout.isatty() and shown:
+                print("\033[H\033[J", end="")  # redraw in place on a terminal
+            print(f"{args.url}  {time.strftime('%H:%M:%S')}\n{text}\n", flush=True)
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+            before, last = now, at
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigc-opt", description="Make models smaller and faster for a "
                                      "named piece of hardware, and prove it.")
@@ -230,6 +268,29 @@ def build_parser() -> argparse.ArgumentParser:
     tune_.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
     tune_.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
     tune_.set_defaults(func=_tune)
+
+    serve_ = sub.add_parser("serve", help="serve a saved model over HTTP on Ray Serve (needs [ray])")
+    serve_.add_argument("model_dir")
+    serve_.add_argument("--route", default="/predict")
+    serve_.add_argument("--host", default="127.0.0.1")
+    serve_.add_argument("--port", type=int, default=8000)
+    serve_.add_argument("--max-batch-size", type=int, default=16)
+    serve_.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5 ms)")
+    serve_.add_argument("--tokenizer", metavar="DIR", help="tokenizer files: text requests {\"text\": ...}")
+    serve_.add_argument("--replicas", type=int, default=1)
+    serve_.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves")
+    serve_.add_argument("--baseline", metavar="DIR", help="a saved reference model: monitor drift against it")
+    serve_.add_argument("--sample-rate", type=float, default=0.01, help="fraction of calls checked for drift")
+    serve_.add_argument("--address", default=None, help="Ray cluster address (default: a local one)")
+    serve_.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+    serve_.set_defaults(func=_serve)
+
+    monitor_ = sub.add_parser("monitor", help="print a live table of a served model's metrics")
+    monitor_.add_argument("url", nargs="?", default="http://127.0.0.1:8000/metrics",
+                          help="a /metrics endpoint (default: aigc-opt serve's, http://127.0.0.1:8000/metrics)")
+    monitor_.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    monitor_.add_argument("--count", type=int, default=0, help="refreshes before exiting (default: until Ctrl-C)")
+    monitor_.set_defaults(func=_monitor)
     return parser
 
 
