@@ -463,7 +463,7 @@ def test_prune_structured(spec: Spec, ratio: float, options: dict[str, Any], tmp
     if result is not None:
         record = result.history[-1]
         assert record.params_after <= record.params_before
-        assert record.changed == bool(record.details["structure"]["modules"])
+        assert record.changed == bool(record.state["structure"]["modules"])
         if record.params_after != record.params_before:
             assert record.changed
 

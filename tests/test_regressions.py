@@ -38,7 +38,7 @@ def test_int8_static_calibration_batches_of_other_shapes() -> None:
     spec = MLPSpec(d_in=4, widths=(8, 3), batch=1)
     model = spec.build()
     q = ao.quantize(model, "int8-static", data=[spec.inputs(), spec.inputs(3)], verbose=False)
-    assert q.history[-1].details["varying_axes"] == {"0": [0]}
+    assert q.history[-1].state["varying_axes"] == {"0": [0]}
     for batch in (spec.inputs(), spec.inputs(3)):  # the calibrated batches: within int8 rounding
         torch.testing.assert_close(q.run(batch), model.run(batch), atol=0.1, rtol=0.1)
     assert q.run(spec.inputs(5)).shape == (5, 3)  # and any other batch size runs
@@ -58,7 +58,7 @@ def test_int8_static_calibration_on_a_size_the_model_fixes() -> None:
         ao.quantize(model, "int8-static", data=[spec.inputs(), (torch.randn(1, 2, 8, 8),)], verbose=False)
     head = CNNSpec(dim=2, in_channels=2, blocks=(ConvBlock(4, 3),), head="gap", spatial=6, batch=1).build()
     q = ao.quantize(head, "int8-static", data=[head.example_inputs, (torch.randn(3, 2, 8, 8),)], verbose=False)
-    assert q.history[-1].details["varying_axes"] == {"0": [0, 2, 3]}
+    assert q.history[-1].state["varying_axes"] == {"0": [0, 2, 3]}
     assert q.run((torch.randn(2, 2, 7, 7),)).shape == (2, 3)
 
 

@@ -137,18 +137,24 @@ def test_untrusted_load_refuses_any_unpickling(saved_mlp, marker):
 
 
 # ------------------------------------------------------------------------------ row 2: recorded compiler flags
-def test_row2_recorded_inductor_config_never_reaches_the_compiler(tmp_path, mlp_model, marker):
+@pytest.mark.parametrize("saved_by", ["this version", "a version before restore state"])
+def test_row2_recorded_inductor_config_never_reaches_the_compiler(tmp_path, mlp_model, marker, saved_by):
     ao.quantize(mlp_model, "int8-dynamic").save(tmp_path / "q")
     manifest = manifest_of(tmp_path / "q")
+    record = manifest["history"][0]
+    if saved_by != "this version":  # such records kept their restore state in details
+        record["details"].update(record.pop("state"))
+        del record["state_version"]
+    state = record["state"] if saved_by == "this version" else record["details"]
     script = tmp_path / "evil_cc"
     script.write_text(f"#!/bin/sh\ntouch {marker}\n")
     script.chmod(0o755)
-    manifest["history"][0]["details"]["inductor_config"] = {"cpp.cxx": [str(script)]}
+    state["inductor_config"] = {"cpp.cxx": [str(script)]}
     sign(tmp_path / "q", manifest)
     loaded = ao.Model.load(tmp_path / "q", trust=True)
     with pytest.raises(IntegrityError, match="cpp.cxx"):
         ao.compile(loaded, "inductor", warmup_iters=0)
-    manifest["history"][0]["details"]["inductor_config"] = {"freezing": "yes"}  # allowed key, wrong type
+    state["inductor_config"] = {"freezing": "yes"}  # allowed key, wrong type
     sign(tmp_path / "q", manifest)
     with pytest.raises(IntegrityError, match="freezing"):
         ao.compile(ao.Model.load(tmp_path / "q", trust=True), "inductor", warmup_iters=0)

@@ -23,7 +23,11 @@ from ._deps import library_versions
 from ._registry import Registry
 from .errors import AigcOptError, IntegrityError, UnsupportedModelError
 
-__all__ = ["PassRecord", "PassPlugin", "PASS_PLUGINS", "register_pass_plugin", "replay"]
+__all__ = ["PassRecord", "PassPlugin", "PASS_PLUGINS", "register_pass_plugin", "replay", "STATE_VERSION"]
+
+# Version of the restore state (``PassRecord.state``) this aigc_opt writes. 0: a record saved before
+# restore state had its own field, whose restore keys live in ``details`` (still loaded).
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +48,22 @@ class PassRecord:
     simulated: bool = False
     details: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+    # What ``restore`` needs to rebuild the pass's structure on a fresh skeleton (input shapes of a
+    # PT2E graph, pruned widths, compile buckets), apart from the report in ``details``.
+    state: dict[str, Any] = field(default_factory=dict)
+    state_version: int = 0
+
+    def restore_state(self) -> dict[str, Any]:
+        """The state ``restore`` reads: ``state``; for a record saved before it existed
+        (``state_version`` 0), ``details``, where those versions kept it."""
+        if self.state_version == 0:
+            return self.details
+        if not 0 < self.state_version <= STATE_VERSION:
+            raise IntegrityError(
+                f"A {self.pass_type} record has restore state version {self.state_version}; this aigc_opt reads "
+                f"versions 0 to {STATE_VERSION}. A newer aigc-opt saved it (upgrade to load it), or it is damaged."
+            )
+        return self.state
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,6 +108,7 @@ _RECORD_TYPES: dict[str, tuple[type, ...]] = {
     "pass_type": (str,), "config": (dict,), "seconds": (int, float), "format_before": (str,),
     "format_after": (str,), "size_before": (int,), "size_after": (int,), "params_before": (int,),
     "params_after": (int,), "changed": (bool,), "simulated": (bool,), "details": (dict,), "versions": (dict,),
+    "state": (dict,), "state_version": (int,),
 }
 
 

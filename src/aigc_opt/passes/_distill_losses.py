@@ -3,8 +3,9 @@ and the checks that say, before training, when teacher and student outputs canno
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,13 @@ from torch import nn
 from .._tree import flatten_tensors, split_inputs
 from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["OUTPUT_LOSSES", "FEATURE_LOSSES", "main_output", "kd_output_loss", "feature_loss",
+__all__ = ["OUTPUT_LOSSES", "FEATURE_LOSSES", "OutputLoss", "FeatureLoss", "main_output", "kd_output_loss", "feature_loss",
            "FeatureTap", "Trainee", "check_comparable", "suggest_pairs", "run_module"]
 
-OUTPUT_LOSSES = ("kl", "mse", "cosine", "none")
-FEATURE_LOSSES = ("mse", "cosine")
+OutputLoss = Literal["kl", "mse", "cosine", "none"]
+FeatureLoss = Literal["mse", "cosine"]
+OUTPUT_LOSSES: tuple[str, ...] = typing.get_args(OutputLoss)
+FEATURE_LOSSES: tuple[str, ...] = typing.get_args(FeatureLoss)
 
 
 def run_module(module: nn.Module, inputs: Any) -> Any:

@@ -525,9 +525,9 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any]
     return modules, layers
 
 
-def _replay_structure(module: nn.Module, details: dict[str, Any]) -> None:
+def _replay_structure(module: nn.Module, state: dict[str, Any]) -> None:
     """Restore: give a freshly built skeleton the pruned structure (weights come after)."""
-    structure = details["structure"]
+    structure = state["structure"]
     try:
         for name, adapter in structure.get("attention_prepared", {}).items():
             hf.ATTENTION_ADAPTERS.get(adapter).prepare(module.get_submodule(name))

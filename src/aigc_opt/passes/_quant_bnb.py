@@ -112,7 +112,7 @@ def _bnb_4bit(quant_type: str) -> Any:
     return convert
 
 
-def _restore_int8(module: torch.nn.Module, settings: Quantize, details: dict[str, Any]) -> torch.nn.Module:
+def _restore_int8(module: torch.nn.Module, settings: Quantize, state: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the Linear8bitLt layers so a saved state dict (int8 weight + SCB scales) loads.
 
     bitsandbytes refuses to load a quantized checkpoint into an unquantized layer, and
@@ -123,7 +123,7 @@ def _restore_int8(module: torch.nn.Module, settings: Quantize, details: dict[str
 
     def make(old: torch.nn.Linear) -> torch.nn.Module:
         new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                  has_fp16_weights=False, threshold=details.get("threshold", 6.0))
+                                  has_fp16_weights=False, threshold=state.get("threshold", 6.0))
 
         def hook(state: dict[str, Any], prefix: str, *args: Any) -> None:
             if prefix + "SCB" in state:
@@ -135,15 +135,15 @@ def _restore_int8(module: torch.nn.Module, settings: Quantize, details: dict[str
         new._register_load_state_dict_pre_hook(hook)
         return new
 
-    _replace_linears(module, details.get("layers") or settings.selected(module), make)
+    _replace_linears(module, state.get("layers") or settings.selected(module), make)
     return module
 
 
-def _restore_4bit(module: torch.nn.Module, settings: Quantize, details: dict[str, Any]) -> torch.nn.Module:
+def _restore_4bit(module: torch.nn.Module, settings: Quantize, state: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the Linear4bit layers; a pre-hook turns the saved packed weight and its quant-state
     tensors into a Params4bit (``Params4bit.from_prequantized``), as transformers does."""
     bnb = require("bitsandbytes", extra="bnb", purpose=f"loading a {settings.method} model")
-    device = details.get("kernel_device", "cpu")
+    device = state.get("kernel_device", "cpu")
     quant_type = settings.method.removeprefix("bnb-")
 
     def make(old: torch.nn.Linear) -> torch.nn.Module:
@@ -152,7 +152,7 @@ def _restore_4bit(module: torch.nn.Module, settings: Quantize, details: dict[str
         # quantize a placeholder so the parameter has the packed shape the saved one is checked against
         new.weight = bnb.nn.Params4bit(torch.zeros(old.out_features, old.in_features, dtype=old.weight.dtype),
                                        requires_grad=False, quant_type=quant_type,
-                                       blocksize=details.get("blocksize", 64)).to(device)
+                                       blocksize=state.get("blocksize", 64)).to(device)
 
         def hook(state: dict[str, Any], prefix: str, *args: Any) -> None:
             stats_prefix = prefix + "weight."
@@ -164,11 +164,12 @@ def _restore_4bit(module: torch.nn.Module, settings: Quantize, details: dict[str
         new._register_load_state_dict_pre_hook(hook)
         return new
 
-    _replace_linears(module, details.get("layers") or settings.selected(module), make)
+    _replace_linears(module, state.get("layers") or settings.selected(module), make)
     return module
 
 
-_FACTS = dict(package="bitsandbytes", extra="bnb", check=_check_bnb, options=("skip_types",))
+_FACTS = dict(package="bitsandbytes", extra="bnb", check=_check_bnb, options=("skip_types",),
+              shared_state_keys=("layers", "kernel_device", "threshold", "blocksize"))
 quant_method("bnb-int8", description="bitsandbytes LLM.int8: Linear8bitLt (int8 weights, fp16 outliers)",
              target_dtype="int8", restore=_restore_int8, **_FACTS)(_bnb_int8)
 quant_method("bnb-nf4", description="bitsandbytes 4-bit NormalFloat weights (Linear4bit, QLoRA's NF4)",

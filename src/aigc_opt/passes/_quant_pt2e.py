@@ -227,14 +227,14 @@ def _int8_static_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, An
     return int8_static_onnx(model, settings)
 
 
-def _restore_static(module: torch.nn.Module, settings: Quantize, details: dict[str, Any]) -> torch.nn.Module:
+def _restore_static(module: torch.nn.Module, settings: Quantize, state: dict[str, Any]) -> torch.nn.Module:
     """Same graph as at quantization time, built from zeros of the recorded input shapes; the
     saved state dict (int8 weights, scales, zero points) is loaded into it afterwards."""
     with quiet_import_logs("torchao.quantization.pt2e"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        example = _zeros_from_spec(details["input_spec"])
-        varying = {int(k): v for k, v in details.get("varying_axes", {}).items()}
-        prepared, _ = _prepare(module, example, settings, details.get("arch", "x86_64"), varying)
+        example = _zeros_from_spec(state["input_spec"])
+        varying = {int(k): v for k, v in state.get("varying_axes", {}).items()}
+        prepared, _ = _prepare(module, example, settings, state.get("arch", "x86_64"), varying)
         args, kwargs = split_inputs(example)
         with torch.no_grad():
             prepared(*args, **kwargs)
@@ -257,6 +257,7 @@ def _restore_static(module: torch.nn.Module, settings: Quantize, details: dict[s
     needs_data=True,
     check=_check_static,
     restore=_restore_static,
+    state_keys=("arch", "input_spec", "varying_axes", "inductor_config"),
     takes_target=True,
 )
 def _int8_static(module: torch.nn.Module, settings: Quantize,

@@ -54,8 +54,12 @@ class QuantMethod:
     needs_data: bool = False  # calibration batches (``data=``)
     # check(settings, target, fmt): method-specific refusals (e.g. a kernel missing on CPU).
     check: Callable[[Quantize, Target, str], None] | None = None
-    # restore(module, settings, details) -> module, for methods that replace the module itself.
+    # restore(module, settings, state) -> module, for methods that replace the module itself.
     restore: Callable[[torch.nn.Module, Quantize, dict[str, Any]], torch.nn.Module] | None = None
+    # Keys of convert's details that restore reads: moved into the record's restore state
+    # (``state_keys``: internal) or copied there and kept in the report (``shared_state_keys``).
+    state_keys: tuple[str, ...] = ()
+    shared_state_keys: tuple[str, ...] = ()
     takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
 
     def devices_for(self, fmt: str) -> tuple[str, ...]:

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .._registry import Registry
 from .._workdir import removed_on_error
 from ..errors import AigcOptError, ConfigError, PassError, RecipeError, UnsupportedModelError
-from ..record import PASS_PLUGINS, PassPlugin, PassRecord, register_pass_plugin
+from ..record import PASS_PLUGINS, STATE_VERSION, PassPlugin, PassRecord, register_pass_plugin
 
 if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["Pass", "PassRecord", "PassResult", "PASS_TYPES", "register_pass", "unregister_pass", "runtime_field", "named"]
+__all__ = ["Pass", "PassRecord", "PassResult", "PASS_TYPES", "register_pass", "unregister_pass", "runtime_field", "named",
+           "split_state"]
 
 CONFIG_VERSION = 1
 
@@ -39,6 +40,8 @@ class PassResult:
     """What a pass's ``run`` made, each part in its own field (no magic keys in a dict).
 
     ``details`` is the report a user reads (JSON, kept in the PassRecord and the manifest);
+    ``state`` is what the pass's ``restore`` needs to rebuild its structure on a fresh skeleton
+    (JSON, versioned in the record: ``PassRecord.restore_state``), never read as a report;
     ``changed`` says whether the pass changed anything (False: e.g. nothing matched);
     ``example_inputs``, when set, replaces the Model's example inputs because the pass changed how
     the model is called (an ONNX decoder step takes its KV cache as inputs); ``simulated``, when
@@ -50,6 +53,7 @@ class PassResult:
     changed: bool = True
     example_inputs: Any = None
     simulated: bool | None = None  # None: the pass's own simulated(); a run may know better (real 2:4 kernels)
+    state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, returned: PassResult | tuple[Any, dict[str, Any]]) -> PassResult:
@@ -58,6 +62,14 @@ class PassResult:
             return returned
         artifact, details = returned
         return cls(artifact, dict(details))
+
+
+def split_state(details: dict[str, Any], moved: tuple[str, ...] = (), copied: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The restore state out of a backend's ``details``: ``moved`` keys leave the report (internal,
+    such as a graph's input shapes), ``copied`` keys stay in it too (a user reads them)."""
+    state = {key: details.pop(key) for key in moved if key in details}
+    state.update({key: details[key] for key in copied if key in details})
+    return state
 
 
 PASS_TYPES: Registry[type[Pass]] = Registry("pass")
@@ -158,6 +170,8 @@ class Pass:
             changed=result.changed,
             simulated=self.simulated() if result.simulated is None else result.simulated,
             details=result.details,
+            state=result.state,
+            state_version=STATE_VERSION,
         )
         return new.derive(new.artifact, record=record)
 
@@ -210,6 +224,19 @@ class Pass:
 
     def to_dict(self) -> dict[str, Any]:
         return {"_type": type(self).__name__, "_version": CONFIG_VERSION, "_data": self.config_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "settings") -> Pass:
+        """Inverse of :meth:`to_dict`: the type and version are checked, then :meth:`from_config`."""
+        if not isinstance(data, dict) or set(data) != {"_type", "_version", "_data"}:
+            raise RecipeError(f"{where}: expected {{'_type', '_version', '_data'}} as Pass.to_dict writes, "
+                              f"got {data!r:.120}.")
+        if data["_type"] != cls.__name__:
+            raise RecipeError(f"{where}: settings of a {data['_type']!r:.60}, not of a {cls.__name__}.")
+        if type(data["_version"]) is not int or not 1 <= data["_version"] <= CONFIG_VERSION:
+            raise RecipeError(f"{where}: settings version {data['_version']!r:.20}; this aigc_opt reads "
+                              f"versions 1 to {CONFIG_VERSION} (a newer aigc-opt wrote them: upgrade).")
+        return cls.from_config(data["_data"], where=where)
 
     @classmethod
     def from_config(cls, data: dict[str, Any], *, where: str = "recipe") -> Pass:

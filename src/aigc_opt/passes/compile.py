@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._checks import MAX_THREADS, check_float, check_int
+from .._checks import check_fields
 from .._registry import Registry
 from ..errors import (
     ConfigError,
@@ -38,7 +39,15 @@ from ..errors import (
     UnsupportedModelError,
 )
 from ..runtime.torch_module import unwrap
-from .base import Pass, PassRecord, register_pass, validate_choice
+from ._compile_settings import (
+    InductorMode,
+    InductorSettings,
+    OpenVINODevice,
+    OpenVINOPrecision,
+    OrtOptimization,
+    ShapePolicy,
+)
+from .base import Pass, PassRecord, PassResult, register_pass, split_state
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -46,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Compile", "compile", "COMPILE_BACKENDS", "CompileBackend"]
 
-INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+INDUCTOR_MODES: tuple[str, ...] = typing.get_args(InductorMode)
 # Settings written to recipes and records only when given (recipes made before they existed stay the same).
 _ONLY_WHEN_SET = ("shapes", "buckets", "device", "precision")
 
@@ -57,11 +66,22 @@ class CompileBackend:
     check: Callable[[Compile, Target], None]
     build: Callable[[Any, Compile], Any]
     description: str
-    settings: tuple[str, ...] = ()  # the Compile fields that apply to this backend
+    # The backend's frozen settings dataclass (passes/_compile_settings.py); its fields are the
+    # Compile settings that apply to this backend, and its types check them.
+    settings_type: type | None = None
+    settings: tuple[str, ...] = ()  # without settings_type: the Compile fields that apply
     formats: tuple[str, ...] = ("torch",)  # formats it takes
     output_format: str | None = None  # None: the format it was given
     # Builds at run() from the Model (not lazily from a module): run(model, settings) -> (artifact, details)
     run: Callable[[Model, Compile], tuple[Any, dict[str, Any]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings_type is not None:
+            names = tuple(f.name for f in dataclasses.fields(self.settings_type) if f.init)
+            if self.settings and set(self.settings) != set(names):
+                raise ConfigError(f"compile backend {self.name!r}: settings={self.settings} differ from "
+                                  f"{self.settings_type.__name__}'s fields {names}; give one of them.")
+            object.__setattr__(self, "settings", names)
 
 
 COMPILE_BACKENDS: Registry[CompileBackend] = Registry("compile backend")
@@ -107,20 +127,20 @@ class Compile(Pass):
 
     backend: str = "inductor"
     _: KW_ONLY
-    mode: str = "default"
+    mode: InductorMode = "default"
     dynamic: bool | None = None
     fullgraph: bool = False
     warmup_iters: int = 3
-    graph_optimization: str = "all"
+    graph_optimization: OrtOptimization = "all"
     threads: int | None = None
     spin_wait: bool = False
     transformer_fusions: bool | None = None
     workspace_gb: float | None = None
     max_batch_multiplier: int = 4
-    shapes: str | None = None
+    shapes: ShapePolicy | None = None
     buckets: tuple[int, ...] | None = None
-    device: str | None = None
-    precision: str | None = None
+    device: OpenVINODevice | None = None
+    precision: OpenVINOPrecision | None = None
 
     def __post_init__(self) -> None:
         backend = COMPILE_BACKENDS.get(self.backend)
@@ -133,30 +153,23 @@ class Compile(Pass):
                     f"Compile: {f.name}={getattr(self, f.name)!r} applies to backend {' or '.join(owners)}, "
                     f"not {self.backend!r} (its settings: {list(backend.settings)})."
                 )
-        validate_choice("Compile", "mode", self.mode, INDUCTOR_MODES)
-        from ..runtime.onnxruntime import ORT_OPT_LEVELS
+        # The backend's own settings class checks its settings (types, ranges, combinations).
+        owned = {name: getattr(self, name) for name in backend.settings}
+        if backend.settings_type is not None:
+            typed = backend.settings_type(**owned)
+            for name in backend.settings:  # normalized values (buckets sorted, lists as tuples)
+                object.__setattr__(self, name, getattr(typed, name))
+        else:
+            check_fields(self, "Compile")
+            typed = None
+        object.__setattr__(self, "_backend_settings", typed)
 
-        validate_choice("Compile", "graph_optimization", self.graph_optimization, ORT_OPT_LEVELS)
-        check_int("Compile", "threads", self.threads, low=1, high=MAX_THREADS, optional=True, hint="from the target")
-        validate_choice("Compile", "dynamic", self.dynamic, (None, True, False))
-        validate_choice("Compile", "transformer_fusions", self.transformer_fusions, (None, True, False))
-        if not isinstance(self.spin_wait, bool):
-            raise ConfigError(f"Compile: spin_wait must be True or False, got {self.spin_wait!r}.")
-        check_int("Compile", "warmup_iters", self.warmup_iters, low=0, high=10_000)
-        check_float("Compile", "workspace_gb", self.workspace_gb, low=0, high=4096, low_open=True, optional=True)
-        check_int("Compile", "max_batch_multiplier", self.max_batch_multiplier, low=1, high=1024)
-        from ._compile_shapes import SHAPE_POLICIES, check_buckets
-
-        validate_choice("Compile", "shapes", self.shapes, (None, *SHAPE_POLICIES))
-        object.__setattr__(self, "buckets", check_buckets(self.buckets))
-        if self.buckets is not None and self.shapes != "buckets":
-            raise ConfigError(f"Compile: buckets={list(self.buckets)} applies to shapes='buckets', not "
-                              f"shapes={self.shapes!r}.")
-        if self.shapes is not None and self.dynamic is not None:
-            raise ConfigError(f"Compile: give shapes={self.shapes!r} or dynamic={self.dynamic!r}, not both "
-                              "(shapes='dynamic' is dynamic=True, 'static' and 'buckets' compile static shapes).")
-        validate_choice("Compile", "device", self.device, (None, "CPU", "GPU", "NPU"))
-        validate_choice("Compile", "precision", self.precision, (None, "f32", "bf16", "f16"))
+    @property
+    def backend_settings(self) -> Any:
+        """The settings of the chosen backend as its frozen dataclass (``InductorSettings``,
+        ``OnnxRuntimeSettings``, ``TensorRTSettings``, ``OpenVINOSettings``); None for a third-party
+        backend registered without one."""
+        return self.__dict__["_backend_settings"]
 
     def config_dict(self) -> dict[str, Any]:
         """The backend and the settings that apply to it (a recipe carries nothing else)."""
@@ -183,7 +196,7 @@ class Compile(Pass):
             )
         backend.check(self, target)
 
-    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+    def run(self, model: Model) -> PassResult | tuple[Any, dict[str, Any]]:
         backend = COMPILE_BACKENDS.get(self.backend)
         if backend.run is not None:
             return backend.run(model, self)
@@ -193,11 +206,19 @@ class Compile(Pass):
         if self.shapes is not None:
             from ._compile_shapes import shape_policy_run
 
-            return shape_policy_run(self, model, compiled, details, requested_inductor_config(model.history))
+            artifact, details = shape_policy_run(self, model, compiled, details,
+                                                 requested_inductor_config(model.history))
+        else:
+            artifact = self._compile_now(model, compiled, details)
+        # What restore needs (also in the report): the settings earlier passes asked for, the buckets.
+        return PassResult(artifact, details, state=split_state(details, copied=("inductor_config", "buckets", "batch")))
+
+    def _compile_now(self, model: Model, compiled: Any, details: dict[str, Any]) -> Any:
+        """Make the compiling call on the example inputs, then time the steady state."""
         if model.example_inputs is None:
             details["compile_seconds"] = None
             details["note"] = "No example inputs: compilation happens on the first call."
-            return compiled, details
+            return compiled
         from ..runtime import runtime_for
 
         runtime = runtime_for(model.format)
@@ -221,7 +242,7 @@ class Compile(Pass):
             steady.append(time.perf_counter() - start)
         if steady:
             details["steady_latency_seconds"] = round(statistics.median(steady), 6)
-        return compiled, details
+        return compiled
 
     def restore(self, module: Any, record: PassRecord) -> Any:
         # Compilation is not saved: it is replayed lazily, and runs again on the first call.
@@ -260,7 +281,7 @@ def requested_inductor_config(history: tuple[PassRecord, ...]) -> dict[str, Any]
     against :data:`INDUCTOR_CONFIG_ALLOWED`; anything else is an :class:`IntegrityError`."""
     config: dict[str, Any] = {}
     for record in history:
-        asked = record.details.get("inductor_config", {})
+        asked = record.restore_state().get("inductor_config", {})
         if not isinstance(asked, dict):
             raise IntegrityError(f"{record.pass_type}'s record asks for inductor settings {asked!r:.80}; "
                                  "expected a mapping. The model's history is damaged or was crafted.")
@@ -306,7 +327,6 @@ def _build_inductor(module: torch.nn.Module, settings: Compile) -> Any:
 
 
 COMPILE_BACKENDS.register("inductor", CompileBackend(
-    name="inductor", check=_check_inductor, build=_build_inductor,
-    settings=("mode", "dynamic", "fullgraph", "warmup_iters", "shapes", "buckets"),
+    name="inductor", check=_check_inductor, build=_build_inductor, settings_type=InductorSettings,
     description="torch.compile with TorchInductor (C++/OpenMP on CPU, Triton on CUDA)",
 ))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._deps import require
 from ..errors import IncompatibleTargetError, PassError, UnsupportedModelError
+from ._compile_settings import OnnxRuntimeSettings, TensorRTSettings
 from .compile import COMPILE_BACKENDS, Compile, CompileBackend
 
 if TYPE_CHECKING:
@@ -219,12 +220,12 @@ def _example_shapes(model: Model) -> dict[str, list[int]]:
 
 COMPILE_BACKENDS.register("onnxruntime", CompileBackend(
     name="onnxruntime", check=_check_onnxruntime, build=lambda artifact, settings: artifact,
-    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings=("graph_optimization", "threads", "spin_wait", "transformer_fusions"),
+    run=_run_onnxruntime, formats=("onnx",), output_format="onnx", settings_type=OnnxRuntimeSettings,
     description="ONNX Runtime InferenceSession, execution providers from the target, offline graph optimization",
 ))
 COMPILE_BACKENDS.register("tensorrt", CompileBackend(
     name="tensorrt", check=_check_tensorrt, build=lambda artifact, settings: artifact,
     run=_run_tensorrt, formats=("onnx",), output_format="tensorrt",
-    settings=("workspace_gb", "max_batch_multiplier"),
+    settings_type=TensorRTSettings,
     description="TensorRT 10/11 strongly typed engine from the ONNX graph (precision from Q/DQ nodes)",
 ))

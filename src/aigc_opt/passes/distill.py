@@ -29,16 +29,17 @@ Example:
 from __future__ import annotations
 
 import copy
+import typing
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
 
-from .._checks import check_float, check_int
+from .._checks import bounded, check_fields
 from ..errors import ConfigError, UnsupportedModelError
-from ._distill_losses import FEATURE_LOSSES, OUTPUT_LOSSES
-from .base import Pass, named, register_pass, runtime_field, validate_choice
+from ._distill_losses import FeatureLoss, OutputLoss
+from .base import Pass, named, register_pass, runtime_field
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -46,8 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Distill", "distill", "STRATEGIES"]
 
-STRATEGIES = ("ddp", "fsdp")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Strategy = Literal["ddp", "fsdp"]
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+PRECISIONS: tuple[str, ...] = typing.get_args(TrainPrecision)
 
 
 @register_pass
@@ -88,22 +91,22 @@ class Distill(Pass):
 
     accepts_compiled: ClassVar[bool] = False
 
-    epochs: int = 1
+    epochs: int = bounded(1, 1, 100_000)
     _: KW_ONLY
-    lr: float = 1e-4
-    temperature: float = 2.0
-    alpha: float = 0.5
-    output_loss: str = "kl"
+    lr: float = bounded(1e-4, 0, 1e6, low_open=True)
+    temperature: float = bounded(2.0, 0, 1e6, low_open=True)
+    alpha: float = bounded(0.5, 0, 1)
+    output_loss: OutputLoss = "kl"
     feature_layers: tuple[tuple[str, str], ...] = ()
-    feature_loss: str = "mse"
-    feature_weight: float = 1.0
+    feature_loss: FeatureLoss = "mse"
+    feature_weight: float = bounded(1.0, 0, 1e6)
     labeled: bool = False
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    strategy: str = "ddp"
-    precision: str = "auto"
+    weight_decay: float = bounded(0.01, 0, 1e6)
+    warmup_ratio: float = bounded(0.1, 0, 1)
+    max_grad_norm: float = bounded(1.0, 0, 1e6)
+    seed: int = bounded(0, 0, 2**63 - 1)
+    strategy: Strategy = "ddp"
+    precision: TrainPrecision = "auto"
     teacher: Any = runtime_field(default=None, compare=False, repr=False)
     data: Any = runtime_field(default=None, compare=False, repr=False)
     eval_fn: Any = runtime_field(default=None, compare=False, repr=False)
@@ -116,19 +119,7 @@ class Distill(Pass):
         def bad(name: str, rule: str) -> ConfigError:
             return ConfigError(f"Distill: {name}={getattr(self, name)!r} is not allowed; {rule}.")
 
-        check_int("Distill", "epochs", self.epochs, low=1, high=100_000)
-        check_int("Distill", "seed", self.seed, low=0, high=2**63 - 1)
-        for name, low_open in (("lr", True), ("temperature", True), ("feature_weight", False),
-                               ("weight_decay", False), ("max_grad_norm", False)):
-            check_float("Distill", name, getattr(self, name), low=0, high=1e6, low_open=low_open)
-        for name in ("alpha", "warmup_ratio"):
-            check_float("Distill", name, getattr(self, name), low=0, high=1)
-        validate_choice("Distill", "output_loss", self.output_loss, OUTPUT_LOSSES)
-        validate_choice("Distill", "feature_loss", self.feature_loss, FEATURE_LOSSES)
-        validate_choice("Distill", "strategy", self.strategy, STRATEGIES)
-        validate_choice("Distill", "precision", self.precision, PRECISIONS)
-        if not isinstance(self.labeled, bool):
-            raise bad("labeled", "it must be True or False")
+        check_fields(self, "Distill")  # the field types are the rules (closed sets, ranges, bools)
         pairs = tuple(tuple(p) for p in self.feature_layers) if isinstance(self.feature_layers, Sequence) else None
         if pairs is None or isinstance(self.feature_layers, str) or not all(
                 len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs):

@@ -47,7 +47,7 @@ from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
 from ._prune_rules import IMPORTANCES, default_round_to
 from ._prune_structured import _replay_structure, _run_structured
-from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, validate_choice
+from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, split_state, validate_choice
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -73,6 +73,10 @@ class PruneMethod:
     restore: Callable[[nn.Module, dict[str, Any]], None]
     simulated: bool
     package: str | None = None
+    # Keys of run's details that restore reads: moved into the record's restore state
+    # (``state_keys``: internal) or copied there and kept in the report (``shared_state_keys``).
+    state_keys: tuple[str, ...] = ()
+    shared_state_keys: tuple[str, ...] = ()
 
 
 PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method")
@@ -206,13 +210,15 @@ class Prune(Pass):
     # ------------------------------------------------------------------ work
     def run(self, model: Model) -> PassResult:
         module = copy.deepcopy(unwrap(model.artifact))
-        details = PRUNE_METHODS.get(self.method).run(module, self, model)
-        return PassResult(module, details, changed=details.pop("changed", True),
+        method = PRUNE_METHODS.get(self.method)
+        details = method.run(module, self, model)
+        state = split_state(details, moved=method.state_keys, copied=method.shared_state_keys)
+        return PassResult(module, details, changed=details.pop("changed", True), state=state,
                           # 2:4 that really runs on sparse tensor cores is not simulated
                           simulated=False if details.get("accelerated_layers") else None)
 
     def restore(self, module: Any, record: PassRecord) -> Any:
-        PRUNE_METHODS.get(self.method).restore(unwrap(module), record.details)
+        PRUNE_METHODS.get(self.method).restore(unwrap(module), record.restore_state())
         return module
 
 
@@ -379,15 +385,16 @@ def _densify_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, l
             state_dict[key] = value.to_dense()
 
 
-def _restore_nm(module: nn.Module, details: dict[str, Any]) -> None:
-    if details.get("accelerated_layers"):
+def _restore_nm(module: nn.Module, state: dict[str, Any]) -> None:
+    if state.get("accelerated_layers"):
         log.warning("Model.load: the 2:4 weights load as masked dense tensors on the CPU; run "
                     "Prune(pattern='2:4') again with the model on the GPU to use sparse tensor cores.")
 
 
 PRUNE_METHODS.register("structured", PruneMethod(name="structured", run=_run_structured,
                                                  restore=_replay_structure, simulated=False,
-                                                 package="torch_pruning"))
+                                                 package="torch_pruning", state_keys=("structure",)))
 PRUNE_METHODS.register("unstructured", PruneMethod(name="unstructured", run=_run_unstructured,
                                                    restore=lambda module, details: None, simulated=True))
-PRUNE_METHODS.register("n:m", PruneMethod(name="n:m", run=_run_nm, restore=_restore_nm, simulated=True))
+PRUNE_METHODS.register("n:m", PruneMethod(name="n:m", run=_run_nm, restore=_restore_nm, simulated=True,
+                                          shared_state_keys=("accelerated_layers",)))

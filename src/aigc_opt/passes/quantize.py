@@ -26,13 +26,14 @@ import copy
 import dataclasses
 import fnmatch
 import logging
+import typing
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from .._checks import check_float, check_int
+from .._checks import bounded, check_fields
 from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
@@ -46,7 +47,7 @@ from ._quant_registry import (
     quant_method,
     unmatched_patterns,
 )
-from .base import Pass, PassRecord, _plain, named, register_pass, runtime_field, validate_choice
+from .base import Pass, PassRecord, PassResult, _plain, named, register_pass, runtime_field, split_state
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -62,7 +63,8 @@ AUTO = "auto"  # method name resolved from the target
 # Settings beyond ``skip`` that a method may honour; the others are refused in ``check``.
 OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions",
            "reuse_blocks")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
 
 
 @register_pass
@@ -109,11 +111,11 @@ class Quantize(Pass):
     per_channel: bool = True
     skip_types: tuple[str, ...] = ()
     symmetric: bool | None = None
-    group_size: int | None = None
+    group_size: int | None = bounded(None, 1, 1 << 20, hint="typical: 32, 64, 128")
     reuse_blocks: bool = True
-    calibration_method: str = "minmax"
+    calibration_method: CalibrationMethod = "minmax"
     transformer_fusions: bool | None = None
-    max_drop: float | None = None
+    max_drop: float | None = bounded(None, 0, 1e12, hint="in metric units")
     verbose: bool = True
     data: Any = runtime_field(default=None, compare=False, repr=False)
     eval_fn: Callable[[Any], float] | None = runtime_field(default=None, compare=False, repr=False)
@@ -134,17 +136,7 @@ class Quantize(Pass):
             bad = [s for s in value if not isinstance(s, str)]
             if bad:
                 raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
-        validate_choice("Quantize", "transformer_fusions", self.transformer_fusions, (None, True, False))
-        for name in ("per_channel", "verbose", "reuse_blocks"):
-            value = getattr(self, name, None)
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"Quantize: {name}={value!r} is not allowed; it must be True or False.")
-        if self.symmetric not in (None, True, False):
-            raise ConfigError(f"Quantize: symmetric must be True, False or None, got {self.symmetric!r}.")
-        check_int("Quantize", "group_size", self.group_size, low=1, high=1 << 20, optional=True,
-                  hint="typical: 32, 64, 128")
-        validate_choice("Quantize", "calibration_method", self.calibration_method, CALIBRATION_METHODS)
-        check_float("Quantize", "max_drop", self.max_drop, low=0, high=1e12, optional=True, hint="in metric units")
+        check_fields(self, "Quantize")  # the field types are the rules (bools, closed sets, ranges)
 
     def config_dict(self) -> dict[str, Any]:
         full = super().config_dict()
@@ -215,13 +207,9 @@ class Quantize(Pass):
 
     def _check_options(self, spec: QuantMethod, fmt: str) -> None:
         honoured = spec.onnx_options if fmt == "onnx" else spec.options
-        used = {"per_channel": not self.per_channel, "symmetric": self.symmetric is not None,
-                "group_size": self.group_size is not None,
-                "calibration_method": self.calibration_method != "minmax", "skip_types": bool(self.skip_types),
-                "transformer_fusions": self.transformer_fusions is not None,
-                "reuse_blocks": not self.reuse_blocks}
-        for option in OPTIONS:
-            if used[option] and option not in honoured:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for option in OPTIONS:  # an option left at its default is not used
+            if getattr(self, option) != defaults[option] and option not in honoured:
                 raise ConfigError(
                     f"Quantize(method={spec.name!r}) on a {fmt} model does not take "
                     f"{option}={getattr(self, option)!r}; it honours {list(honoured) or 'no options'} "
@@ -292,7 +280,7 @@ class Quantize(Pass):
         return self.selected(module)
 
     # ------------------------------------------------------------------ work
-    def run(self, model: Model) -> tuple[Any, dict[str, Any]]:
+    def run(self, model: Model) -> PassResult | tuple[Any, dict[str, Any]]:
         if model.format == "openvino":
             from ._quant_nncf import quantize_openvino
 
@@ -306,7 +294,12 @@ class Quantize(Pass):
             artifact, details = self.run_once(model, spec)
         if reason is not None:
             details = {"method": spec.name, "auto_reason": reason, **details}
-        return artifact, details
+        state = {"method": spec.name,
+                 **split_state(details, moved=spec.state_keys, copied=(*spec.shared_state_keys, "conv1d_to_linear"))}
+        kept = details.get("fallback", {}).get("kept_in_float")
+        if kept:
+            state["kept_in_float"] = list(kept)
+        return PassResult(artifact, details, state=state)
 
     def run_once(self, model: Model, spec: QuantMethod, keep_float: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
         """Quantize once with ``spec``, keeping the ``keep_float`` layers in full precision."""
@@ -330,13 +323,16 @@ class Quantize(Pass):
         return module, result
 
     def restore(self, module: Any, record: PassRecord) -> Any:
-        spec = QUANT_METHODS.get(record.details.get("method", self.method))
-        kept = tuple(record.details.get("fallback", {}).get("kept_in_float", ()))
-        settings = dataclasses.replace(self, method=spec.name, skip=self.skip + kept)
-        if record.details.get("conv1d_to_linear"):
-            convert_conv1d(unwrap(module), list(record.details["conv1d_to_linear"]))
+        state = record.restore_state()
+        spec = QUANT_METHODS.get(state.get("method", self.method))
+        kept = state.get("kept_in_float")
+        if kept is None:  # a record from before restore state: the fallback report held it
+            kept = state.get("fallback", {}).get("kept_in_float", ())
+        settings = dataclasses.replace(self, method=spec.name, skip=self.skip + tuple(kept))
+        if state.get("conv1d_to_linear"):
+            convert_conv1d(unwrap(module), list(state["conv1d_to_linear"]))
         if spec.restore is not None:
-            return spec.restore(unwrap(module), settings, record.details)
+            return spec.restore(unwrap(module), settings, state)
         result = spec.convert(unwrap(module), settings)
         return result[0] if isinstance(result, tuple) else module
 
