@@ -58,6 +58,34 @@ def test_export_runs_every_shape_and_matches_torch(exported):
 
 
 @needs_openvino
+def test_export_traces_on_a_slice_and_retraces_when_the_slice_is_baked_in(exported):
+    _, ov = exported
+    assert "(2, 16)" in ov.history[-1].details["traced_on"] and "retraced" not in ov.history[-1].details
+
+    class LengthBaked(torch.nn.Module):  # float(size) is a constant to the tracer: the slice's 16
+        def forward(self, input_ids, attention_mask):
+            return (input_ids * attention_mask).float().sum(1, keepdim=True) / float(input_ids.shape[1])
+
+    base = ao.Model(LengthBaked(), example_inputs=batch(4, 24), target="host")
+    exported_again = ao.export(base, "openvino")
+    assert "retraced" in exported_again.history[-1].details
+    inputs = batch(3, 24, seed=5)
+    torch.testing.assert_close(exported_again(**inputs), base(**inputs), atol=1e-4, rtol=1e-4)
+
+
+@needs_openvino
+def test_quantize_leaves_the_exported_model_unchanged(exported):
+    base, ov = exported
+    inputs = batch(4, 16, seed=7)
+    before = ov(**inputs).clone()
+    ops = len(ov.artifact.ov_model().get_ordered_ops())
+    ao.quantize(ov, "int8-weight-only")
+    ao.quantize(ov, "int8-static", data=[batch(4, 16, seed=s) for s in range(2)])
+    assert len(ov.artifact.ov_model().get_ordered_ops()) == ops
+    torch.testing.assert_close(ov(**inputs), before)
+
+
+@needs_openvino
 def test_int8_static_with_nncf_keeps_embeddings(exported):
     base, ov = exported
     calib = [batch(4, 16, seed=s) for s in range(8)]

@@ -134,7 +134,7 @@ def quantize_openvino(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
     from ..runtime.openvino import OpenVINOArtifact
 
     source: OpenVINOArtifact = model.artifact
-    ov_model = ov.Core().read_model(str(source.path))
+    ov_model = source.ov_model().clone()  # NNCF may change the model it is given (weight compression does)
     start = time.perf_counter()
     with quiet_import_logs("nncf"):
         logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -144,5 +144,6 @@ def quantize_openvino(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     artifact = OpenVINOArtifact(path=path, output_spec=source.output_spec, device=source.device,
                                 threads=source.threads, precision=source.precision, owns_dir=True)
+    artifact.keep_model(quantized)
     return artifact, {"method": settings.method, "library": "nncf", "nncf": nncf.__version__,
                       "nncf_seconds": round(time.perf_counter() - start, 3), **details}

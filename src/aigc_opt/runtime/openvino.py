@@ -34,7 +34,7 @@ from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
 from .base import RUNTIMES, BuildOnceCache
 
-__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "compile_config"]
+__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "compile_config", "openvino_core"]
 
 # The devices and precision hints a saved model may name (anything else is refused on load).
 OV_DEVICES = ("CPU", "GPU", "NPU")
@@ -54,17 +54,30 @@ def compile_config(device: str, threads: int, precision: str | None) -> dict[str
     return config
 
 
+_CORE: list[Any] = []  # one openvino.Core per process: each new Core loads its device plugins again
+
+
+def openvino_core() -> Any:
+    """This process's ``openvino.Core`` (made on first use; MissingDependencyError without openvino)."""
+    if not _CORE:
+        ov = require("openvino", extra="openvino", purpose="Running an OpenVINO model")
+        _CORE.append(ov.Core())
+    return _CORE[0]
+
+
 class _CompiledCache(BuildOnceCache):
     """An artifact's compiled model and infer request, built once under the lock (not copied:
-    a copy or an artifact with other settings builds its own)."""
+    a copy or an artifact with other settings builds its own), and the IR as an in-memory
+    ``openvino.Model`` (read once; the pass that wrote the IR hands it over, saving a read)."""
 
-    __slots__ = ("compiled", "request", "inputs")
+    __slots__ = ("compiled", "request", "inputs", "model")
 
     def __init__(self) -> None:
         super().__init__()
         self.compiled: Any = None
         self.request: Any = None
         self.inputs: list[tuple[str, int]] | None = None
+        self.model: Any = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +122,23 @@ class OpenVINOArtifact:
         keep.update(changes, owns_dir=False)
         new = OpenVINOArtifact(**keep)
         object.__setattr__(new, "_keepalive", self)  # the files live as long as their owner
+        new._cache.model = self._cache.model  # same IR: no second read (compile_model copies it)
         return new
+
+    def keep_model(self, model: Any) -> OpenVINOArtifact:
+        """Hold ``model`` (the ``openvino.Model`` just saved to :attr:`path`) in memory, so the
+        next pass and the compile need not read the files back. Returns self."""
+        self._cache.model = model
+        return self
+
+    def ov_model(self) -> Any:
+        """The IR as an ``openvino.Model``, read once. Shared: clone it before changing it."""
+        cache = self._cache
+        if cache.model is None:
+            with cache.lock:
+                if cache.model is None:
+                    cache.model = openvino_core().read_model(str(self.path))
+        return cache.model
 
     def config(self) -> dict[str, str]:
         return compile_config(self.device, self.threads, self.precision)
@@ -119,11 +148,10 @@ class OpenVINOArtifact:
         cache = self._cache
         if cache.compiled is not None:
             return cache.compiled
+        model = self.ov_model()
         with cache.lock:
             if cache.compiled is None:
-                ov = require("openvino", extra="openvino", purpose="Running an OpenVINO model")
-                core = ov.Core()
-                compiled = core.compile_model(core.read_model(str(self.path)), self.device, self.config())
+                compiled = openvino_core().compile_model(model, self.device, self.config())
                 cache.inputs = [(port.get_any_name(), port.get_partial_shape().rank.get_length())
                                 for port in compiled.inputs]
                 cache.request = compiled.create_infer_request()
@@ -185,8 +213,7 @@ class OpenVINORuntime:
 
     def facts(self, artifact: OpenVINOArtifact, *, size: bool = True) -> dict[str, int]:
         """Parameter count and bytes of the IR's constants (its weights), and bytes on disk."""
-        ov = require("openvino", extra="openvino", purpose="Describing an OpenVINO model")
-        model = ov.Core().read_model(str(artifact.path))
+        model = artifact.ov_model()
         params = nbytes = 0
         for op in model.get_ordered_ops():
             if op.get_type_name() == "Constant":
