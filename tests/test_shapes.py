@@ -79,7 +79,22 @@ def test_static_policy_counts_the_recompile_a_new_shape_causes():
     compiled(**batch(2, 8, seed=1))
     assert compiled.artifact.recompiles == 0
     compiled(**batch(2, 12))
-    assert compiled.artifact.recompiles == 1
+    assert compiled.artifact.recompiles == 1 and compiled.artifact.recompile_seconds > 0
+
+
+def test_compare_reports_the_recompiles_during_the_run():
+    torch.manual_seed(0)
+    # shapes no other test compiles: dynamo's cache is per process and would serve them
+    base = ao.Model(TinyEncoder().eval(), example_inputs=batch(3, 7), target="host")
+    compiled = ao.compile(base, "inductor", shapes="static", warmup_iters=0)
+    report = ao.compare(base, compiled, inputs=[batch(3, 7), batch(3, 11)], iters=2, warmup=0, memory=False,
+                        top1=False, verbose=False)
+    assert report.baseline.recompiles is None  # eager: nothing to count
+    count, seconds = report.candidates[0].recompiles
+    assert count == 1 and seconds > 0  # the 3x11 batch compiled a second graph, once
+    assert "recompiles during run (s)" in str(report) and "1 graph(s) compiled during the run" in str(report)
+    again = type(report).from_dict(report.to_dict())
+    assert again.candidates[0].recompiles == (count, pytest.approx(seconds))
 
 
 def test_bucket_past_the_models_positions_is_refused():

@@ -10,8 +10,9 @@ brings another shape than the one it was compiled for.
   compiled up front (a bounded number of static graphs), so no call ever recompiles. Padding with
   attention mask 0 leaves the real tokens' outputs unchanged for models that mask attention.
 
-Every policy counts the graphs dynamo compiles during calls (``ShapedCompiled.recompiles``): a
-recompile shows in the model's report instead of as a 30-second call.
+Every policy counts the graphs dynamo compiles during calls (``ShapedCompiled.recompiles``) and the
+seconds those calls took (``recompile_seconds``): ``ao.compare`` shows both per model, so a
+recompile is a line in the report instead of a silent 30-second call.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class ShapedCompiled(torch.nn.Module):
         self.buckets = tuple(buckets)
         self.batch = batch
         self.recompiles = 0  # graphs compiled by calls after the up-front compiles
+        self.recompile_seconds = 0.0  # wall time of the calls that compiled them
         self.calls_padded = 0
         self.seq_outputs: list[bool] | None = None  # which output leaves have the sequence on axis 1
         # inductor settings earlier passes need (PT2E int8: freezing), held for every compile,
@@ -118,16 +120,21 @@ class ShapedCompiled(torch.nn.Module):
         return self.buckets[-1] if self.buckets else None
 
     def _counted(self, fn: Callable[[], Any]) -> Any:
+        import time
+
         import torch._inductor.config as inductor_config
 
-        before = graphs_compiled()
+        before, start = graphs_compiled(), time.perf_counter()
         try:
             if not self.inductor_config:
                 return fn()
             with inductor_config.patch(**self.inductor_config):
                 return fn()
         finally:
-            self.recompiles += graphs_compiled() - before
+            new = graphs_compiled() - before
+            if new:
+                self.recompiles += new
+                self.recompile_seconds += time.perf_counter() - start
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.inference_mode():  # as the buckets were compiled (grad mode is guarded on)
@@ -256,6 +263,32 @@ def _real_lengths(inputs: Any) -> list[int]:
     return []
 
 
+def _plan_buckets(settings: Any, model: Any, module: torch.nn.Module, details: dict[str, Any]
+                  ) -> tuple[tuple[int, ...], int | None]:
+    """The bucket lengths and batch for ``shapes="buckets"`` (recorded in ``details``); ``((), None)``
+    for the other policies."""
+    from ..errors import UnsupportedModelError
+
+    if settings.shapes != "buckets":
+        return (), None
+    example = model.example_inputs
+    sequences = sequence_inputs(example) if example is not None else []
+    if not sequences:
+        raise UnsupportedModelError(
+            "Compile(shapes='buckets') pads sequence inputs (2-D integer tensors: token ids, attention "
+            f"masks) to bucket lengths, and {model.name}'s example inputs have none"
+            + (" (it has no example inputs)" if example is None else "") + ". Use shapes='static' or 'dynamic'.")
+    limit = position_limit(module)
+    length, batch = sequences[0].shape[1], sequences[0].shape[0]
+    buckets = settings.buckets or choose_buckets(length, _real_lengths(example), align=_target_align(model.target),
+                                                 limit=limit)
+    if limit is not None and buckets[-1] > limit:
+        raise ConfigError(f"Compile: bucket {buckets[-1]} is longer than the model's {limit} positions "
+                          f"(max_position_embeddings); the largest bucket must be <= {limit}.")
+    details.update(buckets=list(buckets), batch=batch, position_limit=limit)
+    return buckets, batch
+
+
 def shape_policy_run(settings: Any, model: Any, compiled: Any, details: dict[str, Any],
                      inductor_config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Compile.run for an explicit ``shapes`` policy: wrap, compile up front, record."""
@@ -265,7 +298,6 @@ def shape_policy_run(settings: Any, model: Any, compiled: Any, details: dict[str
 
     from tqdm.auto import tqdm
 
-    from ..errors import UnsupportedModelError
     from ..runtime import runtime_for
 
     module = compiled._orig_mod
@@ -273,23 +305,7 @@ def shape_policy_run(settings: Any, model: Any, compiled: Any, details: dict[str
     details["shapes"] = settings.shapes
     if inductor_config:
         details["inductor_config"] = inductor_config
-    buckets: tuple[int, ...] = ()
-    batch = None
-    if settings.shapes == "buckets":
-        sequences = sequence_inputs(example) if example is not None else []
-        if not sequences:
-            raise UnsupportedModelError(
-                "Compile(shapes='buckets') pads sequence inputs (2-D integer tensors: token ids, attention "
-                f"masks) to bucket lengths, and {model.name}'s example inputs have none"
-                + (" (it has no example inputs)" if example is None else "") + ". Use shapes='static' or 'dynamic'.")
-        limit = position_limit(module)
-        length, batch = sequences[0].shape[1], sequences[0].shape[0]
-        buckets = settings.buckets or choose_buckets(length, _real_lengths(example), align=_target_align(model.target),
-                                                     limit=limit)
-        if limit is not None and buckets[-1] > limit:
-            raise ConfigError(f"Compile: bucket {buckets[-1]} is longer than the model's {limit} positions "
-                              f"(max_position_embeddings); the largest bucket must be <= {limit}.")
-        details.update(buckets=list(buckets), batch=batch, position_limit=limit)
+    buckets, batch = _plan_buckets(settings, model, module, details)
     wrapper = ShapedCompiled(compiled, module, policy=settings.shapes, buckets=buckets, batch=batch)
     wrapper.inductor_config = dict(inductor_config)
     if example is None:
@@ -309,7 +325,7 @@ def shape_policy_run(settings: Any, model: Any, compiled: Any, details: dict[str
             runtime.run(wrapper, example)
     details["compile_seconds"] = round(time.perf_counter() - start, 3)
     details["graphs_compiled"] = graphs_compiled() - before
-    wrapper.recompiles = 0  # from here on, a compile is a recompile
+    wrapper.recompiles, wrapper.recompile_seconds = 0, 0.0  # from here on, a compile is a recompile
     steady = []
     for _ in range(settings.warmup_iters):
         start = time.perf_counter()
