@@ -250,6 +250,16 @@ def _measurement(m: Model, name: str, own: list[Any], dev: str, samples: list[fl
     )
 
 
+def _recompiles(model: Model, since: tuple[int, float] | None = None) -> tuple[int, float] | None:
+    """(graphs compiled by calls, seconds those calls took) of a model that counts them (a compiled
+    model with a shape policy keeps ``recompiles`` / ``recompile_seconds``), minus ``since``."""
+    artifact = model.artifact
+    if not hasattr(artifact, "recompiles"):
+        return None
+    now = (int(artifact.recompiles), float(getattr(artifact, "recompile_seconds", 0.0)))
+    return now if since is None else (now[0] - since[0], now[1] - since[1])
+
+
 def benchmark(model: Model, inputs: Any = None, *, warmup: int = 3, iters: int | None = None,
               max_time: float = 20.0, rel_ci: float = 0.02, threads: int | None = None, memory: bool = True,
               verbose: bool | None = None) -> Measurement:
@@ -308,6 +318,7 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
     _check_counts(warmup, iters, threads, max_time, rel_ci)
     batches = _batches(inputs, baseline)
     models = [baseline, *candidates]
+    compiles_before = [_recompiles(m) for m in models]
     if settle is not None and (not isinstance(settle, int) or isinstance(settle, bool) or settle < 0):
         raise ConfigError(f"settle must be None (auto) or an int >= 0, got {settle!r}.")
     measurements = _measure(models, batches, warmup=warmup, iters=iters, threads=threads,
@@ -319,11 +330,12 @@ def compare(baseline: Model, *candidates: Model, inputs: Any = None, warmup: int
         for c, acc in zip(candidates, accumulators):
             acc.add(reference, select(c.run(batch)))
     metrics = [eval_fn(m) if eval_fn else None for m in models]
-    base = Entry(measurement=measurements[0], metric=metrics[0])
+    recompiles = [_recompiles(m, since=b) for m, b in zip(models, compiles_before)]
+    base = Entry(measurement=measurements[0], metric=metrics[0], recompiles=recompiles[0])
     entries = []
-    for meas, acc, metric in zip(measurements[1:], accumulators, metrics[1:]):
+    for meas, acc, metric, rc in zip(measurements[1:], accumulators, metrics[1:], recompiles[1:]):
         entries.append(Entry(measurement=meas, fidelity=acc.result(), metric=metric,
-                             latency_ratio=ratio_ci(measurements[0].samples, meas.samples)))
+                             latency_ratio=ratio_ci(measurements[0].samples, meas.samples), recompiles=rc))
     fast = any(float(np.median(m.samples)) < SETTLE_BELOW_S for m in measurements)
     mixed = len({m.format for m in models}) > 1
     settled = (f"settle: one untimed call before each timed call that follows another "

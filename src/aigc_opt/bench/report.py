@@ -24,6 +24,9 @@ class Entry:
     metric: float | None = None
     # candidate median latency / baseline median latency, with a 95% interval: (point, lo, hi)
     latency_ratio: tuple[float, float, float] | None = None
+    # graphs compiled by calls during the comparison and the seconds those calls took, for models
+    # that count them (Compile(shapes=...)); None for models that do not
+    recompiles: tuple[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,6 +34,7 @@ class Entry:
             "fidelity": self.fidelity.to_dict() if self.fidelity else None,
             "metric": self.metric,
             "latency_ratio": list(self.latency_ratio) if self.latency_ratio else None,
+            "recompiles": list(self.recompiles) if self.recompiles else None,
         }
 
 
@@ -139,6 +143,9 @@ class Report:
                 f"{f.top1_agreement:.3f}" if f and f.top1_agreement is not None else "-" for f in fid])
         if any(e.metric is not None for e in es):
             add("eval metric", [f"{e.metric:.4f}" if e.metric is not None else "-" for e in es])
+        if any(e.recompiles is not None for e in es):
+            add("recompiles during run (s)", [f"{e.recompiles[0]} ({e.recompiles[1]:.1f})" if e.recompiles else "-"
+                                              for e in es])
         return rows
 
     def _warnings(self) -> list[str]:
@@ -152,6 +159,10 @@ class Report:
                 out.append(f"{name}: {e.fidelity.nonfinite} output value(s) are NaN/inf where the baseline's are finite.")
             if x.simulated:
                 out.append(f"{name}: low precision is SIMULATED (fake-quant); its latency is not a speed claim.")
+            if e.recompiles and e.recompiles[0]:
+                out.append(f"{name}: {e.recompiles[0]} graph(s) compiled during the run ({e.recompiles[1]:.1f} s), "
+                           "from input shapes it was not compiled for; Compile(shapes='buckets') compiles them "
+                           "up front.")
         return out
 
     def _footer(self) -> list[str]:
@@ -189,10 +200,11 @@ class Report:
         figure of a stored result again: every sample, fidelity number and ratio is kept; derived
         numbers are recomputed from them."""
         def entry(d: dict[str, Any]) -> Entry:
-            ratio = d.get("latency_ratio")
+            ratio, recompiles = d.get("latency_ratio"), d.get("recompiles")
             return Entry(measurement=_from_fields(Measurement, d["measurement"]),
                          fidelity=_from_fields(Fidelity, d["fidelity"]) if d.get("fidelity") else None,
-                         metric=d.get("metric"), latency_ratio=tuple(ratio) if ratio else None)
+                         metric=d.get("metric"), latency_ratio=tuple(ratio) if ratio else None,
+                         recompiles=(int(recompiles[0]), float(recompiles[1])) if recompiles else None)
 
         return cls(baseline=entry(data["baseline"]), candidates=[entry(c) for c in data["candidates"]],
                    batches=data["batches"], iters=data["iters"], warmup=data["warmup"],
