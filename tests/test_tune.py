@@ -140,18 +140,26 @@ def test_an_interrupted_search_resumes_and_reuses_every_finished_trial(tmp_path)
 
     def eval_fn(model):
         calls.append(model.name)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt  # Ctrl-C during the third trial
         return base_eval(model)
 
     kw = dict(workload=_workload(), eval_fn=eval_fn, max_drop=0.05, budget="2m", space=SMALL, storage=storage,
               time_per_trial=1, verbose=False)
-    first = ao.tune(m, max_trials=2, **kw)
-    assert len(first.trials) == 2 and not any(t.reused for t in first.trials)
+    interrupt_at = 4  # the baseline, two trials, then the third trial's fidelity check
+    with pytest.raises(KeyboardInterrupt):
+        ao.tune(m, **kw)
+    calls.clear()
+    interrupt_at = -1
+    first = ao.tune(m, max_trials=1, **kw)  # resumed: the two finished trials are read back
+    reused = [t for t in first.trials if t.reused]
+    assert len(reused) == 2 and len(first.trials) == 3
+    assert len(calls) == 1 + 1  # the baseline, then only the new trial: nothing finished ran again
     calls.clear()
     second = ao.tune(m, max_trials=1, **kw)
-    reused = [t for t in second.trials if t.reused]
-    assert [(t.recipe, t.state, t.drop) for t in reused] == [(t.recipe, t.state, t.drop) for t in first.trials]
-    assert len(second.trials) == 3
-    assert len(calls) == 1 + 1  # the baseline, then only the new trial: nothing finished ran again
+    assert [(t.recipe, t.state, t.drop, t.latency_ratio) for t in second.trials if t.reused] == \
+        [(t.recipe, t.state, t.drop, t.latency_ratio) for t in first.trials]
+    assert len(second.trials) == 4 and len(calls) == 2
     with pytest.raises(ConfigError, match="another model"):
         ao.tune(_model(seed=1), max_trials=1, **kw)
 
@@ -181,6 +189,18 @@ def test_bad_input_is_refused_with_the_fix():
 def test_ray_requested_but_not_installed_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingDependencyError, match=r"aigc-opt\[ray\]"):
+        ao.tune(_model(), executor="ray", space=SMALL, budget="1m")
+
+
+def test_ray_without_a_reachable_cluster_says_how_to_start_one(monkeypatch):
+    ray = pytest.importorskip("ray")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    with pytest.raises(ConfigError, match=r"ray\.init\(address=\.\.\.\).*ray start --head"):
         ao.tune(_model(), executor="ray", space=SMALL, budget="1m")
 
 

@@ -27,7 +27,7 @@ from ..pipeline import Pipeline
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["EvalContext", "evaluate", "build", "metric_of", "timing_lock", "LOCK_ENV"]
+__all__ = ["EvalContext", "evaluate", "build", "metric_of", "timing_lock", "LOCK_ENV", "RUNTIME_INPUTS"]
 
 # Where the per-node lock lives (one file per machine: every tune on the node shares it).
 LOCK_ENV = "AIGC_OPT_TUNE_LOCK"
@@ -66,14 +66,20 @@ def timing_lock(exclusive: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# Which of the tune's run-time inputs each pass type takes (a pass not named takes none; Prune's
+# data= is for Taylor importance only, and refused otherwise): calibration batches for Quantize,
+# training batches and the teacher for Distill. ``EvalContext.runtime`` adds to or overrides these.
+RUNTIME_INPUTS: dict[str, tuple[str, ...]] = {"Quantize": ("data",), "Distill": ("data", "teacher")}
+
+
 def with_runtime(passes: tuple[Pass, ...], ctx: EvalContext) -> tuple[Pass, ...]:
-    """The passes with their run-time settings (data, teacher, eval_fn) filled where they have
-    such a field: calibration and distillation data, the teacher, and for a Quantize with
-    ``max_drop`` the eval function of its accuracy-aware fallback."""
+    """The passes with their run-time settings filled (see ``RUNTIME_INPUTS``), and for a Quantize
+    with ``max_drop`` the eval function of its accuracy-aware fallback."""
     out = []
     for p in passes:
         runtime = {f.name for f in dataclasses.fields(p) if f.metadata.get("runtime")}
-        values = {"data": ctx.data, "teacher": ctx.teacher}
+        takes = RUNTIME_INPUTS.get(type(p).__name__, ())
+        values = {k: v for k, v in (("data", ctx.data), ("teacher", ctx.teacher)) if k in takes}
         if getattr(p, "max_drop", None) is not None:
             values["eval_fn"] = ctx.eval_fn
         values.update(ctx.runtime.get(type(p).__name__, {}))

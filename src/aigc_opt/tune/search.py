@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .evaluate import EvalContext, build, evaluate, metric_of
 from .executors import make_executor
 from .result import Trial, TuneResult
 from .space import Candidates, Space, build_candidates, recipe_key
-from .study import coverage_params, fingerprint, open_study, parse_budget, stored_outcomes, suggest, tell
+from .study import all_params, coverage_params, fingerprint, open_study, parse_budget, stored_outcomes, suggest, tell
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -117,7 +118,7 @@ class Tune:
         ctx.keep_model = bool(getattr(executor, "keeps_models", False))
         study = open_study(self.storage, fingerprint(base, batches), seed=self.seed)
         search = _Search(study, cands, executor, base, ctx, deadline=start + budget_s, min_trial=min_trial,
-                         max_trials=self.max_trials, verbose=self.verbose)
+                         max_trials=self.max_trials, verbose=self.verbose, seed=self.seed)
         search.loop()
         result = TuneResult(
             model_name=base.name, target=base.target.name, metric_name="eval_fn" if eval_fn else "cosine",
@@ -159,7 +160,7 @@ class _Search:
     ``max_trials`` or the space runs out."""
 
     def __init__(self, study: Any, cands: Candidates, executor: Any, base: Model, ctx: EvalContext, *,
-                 deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None):
+                 deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None, seed: int = 0):
         self.study, self.cands, self.executor, self.ctx = study, cands, executor, ctx
         self.deadline, self.min_trial, self.max_trials, self.verbose = deadline, min_trial, max_trials, verbose
         self.known = stored_outcomes(study)
@@ -168,6 +169,7 @@ class _Search:
         self.kept: tuple[str, Any] | None = None  # (recipe key, Model) of the best so far, local runs
         self.stop_reason = ""
         self.refs = (executor.put(base), executor.put(ctx))
+        self.rng = random.Random(seed)
         for params in coverage_params(cands):
             if not any(t.params.get("route") == params["route"] for t in study.get_trials(deepcopy=False)):
                 study.enqueue_trial(params, skip_if_exists=True)
@@ -184,7 +186,7 @@ class _Search:
     def loop(self) -> None:
         in_flight: dict[Any, tuple[Any, str, list[dict[str, Any]]]] = {}
         bar = progress_bar(self.max_trials, desc="tune", unit="trial", verbose=self.verbose)
-        repeats = 0
+        repeats, reason, trial = 0, None, None
         try:
             while True:
                 while len(in_flight) < self.executor.parallel and not (reason := self._stop()):
@@ -204,10 +206,12 @@ class _Search:
                         if repeats > _MAX_REPEATS:
                             reason = "the sampler kept repeating finished recipes"
                             break
+                        self._enqueue_untried(in_flight)  # TPE narrows hard on categoricals: go elsewhere
                         continue
                     repeats = 0
-                    future = self.executor.submit(evaluate, *self.refs[:1], passes, self.refs[1])
+                    future = self.executor.submit(evaluate, *self.refs[:1], passes, self.refs[1])  # local: runs it
                     in_flight[future] = (trial, key, plain)
+                    trial = None
                 if not in_flight:
                     self.stop_reason = reason or "stopped"
                     return
@@ -216,15 +220,28 @@ class _Search:
                     self._record(trial, key, plain, self.executor.result(future), bar)
         except BaseException:  # Ctrl-C or an error here: trials in flight are failed, finished ones stay stored
             self.executor.cancel(list(in_flight))
-            for trial, key, plain in in_flight.values():
+            fail = require("optuna", extra="tune", purpose="ao.tune").trial.TrialState.FAIL
+            for running in [*(t for t, _, _ in in_flight.values()), *([trial] if trial is not None else [])]:
                 try:
-                    self.study.tell(trial, state=require("optuna", extra="tune", purpose="ao.tune").trial.TrialState.FAIL)
-                except Exception:  # storage gone: nothing more to save
+                    self.study.tell(running, state=fail)
+                except Exception:  # already told, or the storage is gone: nothing more to save
                     pass
             raise
         finally:
             if bar is not None:
                 bar.close()
+
+    def _enqueue_untried(self, in_flight: dict[Any, Any]) -> None:
+        """After the sampler proposed a finished recipe, queue one not tried yet (seeded random)."""
+        running = {k for _, k, _ in in_flight.values()}
+        untried = []
+        for params in all_params(self.cands):
+            variants = _variants_of(self.cands, params)
+            key = recipe_key(tuple(p for v in variants for p in v.passes))
+            if key not in self.known and key not in running and key != recipe_key(()):
+                untried.append(params)
+        if untried:
+            self.study.enqueue_trial(self.rng.choice(untried))
 
     def _record(self, trial: Any, key: str, plain: list[dict[str, Any]], outcome: dict[str, Any], bar: Any) -> None:
         model = outcome.pop("model", None)
@@ -247,6 +264,20 @@ class _Search:
     def trials(self) -> list[Trial]:
         return sorted((Trial.from_outcome(n, key, plain, outcome, reused=key in self.reused)
                        for key, (n, plain, outcome) in self.known.items()), key=lambda t: t.number)
+
+
+class _FixedTrial:
+    """Reads a recipe's parameters back through :func:`suggest`."""
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.params[name]
+
+
+def _variants_of(cands: Candidates, params: dict[str, Any]) -> tuple[Any, ...]:
+    return suggest(_FixedTrial(params), cands)
 
 
 def _retarget(model: Model, target: Any) -> Model:

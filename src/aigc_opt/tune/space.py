@@ -65,8 +65,10 @@ class Space:
             followed by ``Distill`` back to the original), else none (pruning alone rarely keeps
             accuracy); ``()``: never prune.
         options: per pass type, the values to try for its settings, e.g.
-            ``{"Quantize": {"per_channel": (True, False)}, "Compile": {"mode": ("default", "max-autotune")}}``;
-            None: per-channel on/off, and shape policies when the workload's shapes vary.
+            ``{"Quantize": {"per_channel": (True, False)}, "Compile": {"mode": ("default", "max-autotune")},
+            "Distill": {"lr": (2e-3,)}}`` (replaces the defaults); None: per-channel on/off, and
+            shape policies when the workload's shapes vary. A setting the Pass has no field for, or a
+            value a method does not honour, is refused with its reason.
         distill_epochs: epochs of ``Distill`` after each Prune.
         quant_fallback: also try each quantize method with ``max_drop`` (layers kept in float,
             most sensitive first, until within the budget; needs ``eval_fn``).
@@ -197,11 +199,12 @@ def _build_candidates(space: Space, model: Model, target: Target, *, have_data: 
     if space.prune is None and not have_data:
         refused.append(("Prune", "no data= to distill the pruned model back with; give data= (and teacher=), "
                                  "or space=Space(prune=(0.3,)) to try pruning alone"))
+    distills = _variants(Distill, None, {"epochs": (space.distill_epochs,), **options.get("Distill", {})}, refused)
     for r in ratios:
-        passes = (Prune(r),) + ((Distill(epochs=space.distill_epochs),) if have_data else ())
-        v = Variant(f"{r:g}", passes)
-        if ok(passes[:1], recipe_key(passes)):
-            prune.append(v)
+        for distill in (distills if have_data else [None]):
+            passes = (Prune(r),) + ((distill,) if distill is not None else ())
+            if ok(passes[:1], recipe_key(passes)):
+                prune.append(Variant(recipe_key(passes), passes))
     routes: dict[str, Variant] = {}
     for r in (space.routes if space.routes is not None else (NONE, *EXPORTERS.names())):
         v = Variant(r, () if r == NONE else (Export(r),))
@@ -242,7 +245,7 @@ def _options(space: Space, varied_shapes: bool) -> dict[str, dict[str, tuple[Any
     return out
 
 
-def _variants(cls: type[Pass], first: str, options: Mapping[str, tuple[Any, ...]], refused: list[tuple[str, str]],
+def _variants(cls: type[Pass], first: str | None, options: Mapping[str, tuple[Any, ...]], refused: list[tuple[str, str]],
               extra: tuple[dict[str, Any], ...] = ()) -> list[Pass]:
     """``cls(first, **combo)`` for every combination of the option values ``cls`` has a field for
     (defaults first), plus one per ``extra`` settings; a combination its constructor refuses is skipped."""
@@ -255,7 +258,7 @@ def _variants(cls: type[Pass], first: str, options: Mapping[str, tuple[Any, ...]
     out: list[Pass] = []
     for combo in combos or [{}]:
         try:
-            p = cls(first, **combo)
+            p = cls(first, **combo) if first is not None else cls(**combo)
         except (AigcOptError, TypeError, ValueError) as e:
             refused.append((f"{cls.__name__}({first}, {combo})", _first_line(e)))
             continue

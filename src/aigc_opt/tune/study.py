@@ -123,6 +123,18 @@ def _pick(trial: Any, name: str, variants: list[Variant]) -> Variant:
     return next(v for v in variants if v.label == label)
 
 
+def all_params(cands: Candidates) -> list[dict[str, Any]]:
+    """Every recipe of the space as the parameters :func:`suggest` reads (stages with one
+    variant take no parameter)."""
+    out = []
+    prunes = [{"prune": v.label} if len(cands.prune) > 1 else {} for v in cands.prune]
+    for r in cands.routes:
+        quants = [{f"quantize|{r}": v.label} if len(cands.quantize[r]) > 1 else {} for v in cands.quantize[r]]
+        comps = [{f"compile|{r}": v.label} if len(cands.compile[r]) > 1 else {} for v in cands.compile[r]]
+        out += [{**p, "route": r, **q, **c} for p in prunes for q in quants for c in comps]
+    return out
+
+
 def coverage_params(cands: Candidates) -> list[dict[str, Any]]:
     """First trials: each route once with its first compile backend, so the sampler sees every
     route before it narrows (quantize and prune are sampled)."""
