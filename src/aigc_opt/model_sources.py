@@ -20,3 +20,20 @@ from ._registry import Registry
 __all__ = ["MODEL_SOURCES"]
 
 MODEL_SOURCES: Registry[Callable[..., Any]] = Registry("model source")
+
+
+def _lazy_source(module: str, function: str) -> Callable[..., Any]:
+    """A source whose module pulls an optional backend: imported on the first call, so that
+    ``import aigc_opt`` stays light (the name is resolved with importlib: Core imports no front door)."""
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(*args, **kwargs)
+
+    load.__qualname__ = load.__name__ = f"{module}.{function}"
+    return load
+
+
+# Model.from_diffusers (extra [diffusion]): aigc_opt.diffusion imports diffusers only when used.
+MODEL_SOURCES.register("diffusers", _lazy_source("aigc_opt.diffusion", "from_diffusers"))
