@@ -198,3 +198,43 @@ def test_missing_openvino_names_the_pip_line(monkeypatch):
     model = ao.Model(torch.nn.Linear(4, 2), example_inputs=(torch.randn(2, 4),), target="host")
     with pytest.raises(MissingDependencyError, match=r'pip install "aigc-opt\[openvino\]"'):
         ao.export(model, "openvino")
+
+
+@needs_openvino
+def test_static_shapes_compile_for_the_example_and_count_new_shapes(exported, tmp_path):
+    base, ov = exported
+    static = ao.compile(ov, "openvino", shapes="static", precision="f32")
+    details = static.history[-1].details
+    assert details["static_shapes"] == [[4, 16], [4, 16]] and details["recompiles_after_compile"] == 0
+    inputs = batch(4, 16, seed=11)
+    torch.testing.assert_close(static(**inputs), base(**inputs), atol=1e-4, rtol=1e-3)
+    assert static.artifact.recompiles == 0
+    other = batch(2, 9, seed=12)  # another shape: compiled for it, counted, still right
+    torch.testing.assert_close(static(**other), base(**other), atol=1e-4, rtol=1e-3)
+    assert static.artifact.recompiles == 1 and static.artifact.recompile_seconds > 0
+    static(**batch(2, 9, seed=13))
+    assert static.artifact.recompiles == 1  # that shape is kept
+    static.save(tmp_path / "s")
+    loaded = ao.Model.load(tmp_path / "s")
+    assert loaded.artifact.static_shapes == ((4, 16), (4, 16))
+    with pytest.raises(ConfigError, match="buckets"):
+        ao.compile(ov, "openvino", shapes="buckets")
+
+
+@needs_openvino
+def test_int8_static_accuracy_control_honours_max_drop(exported):
+    base, ov = exported
+    calib = [batch(4, 16, seed=s) for s in range(4)]
+    held_out = [batch(4, 16, seed=100 + s) for s in range(2)]
+    with torch.inference_mode():
+        want = [base(**b) for b in held_out]
+
+    def mean_cosine(m):  # higher is better; 1.0 for the float model
+        return float(torch.cat([cosine(m(**b), w) for b, w in zip(held_out, want)]).mean())
+
+    q = ao.quantize(ov, "int8-static", data=calib, eval_fn=mean_cosine, max_drop=0.002)
+    control = q.history[-1].details["accuracy_control"]
+    assert control["drop"] <= 0.002 and control["metric_float"] == pytest.approx(1.0, abs=1e-4)
+    assert mean_cosine(q) >= control["metric_float"] - 0.002 - 1e-6
+    with pytest.raises(ConfigError, match="max_drop"):
+        ao.quantize(ov, "int8-static", data=calib, eval_fn=mean_cosine)

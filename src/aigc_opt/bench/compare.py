@@ -254,7 +254,7 @@ def _recompiles(model: Model, since: tuple[int, float] | None = None) -> tuple[i
     """(graphs compiled by calls, seconds those calls took) of a model that counts them (a compiled
     model with a shape policy keeps ``recompiles`` / ``recompile_seconds``), minus ``since``."""
     artifact = model.artifact
-    if not hasattr(artifact, "recompiles"):
+    if getattr(artifact, "recompiles", None) is None:
         return None
     now = (int(artifact.recompiles), float(getattr(artifact, "recompile_seconds", 0.0)))
     return now if since is None else (now[0] - since[0], now[1] - since[1])

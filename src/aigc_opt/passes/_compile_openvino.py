@@ -6,6 +6,11 @@ sees that device), threads from its cores, and the precision hint from its featu
 CPUs with AVX512-BF16 or AMX (OpenVINO's own default there), ``f16`` on GPUs and NPUs, ``f32``
 otherwise. All three are recorded; the runtime compiles with the LATENCY hint and without CPU
 pinning (see :mod:`aigc_opt.runtime.openvino`).
+
+``shapes``: None or ``"dynamic"`` (default) compiles the IR's dynamic axes once; ``"static"``
+reshapes it to the example inputs' shapes first (a call with other shapes compiles for those,
+counted as recompiles in the model and in ``ao.compare``'s report). Static shapes pay off where
+every call has one shape (a server padding to a fixed length); for text of every length, dynamic.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._deps import require
-from ..errors import IncompatibleTargetError
+from ..errors import ConfigError, IncompatibleTargetError
 from .compile import COMPILE_BACKENDS, Compile, CompileBackend
 
 if TYPE_CHECKING:
@@ -61,6 +66,9 @@ def openvino_precision(settings: Compile, target: Target, device: str) -> str:
 
 
 def _check_openvino(settings: Compile, target: Target) -> None:
+    if settings.shapes == "buckets":
+        raise ConfigError("Compile('openvino', shapes='buckets'): OpenVINO runs every length on one dynamic "
+                          "compile; use shapes='dynamic' (default) or 'static' (the example's shape).")
     device = openvino_device(settings, target)  # before the import: a wrong target is said first
     ov = require("openvino", extra="openvino", purpose="Compile('openvino')")
     if device != "CPU" and not any(d.startswith(device) for d in ov.Core().available_devices):
@@ -73,22 +81,42 @@ def _run_openvino(model: Model, settings: Compile) -> tuple[Any, dict[str, Any]]
     device = openvino_device(settings, model.target)
     precision = openvino_precision(settings, model.target, device)
     threads = settings.threads or (model.target.cores if device == "CPU" else None) or 0
-    artifact = model.artifact.with_settings(device=device, threads=threads, precision=precision)
+    static = _static_shapes(model) if settings.shapes == "static" else None
+    artifact = model.artifact.with_settings(device=device, threads=threads, precision=precision,
+                                            static_shapes=static)
     start = time.perf_counter()
     artifact.compiled()
     details: dict[str, Any] = {"backend": "openvino", "device": device, "threads": threads, "precision": precision,
                                "config": artifact.config(), "compile_seconds": round(time.perf_counter() - start, 3)}
+    if static is not None:
+        details.update(shapes="static", static_shapes=[list(s) for s in static])
     if model.example_inputs is not None:
         from ..runtime import runtime_for
 
         start = time.perf_counter()
         runtime_for("openvino").run(artifact, model.example_inputs)
         details["first_call_seconds"] = round(time.perf_counter() - start, 4)
+    if static is not None:
+        details["recompiles_after_compile"] = artifact.recompiles
     return artifact, details
+
+
+def _static_shapes(model: Model) -> tuple[tuple[int, ...], ...]:
+    """The example inputs' shapes in the IR's input order (ConfigError without example inputs)."""
+    from .._tree import flatten_tensors, split_inputs
+
+    if model.example_inputs is None:
+        raise ConfigError(f"Compile('openvino', shapes='static') compiles for the example inputs' shapes, and "
+                          f"{model.name} has none; build the Model with example_inputs= or use shapes='dynamic'.")
+    names = [port.get_any_name() for port in model.artifact.ov_model().inputs]
+    _, kwargs = split_inputs(model.example_inputs)
+    if kwargs and set(kwargs) == set(names):
+        return tuple(tuple(kwargs[n].shape) for n in names)
+    return tuple(tuple(t.shape) for t in flatten_tensors(model.example_inputs).values())
 
 
 COMPILE_BACKENDS.register("openvino", CompileBackend(
     name="openvino", check=_check_openvino, build=lambda artifact, settings: artifact, run=_run_openvino,
-    formats=("openvino",), output_format="openvino", settings=("threads", "device", "precision"),
+    formats=("openvino",), output_format="openvino", settings=("threads", "device", "precision", "shapes"),
     description="OpenVINO compiled model (CPU; Intel GPU/NPU targets), precision hint from the target",
 ))

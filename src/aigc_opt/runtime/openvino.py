@@ -34,12 +34,14 @@ from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
 from .base import RUNTIMES, BuildOnceCache
 
-__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "compile_config", "openvino_core"]
+__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES",
+           "compile_config", "openvino_core"]
 
 # The devices and precision hints a saved model may name (anything else is refused on load).
 OV_DEVICES = ("CPU", "GPU", "NPU")
 OV_PRECISIONS = ("f32", "bf16", "f16")
 _MAX_THREADS = 4096
+MAX_STATIC_SHAPES = 8  # static compiles per artifact; past them, one dynamic compile serves the rest
 
 
 def compile_config(device: str, threads: int, precision: str | None) -> dict[str, str]:
@@ -70,7 +72,7 @@ class _CompiledCache(BuildOnceCache):
     a copy or an artifact with other settings builds its own), and the IR as an in-memory
     ``openvino.Model`` (read once; the pass that wrote the IR hands it over, saving a read)."""
 
-    __slots__ = ("compiled", "request", "inputs", "model")
+    __slots__ = ("compiled", "request", "inputs", "model", "by_shape", "recompiles", "recompile_seconds")
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +80,10 @@ class _CompiledCache(BuildOnceCache):
         self.request: Any = None
         self.inputs: list[tuple[str, int]] | None = None
         self.model: Any = None
+        # static shapes: (compiled, request) per input shapes; compiles after the first counted
+        self.by_shape: dict[Any, tuple[Any, Any]] = {}
+        self.recompiles = 0
+        self.recompile_seconds = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +98,12 @@ class OpenVINOArtifact:
         precision: ``INFERENCE_PRECISION_HINT`` (``"f32"``, ``"bf16"``, ``"f16"``); None: OpenVINO's
             default for the device (bf16 on CPUs with AVX512-BF16 or AMX).
         owns_dir: delete ``path.parent`` when the artifact is garbage-collected.
+        static_shapes: None (default): compiled once with the IR's dynamic axes. Otherwise the
+            shape of each input (in the model's input order) to compile for first: the IR is
+            reshaped to fixed sizes, which spares OpenVINO shape inference and kernel selection
+            per call; a call with other shapes compiles for those too (counted in
+            :attr:`recompiles`), up to ``MAX_STATIC_SHAPES``, after which one dynamic compile
+            serves every other shape.
     """
 
     path: Path
@@ -100,6 +112,7 @@ class OpenVINOArtifact:
     threads: int = 0
     precision: str | None = "f32"
     owns_dir: bool = False
+    static_shapes: tuple[tuple[int, ...], ...] | None = None
     _cache: _CompiledCache = field(default_factory=_CompiledCache, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +138,17 @@ class OpenVINOArtifact:
         new._cache.model = self._cache.model  # same IR: no second read (compile_model copies it)
         return new
 
+    def with_compiled(self, compiled: Any) -> OpenVINOArtifact:
+        """This artifact's settings and output structure around an already compiled model (e.g.
+        a candidate NNCF compiled while searching): calls run ``compiled``; for evaluation only,
+        as its files are still this artifact's."""
+        new = self.with_settings()
+        cache = new._cache
+        cache.inputs = [(port.get_any_name(), port.get_partial_shape().rank.get_length()) for port in compiled.inputs]
+        cache.request = compiled.create_infer_request()
+        cache.compiled = compiled
+        return new
+
     def keep_model(self, model: Any) -> OpenVINOArtifact:
         """Hold ``model`` (the ``openvino.Model`` just saved to :attr:`path`) in memory, so the
         next pass and the compile need not read the files back. Returns self."""
@@ -148,19 +172,53 @@ class OpenVINOArtifact:
         cache = self._cache
         if cache.compiled is not None:
             return cache.compiled
-        model = self.ov_model()
+        self.ov_model()
         with cache.lock:
             if cache.compiled is None:
-                compiled = openvino_core().compile_model(model, self.device, self.config())
+                compiled = self._compile_for(self.static_shapes)
                 cache.inputs = [(port.get_any_name(), port.get_partial_shape().rank.get_length())
                                 for port in compiled.inputs]
                 cache.request = compiled.create_infer_request()
+                if self.static_shapes is not None:
+                    cache.by_shape[self.static_shapes] = (compiled, cache.request)
                 cache.compiled = compiled
         return cache.compiled
 
     def declared_inputs(self) -> list[tuple[str, int]]:
         self.compiled()
         return self._cache.inputs  # type: ignore[return-value]
+
+    @property
+    def recompiles(self) -> int | None:
+        """Compiles that calls with new shapes caused (static shapes; None for dynamic ones)."""
+        return None if self.static_shapes is None else self._cache.recompiles
+
+    @property
+    def recompile_seconds(self) -> float | None:
+        return None if self.static_shapes is None else self._cache.recompile_seconds
+
+    def _compile_for(self, shapes: tuple[tuple[int, ...], ...] | None) -> Any:
+        model = self.ov_model()
+        if shapes is not None:
+            model = model.clone()
+            model.reshape({port.get_any_name(): list(shape) for port, shape in zip(model.inputs, shapes)})
+        return openvino_core().compile_model(model, self.device, self.config())
+
+    def request_for(self, shapes: tuple[tuple[int, ...], ...]) -> tuple[Any, Any]:
+        """(compiled model, infer request) for inputs of ``shapes``; call with ``_cache.lock`` held."""
+        cache = self._cache
+        if self.static_shapes is None:
+            return cache.compiled, cache.request
+        key = shapes if shapes in cache.by_shape or len(cache.by_shape) < MAX_STATIC_SHAPES else None
+        if key not in cache.by_shape:
+            import time
+
+            start = time.perf_counter()
+            compiled = self._compile_for(key)
+            cache.by_shape[key] = (compiled, compiled.create_infer_request())
+            cache.recompiles += 1
+            cache.recompile_seconds += time.perf_counter() - start
+        return cache.by_shape[key]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -191,15 +249,16 @@ class OpenVINORuntime:
                                         f"OpenVINO model expects rank {rank}.")
             feed[name] = array
         cache = artifact._cache
-        with cache.lock:  # one infer request per artifact: calls from several threads take turns
+        with cache.lock:  # one infer request per compiled shape: calls from several threads take turns
             try:
-                cache.request.infer(feed)
+                compiled, request = artifact.request_for(tuple(tuple(a.shape) for a in feed.values()))
+                request.infer(feed)
             except RuntimeError as e:
                 got = ", ".join(f"{n}: {tuple(a.shape)} {a.dtype}" for n, a in feed.items())
                 raise InvalidInputError(f"OpenVINO refused the inputs {{{got}}}: "
                                         f"{str(e).strip().splitlines()[0][:300]}") from e
-            outputs = [torch.from_numpy(np.array(cache.request.get_output_tensor(i).data))
-                       for i in range(len(cache.compiled.outputs))]
+            outputs = [torch.from_numpy(np.array(request.get_output_tensor(i).data))
+                       for i in range(len(compiled.outputs))]
         if artifact.output_spec is not None:
             import torch.utils._pytree as pytree
 
@@ -230,8 +289,11 @@ class OpenVINORuntime:
     def save(self, artifact: OpenVINOArtifact, directory: Path) -> dict[str, Any]:
         shutil.copyfile(artifact.path, directory / "model.xml")
         shutil.copyfile(artifact.weights, directory / "model.bin")
-        return {"file": "model.xml", "weights": "model.bin", "output_spec": artifact.output_spec,
+        meta = {"file": "model.xml", "weights": "model.bin", "output_spec": artifact.output_spec,
                 "device": artifact.device, "threads": artifact.threads, "precision": artifact.precision}
+        if artifact.static_shapes is not None:
+            meta["static_shapes"] = [list(s) for s in artifact.static_shapes]
+        return meta
 
     def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
              trust: bool = False) -> OpenVINOArtifact:
@@ -256,7 +318,20 @@ class OpenVINORuntime:
         spec = meta.get("output_spec")
         if not isinstance(spec, (str, type(None))):
             raise IntegrityError(f"The manifest of {str(directory)!r} has output_spec of type {type(spec).__name__}.")
-        return OpenVINOArtifact(path=path, output_spec=spec, device=device, threads=threads, precision=precision)
+        return OpenVINOArtifact(path=path, output_spec=spec, device=device, threads=threads, precision=precision,
+                                static_shapes=_checked_shapes(meta.get("static_shapes"), directory))
+
+
+def _checked_shapes(value: Any, directory: Path) -> tuple[tuple[int, ...], ...] | None:
+    """A manifest's ``static_shapes``: None, or a short list of short lists of sizes."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= 64 or not all(
+            isinstance(s, list) and len(s) <= 8 and all(isinstance(d, int) and not isinstance(d, bool)
+                                                         and 1 <= d <= 1 << 31 for d in s) for s in value):
+        raise IntegrityError(f"The manifest of {str(directory)!r} has static_shapes {value!r:.80}; expected a "
+                             "list (one per input) of lists of sizes.")
+    return tuple(tuple(s) for s in value)
 
 
 RUNTIMES.register("openvino", OpenVINORuntime())
