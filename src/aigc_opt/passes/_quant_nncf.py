@@ -2,7 +2,10 @@
 
 - ``int8-static``: ``nncf.quantize`` on the calibration batches (``data=``), with
   ``ModelType.TRANSFORMER`` when the graph has attention (Softmax), which makes NNCF keep the
-  precision-sensitive ops in float and apply SmoothQuant (alpha 0.95 on MatMuls) first.
+  precision-sensitive ops in float and apply SmoothQuant (alpha 0.95 on MatMuls) first. With
+  ``max_drop`` and ``eval_fn``: ``nncf.quantize_with_accuracy_control``, which returns quantized
+  groups to float, most harmful first, until ``eval_fn`` is within ``max_drop`` of the float
+  model's (absolute drop); FidelityError if even that does not get there.
 - ``int8-weight-only`` / ``int4-weight-only``: ``nncf.compress_weights`` (INT8_ASYM; INT4_SYM with
   ``group_size``, default 128; NNCF keeps the embeddings and the last layer in int8).
 
@@ -34,8 +37,8 @@ __all__ = ["NNCF_METHODS", "check_openvino", "check_openvino_model", "quantize_o
 _ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})
 
 # The options each NNCF method honours (besides skip).
-_OPTIONS = {"int8-static": ("calibration_method",), "int8-weight-only": (), "int4-weight-only": ("group_size",
-                                                                                                  "symmetric")}
+_OPTIONS = {"int8-static": ("calibration_method", "max_drop"), "int8-weight-only": (),
+            "int4-weight-only": ("group_size", "symmetric")}
 
 
 def check_openvino(settings: Quantize, target: Target) -> None:
@@ -56,9 +59,9 @@ def check_openvino(settings: Quantize, target: Target) -> None:
 
 
 def check_openvino_model(settings: Quantize, model: Model) -> None:
-    if settings.eval_fn is not None:
-        raise ConfigError("Quantize on an OpenVINO model does not take eval_fn yet; quantize the torch model "
-                          "with eval_fn/max_drop, or check the result with ao.compare.")
+    if settings.eval_fn is not None and settings.max_drop is None:
+        raise ConfigError("Quantize on an OpenVINO model uses eval_fn for accuracy control only: give max_drop= "
+                          "too (the largest allowed drop of eval_fn's metric), or check the result with ao.compare.")
     if settings.method == "int8-static" and settings.data is None:
         raise ConfigError("Quantize(method='int8-static') calibrates activation ranges and needs data=: a list "
                           "of batches, each given as the model is called (dict or tuple), e.g. 8-32 batches.")
@@ -82,7 +85,7 @@ def _feed(names: list[str]) -> Callable[[Any], dict[str, np.ndarray]]:
     return transform
 
 
-def _int8_static(ov_model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+def _int8_static(ov_model: Any, settings: Quantize, model: Model) -> tuple[Any, dict[str, Any]]:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
@@ -93,18 +96,49 @@ def _int8_static(ov_model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]
     ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE,
               "entropy": RangeEstimatorParametersSet.MEAN_MINMAX}[settings.calibration_method]
     advanced = AdvancedQuantizationParameters(activations_range_estimator_params=ranges)
-    quantized = nncf.quantize(
-        ov_model, nncf.Dataset(data, _feed(names)), subset_size=len(data),
-        model_type=nncf.ModelType.TRANSFORMER if transformer else None,
-        preset=nncf.QuantizationPreset.MIXED if transformer else None,
-        ignored_scope=_ignored(settings), advanced_parameters=advanced)
-    return quantized, {"model_type": "TRANSFORMER" if transformer else "default",
-                       "smooth_quant": transformer, "calibration_batches": len(data),
-                       "calibration_method": settings.calibration_method}
+    common = {"subset_size": len(data), "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
+              "preset": nncf.QuantizationPreset.MIXED if transformer else None, "ignored_scope": _ignored(settings)}
+    details: dict[str, Any] = {"model_type": "TRANSFORMER" if transformer else "default", "smooth_quant": transformer,
+                               "calibration_batches": len(data), "calibration_method": settings.calibration_method}
+    dataset = nncf.Dataset(data, _feed(names))
+    if settings.max_drop is None:
+        return nncf.quantize(ov_model, dataset, advanced_parameters=advanced, **common), details
+    quantized, details["accuracy_control"] = _within_drop(ov_model, dataset, settings, model, advanced, common)
+    return quantized, details
 
 
-def _weights(mode_name: str) -> Callable[[Any, Quantize], tuple[Any, dict[str, Any]]]:
-    def compress(ov_model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+def _within_drop(ov_model: Any, dataset: Any, settings: Quantize, model: Model, advanced: Any,
+                 common: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``nncf.quantize_with_accuracy_control`` with ``eval_fn`` as its metric, then the drop checked."""
+    import nncf
+
+    from ..errors import FidelityError
+    from ..runtime.openvino import openvino_core
+
+    source = model.artifact
+
+    def metric(compiled: Any) -> float:
+        return float(settings.eval_fn(model.derive(source.with_compiled(compiled))))  # type: ignore[misc]
+
+    quantized = nncf.quantize_with_accuracy_control(
+        ov_model, dataset, nncf.Dataset([0]), lambda compiled, _items: (metric(compiled), None),
+        max_drop=settings.max_drop, drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced,
+        **common)
+    before = metric(openvino_core().compile_model(ov_model, source.device, source.config()))
+    after = metric(openvino_core().compile_model(quantized, source.device, source.config()))
+    report = {"max_drop": settings.max_drop, "metric_float": before, "metric_quantized": after,
+              "drop": before - after,
+              "quantizers": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())}
+    if before - after > settings.max_drop:  # type: ignore[operator]
+        raise FidelityError(f"Quantize('int8-static', max_drop={settings.max_drop}) on an OpenVINO model: NNCF's "
+                            f"accuracy control reached metric {after:.6g} from {before:.6g} (drop {before - after:.4g}"
+                            f" > {settings.max_drop}). Allow a larger max_drop, or keep the model in float.")
+    return quantized, report
+
+
+
+def _weights(mode_name: str) -> Callable[[Any, Quantize, Model], tuple[Any, dict[str, Any]]]:
+    def compress(ov_model: Any, settings: Quantize, model: Model) -> tuple[Any, dict[str, Any]]:
         import nncf
 
         options: dict[str, Any] = {}
@@ -119,7 +153,7 @@ def _weights(mode_name: str) -> Callable[[Any, Quantize], tuple[Any, dict[str, A
     return compress
 
 
-NNCF_METHODS: dict[str, Callable[[Any, Quantize], tuple[Any, dict[str, Any]]]] = {
+NNCF_METHODS: dict[str, Callable[[Any, Quantize, Model], tuple[Any, dict[str, Any]]]] = {
     "int8-static": _int8_static,
     "int8-weight-only": _weights("INT8_ASYM"),
     "int4-weight-only": _weights("INT4_SYM"),
@@ -138,7 +172,7 @@ def quantize_openvino(model: Model, settings: Quantize) -> tuple[Any, dict[str, 
     start = time.perf_counter()
     with quiet_import_logs("nncf"):
         logging.getLogger("nncf").setLevel(logging.ERROR)
-        quantized, details = NNCF_METHODS[settings.method](ov_model, settings)
+        quantized, details = NNCF_METHODS[settings.method](ov_model, settings, model)
     workdir = new_workdir("openvino")
     path = workdir / "model.xml"
     ov.save_model(quantized, str(path), compress_to_fp16=False)
