@@ -171,7 +171,7 @@ def test_ray_serve_load_loop_loses_and_duplicates_nothing(served):
     print(f"serve: 200 requests, 16 clients: p50 {p50:.1f} ms, p99 {p99:.1f} ms, {200 / wall:.0f} req/s")
     assert p50 <= p99
     snap = app.monitor.snapshot()  # the replica pushes at least every 0.5 s; /metrics pushes now
-    with urllib.request.urlopen(f"{app.url}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"{app.url}/predict/metrics", timeout=10) as r:
         text = r.read().decode()
     calls = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("aigc_opt_rows_total")))
     assert calls >= 200
@@ -199,18 +199,76 @@ def test_ray_serve_bad_requests_answer_400_with_the_reason(served, body, needle)
 
 def test_ray_serve_health_and_routes(served):
     app, _ = served
-    with urllib.request.urlopen(f"{app.url}/health", timeout=10) as r:
+    with urllib.request.urlopen(f"{app.url}/predict/health", timeout=10) as r:
         health = json.load(r)
     assert health["status"] == "ok" and health["format"] == "torch"
-    status, answer = _post(f"{app.url}/elsewhere", {"inputs": [[0.0] * 32]})
+    status, answer = _post(f"{app.url}/predict/elsewhere", {"inputs": [[0.0] * 32]})
     assert status == 404 and "/predict" in answer["error"]
 
 
 def test_ray_serve_port_in_use_is_a_typed_error(served, saved):
+    with socket.socket() as other:  # another program listening there
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} .* is in use"):
+            ao.deploy.ray_serve(saved[0] / "mlp", route="/other", trust=True).run(port=port)
+
+
+def tiny_bert(tmp_path):
+    """A small BERT sentence embedder with MiniLM's vocabulary, saved: it loads without trust."""
+    transformers = pytest.importorskip("transformers")
+    from aigc_opt.demo import minilm_dir
+    from aigc_opt.hf import SentenceEmbedder, tokenize
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    model = ao.Model(SentenceEmbedder(transformers.BertModel(config)).eval(),
+                     example_inputs=tokenize(tok, ["a b", "c d e"], seq_len=8), name="tiny-bert")
+    model.save(tmp_path / "bert")
+    return model, tok, minilm_dir()
+
+
+TEXTS = ["The cat sat on the mat.", "Ray Serve batches requests.", "short", "A longer sentence, with more tokens in it."]
+
+
+def _embed_alone(model, tok, text):
+    enc = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        return model(**{k: enc[k] for k in model.example_inputs})[0].numpy()
+
+
+def test_text_model_served_with_its_tokenizer_beside_another_app(served, tmp_path):
     app, _ = served
-    port = int(app.url.rsplit(":", 1)[1])
-    with pytest.raises(ConfigError, match=f"port {port} .* is in use"):
-        ao.deploy.ray_serve(saved[0] / "mlp", trust=True).run(port=port)
+    model, tok, tok_dir = tiny_bert(tmp_path)
+    text_app = ao.deploy.ray_serve(tmp_path / "bert", route="/embed", tokenizer=tok_dir, max_batch_size=8)
+    text_app.run(port=int(app.url.rsplit(":", 1)[1]))  # the same Serve instance, its own route
+    try:
+        with ThreadPoolExecutor(4) as pool:  # concurrent: padded together in one batch, cut back apart
+            answers = list(pool.map(lambda t: _post(text_app.endpoint, {"text": t}), TEXTS * 3))
+        for text, (status, body) in zip(TEXTS * 3, answers):
+            assert status == 200, body
+            np.testing.assert_allclose(body["outputs"][0], _embed_alone(model, tok, text), atol=1e-4)
+        status, body = _post(text_app.endpoint, {"texts": TEXTS[:2], "id": "x"})
+        assert status == 200 and body["id"] == "x" and np.asarray(body["outputs"]).shape == (2, 32)
+        status, body = _post(text_app.endpoint, {"texts": [1, 2]})
+        assert status == 400 and "list of strings" in body["error"]
+        assert _post(f"{app.url}/predict", {"inputs": [[0.0] * 32]})[0] == 200  # the first app still serves
+    finally:
+        text_app.shutdown()
+
+
+def test_ray_data_tokenizes_a_text_column_in_the_actors(cluster, tmp_path):
+    model, tok, tok_dir = tiny_bert(tmp_path)
+    ds = ray.data.from_items([{"text": t, "i": i} for i, t in enumerate(TEXTS * 5)])
+    out, mon = ao.deploy.ray_data(tmp_path / "bert", ds, batch_size=4, concurrency=1, text_column="text",
+                                  tokenizer=tok_dir, output_column="embedding")
+    got = sorted(out.take_all(), key=lambda r: r["i"])
+    for row in got:
+        np.testing.assert_allclose(row["embedding"], _embed_alone(model, tok, row["text"]), atol=1e-4)
+    assert mon.snapshot()["rows"] == 20
 
 
 def test_cli_serve_refuses_a_directory_that_does_not_load(tmp_path, capsys):

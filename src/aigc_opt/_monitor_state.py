@@ -50,6 +50,7 @@ class MonitorState:
 
     def __init__(self, drift_window: int) -> None:
         self.lock = threading.Lock()
+        self.wall_offset = time.time() - time.perf_counter()  # perf_counter -> wall clock
         self.calls = 0
         self.rows = 0
         self.errors: dict[str, int] = {}
@@ -74,8 +75,9 @@ class MonitorState:
         self.alert_since: float | None = None
         self.alerts = 0
 
-    def record(self, seconds: float, rows: int, error: str | None = None) -> None:
-        now = time.time()
+    def record(self, seconds: float, rows: int, end: float, error: str | None = None) -> None:
+        """One call: its latency, rows, and ``time.perf_counter()`` at its end."""
+        now = self.wall_offset + end
         with self.lock:
             if self.first is None:
                 self.first = now - seconds

@@ -172,8 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
                     batch_wait_timeout_s=args.batch_wait_ms / 1e3, tokenizer=args.tokenizer,
                     num_replicas=args.replicas, num_cpus=args.num_cpus, trust=args.trust, baseline=args.baseline,
                     sample_rate=args.sample_rate if args.baseline else 0.0, address=args.address)
-    print(f"serving {args.model_dir}: POST http://{args.host}:{args.port}{app.route}, GET /health, GET /metrics "
-          "(Ctrl-C stops)", flush=True)
+    where = f"http://{args.host}:{args.port}{app.route}"
+    print(f"serving {args.model_dir}: POST {where}, GET {where}/health, GET {where}/metrics (Ctrl-C stops)", flush=True)
     try:
         app.run(host=args.host, port=args.port, blocking=True)
     except KeyboardInterrupt:
@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.set_defaults(func=_serve)
 
     monitor_ = sub.add_parser("monitor", help="print a live table of a served model's metrics")
-    monitor_.add_argument("url", nargs="?", default="http://127.0.0.1:8000/metrics",
-                          help="a /metrics endpoint (default: aigc-opt serve's, http://127.0.0.1:8000/metrics)")
+    monitor_.add_argument("url", nargs="?", default="http://127.0.0.1:8000/predict/metrics",
+                          help="a metrics endpoint (default: aigc-opt serve's, http://127.0.0.1:8000/predict/metrics)")
     monitor_.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     monitor_.add_argument("--count", type=int, default=0, help="refreshes before exiting (default: until Ctrl-C)")
     monitor_.set_defaults(func=_monitor)

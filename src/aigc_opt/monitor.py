@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ._checks import check_float, check_int
 from ._monitor_drift import DriftThreshold, drift_summary, threshold_from
 from ._monitor_state import MonitorState, merge_states, summarize
@@ -158,10 +160,11 @@ class Monitor(Readout):
         try:
             out = self.model(*args, **kwargs)
         except Exception as e:
-            self.state.record(time.perf_counter() - start, 0, error=type(e).__name__)
+            end = time.perf_counter()
+            self.state.record(end - start, 0, end, error=type(e).__name__)
             raise
-        seconds = time.perf_counter() - start
-        self.state.record(seconds, batch_size(kwargs if kwargs else args))
+        end = time.perf_counter()
+        self.state.record(end - start, _rows(args, kwargs), end)
         if self.sample_rate and self._rng.random() < self.sample_rate:
             self._check_drift(args, kwargs, out)
         return out
@@ -227,6 +230,14 @@ class Monitor(Readout):
 
 
 _EMPTY_DRIFT = merge_states([], drift_window=1)["drift"]
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The batch size of a call: the first input's leading dimension (fast path for a tensor)."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(first, torch.Tensor):
+        return int(first.shape[0]) if first.dim() else 1
+    return batch_size(kwargs if kwargs else args)
 
 
 def monitor(model: Any, baseline: Any = None, *, threshold: Any = None, sample_rate: float = 0.01,

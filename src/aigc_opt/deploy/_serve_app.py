@@ -2,7 +2,8 @@
 
 One replica holds one loaded Model in a Monitor. ``POST <route>`` takes JSON and answers JSON;
 requests arriving together are run as one batch (``@serve.batch``), grouped by input shape;
-``GET /health`` and ``GET /metrics`` (Prometheus text, aggregated over the replicas) sit beside it.
+``GET <route>/health`` and ``GET <route>/metrics`` (Prometheus text, aggregated over the replicas) sit
+beside it, so several models can share one Serve instance, each under its own route.
 A request that cannot run answers 400 with the reason; nothing answers a stack trace.
 """
 
@@ -59,16 +60,18 @@ class ModelServer:
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
-        if path == "/health" and request.method == "GET":
+        path = request.url.path.rstrip("/")
+        sub = path[len(self.route):] if path.startswith(self.route) else path
+        if sub == "/health" and request.method == "GET":
             await self._push()
             snap = self.monitor.snapshot()
             return JSONResponse({"status": "ok", "model": self.settings.name, "format": self.model.format,
                                  "calls": snap["calls"], "errors": snap["errors"], "drift_alert": snap["drift"]["alert"]})
-        if path == "/metrics" and request.method == "GET":
+        if sub == "/metrics" and request.method == "GET":
             return Response(await self._metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-        if path != self.route:
-            return JSONResponse({"error": f"no route {path!r}; POST {self.route}, GET /health, GET /metrics"}, 404)
+        if sub:
+            return JSONResponse({"error": f"no route {path!r}; POST {self.route}, GET {self.route}/health, "
+                                          f"GET {self.route}/metrics"}, 404)
         if request.method != "POST":
             return JSONResponse({"error": f"{self.route} takes POST with a JSON body"}, 405)
         try:

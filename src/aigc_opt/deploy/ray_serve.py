@@ -23,7 +23,7 @@ class ServeApp:
     """A Serve application for one saved model, built by :func:`ray_serve`.
 
     ``app`` is the Ray Serve Application (``serve.run(app)`` it yourself, or call :meth:`run`);
-    ``monitor`` aggregates the replicas' metrics (also served at ``GET /metrics``).
+    ``monitor`` aggregates the replicas' metrics (also served at ``GET <route>/metrics``).
     """
 
     app: Any
@@ -36,33 +36,48 @@ class ServeApp:
     def run(self, *, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
             timeout_s: float = 120.0) -> ServeApp:
         """Start Serve's HTTP proxy on ``host:port`` and deploy the application; returns when it
-        answers ``GET /health`` (or blocks serving, with ``blocking=True``). A port in use is a
-        ConfigError; so is a Serve instance already running on other HTTP options."""
-        check_port(host, port)
+        answers ``GET <route>/health`` (or blocks serving, with ``blocking=True``). A port another
+        program listens on is a ConfigError; a Serve instance of this Ray cluster already there is
+        shared (each application under its own route)."""
+        self.url = f"http://{host}:{port}"
+        if not self._serve_listens():
+            check_port(host, port)
         connect(self.address, "ao.deploy.ray_serve")
         require_ray("ao.deploy.ray_serve", "ray.serve")
         from ray import serve
 
         serve.start(http_options={"host": host, "port": port})
-        self.url = f"http://{host}:{port}"
-        serve.run(self.app, name=self.name, route_prefix="/", blocking=False)
+        serve.run(self.app, name=self.name, route_prefix=self.route, blocking=False)
         self._wait_ready(timeout_s)
         if blocking:
             while True:  # pragma: no cover - interactive (aigc-opt serve); Ctrl-C ends it
                 time.sleep(3600)
         return self
 
+    @property
+    def endpoint(self) -> str:
+        """``POST`` here: ``http://host:port<route>``."""
+        return f"{self.url}{self.route}"
+
+    def _serve_listens(self) -> bool:
+        """Whether Ray Serve's proxy already answers at ``self.url`` (its ``/-/routes``)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/routes", timeout=2) as r:
+                return isinstance(json.load(r), dict)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=5) as r:
                     if json.load(r).get("status") == "ok":
                         return
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = e
             if time.monotonic() > deadline:
-                raise ConfigError(f"ray_serve: {self.url}/health did not answer within {timeout_s:g} s ({last}). If "
+                raise ConfigError(f"ray_serve: {self.endpoint}/health did not answer within {timeout_s:g} s ({last}). If "
                                   "Serve was already running in this Ray cluster with other HTTP options, they were "
                                   "kept: serve.shutdown() first, or use its port.")
             time.sleep(0.2)
@@ -87,8 +102,9 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
     It answers ``{"outputs": ..., "id": ...}`` (a nested list, or an object by output name).
     Requests arriving within ``batch_wait_timeout_s`` of each other run as one batch of up to
     ``max_batch_size`` requests (``@serve.batch``). A request that cannot run answers 400 with
-    the reason. ``GET /health`` answers ``{"status": "ok", ...}``; ``GET /metrics`` the monitor's
-    Prometheus metrics, aggregated over the replicas.
+    the reason. ``GET <route>/health`` answers ``{"status": "ok", ...}``; ``GET <route>/metrics``
+    the monitor's Prometheus metrics, aggregated over the replicas. Each application has its own
+    route, so several models can share one Serve instance.
 
     Args:
         model_dir: a directory written by ``Model.save``, loaded here first (a typed error before
@@ -103,9 +119,8 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
         >>> app = ao.deploy.ray_serve("minilm-int8/", tokenizer=tok_dir).run(port=8000)   # doctest: +SKIP
         >>> # curl -d '{"text": "hello"}' http://127.0.0.1:8000/predict                    # doctest: +SKIP
     """
-    if not isinstance(route, str) or not route.startswith("/") or route.rstrip("/") in ("", "/health", "/metrics"):
-        raise ConfigError(f"ray_serve: route must be a path such as '/predict' (not '/', '/health' or '/metrics'), "
-                          f"got {route!r}.")
+    if not isinstance(route, str) or not route.startswith("/") or not route.rstrip("/") or "/-/" in route:
+        raise ConfigError(f"ray_serve: route must be a path such as '/predict' (not '/'), got {route!r}.")
     check_int("ray_serve", "max_batch_size", max_batch_size, low=1, high=4096)
     check_float("ray_serve", "batch_wait_timeout_s", batch_wait_timeout_s, low=0.0, high=60.0)
     check_int("ray_serve", "num_replicas", num_replicas, low=1, high=10_000)
@@ -121,7 +136,7 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
 
     from ._serve_app import ModelServer
 
-    app_name = name or "aigc_opt"
+    app_name = name or "aigc_opt" + route.rstrip("/").replace("/", "_")
     settings = MonitorSettings.build(model.label, baseline=baseline, threshold=threshold, sample_rate=sample_rate,
                                      window=window, top1=top1, trust=trust)
     connect(address, "ao.deploy.ray_serve")
