@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--host", default="127.0.0.1")
     serve_.add_argument("--port", type=int, default=8000)
     serve_.add_argument("--max-batch-size", type=int, default=16)
-    serve_.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for a batch to fill (default 5 ms)")
+    serve_.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2 ms)")
     serve_.add_argument("--tokenizer", metavar="DIR", help="tokenizer files: text requests {\"text\": ...}")
     serve_.add_argument("--replicas", type=int, default=1)
     serve_.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves")

@@ -11,7 +11,7 @@ import numpy as np
 from .._checks import check_float, check_int
 from ..errors import ConfigError, InvalidInputError
 from ._codec import InputSpec, outputs_to_rows
-from ._common import ClusterMonitor, MonitorSettings, connect, load_model, load_tokenizer
+from ._common import ClusterMonitor, MonitorSettings, connect, load_model, load_tokenizer, require_ray
 
 __all__ = ["ray_data", "Predictor"]
 
@@ -119,6 +119,8 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
     settings = MonitorSettings.build(name or model.label, baseline=baseline, threshold=threshold,
                                      sample_rate=sample_rate, window=window, top1=top1, trust=trust)
     ray = connect(address, "ao.deploy.ray_data")
+    require_ray("ao.deploy.ray_data", "ray.data")
+    from ray.data import ActorPoolStrategy
     if not hasattr(dataset, "map_batches"):
         raise ConfigError(f"ray_data: dataset must be a ray.data.Dataset, got {type(dataset).__name__} "
                           "(e.g. ray.data.from_items(rows) or ray.data.read_parquet(path)).")
@@ -127,7 +129,8 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrency = max(1, int(cpus // num_cpus)) if num_cpus else 1
     out = dataset.map_batches(
-        Predictor, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, concurrency=concurrency,
+        Predictor, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+        compute=ActorPoolStrategy(size=concurrency),
         fn_constructor_kwargs={"model_dir": str(model_dir), "trust": trust,
                                "columns": tuple(columns) if columns else None, "text_column": text_column,
                                "tokenizer": str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer,

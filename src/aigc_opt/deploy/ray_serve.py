@@ -90,7 +90,7 @@ class ServeApp:
 
 
 def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max_batch_size: int = 16,
-              batch_wait_timeout_s: float = 0.005, tokenizer: Any = None, max_length: int | None = None,
+              batch_wait_timeout_s: float = 0.002, tokenizer: Any = None, max_length: int | None = None,
               num_replicas: int = 1, num_cpus: float = 1, trust: bool = False,
               baseline: str | os.PathLike[str] | None = None, threshold: Any = None, sample_rate: float = 0.0,
               window: int = 50, top1: bool = True, name: str | None = None, address: str | None = None) -> ServeApp:
