@@ -324,6 +324,7 @@ class TimestepBands(torch.nn.Module):
             raise ConfigError(f"{len(denoisers)} denoisers for {len(bounds)} bounds; give one bound per denoiser.")
         self.denoisers = list(denoisers)  # already-optimized Models or modules; not registered as children
         self.bounds = [int(b) for b in bounds]
+        self.eval()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | None = None, *rest: Any) -> torch.Tensor:
         if timestep is None:
