@@ -238,3 +238,22 @@ def test_int8_static_accuracy_control_honours_max_drop(exported):
     assert mean_cosine(q) >= control["metric_float"] - 0.002 - 1e-6
     with pytest.raises(ConfigError, match="max_drop"):
         ao.quantize(ov, "int8-static", data=calib, eval_fn=mean_cosine)
+
+
+@needs_openvino
+def test_padding_columns_are_trimmed_only_where_padding_does_not_change_outputs(exported):
+    base, ov = exported
+    fast = ao.compile(ov, "openvino", precision="f32")
+    assert fast.history[-1].details["trim_padding"] is True and fast.artifact.trim_padding
+    inputs = batch(3, 40, seed=21)
+    inputs["attention_mask"][:, 12:] = 0  # every row padded past 12: 28 columns are cut before the call
+    inputs["input_ids"] *= inputs["attention_mask"]
+    torch.testing.assert_close(fast(**inputs), base(**inputs), atol=1e-4, rtol=1e-3)
+
+    class Unmasked(torch.nn.Module):  # averages padding in: trimming would change its outputs
+        def forward(self, input_ids, attention_mask):
+            return input_ids.float().mean(1, keepdim=True) + attention_mask.float().mean(1, keepdim=True)
+
+    plain = ao.Model(Unmasked(), example_inputs=batch(4, 16), target="host")
+    compiled = ao.compile(ao.export(plain, "openvino"), "openvino")
+    assert str(compiled.history[-1].details["trim_padding"]).startswith("off") and not compiled.artifact.trim_padding

@@ -98,7 +98,53 @@ def _run_openvino(model: Model, settings: Compile) -> tuple[Any, dict[str, Any]]
         details["first_call_seconds"] = round(time.perf_counter() - start, 4)
     if static is not None:
         details["recompiles_after_compile"] = artifact.recompiles
+    elif model.example_inputs is not None:
+        safe, why = _padding_invariant(artifact, model.example_inputs)
+        details["trim_padding"] = safe if safe else f"off: {why}"
+        if safe:
+            artifact = artifact.with_settings(trim_padding=True)
     return artifact, details
+
+
+# Extra padding columns the trim check appends, and the largest relative change (per row, L2) its
+# outputs may show: bf16 runs of one model at two lengths differ by about 1e-3.
+_PROBE_COLUMNS = 8
+_PROBE_TOLERANCE = 0.01
+
+
+def _padding_invariant(artifact: Any, example: Any) -> tuple[bool, str]:
+    """Whether the compiled model gives the example's outputs unchanged when every sequence input
+    gets ``_PROBE_COLUMNS`` more columns of padding (mask 0): then cutting columns that are
+    padding in every row (``trim_padding``) is safe. Returns (safe, why not)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from ..runtime import runtime_for
+    from ..runtime.openvino import MASK_INPUT
+
+    if not isinstance(example, dict) or MASK_INPUT not in example:
+        return False, f"the inputs have no {MASK_INPUT!r}"
+    mask = torch.as_tensor(example[MASK_INPUT])
+    if mask.dim() != 2:
+        return False, f"{MASK_INPUT!r} is not 2-D"
+    padded = {k: torch.nn.functional.pad(torch.as_tensor(v), (0, _PROBE_COLUMNS))
+              if tuple(torch.as_tensor(v).shape) == tuple(mask.shape) else v for k, v in example.items()}
+    runtime = runtime_for("openvino")
+    plain, more = (pytree.tree_flatten(runtime.run(artifact, x))[0] for x in (example, padded))
+    for a, b in zip(plain, more):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            continue
+        if a.dim() >= 3:  # sequence output: the real positions must agree
+            b = b[:, :a.shape[1]]
+            keep = mask.reshape(*mask.shape, *([1] * (a.dim() - 2))).to(a.dtype)
+            a, b = a * keep, b * keep
+        if a.shape != b.shape:
+            return False, f"an output's shape changed with padding ({tuple(a.shape)} -> {tuple(b.shape)})"
+        a, b = a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()
+        change = float(((a - b).norm(dim=1) / a.norm(dim=1).clamp(min=1e-12)).max())
+        if change > _PROBE_TOLERANCE:
+            return False, f"extra padding changed an output by {change:.3g} (relative, worst row)"
+    return True, ""
 
 
 def _static_shapes(model: Model) -> tuple[tuple[int, ...], ...]:

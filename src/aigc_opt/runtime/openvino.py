@@ -34,8 +34,8 @@ from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
 from .base import RUNTIMES, BuildOnceCache
 
-__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES",
-           "compile_config", "openvino_core"]
+__all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES", "MASK_INPUT",
+           "compile_config", "openvino_core", "trim_padding"]
 
 # The devices and precision hints a saved model may name (anything else is refused on load).
 OV_DEVICES = ("CPU", "GPU", "NPU")
@@ -104,6 +104,11 @@ class OpenVINOArtifact:
             per call; a call with other shapes compiles for those too (counted in
             :attr:`recompiles`), up to ``MAX_STATIC_SHAPES``, after which one dynamic compile
             serves every other shape.
+        trim_padding: before each call, cut the columns that are padding in every row (where the
+            ``attention_mask`` input is 0 for the whole batch) off the sequence inputs, and pad
+            sequence outputs (3-D and up) back with zeros: a batch padded to 128 tokens whose
+            longest sentence has 30 runs at 30. ``Compile("openvino")`` turns it on only after
+            checking that extra padding leaves the model's outputs unchanged.
     """
 
     path: Path
@@ -113,6 +118,7 @@ class OpenVINOArtifact:
     precision: str | None = "f32"
     owns_dir: bool = False
     static_shapes: tuple[tuple[int, ...], ...] | None = None
+    trim_padding: bool = False
     _cache: _CompiledCache = field(default_factory=_CompiledCache, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +142,8 @@ class OpenVINOArtifact:
         new = OpenVINOArtifact(**keep)
         object.__setattr__(new, "_keepalive", self)  # the files live as long as their owner
         new._cache.model = self._cache.model  # same IR: no second read (compile_model copies it)
+        if set(changes) <= {"trim_padding"}:  # compiled the same: share what is built
+            object.__setattr__(new, "_cache", self._cache)
         return new
 
     def with_compiled(self, compiled: Any) -> OpenVINOArtifact:
@@ -221,6 +229,30 @@ class OpenVINOArtifact:
         return cache.by_shape[key]
 
 
+MASK_INPUT = "attention_mask"  # the input whose zeros mark padding (Hugging Face's name)
+
+
+def trim_padding(feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int | None]:
+    """``feed`` with the trailing columns that are padding in every row cut off the 2-D inputs of
+    the mask's shape, and the original length (None when nothing was cut)."""
+    mask = feed.get(MASK_INPUT)
+    if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
+        return feed, None
+    used = np.flatnonzero(mask.any(axis=0))
+    keep = max(int(used[-1]) + 1 if used.size else 1, 1)
+    if keep == mask.shape[1]:
+        return feed, None
+    shape = mask.shape
+    return {k: (np.ascontiguousarray(v[:, :keep]) if v.shape == shape else v) for k, v in feed.items()}, shape[1]
+
+
+def _pad_back(output: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence output (3-D and up, sequence on axis 1) padded with zeros back to ``length``."""
+    if output.dim() < 3 or output.shape[1] >= length:
+        return output
+    return torch.nn.functional.pad(output, (0, 0) * (output.dim() - 2) + (0, length - output.shape[1]))
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
@@ -248,6 +280,9 @@ class OpenVINORuntime:
                 raise InvalidInputError(f"Input {name!r} has rank {array.ndim} (shape {array.shape}), but the "
                                         f"OpenVINO model expects rank {rank}.")
             feed[name] = array
+        full = None
+        if artifact.trim_padding:
+            feed, full = trim_padding(feed)
         cache = artifact._cache
         with cache.lock:  # one infer request per compiled shape: calls from several threads take turns
             try:
@@ -259,6 +294,8 @@ class OpenVINORuntime:
                                         f"{str(e).strip().splitlines()[0][:300]}") from e
             outputs = [torch.from_numpy(np.array(request.get_output_tensor(i).data))
                        for i in range(len(compiled.outputs))]
+        if full is not None:
+            outputs = [_pad_back(o, full) for o in outputs]
         if artifact.output_spec is not None:
             import torch.utils._pytree as pytree
 
@@ -293,6 +330,8 @@ class OpenVINORuntime:
                 "device": artifact.device, "threads": artifact.threads, "precision": artifact.precision}
         if artifact.static_shapes is not None:
             meta["static_shapes"] = [list(s) for s in artifact.static_shapes]
+        if artifact.trim_padding:
+            meta["trim_padding"] = True
         return meta
 
     def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
@@ -318,8 +357,12 @@ class OpenVINORuntime:
         spec = meta.get("output_spec")
         if not isinstance(spec, (str, type(None))):
             raise IntegrityError(f"The manifest of {str(directory)!r} has output_spec of type {type(spec).__name__}.")
+        trim = meta.get("trim_padding", False)
+        if not isinstance(trim, bool):
+            raise IntegrityError(f"The manifest of {str(directory)!r} has trim_padding {trim!r:.40}; expected a bool.")
         return OpenVINOArtifact(path=path, output_spec=spec, device=device, threads=threads, precision=precision,
-                                static_shapes=_checked_shapes(meta.get("static_shapes"), directory))
+                                static_shapes=_checked_shapes(meta.get("static_shapes"), directory),
+                                trim_padding=trim)
 
 
 def _checked_shapes(value: Any, directory: Path) -> tuple[tuple[int, ...], ...] | None:
