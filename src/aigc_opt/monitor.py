@@ -197,16 +197,16 @@ class Monitor(Readout):
         with self.state.lock:
             window = [list(w) for w in self.state.window]
         drift = drift_summary({**_EMPTY_DRIFT, "window": window}, self.threshold)
-        if drift["alert"] and not self._alerting:
-            self._alerting = True
-            with self.state.lock:
+        with self.state.lock:  # one alert per episode, even with many threads checking at once
+            turned_on = drift["alert"] and not self._alerting
+            self._alerting = drift["alert"]
+            if turned_on:
                 self.state.alerts += 1
+        if turned_on:
             log.warning("ao.monitor(%s): DRIFT ALERT: %s (threshold: %s)", self.name,
                         "; ".join(drift["alert_reasons"]), self.threshold.source if self.threshold else "-")
             if self.on_alert is not None:
                 self.on_alert(self.snapshot())
-        elif not drift["alert"]:
-            self._alerting = False
 
     # ------------------------------------------------------------------ reading
     def state_dict(self) -> dict[str, Any]:
