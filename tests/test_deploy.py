@@ -73,6 +73,18 @@ def test_a_directory_that_does_not_load_fails_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
+def test_ray_missing_is_a_typed_error_with_the_pip_line(saved, monkeypatch):
+    import sys
+
+    from aigc_opt.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install .*ray"):
+        ao.deploy.ray_data(saved[0] / "mlp", None, trust=True)
+    with pytest.raises(MissingDependencyError, match=r"pip install .*ray"):
+        ao.deploy.ray_serve(saved[0] / "mlp", trust=True)
+
+
 def test_untrusted_directory_needs_trust_for_a_custom_factory(saved):
     root, _ = saved
     # The MLP's factory lives in a test module: importing it is code from the save.
