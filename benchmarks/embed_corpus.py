@@ -212,6 +212,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
     parser.add_argument("--lock", default=None, metavar="PATH",
                         help="hold this file's exclusive flock while each row runs (machines shared with others)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="run each inductor row a second time on the cache its first run left (a user's 2nd run)")
     parser.add_argument("--worker", default=None, help=argparse_hidden())
     parser.add_argument("--embeddings", default=None, help=argparse_hidden())
     args = parser.parse_args()
@@ -219,16 +221,19 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
     rows, failures = [], {}
+    plan = [(row, False) for row in args.rows.split(",")]
+    if args.warm_cache:
+        plan += [(row, True) for row in args.rows.split(",") if "inductor" in ROWS.get(row, "")]
     with tempfile.TemporaryDirectory(prefix="embed_corpus-") as tmp:
-        for row in args.rows.split(","):
-            emb = Path(tmp) / f"{row}.npy"
+        for row, warm in plan:
+            emb = Path(tmp) / f"{row}{'-warm' if warm else ''}.npy"
             cmd = [sys.executable, __file__, "--worker", row, "--embeddings", str(emb), "--batch-size",
                    str(args.batch_size), "--example-len", str(args.example_len), "--passes", str(args.passes)]
             cmd += (["--model", args.model] if args.model else []) + (["--texts", str(args.texts)] if args.texts else [])
             cmd += ["--sort"] if args.sort else []
             cmd = ["flock", "-x", args.lock, *cmd] if args.lock else cmd
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / f"inductor-{row}")}
-            print(f"--- {row}", flush=True)
+            print(f"--- {row}" + (" (warm inductor cache)" if warm else ""), flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
@@ -236,6 +241,8 @@ def main() -> None:
                 print(f"    failed: {failures[row]}", flush=True)
                 continue
             result = json.loads(line[len("RESULT "):])
+            if warm:  # same cache directory as the row's first run: what a user's second run pays
+                result.update(row=f"{row}-warm", label=f"{result['label']}, 2nd run (warm inductor cache)")
             result["embeddings"] = str(emb)
             rows.append(result)
             print(f"    total {result['total_s']:.1f} s, steady {result['steady_sps']:.0f} sentences/s "
@@ -280,7 +287,9 @@ def write(rows: list[dict], failures: dict, args: Any) -> None:
              for r in rows]
     lines += markdown_table(["row", "total s", "prep s", "first pass s", "steady sent/s", "vs fp32 eager",
                              "cos mean", "cos min", "compiles in 1st pass"], table)
-    ours = [r for r in rows if r["row"].startswith("ours") and r.get("cosine_mean", 0) >= 0.99]
+    # first runs only: a warm-cache row is a second run, and the peers' second runs are not measured
+    ours = [r for r in rows if r["row"].startswith("ours") and not r["row"].endswith("-warm")
+            and r.get("cosine_mean", 0) >= 0.99]
     peers = [r for r in rows if r["row"].startswith("peer") and r.get("cosine_mean", 0) >= 0.99]
     if ours and peers:
         best, peer = min(ours, key=lambda r: r["total_s"]), min(peers, key=lambda r: r["total_s"])
