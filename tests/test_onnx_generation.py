@@ -221,3 +221,57 @@ def test_skip_names_the_users_modules_in_a_decoder_export(lm, onnx_lm):
         ao.quantize(onnx_lm, "int8-dynamic", skip=("lm_haed",))
     with pytest.raises(ConfigError, match=r"skip=\['lm_haed'\] matches no module of tiny-gpt2.*did you mean \['lm_head'\]"):
         ao.quantize(lm, "int8-dynamic", skip=("lm_haed",))
+
+
+@pytest.fixture(scope="module")
+def llama() -> ao.Model:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    module = transformers.LlamaForCausalLM(config).eval()
+    return ao.Model(module, example_inputs={"input_ids": torch.randint(3, VOCAB, (1, 5))}, name="tiny-llama")
+
+
+def _op_types(model: ao.Model) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(model.artifact.path), load_external_data=False).graph.node]
+
+
+def test_compile_fuses_llama_attention_into_group_query_attention(llama, tmp_path):
+    """Each layer's rotary + cache append + attention becomes one GroupQueryAttention; generation over it
+    (right-padded, one preallocated cache bound to the session) gives transformers' tokens, and the
+    logits of a padded batch match the unfused graph's."""
+    from aigc_opt.runtime import runtime_for
+    from aigc_opt.runtime._decode_loop import decoder_layout
+
+    exported = ao.export(llama, "onnx")
+    assert exported.history[-1].details["attention_fusable"] is True
+    fused = ao.compile(exported, "onnxruntime")
+    assert fused.history[-1].details["transformer_fusions"]["fused"]["group_query_attention"] == 2
+    ops = _op_types(fused)
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Concat" not in ops
+    layout = decoder_layout(fused.artifact)
+    assert layout.padding == "right" and layout.shared_buffer and layout.max_length == 64
+    assert decoder_layout(exported.artifact).padding == "left"
+    ids, mask = left_padded_batch()
+    expected = llama.generate(ids, mask, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(fused.generate(ids, mask, max_new_tokens=8, pad_token_id=0), expected)
+    onnx_rt = runtime_for("onnx")
+    got = onnx_rt.next_token_logits(fused.artifact, ids, mask)
+    want = onnx_rt.next_token_logits(exported.artifact, ids, mask)
+    assert (got - want)[mask == 1].abs().max() < 1e-4
+    fused.save(tmp_path / "fused")
+    loaded = ao.Model.load(tmp_path / "fused")
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=8, pad_token_id=0), expected)
+    with pytest.raises(ConfigError, match="exceeds the model's 64 positions"):
+        fused.generate(ids, mask, max_new_tokens=60)
+
+
+def test_attention_that_is_not_plain_rotary_sdpa_is_left_unfused(onnx_lm):
+    """GPT-2 has no separate Q/K/V projections: the export says why, Compile keeps its attention."""
+    reason = onnx_lm.history[-1].details["attention_fusable"]
+    assert isinstance(reason, str) and "q_proj" in reason
+    compiled = ao.compile(onnx_lm, "onnxruntime")
+    assert "GroupQueryAttention" not in _op_types(compiled)

@@ -99,6 +99,7 @@ def _token_ids(inputs: Any) -> torch.Tensor:
 def export_decoder(model: Model, settings: Export) -> PassResult:
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
     from ._export_common import external_data_for, onnx_opset, short_error, verify_outputs
+    from ._decoder_fusions import DECODER_META_KEY, attention_metadata, set_metadata
 
     lm = unwrap(model.artifact)
     if settings.dynamic is not True:
@@ -137,9 +138,14 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
     import onnx
 
     onnx.checker.check_model(str(path), full_check=False)
+    proto = onnx.load(str(path), load_external_data=False)
     if not takes_positions:  # the exporter drops an unused input: the runtime must not feed it
-        declared = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-        takes_positions = "position_ids" in declared
+        takes_positions = "position_ids" in [i.name for i in proto.graph.input]
+    # what Compile('onnxruntime') needs to fuse each layer's attention into GroupQueryAttention
+    # (the projections' tensors are found here, while the graph still names its modules)
+    attention = attention_metadata(lm, proto, int(lm.config.num_attention_heads), heads, head_dim)
+    set_metadata(proto, DECODER_META_KEY, attention)
+    onnx.save(proto, str(path))
     generation = {"layers": layers, "kv_heads": heads, "head_dim": head_dim,
                   "cache_dtype": str(dtype).removeprefix("torch."), "past": past_names, "present": present_names,
                   "position_ids": takes_positions, **_special_tokens(lm)}
@@ -149,7 +155,8 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
     example = _feed(ids, 0, heads, head_dim, dtype, layers)
     flat_example = _flat(example, past_names, takes_positions)
     details: dict[str, Any] = {"exporter": "torch.onnx.export(dynamo=True), decoder step with KV cache",
-                               "opset": onnx_opset(path), "external_data": external, "kv_cache": generation}
+                               "opset": onnx_opset(path), "external_data": external, "kv_cache": generation,
+                               "attention_fusable": attention["fusable"] or attention["reason"]}
     if settings.verify:
         details["max_abs_diff"] = _verify(step, artifact, ids, layers, heads, head_dim, dtype, settings,
                                           past_names, takes_positions, verify_outputs)

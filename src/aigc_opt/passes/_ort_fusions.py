@@ -54,12 +54,15 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
 
     from ..runtime.onnxruntime import SLOWER_FUSED_OPS
 
-    graph = ir.load(str(source))
+    attention = _decoder_attention(source, destination.with_name("gqa.onnx"), provider, large)
+    graph = ir.load(str(attention.get("path", source)))
     graph, counts = optimize_for_ort(graph)
     counts = {k: v for k, v in counts.items() if v}
     slower = SLOWER_FUSED_OPS.get(provider, {})
-    if not {k for k in counts if _FUSION_OPS.get(k) not in slower}:
+    if not attention.get("fused") and not {k for k in counts if _FUSION_OPS.get(k) not in slower}:
         return {}  # only fusions this provider runs slower: the source graph is the better one
+    if attention.get("fused"):
+        counts["group_query_attention"] = attention["fused"]
     ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
     unfused = unfuse(destination, set(slower))
     _check_loads(destination, provider)
@@ -67,6 +70,27 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
     if unfused:
         counts["left_unfused"] = unfused
     return counts
+
+
+def _decoder_attention(source: Path, destination: Path, provider: str, large: bool) -> dict[str, Any]:
+    """A decoder step exported by aigc_opt with its attention recorded: each layer's attention fused
+    into one ``GroupQueryAttention`` (passes/_decoder_fusions.py), written to ``destination``."""
+    import onnx
+
+    from ._decoder_fusions import decoder_metadata, fuse_group_query_attention
+
+    if provider != "CPUExecutionProvider":
+        return {"fused": 0}
+    proto = onnx.load(str(source), load_external_data=False)
+    if decoder_metadata(proto) is None:
+        return {"fused": 0}
+    onnx.load_external_data_for_model(proto, str(source.parent))
+    result = fuse_group_query_attention(proto)
+    if result["fused"]:
+        onnx.save(proto, str(destination), save_as_external_data=large,
+                  location=destination.name + ".data" if large else None)
+        result["path"] = destination
+    return result
 
 
 def _check_loads(path: Path, provider: str) -> None:

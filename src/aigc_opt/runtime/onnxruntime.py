@@ -324,15 +324,24 @@ class OnnxRuntime:
         return artifact.generation is not None  # a decoder step exported with its KV cache
 
     def generate(self, artifact: OnnxArtifact, input_ids: Any, attention_mask: Any, **options: Any) -> torch.Tensor:
-        """aigc_opt's greedy decoder loop in ONNX Runtime (runtime/onnx_generation.py)."""
+        """aigc_opt's greedy decoder loop in ONNX Runtime (runtime/onnx_generation.py; for graphs with
+        GroupQueryAttention, the I/O-bound loop of runtime/_decode_loop.py)."""
+        from ._decode_loop import decoder_layout, greedy_generate_bound
         from .onnx_generation import greedy_generate
 
+        layout = decoder_layout(artifact)
+        if layout is not None and layout.shared_buffer:
+            return greedy_generate_bound(artifact, layout, input_ids, attention_mask, **options)
         return greedy_generate(artifact, input_ids, attention_mask, **options)
 
     def next_token_logits(self, artifact: OnnxArtifact, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> torch.Tensor:
+        from ._decode_loop import decoder_layout, right_padded_logits
         from .onnx_generation import prefill_feed
 
+        layout = decoder_layout(artifact)
+        if layout is not None and layout.padding == "right":
+            return right_padded_logits(artifact, layout, input_ids, attention_mask)
         feed = prefill_feed(artifact.generation, input_ids, attention_mask)
         return self.run(artifact, {k: torch.from_numpy(v) for k, v in feed.items()})[0].float()
 

@@ -1,0 +1,185 @@
+"""Greedy decoding over a decoder step whose attention is ONNX Runtime's ``GroupQueryAttention``
+(``Compile("onnxruntime")`` of an aigc_opt decoder export; passes/_decoder_fusions.py).
+
+Such a graph keeps each row's tokens at the start of the cache (right padding) and writes the new
+keys/values into a ``past`` buffer longer than the tokens in place. This loop preallocates one cache
+buffer per layer and key/value for the whole generation (prompt + ``max_new_tokens``), binds each as
+both the ``past`` input and the ``present`` output of the session (ONNX Runtime I/O binding), and so
+copies no cache between steps: a step hands ONNX Runtime the new token ids and reads back the last
+logits only. Prompts arrive left-padded (as transformers tokenizes for generation) and are moved to
+the right here; the result is returned left-padded, as :func:`onnx_generation.greedy_generate` does.
+
+Example:
+    >>> fast = ao.compile(ao.quantize(ao.export(lm, "onnx"), method="int4-weight-only"), "onnxruntime")  # doctest: +SKIP
+    >>> fast.generate(**tokenizer(["Hello"], return_tensors="pt"), max_new_tokens=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InvalidInputError
+
+__all__ = ["DecoderLayout", "decoder_layout", "greedy_generate_bound", "right_padded_logits"]
+
+KV_CACHE_META_KEY = "aigc_opt.kv_cache"  # written by passes/_decoder_fusions.py on fused graphs
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """How a decoder step's KV cache is fed: the export's layout (``OnnxArtifact.generation``) plus,
+    for fused graphs, the cache contract the graph declares in its metadata."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    cache_dtype: str
+    past: tuple[str, ...]
+    present: tuple[str, ...]
+    position_ids: bool
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    padding: str = "left"  # "right": rows' tokens start at cache position 0 (GroupQueryAttention)
+    shared_buffer: bool = False  # a past longer than the tokens is written in place
+    max_length: int | None = None
+
+    @classmethod
+    def from_generation(cls, generation: dict[str, Any], kv_cache: dict[str, Any] | None = None) -> DecoderLayout:
+        kv = kv_cache or {}
+        return cls(layers=int(generation["layers"]), kv_heads=int(generation["kv_heads"]),
+                   head_dim=int(generation["head_dim"]), cache_dtype=str(generation["cache_dtype"]),
+                   past=tuple(generation["past"]), present=tuple(generation["present"]),
+                   position_ids=bool(generation["position_ids"]),
+                   eos_token_id=tuple(generation.get("eos_token_id") or ()),
+                   pad_token_id=generation.get("pad_token_id"), padding=kv.get("padding", "left"),
+                   shared_buffer=bool(kv.get("shared_buffer", False)), max_length=kv.get("max_length"))
+
+
+def decoder_layout(artifact: Any) -> DecoderLayout | None:
+    """The artifact's :class:`DecoderLayout` (None: not a decoder step), the graph's metadata read
+    from its (cached) session."""
+    if artifact.generation is None:
+        return None
+    meta = artifact.session().get_modelmeta().custom_metadata_map.get(KV_CACHE_META_KEY)
+    return DecoderLayout.from_generation(artifact.generation, json.loads(meta) if meta else None)
+
+
+def _int64(value: Any, name: str) -> np.ndarray:
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim != 2 or array.dtype.kind not in "iub":
+        raise InvalidInputError(f"{name} must be a 2-D integer tensor (batch, length), got shape "
+                                f"{tuple(array.shape)} dtype {array.dtype}.")
+    return array.astype(np.int64)
+
+
+def _to_right(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(right-padded ids, their mask, real tokens per row) from a padded batch (either side)."""
+    lengths = mask.sum(-1).astype(np.int64)
+    if (lengths < 1).any():
+        raise InvalidInputError("attention_mask has a row with no tokens; every prompt needs at least one.")
+    right = np.full_like(ids, pad)
+    right_mask = np.zeros_like(mask)
+    for b in range(ids.shape[0]):
+        right[b, :lengths[b]] = ids[b][mask[b] == 1]
+        right_mask[b, :lengths[b]] = 1
+    return right, right_mask, lengths
+
+
+def right_padded_logits(artifact: Any, layout: DecoderLayout, input_ids: Any, attention_mask: Any) -> torch.Tensor:
+    """Logits at every prompt position of a right-padding graph, returned at the caller's positions
+    (padding positions get zeros)."""
+    ids = _int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask, "attention_mask")
+    right, right_mask, lengths = _to_right(ids, mask, 0)
+    feed = _prefill_feed(layout, right, right_mask, cache_length=ids.shape[1])
+    logits = artifact.session().run(["logits"], feed)[0]
+    out = np.zeros_like(logits)
+    for b in range(ids.shape[0]):
+        out[b][mask[b] == 1] = logits[b, :lengths[b]]
+    return torch.from_numpy(out).float()
+
+
+def _prefill_feed(layout: DecoderLayout, ids: np.ndarray, mask: np.ndarray, cache_length: int) -> dict[str, Any]:
+    empty = np.zeros((ids.shape[0], layout.kv_heads, cache_length, layout.head_dim), np.dtype(layout.cache_dtype))
+    feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, **{n: empty for n in layout.past}}
+    if layout.position_ids:
+        feed["position_ids"] = np.zeros_like(ids)  # not read: GroupQueryAttention counts positions
+    return feed
+
+
+class _BoundCache:
+    """The session's I/O binding with one preallocated cache buffer per past/present pair."""
+
+    def __init__(self, session: Any, layout: DecoderLayout, batch: int, length: int):
+        import onnxruntime as ort
+
+        self.session, self.layout = session, layout
+        self.binding = session.io_binding()
+        self.binding.bind_output("logits")  # first: get_outputs() lists outputs in binding order
+        shape = (batch, layout.kv_heads, length, layout.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(layout.cache_dtype)))
+                        for _ in layout.past]
+        for past, present, buffer in zip(layout.past, layout.present, self.buffers):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Run one step; returns the logits (batch, new tokens, vocab)."""
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("attention_mask", mask)
+        if self.layout.position_ids:
+            self.binding.bind_cpu_input("position_ids", np.zeros_like(ids))
+        self.binding.bind_output("logits")  # unallocated again: its length changes after the prompt
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+
+def greedy_generate_bound(artifact: Any, layout: DecoderLayout, input_ids: Any, attention_mask: Any = None, *,
+                          max_new_tokens: int, min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
+                          pad_token_id: int | None = None) -> torch.Tensor:
+    """Prompt ids followed by up to ``max_new_tokens`` greedy tokens (transformers' greedy semantics:
+    ``min_new_tokens`` suppresses end-of-sequence, finished rows are padded), for a right-padding,
+    shared-buffer decoder (``layout.shared_buffer``)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    ids = _int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
+    eos = list(layout.eos_token_id) if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = layout.pad_token_id if pad_token_id is None else pad_token_id
+    pad = (eos[0] if eos else 0) if pad is None else pad
+    right, right_mask, lengths = _to_right(ids, mask, pad)
+    batch = ids.shape[0]
+    length = int(lengths.max()) + max_new_tokens
+    if layout.max_length is not None and length > layout.max_length:
+        raise ConfigError(f"prompt ({int(lengths.max())} tokens) + max_new_tokens ({max_new_tokens}) = {length} "
+                          f"exceeds the model's {layout.max_length} positions; generate fewer tokens.")
+    cache = _BoundCache(artifact.session(), layout, batch, length)
+    logits = cache.step(right, right_mask)
+    scores = logits[np.arange(batch), lengths - 1]
+    positions = np.arange(length)
+    finished, new = np.zeros(batch, bool), []
+    for step in range(max_new_tokens):
+        scores = scores.astype(np.float32, copy=False)
+        if eos and step < min_new_tokens:
+            scores = scores.copy()
+            scores[:, eos] = -np.inf
+        token = scores.argmax(-1)
+        if eos:
+            token = np.where(finished, pad, token)
+            finished |= np.isin(token, eos)
+        new.append(token)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        lengths = lengths + 1
+        width = int(lengths.max())
+        step_mask = (positions[None, :width] < lengths[:, None]).astype(np.int64)
+        scores = cache.step(token[:, None].astype(np.int64), step_mask)[:, -1]
+    return torch.from_numpy(np.concatenate([ids, np.stack(new, axis=1)], axis=1))
