@@ -20,11 +20,15 @@ to ONNX with its KV cache, and quantized with each recipe. Measured in one run:
 
 Writes llm_decode.json, .md and figures into benchmarks/results/ (or --results-dir). Time it alone:
     flock -x /tmp/aigc_cpu.lock .venv/bin/python benchmarks/llm_decode.py [--model PATH.gguf] [--no-llamacpp]
+or, on a shared machine, let the script take the lock itself: shared while it builds the models and scores
+fidelity, exclusive only while it times (``--lock /tmp/aigc_cpu.lock``, without the outer flock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import importlib.util
 import json
 import os
@@ -79,6 +83,8 @@ def onnx_bytes_per_token(model: ao.Model) -> tuple[int, int]:
              for t in graph.initializer}
     # GatherBlockQuantized's scales (and zero points) are gathered too
     gathered |= {i for n in graph.node if n.op_type == "GatherBlockQuantized" for i in n.input[2:]}
+    # GroupQueryAttention's cos/sin caches: a row per position
+    gathered |= {i for n in graph.node if n.op_type == "GroupQueryAttention" for i in n.input[7:9]}
     total = sum(sizes.values())
     return total - sum(v for k, v in sizes.items() if k in gathered), total
 
@@ -118,6 +124,20 @@ def alone(model: ao.Model, prompt: list[int], new_tokens: int, rounds: int, work
     return {**result, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(result["ttft"]))}
 
 
+@contextlib.contextmanager
+def cpu_lock(path: Path | None, exclusive: bool) -> Any:
+    """``flock`` on ``path`` (shared or exclusive) for the block; nothing when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _without_spin(model: ao.Model) -> ao.Model:
     quiet = copy.copy(model)
     quiet.artifact = model.artifact.with_settings(spin_wait=False)
@@ -132,11 +152,15 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="256-token windows of held-out text for fidelity")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (its own venv)")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="flock this file: shared while building and scoring, exclusive while timing")
     parser.add_argument("--no-alone", action="store_true",
                         help="skip timing each ONNX model alone in a child process (batch 1; also gives peak RSS)")
     args = parser.parse_args()
     path = (args.model or default_model()).resolve()
     torch.set_num_threads(args.threads)
+    held = contextlib.ExitStack()  # --lock: shared while building and scoring, exclusive while timing
+    held.enter_context(cpu_lock(args.lock, exclusive=False))
 
     base = named(ao.Model.from_gguf(path), "transformers fp32 eager")
     tok = base.tokenizer
@@ -165,6 +189,8 @@ def main() -> None:
         fidelity[m.name] = {"agreement": agreement(reference, s), "perplexity": s.perplexity}
 
     # ---------------------------------------------------------------- timing
+    held.close()
+    held.enter_context(cpu_lock(args.lock, exclusive=True))
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]
     # In one process, ORT threads spinning after their own run take the cores from the next model
@@ -215,6 +241,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="llm-alone-") as tmp:
             for m in candidates:
                 isolated[m.name] = alone(m, prompt_ids, args.max_new_tokens, args.rounds, Path(tmp))
+    held.close()
     rss = {k: (v or {}).get("peak_rss_bytes") for k, v in isolated.items()}
     rows = []
     for batch, report in reports.items():

@@ -137,18 +137,9 @@ def grid_fit(weight: Any, block: int = GGUF_BLOCK) -> tuple[str, Any, Any, Any] 
 MERGE_SHARED_INPUTS = False
 
 
-def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any, helper: Any) -> dict[str, Any]:
-    """Replace each MatMul whose constant weight lies on a GGUF block grid by MatMulNBits holding those
-    very blocks (no second rounding): Q4_0 as 4-bit (zero point 8), Q8_0 as 8-bit (zero point 128),
-    Q4_1 (d*q + m) as 4-bit ``(q - 8) * d`` plus the per-block offsets ``m + 8d`` applied to the
-    block sums of the input (ReduceSum, then a small fp32 MatMul).
-
-    With ``MERGE_SHARED_INPUTS``, MatMuls reading the same input with the same format (a layer's
-    Q/K/V projections, its gate and up projections) become one MatMulNBits over their concatenated
-    columns and a Split. Returns the counts per format and the names of the helper MatMuls (which
-    the int4/int8 quantizer must leave alone)."""
-    import numpy as np
-
+def _grid_fits(graph: Any, excluded: set[str], numpy_helper: Any) -> dict[int, tuple[str, Any, Any, Any]]:
+    """Index of each MatMul whose constant 2-D weight lies on a GGUF block grid -> its :func:`grid_fit`
+    (Q4_1 only where the input is 2-D or 3-D: its block sums reshape the input)."""
     initializers = {t.name: t for t in graph.initializer}
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info, *graph.output)}
     fits: dict[int, tuple[str, Any, Any, Any]] = {}
@@ -159,74 +150,113 @@ def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any,
         fit = grid_fit(numpy_helper.to_array(weight))
         if fit is not None and (fit[0] != "Q4_1" or ranks.get(node.input[0], 3) in (2, 3)):
             fits[i] = fit
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, fit in fits.items():
-        key = (graph.node[i].input[0], fit[0]) if MERGE_SHARED_INPUTS else (i,)
-        groups.setdefault(key, []).append(i)
-    counts: dict[str, int] = {}
-    helpers: list[str] = []
-    block_sums: dict[str, str] = {}
-    emitted: dict[int, list[Any]] = {}
+    return fits
 
-    for members in groups.values():
-        nodes = [graph.node[i] for i in members]
-        a, kind = nodes[0].input[0], fits[members[0]][0]
-        q = np.concatenate([fits[i][1] for i in members])
-        d = np.concatenate([fits[i][2] for i in members])
-        m = np.concatenate([fits[i][3] for i in members]) if kind == "Q4_1" else None
-        n, blocks, _ = q.shape
+
+class _BlockEmitter:
+    """Builds the MatMulNBits (and, for Q4_1, block-sum offset) nodes of one group of MatMuls sharing an
+    input; one ReduceSum of block sums per input, however many groups read it."""
+
+    def __init__(self, graph: Any, level: int, numpy_helper: Any, helper: Any):
+        self.graph, self.level, self.numpy_helper, self.helper = graph, level, numpy_helper, helper
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                      for v in (*graph.input, *graph.value_info, *graph.output)}
+        self.block_sums: dict[str, str] = {}
+        self.helpers: list[str] = []
+
+    def emit(self, nodes: list[Any], fits: list[tuple[str, Any, Any, Any]]) -> list[Any]:
+        import numpy as np
+
+        a, kind = nodes[0].input[0], fits[0][0]
+        q, d = np.concatenate([f[1] for f in fits]), np.concatenate([f[2] for f in fits])
         base = nodes[0].name or nodes[0].output[0]
         name = f"{base}.{kind}"
-        merged = len(nodes) > 1
-        y = f"{base}.merged" if merged else nodes[0].output[0]
+        y = f"{base}.merged" if len(nodes) > 1 else nodes[0].output[0]
         out = f"{y}.nbits" if kind == "Q4_1" else y
         if kind == "Q8_0":
             packed, bits = (q.astype(np.int16) + 128).astype(np.uint8), 8
         else:
             packed, bits = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), 4
-        graph.initializer.extend([numpy_helper.from_array(packed, name),
-                                  numpy_helper.from_array(d.reshape(-1), f"{name}.scales")])
-        attrs = {"K": blocks * GGUF_BLOCK, "N": n, "bits": bits, "block_size": GGUF_BLOCK}
-        if level:
-            attrs["accuracy_level"] = level
-        made = [helper.make_node("MatMulNBits", [a, name, f"{name}.scales"], [out], name=f"{base}_{kind}",
-                                 domain="com.microsoft", **attrs)]
+        self.graph.initializer.extend([self.numpy_helper.from_array(packed, name),
+                                       self.numpy_helper.from_array(d.reshape(-1), f"{name}.scales")])
+        attrs = {"K": q.shape[1] * GGUF_BLOCK, "N": q.shape[0], "bits": bits, "block_size": GGUF_BLOCK}
+        if self.level:
+            attrs["accuracy_level"] = self.level
+        made = [self.helper.make_node("MatMulNBits", [a, name, f"{name}.scales"], [out], name=f"{base}_{kind}",
+                                      domain="com.microsoft", **attrs)]
         if kind == "Q4_1":
-            if a not in block_sums:
-                dims = [0, 0, blocks, GGUF_BLOCK] if ranks.get(a, 3) == 3 else [0, blocks, GGUF_BLOCK]
-                graph.initializer.extend([numpy_helper.from_array(np.asarray(dims, np.int64), f"{a}.block_shape"),
-                                          numpy_helper.from_array(np.asarray([-1], np.int64), f"{a}.block_axis")])
-                made += [helper.make_node("Reshape", [a, f"{a}.block_shape"], [f"{a}.blocks"], name=f"{a}_blocks"),
-                         helper.make_node("ReduceSum", [f"{a}.blocks", f"{a}.block_axis"], [f"{a}.block_sums"],
-                                          name=f"{a}_block_sums", keepdims=0)]
-                block_sums[a] = f"{a}.block_sums"
-            graph.initializer.append(numpy_helper.from_array((m + 8 * d).T.astype(np.float32), f"{name}.offsets"))
-            helpers.append(f"{base}_offsets")
-            made += [helper.make_node("MatMul", [block_sums[a], f"{name}.offsets"], [f"{y}.offsets"],
-                                      name=f"{base}_offsets"),
-                     helper.make_node("Add", [out, f"{y}.offsets"], [y], name=f"{base}_add_offsets")]
-        if merged:
-            sizes = [fits[i][1].shape[0] for i in members]
-            graph.initializer.append(numpy_helper.from_array(np.asarray(sizes, np.int64), f"{y}.split"))
-            made.append(helper.make_node("Split", [y, f"{y}.split"], [nd.output[0] for nd in nodes], axis=-1,
-                                         name=f"{base}_split"))
-        emitted[members[0]] = made
-        counts[kind] = counts.get(kind, 0) + len(nodes)
+            m = np.concatenate([f[3] for f in fits])
+            made += self._offsets(a, q.shape[1], (m + 8 * d).T.astype(np.float32), base, name, out, y)
+        if len(nodes) > 1:
+            sizes = [f[1].shape[0] for f in fits]
+            self.graph.initializer.append(self.numpy_helper.from_array(np.asarray(sizes, np.int64), f"{y}.split"))
+            made.append(self.helper.make_node("Split", [y, f"{y}.split"], [nd.output[0] for nd in nodes], axis=-1,
+                                              name=f"{base}_split"))
+        return made
+
+    def _offsets(self, a: str, blocks: int, offsets: Any, base: str, name: str, out: str, y: str) -> list[Any]:
+        """Q4_1's ``m + 8d`` per block, applied to the input's block sums: y = nbits + block_sums @ offsets."""
+        import numpy as np
+
+        made = []
+        if a not in self.block_sums:
+            dims = [0, 0, blocks, GGUF_BLOCK] if self.ranks.get(a, 3) == 3 else [0, blocks, GGUF_BLOCK]
+            self.graph.initializer.extend([
+                self.numpy_helper.from_array(np.asarray(dims, np.int64), f"{a}.block_shape"),
+                self.numpy_helper.from_array(np.asarray([-1], np.int64), f"{a}.block_axis")])
+            made += [self.helper.make_node("Reshape", [a, f"{a}.block_shape"], [f"{a}.blocks"], name=f"{a}_blocks"),
+                     self.helper.make_node("ReduceSum", [f"{a}.blocks", f"{a}.block_axis"], [f"{a}.block_sums"],
+                                           name=f"{a}_block_sums", keepdims=0)]
+            self.block_sums[a] = f"{a}.block_sums"
+        self.graph.initializer.append(self.numpy_helper.from_array(offsets, f"{name}.offsets"))
+        self.helpers.append(f"{base}_offsets")
+        return made + [
+            self.helper.make_node("MatMul", [self.block_sums[a], f"{name}.offsets"], [f"{y}.offsets"],
+                                  name=f"{base}_offsets"),
+            self.helper.make_node("Add", [out, f"{y}.offsets"], [y], name=f"{base}_add_offsets")]
+
+
+def _replace_nodes(graph: Any, emitted: dict[int, list[Any]], replaced: set[int]) -> None:
+    """Each group's first MatMul replaced by its emitted nodes, the group's others dropped, and
+    initializers nothing reads any more removed."""
+    new_nodes = []
+    for i, node in enumerate(graph.node):
+        if i in emitted:
+            new_nodes += emitted[i]
+        elif i not in replaced:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any, helper: Any) -> dict[str, Any]:
+    """Replace each MatMul whose constant weight lies on a GGUF block grid by MatMulNBits holding those
+    very blocks (no second rounding): Q4_0 as 4-bit (zero point 8), Q8_0 as 8-bit (zero point 128),
+    Q4_1 (d*q + m) as 4-bit ``(q - 8) * d`` plus the per-block offsets ``m + 8d`` applied to the
+    block sums of the input (ReduceSum, then a small fp32 MatMul).
+
+    With ``MERGE_SHARED_INPUTS``, MatMuls reading the same input with the same format (a layer's
+    Q/K/V projections, its gate and up projections) become one MatMulNBits over their concatenated
+    columns and a Split. Returns the counts per format and the names of the helper MatMuls (which
+    the int4/int8 quantizer must leave alone)."""
+    fits = _grid_fits(graph, excluded, numpy_helper)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, fit in fits.items():
+        key = (graph.node[i].input[0], fit[0]) if MERGE_SHARED_INPUTS else (i,)
+        groups.setdefault(key, []).append(i)
+    emitter = _BlockEmitter(graph, level, numpy_helper, helper)
+    counts: dict[str, int] = {}
+    emitted: dict[int, list[Any]] = {}
+    for members in groups.values():
+        emitted[members[0]] = emitter.emit([graph.node[i] for i in members], [fits[i] for i in members])
+        counts[fits[members[0]][0]] = counts.get(fits[members[0]][0], 0) + len(members)
     if counts:
-        replaced = set(fits)
-        new_nodes = []
-        for i, node in enumerate(graph.node):
-            if i in emitted:
-                new_nodes += emitted[i]
-            elif i not in replaced:
-                new_nodes.append(node)
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        used = {i for n in graph.node for i in n.input}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return {"formats": counts, "helpers": helpers, "merged_groups": sum(len(g) > 1 for g in groups.values())}
+        _replace_nodes(graph, emitted, set(fits))
+    return {"formats": counts, "helpers": emitter.helpers, "merged_groups": sum(len(g) > 1 for g in groups.values())}
 
 
 def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -> None:
@@ -295,7 +325,17 @@ def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[A
     large = out.ByteSize() > 1.8e9 if hasattr(out, "ByteSize") else False
     onnx.save(out, str(target), save_as_external_data=large)
     after = sum(_nbytes(t) for t in out.graph.initializer)
-    return _new_artifact(source, target), {
+    return _new_artifact(source, target), _details(
+        bits=bits, block=block, symmetric=symmetric, level=level, level_reason=level_reason, n_matmul=n_matmul,
+        n_gather=n_gather, excluded=excluded, reused=reused, requantized=requantized, untied=untied,
+        before=before, after=after)
+
+
+def _details(*, bits: int, block: int, symmetric: bool, level: int, level_reason: str, n_matmul: int,
+             n_gather: int, excluded: list[str], reused: dict[str, Any], requantized: int, untied: list[str],
+             before: int, after: int) -> dict[str, Any]:
+    """The Quantize record's details for MatMulNBits weight-only quantization."""
+    return {
         "bits": bits, "block_size": block, "symmetric": symmetric, "accuracy_level": level,
         "accuracy_level_reason": level_reason, "matmulnbits_nodes": n_matmul, "gather_quantized_nodes": n_gather,
         "nodes_skipped": excluded, "gguf_blocks_reused": reused["formats"], "requantized_nodes": requantized,
