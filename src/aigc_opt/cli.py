@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,94 +203,111 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
 
 
+def _args_demo(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--iters", type=int, default=30, help="interleaved timing rounds (default 30)")
+    cmd.add_argument("--batch-size", type=int, default=8)
+    cmd.add_argument("--seq-len", type=int, default=128)
+    cmd.add_argument("--no-compile", action="store_true", help="skip Compile('inductor')")
+    cmd.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    cmd.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+
+def _args_targets(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--json", action="store_true")
+    cmd.add_argument("--detect", action="store_true", help="describe this machine instead")
+    cmd.add_argument("--measure", action="store_true", help="measure this machine's FLOP/s and bandwidth")
+    cmd.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+
+
+def _args_bench(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("model_dir")
+    cmd.add_argument("--baseline", metavar="DIR", help="a saved baseline model: compare against it")
+    cmd.add_argument("--out", metavar="DIR", help="write report.json/.md/.txt/.png (or measurement.json) here")
+    cmd.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
+    cmd.add_argument("--target", default=None)
+    cmd.add_argument("--iters", type=int, default=None, help="timed rounds (default: until stable, max 20-30 s)")
+    cmd.add_argument("--warmup", type=int, default=3)
+    cmd.add_argument("--threads", type=int, default=None)
+    cmd.add_argument("--json", action="store_true")
+    cmd.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+
+
+def _args_optimize(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("model_dir")
+    cmd.add_argument("--recipe", required=True, help="YAML or JSON recipe (Pipeline.save writes one)")
+    cmd.add_argument("--target", default=None, help="target name (default: the one saved)")
+    cmd.add_argument("-o", "--output", required=True, help="directory to save the optimized model to")
+    cmd.add_argument("--iters", type=int, default=30)
+    cmd.add_argument("--no-compare", action="store_true", help="skip the before/after report")
+    cmd.add_argument("--no-top1", action="store_true",
+                     help="leave out top-1 agreement (for outputs that are not scores, e.g. embeddings)")
+    cmd.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+
+
+def _args_tune(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("model_dir")
+    cmd.add_argument("--max-drop", type=float, default=0.01,
+                     help="largest allowed drop of the outputs' mean cosine to the original (default 0.01)")
+    cmd.add_argument("--budget", default="20m", help="search wall time, e.g. 20m, 90s, 1h (default 20m)")
+    cmd.add_argument("-o", "--output", required=True,
+                     help="directory for recipe.yaml, tune.md, tune.json, front.png and the best model")
+    cmd.add_argument("--target", default=None, help="target name (default: the one saved)")
+    cmd.add_argument("--storage", default=None, help="SQLite file (or Optuna URL) to resume the search from")
+    cmd.add_argument("--executor", choices=["local", "ray"], default="local")
+    cmd.add_argument("--max-trials", type=int, default=None)
+    cmd.add_argument("--time-per-trial", type=float, default=10.0, help="most seconds of timing per trial")
+    cmd.add_argument("--routes", help="comma-separated: none and/or exporters (default: all)")
+    cmd.add_argument("--quantize", help="comma-separated quantization methods (default: all)")
+    cmd.add_argument("--compile", help="comma-separated compile backends (default: all)")
+    cmd.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
+    cmd.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+
+
+def _args_serve(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("model_dir")
+    cmd.add_argument("--route", default="/predict")
+    cmd.add_argument("--host", default="127.0.0.1")
+    cmd.add_argument("--port", type=int, default=8000)
+    cmd.add_argument("--max-batch-size", type=int, default=16)
+    cmd.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2 ms)")
+    cmd.add_argument("--tokenizer", metavar="DIR", help="tokenizer files: text requests {\"text\": ...}")
+    cmd.add_argument("--replicas", type=int, default=1)
+    cmd.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves")
+    cmd.add_argument("--baseline", metavar="DIR", help="a saved reference model: monitor drift against it")
+    cmd.add_argument("--sample-rate", type=float, default=0.01, help="fraction of calls checked for drift")
+    cmd.add_argument("--address", default=None, help="Ray cluster address (default: a local one)")
+    cmd.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
+
+
+def _args_monitor(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("url", nargs="?", default="http://127.0.0.1:8000/predict/metrics",
+                     help="a metrics endpoint (default: aigc-opt serve's, http://127.0.0.1:8000/predict/metrics)")
+    cmd.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    cmd.add_argument("--count", type=int, default=0, help="refreshes before exiting (default: until Ctrl-C)")
+
+
+# Each subcommand: (name, help, function adding its arguments, function running it).
+_Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+_COMMANDS: tuple[_Command, ...] = (
+    ("demo", "optimize the embedded MiniLM model and print the before/after report", _args_demo, _demo),
+    ("targets", "list the built-in hardware targets", _args_targets, _targets),
+    ("bench", "benchmark a saved model on its example inputs (or against a baseline)", _args_bench, _bench),
+    ("optimize", "apply a recipe to a saved model and save the result", _args_optimize, _optimize),
+    ("tune", "search for the fastest recipe within a fidelity budget (needs [tune])", _args_tune, _tune),
+    ("serve", "serve a saved model over HTTP on Ray Serve (needs [ray])", _args_serve, _serve),
+    ("monitor", "print a live table of a served model's metrics", _args_monitor, _monitor),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigc-opt", description="Make models smaller and faster for a "
                                      "named piece of hardware, and prove it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="optimize the embedded MiniLM model and print the before/after report")
-    demo.add_argument("--iters", type=int, default=30, help="interleaved timing rounds (default 30)")
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=128)
-    demo.add_argument("--no-compile", action="store_true", help="skip Compile('inductor')")
-    demo.add_argument("--markdown", action="store_true", help="print the report as markdown")
-    demo.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    demo.set_defaults(func=_demo)
-
-    targets = sub.add_parser("targets", help="list the built-in hardware targets")
-    targets.add_argument("--json", action="store_true")
-    targets.add_argument("--detect", action="store_true", help="describe this machine instead")
-    targets.add_argument("--measure", action="store_true", help="measure this machine's FLOP/s and bandwidth")
-    targets.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
-    targets.set_defaults(func=_targets)
-
-    bench = sub.add_parser("bench", help="benchmark a saved model on its example inputs (or against a baseline)")
-    bench.add_argument("model_dir")
-    bench.add_argument("--baseline", metavar="DIR", help="a saved baseline model: compare against it")
-    bench.add_argument("--out", metavar="DIR", help="write report.json/.md/.txt/.png (or measurement.json) here")
-    bench.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
-    bench.add_argument("--target", default=None)
-    bench.add_argument("--iters", type=int, default=None, help="timed rounds (default: until stable, max 20-30 s)")
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
-    bench.set_defaults(func=_bench)
-
-    optimize = sub.add_parser("optimize", help="apply a recipe to a saved model and save the result")
-    optimize.add_argument("model_dir")
-    optimize.add_argument("--recipe", required=True, help="YAML or JSON recipe (Pipeline.save writes one)")
-    optimize.add_argument("--target", default=None, help="target name (default: the one saved)")
-    optimize.add_argument("-o", "--output", required=True, help="directory to save the optimized model to")
-    optimize.add_argument("--iters", type=int, default=30)
-    optimize.add_argument("--no-compare", action="store_true", help="skip the before/after report")
-    optimize.add_argument("--no-top1", action="store_true",
-                          help="leave out top-1 agreement (for outputs that are not scores, e.g. embeddings)")
-    optimize.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
-    optimize.set_defaults(func=_optimize)
-
-    tune_ = sub.add_parser("tune", help="search for the fastest recipe within a fidelity budget (needs [tune])")
-    tune_.add_argument("model_dir")
-    tune_.add_argument("--max-drop", type=float, default=0.01,
-                       help="largest allowed drop of the outputs' mean cosine to the original (default 0.01)")
-    tune_.add_argument("--budget", default="20m", help="search wall time, e.g. 20m, 90s, 1h (default 20m)")
-    tune_.add_argument("-o", "--output", required=True,
-                       help="directory for recipe.yaml, tune.md, tune.json, front.png and the best model")
-    tune_.add_argument("--target", default=None, help="target name (default: the one saved)")
-    tune_.add_argument("--storage", default=None, help="SQLite file (or Optuna URL) to resume the search from")
-    tune_.add_argument("--executor", choices=["local", "ray"], default="local")
-    tune_.add_argument("--max-trials", type=int, default=None)
-    tune_.add_argument("--time-per-trial", type=float, default=10.0, help="most seconds of timing per trial")
-    tune_.add_argument("--routes", help="comma-separated: none and/or exporters (default: all)")
-    tune_.add_argument("--quantize", help="comma-separated quantization methods (default: all)")
-    tune_.add_argument("--compile", help="comma-separated compile backends (default: all)")
-    tune_.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
-    tune_.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
-    tune_.set_defaults(func=_tune)
-
-    serve_ = sub.add_parser("serve", help="serve a saved model over HTTP on Ray Serve (needs [ray])")
-    serve_.add_argument("model_dir")
-    serve_.add_argument("--route", default="/predict")
-    serve_.add_argument("--host", default="127.0.0.1")
-    serve_.add_argument("--port", type=int, default=8000)
-    serve_.add_argument("--max-batch-size", type=int, default=16)
-    serve_.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2 ms)")
-    serve_.add_argument("--tokenizer", metavar="DIR", help="tokenizer files: text requests {\"text\": ...}")
-    serve_.add_argument("--replicas", type=int, default=1)
-    serve_.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves")
-    serve_.add_argument("--baseline", metavar="DIR", help="a saved reference model: monitor drift against it")
-    serve_.add_argument("--sample-rate", type=float, default=0.01, help="fraction of calls checked for drift")
-    serve_.add_argument("--address", default=None, help="Ray cluster address (default: a local one)")
-    serve_.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
-    serve_.set_defaults(func=_serve)
-
-    monitor_ = sub.add_parser("monitor", help="print a live table of a served model's metrics")
-    monitor_.add_argument("url", nargs="?", default="http://127.0.0.1:8000/predict/metrics",
-                          help="a metrics endpoint (default: aigc-opt serve's, http://127.0.0.1:8000/predict/metrics)")
-    monitor_.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    monitor_.add_argument("--count", type=int, default=0, help="refreshes before exiting (default: until Ctrl-C)")
-    monitor_.set_defaults(func=_monitor)
+    for name, help_text, add_arguments, run in _COMMANDS:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 

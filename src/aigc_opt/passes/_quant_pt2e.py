@@ -44,7 +44,34 @@ def quantizer_for(target_arch: str, settings: Quantize) -> tuple[Any, str]:
     else:
         quantizer, name = x86.X86InductorQuantizer(), "X86InductorQuantizer"
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    annotate = quantizer.annotate
+
+    def annotate_floats_only(model: Any) -> Any:
+        model = annotate(model)
+        _drop_integer_annotations(model)
+        return model
+
+    quantizer.annotate = annotate_floats_only  # this instance only
     return quantizer, name
+
+
+def _drop_integer_annotations(model: Any) -> None:
+    """Remove observers the quantizer asked for on integer tensors. torchao's x86 quantizer annotates
+    binary ops by pattern, so a diffusion UNet's ``timestep * scale`` on int64 steps gets a
+    histogram observer, which fails (``histc`` is not implemented for Long); int8 scales mean
+    nothing for integer tensors anyway."""
+    def integer(node: Any) -> bool:
+        value = getattr(node, "meta", {}).get("val")
+        return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point
+
+    for node in model.graph.nodes:
+        annotation = node.meta.get("quantization_annotation")
+        if annotation is None:
+            continue
+        for source in [n for n in annotation.input_qspec_map if integer(n)]:
+            del annotation.input_qspec_map[source]
+        if annotation.output_qspec is not None and integer(node):
+            annotation.output_qspec = None
 
 
 def _check_static(settings: Quantize, target: Target, fmt: str) -> None:
