@@ -222,6 +222,7 @@ class TuneResult:
         ax.set_ylabel(f"{self.metric_name} drop (lower is better)")
         ax.set_title(f"ao.tune: {self.model_name} on {self.target}")
         ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
         return fig
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
