@@ -7,7 +7,7 @@ hits all of them alike; the median and the mean latency of each are compared wit
 call's (ratio of medians with a paired-bootstrap 95% interval). Sampled drift checks run the
 baseline (here the fp32 model itself) on the same inputs: they show in the mean, not the median.
 
-    python benchmarks/monitor_overhead.py            # ~3 minutes on 2 cores
+    python benchmarks/monitor_overhead.py            # a few minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -119,11 +119,14 @@ def markdown(results: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = base_parser(__doc__)
-    parser.add_argument("--mlp-rounds", type=int, default=3000)
-    parser.add_argument("--minilm-rounds", type=int, default=150)
+    parser.add_argument("--mlp-rounds", type=int, default=1000)
+    parser.add_argument("--minilm-rounds", type=int, default=60)
     args = parser.parse_args()
-    cases = [measure(*mlp_case(), rounds=args.mlp_rounds, warmup=50),
-             measure(*minilm_case(), rounds=args.minilm_rounds, warmup=5)]
+    cases = []
+    for make, rounds, warmup in ((mlp_case, args.mlp_rounds, 50), (minilm_case, args.minilm_rounds, 5)):
+        start = time.perf_counter()
+        cases.append(measure(*make(), rounds=rounds, warmup=warmup))
+        print(f"{cases[-1]['model']}: {time.perf_counter() - start:.0f} s", flush=True)
     results = {**result_header("monitor_overhead"), "machine": machine_info(), "cases": cases}
     print(write_results("monitor_overhead", results, markdown(results), args.results_dir))
 
