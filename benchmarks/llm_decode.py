@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="256-token windows of held-out text for fidelity")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (its own venv)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only the ONNX recipes whose names contain one of these strings")
     parser.add_argument("--lock", type=Path, default=None,
                         help="flock this file: shared while building and scoring, exclusive while timing")
     parser.add_argument("--no-alone", action="store_true",
@@ -166,8 +168,8 @@ def main() -> None:
     tok = base.tokenizer
     source = base.architecture["source"]
     onnx_fp32 = named(ao.export(base, "onnx"), "ONNX fp32")
-    # Compile("onnxruntime"): transformer fusions (RMSNorm, rotary, attention); spin_wait: a decode step is
-    # ~2,000 small kernels, and waking the second thread for each cost 13.6 -> 19 ms/token (measured).
+    # Compile("onnxruntime"): GroupQueryAttention and RMSNorm fusions; spin_wait: a decode step is still
+    # ~850 small kernels, and waking the second thread for each cost 13.6 -> 19 ms/token (measured, unfused).
     ort = dict(spin_wait=True)
     recipes = [
         ("ONNX int4-weight-only, GGUF blocks reused + ORT", dict(method="int4-weight-only"), ort),
@@ -175,8 +177,13 @@ def main() -> None:
         ("ONNX int8-weight-only + ORT", dict(method="int8-weight-only", reuse_blocks=False), ort),
         ("ONNX int8-dynamic", dict(method="int8-dynamic"), None),
     ]
-    candidates = [onnx_fp32, named(ao.compile(onnx_fp32, "onnxruntime", **ort), "ONNX fp32 + ORT")]
+    wanted = lambda name: args.only is None or any(k in name for k in args.only)  # noqa: E731
+    candidates = [onnx_fp32] if wanted(onnx_fp32.name) else []
+    if wanted("ONNX fp32 + ORT"):
+        candidates.append(named(ao.compile(onnx_fp32, "onnxruntime", **ort), "ONNX fp32 + ORT"))
     for name, kw, compile_kw in recipes:
+        if not wanted(name):
+            continue
         q = ao.quantize(onnx_fp32, **kw)
         candidates.append(named(ao.compile(q, "onnxruntime", **compile_kw) if compile_kw is not None else q, name))
 
@@ -284,7 +291,7 @@ def main() -> None:
                "new_tokens": args.max_new_tokens, "rounds": args.rounds, "fidelity_positions": reference.positions,
                "rows": rows, "reports": {str(b): r.to_dict() for b, r in reports.items()},
                "llamacpp": llamacpp, "quantize_details": {m.name: [r.details for r in m.history if r.pass_type == "Quantize"]
-                                     for m in candidates[2:]}}
+                                     for m in candidates if "weight-only" in m.name or "dynamic" in m.name}}
     mb = lambda b: f"{b / 1e6:.0f}" if b else "-"  # noqa: E731
     table = markdown_table(
         ["batch", "model", "decode ms/token (p50)", "alone: ms/token", "tokens/s", "prefill tok/s", "MB read/token",

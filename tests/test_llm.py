@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -175,12 +174,25 @@ def test_int4_reuses_the_gguf_blocks_and_keeps_fidelity(smollm2, smollm2_onnx, w
     q4 = ao.quantize(smollm2_onnx, "int4-weight-only")
     details = q4.history[-1].details
     assert details["gguf_blocks_reused"] == {"Q4_1": 210, "Q8_0": 1} and details["requantized_nodes"] == 0
-    assert details["tied_lm_head"]["untied"] and details["matmulnbits_nodes"] == 211
+    # Q/K/V and gate/up each merged into one MatMulNBits: 4 per layer + the lm_head
+    assert details["tied_lm_head"]["untied"] and details["matmulnbits_nodes"] == 121
+    assert details["merged_matmul_groups"] == 60
     ref, s = text_scores(smollm2, windows), text_scores(q4, windows)
     # measured 2026-12-01 (AVX-512 VNNI host, accuracy_level 4: int8 activations): 0.9745 over 510 positions,
     # perplexity -0.1%; with fp32 activations (accuracy_level 0) the reused blocks reproduce fp32 exactly.
     assert agreement(ref, s) >= (0.95 if details["accuracy_level"] == 4 else 0.995)
     assert abs(s.perplexity / ref.perplexity - 1) <= 0.03
+    # Compile: each layer's attention one GroupQueryAttention reading the merged Q|K|V as its packed input
+    import onnx
+
+    fast = ao.compile(q4, "onnxruntime")
+    assert fast.history[-1].details["transformer_fusions"]["fused"]["group_query_attention"] == 30
+    gqa = [n for n in onnx.load(str(fast.artifact.path), load_external_data=False).graph.node
+           if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 30 and all(n.input[1] == "" and n.input[2] == "" for n in gqa)
+    f = text_scores(fast, windows)
+    assert agreement(ref, f) >= (0.95 if details["accuracy_level"] == 4 else 0.995)
+    assert abs(f.perplexity / ref.perplexity - 1) <= 0.03
     q4.save(tmp_path / "q4")
     manifest = json.loads((tmp_path / "q4" / "manifest.json").read_text())
     assert manifest["architecture"]["source"]["file_type"] == "MOSTLY_Q4_1"  # the GGUF's quantization travels
