@@ -287,7 +287,8 @@ def main() -> None:
     md = [f"# Image generation ({data['date']})", "", f"Machine: {describe_machine(machine)}.",
           f"{args.images} class-conditional images per model in batches of {args.batch}, same initial noise; "
           f"digits classifier test accuracy {clf_acc:.3f}. Speed-ups are median whole-run time ratios "
-          "(baseline / candidate) with 95% paired-bootstrap intervals.", "",
+          "(baseline / candidate) with 95% paired-bootstrap intervals. Peak MB/step is the torch allocator's "
+          "peak during one call (the profiler's): ONNX Runtime's and OpenVINO's own arenas are not seen (0.00).", "",
           f"## Diffusion: UNet2DModel, DDIM {args.steps} steps (trained {unet_info['train_steps']} steps)", "",
           *table(unet_rows), "", f"Verdict: {data['unet']['verdict']}", "",
           f"## GAN: conditional DCGAN generator (trained {gan_info['train_steps']} steps)", "",
