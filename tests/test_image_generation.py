@@ -86,6 +86,10 @@ def test_calibration_spread_over_the_trajectory_and_single_timestep_warned(model
     with caplog.at_level(logging.WARNING, logger="aigc_opt"):
         diffusion.check_calibration(single)
     assert "single timestep" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aigc_opt"):  # the capability a calibrating pass can call
+        assert model.artifact.check_calibration(single) == diffusion.timesteps_of(single)
+    assert "single timestep" in caplog.text
     with pytest.raises(ConfigError, match="no step|No step"):
         diffusion.calibration_data(model, ddim(), steps=4, seeds=[0], class_labels=[0], timesteps=[7])
 

@@ -86,6 +86,10 @@ class Denoiser(torch.nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states=class_labels, return_dict=False)[0]
         return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
+    def check_calibration(self, data: Sequence[Any]) -> list[int]:
+        """Capability for a calibrating pass: warn when ``data`` covers one timestep (:func:`check_calibration`)."""
+        return check_calibration(data)
+
     def aigc_architecture(self) -> dict[str, Any]:
         return {"name": "diffusers-denoiser", "kwargs": {"class_name": type(self.unet).__name__,
                                                           "config": _plain_config(self.unet)}}
