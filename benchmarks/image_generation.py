@@ -52,51 +52,8 @@ def locked(path: str | None, exclusive: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# ---------------------------------------------------------------------------------------------- torchao workaround
-@contextlib.contextmanager
-def integer_annotation_fix() -> Iterator[None]:
-    """torchao's X86InductorQuantizer annotates ``aten.mul`` of two integer tensors (the UNet's
-    ``timesteps * torch.ones(batch)``), and calibration fails in ``torch.histc`` on int64. Until
-    ``passes/_quant_pt2e.quantizer_for`` drops annotations on non-float nodes (reported to the lead),
-    this patches it for the runs that need it; the JSON says which."""
-    from aigc_opt.passes import _quant_pt2e
-
-    original = _quant_pt2e.quantizer_for
-
-    def fixed(*args: Any, **kwargs: Any) -> Any:
-        quantizer, name = original(*args, **kwargs)
-        annotate = quantizer.annotate
-
-        def annotate_floats(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            gm = annotate(gm)
-            for node in gm.graph.nodes:
-                ann = node.meta.get("quantization_annotation")
-                if ann is None:
-                    continue
-                values = [n.meta.get("val") for n in ann.input_qspec_map]
-                if any(v is not None and not v.dtype.is_floating_point for v in values):
-                    del node.meta["quantization_annotation"]
-            return gm
-
-        quantizer.annotate = annotate_floats
-        return quantizer, name
-
-    _quant_pt2e.quantizer_for = fixed
-    try:
-        yield
-    finally:
-        _quant_pt2e.quantizer_for = original
-
-
 def int8_static(model: ao.Model, data: list[Any], notes: dict[str, Any]) -> ao.Model:
-    try:
-        return ao.quantize(model, "int8-static", data=data, verbose=False)
-    except ao.errors.PassError as e:
-        if "histogram_cpu" not in str(e):
-            raise
-        notes["int8_static_needs_integer_annotation_fix"] = True
-        with integer_annotation_fix():
-            return ao.quantize(model, "int8-static", data=data, verbose=False)
+    return ao.quantize(model, "int8-static", data=data, verbose=False)
 
 
 # ---------------------------------------------------------------------------------------------- candidates
@@ -155,14 +112,7 @@ def unet_recipes(base: ao.Model, calib: dict[str, list[Any]], notes: dict[str, A
 
 
 def per_timestep(base: ao.Model, data: list[Any], notes: dict[str, Any]) -> ao.Model:
-    try:
-        return diffusion.per_timestep(base, data, bands=2, then=lambda q: ao.compile(q, "inductor"))
-    except ao.errors.PassError as e:
-        if "histogram_cpu" not in str(e):
-            raise
-        notes["int8_static_needs_integer_annotation_fix"] = True
-        with integer_annotation_fix():
-            return diffusion.per_timestep(base, data, bands=2, then=lambda q: ao.compile(q, "inductor"))
+    return diffusion.per_timestep(base, data, bands=2, then=lambda q: ao.compile(q, "inductor"))
 
 
 def gan_recipes(base: ao.Model, calib: list[Any]) -> list[tuple[str, Any]]:
@@ -245,7 +195,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from diffusers import DDIMScheduler
 
-    notes: dict[str, Any] = {"int8_static_needs_integer_annotation_fix": False}
+    notes: dict[str, Any] = {}
     with locked(args.lock, exclusive=False):
         x, y = digits_16()
         xtr, ytr, xte, yte = split(x, y)
@@ -296,9 +246,6 @@ def main() -> None:
     failed = [b for b in unet_builds + gan_builds if "error" in b]
     if failed:
         md += ["## Recipes that failed", "", *[f"- {b['recipe']}: {b['error']}" for b in failed], ""]
-    if notes["int8_static_needs_integer_annotation_fix"]:
-        md += ["Note: int8-static ran with the integer-annotation fix patched in (torchao annotates the UNet's "
-               "int64 timestep mul; see docs/image_generation.md).", ""]
     print(write_results("image_generation", data, md, args.results_dir, json_default=str,
                         figures=[("image_generation-unet.png", Grid(unet_rep)),
                                  ("image_generation-gan.png", Grid(gan_rep))]))

@@ -111,9 +111,8 @@ def test_timestep_bands_route_by_timestep():
         bands(x)
 
 
-@pytest.mark.xfail(strict=True, reason="torchao's X86InductorQuantizer annotates the UNet's int64 timestep mul "
-                   "(histc on Long); fix in passes/_quant_pt2e.quantizer_for (see docs/image_generation.md)")
 def test_int8_static_on_a_unet(model):
+    """Regression: torchao's x86 quantizer annotated the UNet's int64 timestep mul (histc on Long)."""
     calib = diffusion.calibration_data(model, ddim(), steps=2, seeds=range(4), class_labels=LABELS)
     q = ao.quantize(model, "int8-static", data=calib, verbose=False)
     assert q(*model.example_inputs).shape == (4, 1, 8, 8)
