@@ -111,11 +111,18 @@ def test_timestep_bands_route_by_timestep():
         bands(x)
 
 
-def test_int8_static_on_a_unet(model):
+def test_int8_static_on_a_unet(model, caplog):
     """Regression: torchao's x86 quantizer annotated the UNet's int64 timestep mul (histc on Long)."""
     calib = diffusion.calibration_data(model, ddim(), steps=2, seeds=range(4), class_labels=LABELS)
     q = ao.quantize(model, "int8-static", data=calib, verbose=False)
-    assert q(*model.example_inputs).shape == (4, 1, 8, 8)
+    out, ref = q(*model.example_inputs), model(*model.example_inputs)
+    assert out.shape == ref.shape == (4, 1, 8, 8)
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.95
+    # Quantize asks the model whether its calibration data is poor: one timestep is warned about
+    single = [b for b in calib if int(b[1][0]) == int(calib[0][1][0])]
+    with caplog.at_level(logging.WARNING, logger="aigc_opt"):
+        ao.quantize(model, "int8-static", data=single, verbose=False)
+    assert "single timestep" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- from_diffusers
@@ -134,6 +141,8 @@ def test_from_diffusers_loads_the_component(pipeline_dir, unet):
     assert torch.allclose(m(x, t, y), unet(x, t, class_labels=y).sample, atol=1e-6)
     again = diffusion.from_diffusers(pipeline_dir / "unet")  # the component's own directory
     assert torch.allclose(again(x, t, y), m(x, t, y))
+    via_model = ao.Model.from_diffusers(pipeline_dir, component="unet", batch_size=2)
+    assert torch.allclose(via_model(x, t, y), m(x, t, y))
 
 
 def test_from_diffusers_bad_directories(pipeline_dir, tmp_path, unet):

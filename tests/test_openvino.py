@@ -99,6 +99,29 @@ def test_int8_static_with_nncf_keeps_embeddings(exported):
 
 
 @needs_openvino
+def test_auto_picks_an_nncf_method_from_the_data_given(exported):
+    base, ov = exported
+    weight_only = ao.quantize(ov, "auto")
+    record = weight_only.history[-1]
+    assert record.details["method"] == "int8-weight-only" and "without calibration data" in record.details["auto_reason"]
+    static = ao.quantize(ov, "auto", data=[batch(4, 16, seed=s) for s in range(4)])
+    assert static.history[-1].details["method"] == "int8-static" and static.history[-1].details["model_type"]
+    inputs = batch(3, 20, seed=7)
+    assert cosine(static(**inputs), base(**inputs)).min() > 0.98
+    assert cosine(weight_only(**inputs), base(**inputs)).min() > 0.99
+
+
+def test_host_lists_openvino_on_x86_only(monkeypatch):
+    import platform
+
+    from aigc_opt import target as target_module
+
+    for machine, expected in (("x86_64", True), ("aarch64", False)):
+        monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
+        assert target_module._detect_host().has_backend("openvino") is expected, machine
+
+
+@needs_openvino
 def test_weight_compression(exported):
     base, ov = exported
     q8 = ao.quantize(ov, "int8-weight-only")

@@ -461,6 +461,12 @@ class Model:
         :func:`aigc_opt.hf.from_gguf`."""
         return MODEL_SOURCES.get("gguf")(path, **kwargs)
 
+    @classmethod
+    def from_diffusers(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
+        """A diffusers UNet or VAE component (``component="unet"``/``"vae"``; needs
+        ``aigc-opt[diffusion]``); see :func:`aigc_opt.diffusion.from_diffusers`."""
+        return MODEL_SOURCES.get("diffusers")(path, **kwargs)
+
 
 def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:
     """Write a state dict as safetensors if it can be, else with torch.save; return the

@@ -304,6 +304,8 @@ def _detect_host() -> Target:
     arch, dtypes, simd = cpu_arch(machine, flags)
     model_name = cpu_model_name()
     backends = ["torch", "onnxruntime-cpu"]
+    if machine in ("x86_64", "AMD64"):  # OpenVINO's CPU plugin runs on x86-64 (its Arm build is separate)
+        backends.append("openvino")
     device_type: DeviceType = "cpu"
     if platform.system() == "Darwin" and machine == "arm64" and torch.backends.mps.is_available():
         device_type, backends = "mps", ["torch", "onnxruntime-coreml", "coreml"]

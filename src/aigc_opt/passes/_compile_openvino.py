@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError
+from ._compile_settings import OpenVINOSettings
 from .compile import COMPILE_BACKENDS, Compile, CompileBackend
 
 if TYPE_CHECKING:
@@ -66,9 +67,6 @@ def openvino_precision(settings: Compile, target: Target, device: str) -> str:
 
 
 def _check_openvino(settings: Compile, target: Target) -> None:
-    if settings.shapes == "buckets":
-        raise ConfigError("Compile('openvino', shapes='buckets'): OpenVINO runs every length on one dynamic "
-                          "compile; use shapes='dynamic' (default) or 'static' (the example's shape).")
     device = openvino_device(settings, target)  # before the import: a wrong target is said first
     ov = require("openvino", extra="openvino", purpose="Compile('openvino')")
     if device != "CPU" and not any(d.startswith(device) for d in ov.Core().available_devices):
@@ -163,6 +161,6 @@ def _static_shapes(model: Model) -> tuple[tuple[int, ...], ...]:
 
 COMPILE_BACKENDS.register("openvino", CompileBackend(
     name="openvino", check=_check_openvino, build=lambda artifact, settings: artifact, run=_run_openvino,
-    formats=("openvino",), output_format="openvino", settings=("threads", "device", "precision", "shapes"),
+    formats=("openvino",), output_format="openvino", settings_type=OpenVINOSettings,
     description="OpenVINO compiled model (CPU; Intel GPU/NPU targets), precision hint from the target",
 ))

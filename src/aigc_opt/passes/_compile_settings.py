@@ -88,6 +88,10 @@ class OpenVINOSettings:
     threads: int | None = bounded(None, 1, MAX_THREADS, hint="from the target")
     device: OpenVINODevice | None = None
     precision: OpenVINOPrecision | None = None
+    shapes: ShapePolicy | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "Compile")
+        if self.shapes == "buckets":
+            raise ConfigError("Compile('openvino', shapes='buckets'): OpenVINO runs every length on one dynamic "
+                              "compile; use shapes='dynamic' (default) or 'static' (the example's shape).")

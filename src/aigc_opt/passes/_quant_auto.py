@@ -16,10 +16,18 @@ __all__ = ["choose_method", "INT8_DOT_FEATURES"]
 INT8_DOT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
-def choose_method(target: Target, fmt: str = "torch", *, decoder: bool = False) -> tuple[str, str]:
+def choose_method(target: Target, fmt: str = "torch", *, decoder: bool = False,
+                  calibrated: bool = False) -> tuple[str, str]:
     """``(method, reason)`` for ``target`` and model format ``fmt``; ``decoder``: an ONNX causal-LM
-    step with its KV cache, whose decoding is bound by the bytes of weights read per token."""
+    step with its KV cache, whose decoding is bound by the bytes of weights read per token;
+    ``calibrated``: calibration data was given (static methods become possible)."""
     dtypes = set(target.dtypes)
+    if fmt == "openvino":  # NNCF's methods (passes/_quant_nncf.py); it has no dynamic int8
+        if calibrated:
+            return "int8-static", (f"OpenVINO model on {target.name!r} with calibration data: NNCF int8 "
+                                   "weights and activations (measured 0.27x fp32 on MiniLM, docs/openvino.md)")
+        return "int8-weight-only", (f"OpenVINO model on {target.name!r} without calibration data: NNCF int8 "
+                                    "weight compression; give data= for int8 activations too")
     if fmt == "onnx" and decoder and target.device_type in ("cpu", "cuda"):
         # Measured on SmolLM2-135M (benchmarks/results/llm_decode.md): int8-dynamic (per-token int8
         # activations everywhere) left fp32's greedy path after ~5 tokens and decoded slower than fp32;

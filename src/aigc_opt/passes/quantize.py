@@ -151,8 +151,12 @@ class Quantize(Pass):
             return QUANT_METHODS.get(self.method), None
         from ._quant_auto import choose_method
 
-        name, reason = choose_method(target, fmt, decoder=decoder)
+        name, reason = choose_method(target, fmt, decoder=decoder, calibrated=self.data is not None)
         return QUANT_METHODS.get(name), reason
+
+    def _resolved(self, target: Target, fmt: str) -> Quantize:
+        """These settings with ``"auto"`` replaced by the method it resolves to."""
+        return self if self.method != AUTO else dataclasses.replace(self, method=self.resolve(target, fmt)[0].name)
 
     @property
     def spec(self) -> QuantMethod:
@@ -168,7 +172,7 @@ class Quantize(Pass):
         if fmt == "openvino":  # NNCF's methods (passes/_quant_nncf.py)
             from ._quant_nncf import check_openvino
 
-            return check_openvino(self, target)
+            return check_openvino(self._resolved(target, fmt), target)
         spec, _ = self.resolve(target, fmt)
         label = f"Quantize(method={spec.name!r})"
         if fmt not in spec.formats:
@@ -220,7 +224,7 @@ class Quantize(Pass):
         if model.format == "openvino":
             from ._quant_nncf import check_openvino_model
 
-            return check_openvino_model(self, model)
+            return check_openvino_model(self._resolved(model.target, model.format), model)
         spec, _ = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.max_drop is not None and self.eval_fn is None:
             raise ConfigError("Quantize: max_drop needs eval_fn=(model -> metric, higher is better) at run time.")
@@ -232,6 +236,10 @@ class Quantize(Pass):
         if model.format != "torch":
             return
         module = unwrap(model.artifact)
+        # A model may say what makes calibration data poor for it (a denoiser: a single timestep).
+        check_calibration = getattr(module, "check_calibration", None)
+        if self.data is not None and spec.needs_data and callable(check_calibration):
+            check_calibration(self.data)
         names = [name for name, _ in module.named_modules() if name]
         unmatched = unmatched_patterns(self.skip, names)
         if unmatched:
@@ -284,7 +292,9 @@ class Quantize(Pass):
         if model.format == "openvino":
             from ._quant_nncf import quantize_openvino
 
-            return quantize_openvino(model, self)
+            spec, reason = self.resolve(model.target, model.format)
+            artifact, details = quantize_openvino(model, self._resolved(model.target, model.format))
+            return artifact, ({"method": spec.name, "auto_reason": reason, **details} if reason else details)
         spec, reason = self.resolve(model.target, model.format, decoder=_is_decoder(model))
         if self.eval_fn is not None:
             from ._quant_fallback import quantize_within_budget
