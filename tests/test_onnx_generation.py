@@ -262,6 +262,11 @@ def test_compile_fuses_llama_attention_into_group_query_attention(llama, tmp_pat
     got = onnx_rt.next_token_logits(fused.artifact, ids, mask)
     want = onnx_rt.next_token_logits(exported.artifact, ids, mask)
     assert (got - want)[mask == 1].abs().max() < 1e-4
+    # end of sequence on a token the model does emit, and min_new_tokens holding it back, as transformers
+    stop = int(expected[0, 9])
+    for kw in ({"eos_token_id": stop}, {"eos_token_id": stop, "min_new_tokens": 4}):
+        assert torch.equal(fused.generate(ids, mask, max_new_tokens=8, pad_token_id=0, **kw),
+                           llama.generate(ids, mask, max_new_tokens=8, pad_token_id=0, **kw))
     fused.save(tmp_path / "fused")
     loaded = ao.Model.load(tmp_path / "fused")
     assert torch.equal(loaded.generate(ids, mask, max_new_tokens=8, pad_token_id=0), expected)

@@ -74,6 +74,8 @@ def attention_metadata(lm: torch.nn.Module, onnx_model: Any, heads: int, kv_head
     rotary = next((m for m in lm.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)), None)
     if reason is None and (rotary is None or 2 * rotary.inv_freq.numel() != head_dim):
         reason = "no rotary embedding over the whole head (partial or none)"
+    if reason is None and (heads <= 0 or heads % kv_heads):
+        reason = f"{heads} query heads for {kv_heads} key/value heads"
     if reason is not None:
         return {"fusable": False, "reason": reason}
     produced: dict[str, tuple[str, ...]] = {}  # tensor -> the scope of its producer

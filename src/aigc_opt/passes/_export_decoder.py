@@ -99,7 +99,6 @@ def _token_ids(inputs: Any) -> torch.Tensor:
 def export_decoder(model: Model, settings: Export) -> PassResult:
     from ..runtime.onnxruntime import OnnxArtifact, new_workdir
     from ._export_common import external_data_for, onnx_opset, short_error, verify_outputs
-    from ._decoder_fusions import DECODER_META_KEY, attention_metadata, set_metadata
 
     lm = unwrap(model.artifact)
     if settings.dynamic is not True:
@@ -138,14 +137,7 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
     import onnx
 
     onnx.checker.check_model(str(path), full_check=False)
-    proto = onnx.load(str(path), load_external_data=False)
-    if not takes_positions:  # the exporter drops an unused input: the runtime must not feed it
-        takes_positions = "position_ids" in [i.name for i in proto.graph.input]
-    # what Compile('onnxruntime') needs to fuse each layer's attention into GroupQueryAttention
-    # (the projections' tensors are found here, while the graph still names its modules)
-    attention = attention_metadata(lm, proto, int(lm.config.num_attention_heads), heads, head_dim)
-    set_metadata(proto, DECODER_META_KEY, attention)
-    onnx.save(proto, str(path))
+    takes_positions, attention = _annotate(lm, path, takes_positions, heads, head_dim)
     generation = {"layers": layers, "kv_heads": heads, "head_dim": head_dim,
                   "cache_dtype": str(dtype).removeprefix("torch."), "past": past_names, "present": present_names,
                   "position_ids": takes_positions, **_special_tokens(lm)}
@@ -161,6 +153,25 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
         details["max_abs_diff"] = _verify(step, artifact, ids, layers, heads, head_dim, dtype, settings,
                                           past_names, takes_positions, verify_outputs)
     return PassResult(artifact, details, example_inputs=flat_example)
+
+
+def _annotate(lm: torch.nn.Module, path: Any, takes_positions: bool, heads: int,
+              head_dim: int) -> tuple[bool, dict[str, Any]]:
+    """Whether the graph kept ``position_ids`` (the exporter drops an unused input: the runtime must not
+    feed it), and what Compile('onnxruntime') needs to fuse each layer's attention into
+    GroupQueryAttention, written into the graph's metadata (the projections' tensors are found
+    here, while the graph still names its modules)."""
+    import onnx
+
+    from ._decoder_fusions import DECODER_META_KEY, attention_metadata, set_metadata
+
+    proto = onnx.load(str(path), load_external_data=False)
+    takes_positions = takes_positions or "position_ids" in [i.name for i in proto.graph.input]
+    heads_q = int(getattr(lm.config, "num_attention_heads", 0) or 0)
+    attention = attention_metadata(lm, proto, heads_q, heads, head_dim)
+    set_metadata(proto, DECODER_META_KEY, attention)
+    onnx.save(proto, str(path))
+    return takes_positions, attention
 
 
 def _feed(ids: torch.Tensor, past_len: int, heads: int, head_dim: int, dtype: torch.dtype,
