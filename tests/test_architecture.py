@@ -150,3 +150,28 @@ def test_the_checker_sees_cycles_and_lazy_imports():
     seen = [t for n in ast.walk(tree) if id(n) not in hidden for t in _imported(n, "p", modules)]
     assert seen == ["p.b"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+MAX_FUNCTION_LINES = 60  # STYLE.md: a function past ~60 lines is probably two
+
+
+def long_functions(root: Path = SRC, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``file:function (lines)`` for every function of the library longer than ``limit`` lines."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(root)}:{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_over_60_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n\ndef short():\n    return 1\n")
+    assert long_functions(tmp_path) == [f"long.py:long ({MAX_FUNCTION_LINES + 1} lines)"]

@@ -109,6 +109,22 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GgufInfo:
         raise UnsupportedModelError(
             f"{str(path)!r} is truncated: its tensor table needs {end} bytes, the file has {size}"
             + (" (no tensors at all)" if not tensors else "") + ". Download the file again.")
+    architecture = _checked_architecture(path, reader)
+    file_type = _field(reader, "general.file_type")
+    try:
+        file_type_name = gguf.LlamaFileType(int(file_type)).name if file_type is not None else "unknown"
+    except ValueError:
+        file_type_name = f"unknown ({file_type})"
+    types = Counter(t.tensor_type.name for t in tensors)
+    return GgufInfo(path=path.absolute(), architecture=architecture, file_type=file_type_name,
+                    tensor_types=dict(types.most_common()), parameters=int(sum(int(t.n_elements) for t in tensors)),
+                    size_bytes=size, has_tokenizer=True,
+                    has_chat_template=_field(reader, "tokenizer.chat_template") is not None,
+                    tied_embeddings=all(t.name != "output.weight" for t in tensors))
+
+
+def _checked_architecture(path: Path, reader: Any) -> str:
+    """The GGUF's architecture, refused unless transformers reads it from GGUF and a tokenizer is embedded."""
     architecture = _field(reader, "general.architecture")
     if not isinstance(architecture, str):
         raise UnsupportedModelError(f"{str(path)!r} has no general.architecture field, so no loader knows how to "
@@ -127,17 +143,7 @@ def inspect_gguf(path: str | os.PathLike[str]) -> GgufInfo:
             f"{str(path)!r} has no tokenizer (no tokenizer.ggml.* fields), so its text cannot be encoded or "
             "decoded. Use a GGUF that embeds its tokenizer (llama.cpp's convert_hf_to_gguf.py writes it), or "
             "load the Hugging Face directory with Model.from_hf(dir).")
-    file_type = _field(reader, "general.file_type")
-    try:
-        file_type_name = gguf.LlamaFileType(int(file_type)).name if file_type is not None else "unknown"
-    except ValueError:
-        file_type_name = f"unknown ({file_type})"
-    types = Counter(t.tensor_type.name for t in tensors)
-    return GgufInfo(path=path.absolute(), architecture=architecture, file_type=file_type_name,
-                    tensor_types=dict(types.most_common()), parameters=int(sum(int(t.n_elements) for t in tensors)),
-                    size_bytes=size, has_tokenizer=True,
-                    has_chat_template=_field(reader, "tokenizer.chat_template") is not None,
-                    tied_embeddings=all(t.name != "output.weight" for t in tensors))
+    return architecture
 
 
 def require_llm_packages() -> None:

@@ -69,6 +69,22 @@ class Predictor:
         return batch
 
 
+def _checked_model(model_dir: str | os.PathLike[str], *, trust: bool, columns: list[str] | None,
+                   text_column: str | None, tokenizer: Any) -> Any:
+    """The saved model, loaded here (typed errors before any actor starts), checked against the columns."""
+    model = load_model(model_dir, trust=trust)
+    spec = InputSpec.of(model)
+    if text_column is not None and tokenizer is None:
+        raise ConfigError("ray_data: text_column= needs tokenizer= (a tokenizer or its local directory).")
+    if text_column is not None and not spec.text_like:
+        raise ConfigError(f"ray_data: text_column= needs a model taking token ids; {model.name} takes {spec.describe()}.")
+    if columns is not None and len(columns) != len(spec.names):
+        raise ConfigError(f"ray_data: columns={columns} names {len(columns)} column(s); the model takes "
+                          f"{len(spec.names)} ({spec.describe()}).")
+    load_tokenizer(tokenizer)  # fails here, typed, if it does not load
+    return model
+
+
 def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int = 32, num_cpus: float = 1,
              concurrency: int | None = None, columns: list[str] | None = None, text_column: str | None = None,
              tokenizer: Any = None, max_length: int | None = None, output_column: str = "output",
@@ -106,16 +122,7 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
     check_float("ray_data", "num_cpus", num_cpus, low=0.0, high=4096.0)
     check_int("ray_data", "concurrency", concurrency, low=1, high=100_000, optional=True, hint="CPUs / num_cpus")
     check_float("ray_data", "sample_rate", sample_rate, low=0.0, high=1.0)
-    model = load_model(model_dir, trust=trust)  # typed error before any actor starts
-    spec = InputSpec.of(model)
-    if text_column is not None and tokenizer is None:
-        raise ConfigError("ray_data: text_column= needs tokenizer= (a tokenizer or its local directory).")
-    if text_column is not None and not spec.text_like:
-        raise ConfigError(f"ray_data: text_column= needs a model taking token ids; {model.name} takes {spec.describe()}.")
-    if columns is not None and len(columns) != len(spec.names):
-        raise ConfigError(f"ray_data: columns={columns} names {len(columns)} column(s); the model takes "
-                          f"{len(spec.names)} ({spec.describe()}).")
-    load_tokenizer(tokenizer)  # fails here, typed, if it does not load
+    model = _checked_model(model_dir, trust=trust, columns=columns, text_column=text_column, tokenizer=tokenizer)
     settings = MonitorSettings.build(name or model.label, baseline=baseline, threshold=threshold,
                                      sample_rate=sample_rate, window=window, top1=top1, trust=trust)
     ray = connect(address, "ao.deploy.ray_data")
