@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/aigc-opt demo
 
+# The security tests run in a pytest process of their own: twice this session the whole suite in one
+# process died with SIGSEGV (no Python traceback) near the end of tests/test_security.py, after the
+# OpenVINO, ONNX Runtime and Ray tests had run in that process; they never crashed alone (see CHANGELOG).
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --ignore=tests/test_security.py --ignore=tests/test_security_runtime.py
+	$(PY) -m pytest tests/test_security.py tests/test_security_runtime.py
 
 bench: install
 	$(PY) benchmarks/minilm_int8.py
