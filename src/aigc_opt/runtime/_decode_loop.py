@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidInputError
+from .onnx_generation import _as_int64
 
 __all__ = ["DecoderLayout", "decoder_layout", "greedy_generate_bound", "right_padded_logits"]
 
@@ -69,14 +70,6 @@ def decoder_layout(artifact: Any) -> DecoderLayout | None:
     return DecoderLayout.from_generation(artifact.generation, json.loads(meta) if meta else None)
 
 
-def _int64(value: Any, name: str) -> np.ndarray:
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if array.ndim != 2 or array.dtype.kind not in "iub":
-        raise InvalidInputError(f"{name} must be a 2-D integer tensor (batch, length), got shape "
-                                f"{tuple(array.shape)} dtype {array.dtype}.")
-    return array.astype(np.int64)
-
-
 def _to_right(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(right-padded ids, their mask, real tokens per row) from a padded batch (either side)."""
     lengths = mask.sum(-1).astype(np.int64)
@@ -93,8 +86,8 @@ def _to_right(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, 
 def right_padded_logits(artifact: Any, layout: DecoderLayout, input_ids: Any, attention_mask: Any) -> torch.Tensor:
     """Logits at every prompt position of a right-padding graph, returned at the caller's positions
     (padding positions get zeros)."""
-    ids = _int64(input_ids, "input_ids")
-    mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask, "attention_mask")
+    ids = _as_int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
     right, right_mask, lengths = _to_right(ids, mask, 0)
     feed = _prefill_feed(layout, right, right_mask, cache_length=ids.shape[1])
     logits = artifact.session().run(["logits"], feed)[0]
@@ -147,8 +140,8 @@ def greedy_generate_bound(artifact: Any, layout: DecoderLayout, input_ids: Any, 
     shared-buffer decoder (``layout.shared_buffer``)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
-    ids = _int64(input_ids, "input_ids")
-    mask = np.ones_like(ids) if attention_mask is None else _int64(attention_mask, "attention_mask")
+    ids = _as_int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
     if mask.shape != ids.shape:
         raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
     eos = list(layout.eos_token_id) if eos_token_id is None else (
