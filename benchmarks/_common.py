@@ -21,13 +21,15 @@ Nothing here imports torch or aigc_opt at module level (the unit tests load it i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,21 @@ __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_
            "optimum_python", "peer_python"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def cpu_lock(path: str | os.PathLike[str] | None, exclusive: bool) -> Iterator[None]:
+    """``flock`` on ``path`` for the block: exclusive while timing, shared while building, so that
+    benchmarks sharing a machine never time while another one works; nothing when ``path`` is None."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def base_parser(doc: str | None = None) -> argparse.ArgumentParser:

@@ -18,38 +18,23 @@ lock on --lock, the timing under an exclusive one, so other users of the machine
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import logging
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import aigc_opt as ao
-from _common import base_parser, describe_machine, machine_info, markdown_table, result_header, write_results
+from _common import base_parser, cpu_lock, describe_machine, machine_info, markdown_table, result_header, write_results
 from _image_models import (SCHEDULER_CONFIG, Z_DIM, digits_16, split, train_classifier, train_gan, train_unet)
 from aigc_opt import diffusion
 from aigc_opt.bench.measurement import ratio_ci
 
 log = logging.getLogger("benchmarks.image_generation")
-
-
-@contextlib.contextmanager
-def locked(path: str | None, exclusive: bool) -> Iterator[None]:
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def int8_static(model: ao.Model, data: list[Any], notes: dict[str, Any]) -> ao.Model:
@@ -196,7 +181,7 @@ def main() -> None:
     from diffusers import DDIMScheduler
 
     notes: dict[str, Any] = {}
-    with locked(args.lock, exclusive=False):
+    with cpu_lock(args.lock, exclusive=False):
         x, y = digits_16()
         xtr, ytr, xte, yte = split(x, y)
         clf = train_classifier(xtr, ytr)
@@ -222,7 +207,7 @@ def main() -> None:
         gan_models, gan_builds = build(gan_recipes(gbase, gcalib))
     common = dict(seeds=range(args.images), class_labels=labels, batch_size=args.batch, rounds=args.rounds,
                   classifier=clf, real_images=xte)
-    with locked(args.lock, exclusive=True):
+    with cpu_lock(args.lock, exclusive=True):
         unet_rep = ao.bench.image_generation(base, *unet_models, scheduler=sched, steps=args.steps, **common)
         gan_rep = ao.bench.image_generation(gbase, *gan_models, scheduler=None, **{**common, "rounds": 5})
     peer = next((i for i, s in enumerate(unet_rep.stats) if s.name == "peer: torch.compile"), None)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import importlib.util
 import json
 import os
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 import aigc_opt as ao
-from _common import base_parser, machine_info, markdown_table, peer_python, result_header, write_results
+from _common import base_parser, cpu_lock, machine_info, markdown_table, peer_python, result_header, write_results
 from aigc_opt.bench import generation
 from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
 
@@ -122,20 +121,6 @@ def alone(model: ao.Model, prompt: list[int], new_tokens: int, rounds: int, work
     result = json.loads(out.stdout.strip().splitlines()[-1])
     tpot = [(t - f) / max(new_tokens - 1, 1) for t, f in zip(result["total"], result["ttft"])]
     return {**result, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(result["ttft"]))}
-
-
-@contextlib.contextmanager
-def cpu_lock(path: Path | None, exclusive: bool) -> Any:
-    """``flock`` on ``path`` (shared or exclusive) for the block; nothing when ``path`` is None."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _without_spin(model: ao.Model) -> ao.Model:
