@@ -258,3 +258,37 @@ def test_image_generation_one_call_generator_and_bad_input(model):
         ao.bench.image_generation(model, scheduler=ddim(), steps=2, seeds=range(4), class_labels=[0])
     with pytest.raises(ConfigError, match="steps=0"):
         ao.bench.image_generation(model, scheduler=ddim(), steps=0, seeds=range(4), class_labels=LABELS)
+
+
+def test_prune_handles_diffusers_blocks(model, tmp_path):
+    """Torch-Pruning removes channels from the convolutions; the prune structure rules set diffusers'
+    own size attributes again (Downsample2D asserts its input has ``channels``), and a load replays them."""
+    pytest.importorskip("torch_pruning")
+    pruned = ao.prune(model, 0.5, round_to=4)
+    unet = pruned.artifact.unet
+    checked = set()
+    for name, m in unet.named_modules():
+        kind = type(m).__name__
+        if kind in ("Downsample2D", "Upsample2D"):
+            assert m.channels == m.conv.in_channels and m.out_channels == m.conv.out_channels, name
+        elif kind == "ResnetBlock2D":
+            assert (m.in_channels, m.out_channels) == (m.conv1.in_channels, m.conv2.out_channels), name
+        elif kind == "Attention":
+            assert (m.query_dim, m.inner_dim, m.out_dim) == (m.to_q.in_features, m.to_q.out_features,
+                                                           m.to_out[0].out_features), name
+        else:
+            continue
+        checked.add(kind)
+    assert checked == {"Downsample2D", "Upsample2D", "ResnetBlock2D", "Attention"}
+    assert unet.down_blocks[0].downsamplers[0].channels == 4  # 8 -> 4: pruned, and the attribute follows
+    layers = pruned.history[-1].details["layers"]
+    assert layers["unet.down_blocks.0.downsamplers.0"]["channels"] == [8, 4]
+    sample, t, y = model.example_inputs
+    out = pruned(sample, t, y)
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+    images = diffusion.sample(pruned, ddim(), seeds=range(4), steps=2, class_labels=LABELS)
+    assert images.shape == (4, 1, 8, 8)
+    pruned.save(tmp_path / "pruned")
+    back = ao.Model.load(tmp_path / "pruned")
+    assert back.artifact.unet.down_blocks[0].downsamplers[0].channels == 4
+    assert torch.allclose(back(sample, t, y), out, atol=1e-6)

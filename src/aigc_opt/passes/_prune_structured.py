@@ -27,7 +27,7 @@ from .._deps import library_versions, require
 from .._tree import flatten_tensors, map_tensors, normalize_inputs, split_inputs
 from ..errors import ConfigError, UnsupportedModelError
 from . import _prune_hf as hf
-from ._prune_rules import IMPORTANCES, default_round_to
+from ._prune_rules import IMPORTANCES, STRUCTURE_RULES, default_round_to, structure_rule_key
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -79,6 +79,7 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
         torch.manual_seed(0)  # importance="random" is reproducible; the caller's RNG is restored
         selection = _select(tp, module, settings, one, forward_one, ran, attention, names)
         plan = _prune_in_place(tp, module, settings, selection, attention, names, one, forward_one, round_to, device)
+    _apply_structure_rules(module, forward_one)
     heads = _heads(module, attention, q_before)
     modules, layers = _diff(before, _snapshot(module))
     for n, a in attention.items():
@@ -377,6 +378,23 @@ def _plan(tp: Any, dg: Any, ignored: list[nn.Module], num_heads: dict[nn.Module,
         raise UnsupportedModelError(f"{settings.describe()} found no channels it may remove: every group of "
                                     f"coupled channels feeds an output or an ignored layer ({left_alone}).")
     return ratios, plan
+
+
+def _apply_structure_rules(module: nn.Module, forward: Callable[..., Any]) -> None:
+    """Set the size attributes of layers with a STRUCTURE_RULES entry from their pruned inputs: one
+    forward pass with pre-hooks (outer layers first, so an inner layer's check sees fixed values)."""
+    hooks = [m.register_forward_pre_hook(lambda m, args: STRUCTURE_RULES.get(structure_rule_key(m))(m, args))
+             for m in module.modules() if structure_rule_key(m) in STRUCTURE_RULES]
+    if not hooks:
+        return
+    try:
+        with torch.no_grad():
+            forward(module)
+    except Exception:
+        pass  # the check after pruning runs the model again and names the layer that fails
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _kept(n: int, ratio: float, round_to: int) -> int:
