@@ -175,3 +175,30 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     (tmp_path / "long.py").write_text(f"def long():\n{body}\n\ndef short():\n    return 1\n")
     assert long_functions(tmp_path) == [f"long.py:long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+# Format names the library's runtimes register (runtime/*.py: RUNTIMES.register(...)).
+FORMATS = {"torch", "torch.export", "onnx", "openvino", "tensorrt"}
+
+
+def format_branches(root: Path = SRC, modules: tuple[str, ...] = CORE) -> list[str]:
+    """``file:line`` of every comparison in a Core module between something and a format name:
+    Core reaches what a format does through the runtime registry, never by naming the format."""
+    names = _module_names()
+    found = []
+    for module in modules:
+        path = names.get(module) or root / (module.split(".", 1)[1].replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(c, ast.Constant) and c.value in FORMATS for c in [node.left, *node.comparators]):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_core_has_no_format_branches():
+    assert format_branches() == []
+
+
+def test_the_format_check_sees_a_branch(tmp_path):
+    (tmp_path / "m.py").write_text("def save(self):\n    if self.format != 'torch':\n        return 1\n")
+    assert format_branches(tmp_path, ("x.m",)) == ["m.py:2"]

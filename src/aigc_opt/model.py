@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._architecture import build_architecture, describe_architecture, materialize, structure_only
+from ._architecture import describe_architecture, structure_only
 from ._deps import library_versions
 from ._safety import contained, no_unpickling
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
@@ -34,24 +32,22 @@ from .errors import (
     AigcOptError,
     IntegrityError,
     InvalidInputError,
-    MissingDependencyError,
     UnsupportedModelError,
 )
 from ._version import __version__
 from .model_sources import MODEL_SOURCES
-from .record import PassRecord, replay
+from .record import PassRecord
 from .runtime import RUNTIMES, runtime_for
-from .runtime.torch_module import SAFETENSORS_METADATA, plan_weights, unwrap
+from .runtime._torch_store import load_tensors
+from .runtime.base import ModelFacts, manifest_field
+from .runtime.torch_module import unwrap
 from .target import Target
 
 __all__ = ["Model"]
 
 log = logging.getLogger("aigc_opt")
 
-WEIGHTS = "weights.pt"  # torch.save, read with weights_only=True: state dicts safetensors cannot hold
-SAFETENSORS = "model.safetensors"  # every entry a plain tensor
 EXAMPLE_INPUTS = "example_inputs.pt"
-PICKLED_MODULE = "module.pt"
 
 
 class Model:
@@ -272,23 +268,13 @@ class Model:
         A save killed at any point leaves ``path`` as it was (or holding the new save, complete).
         """
         path = Path(path)
-        if self.format != "torch":
-            return self._save_other_format(path)
+        runtime = runtime_for(self.format)
+        facts = ModelFacts(name=self.name, architecture=self.architecture, history=self.history,
+                           skeleton=self._skeleton)
         with atomic_directory(path) as tmp:
-            weights = _write_weights(unwrap(self.artifact).state_dict(), tmp)
-            if self._skeleton is not None:
-                # Nothing can rebuild a custom module from data, so its structure (before any
-                # pass, weights on the meta device: a few KB) is pickled; it is read only with
-                # Model.load(..., trust=True), otherwise module= gives the skeleton.
-                try:
-                    torch.save(self._skeleton, tmp / PICKLED_MODULE)
-                except (pickle.PicklingError, AttributeError, TypeError) as e:
-                    raise UnsupportedModelError(
-                        f"{self.name}'s module cannot be pickled ({e}). Build the Model with "
-                        "factory='package.module:function' so it can be rebuilt from data."
-                    ) from None
-            self._write_common(tmp, weights=weights)
-        log.info("saved %s to %s (weights: %s)", self.name, path, weights["format"])
+            stored = runtime.save(self.artifact, tmp, facts)
+            self._write_common(tmp, **{manifest_field(runtime): stored})
+        log.info("saved %s (%s) to %s", self.name, self.format, path)
         return path
 
     def _write_common(self, tmp: Path, **extra: Any) -> None:
@@ -306,11 +292,6 @@ class Model:
             "history": [r.to_dict() for r in self.history],
             "versions": library_versions(),
         })
-
-    def _save_other_format(self, path: Path) -> Path:
-        with atomic_directory(path) as tmp:
-            self._write_common(tmp, artifact=runtime_for(self.format).save(self.artifact, tmp))
-        return path
 
     @classmethod
     def load(
@@ -346,62 +327,30 @@ class Model:
     @classmethod
     def _load_verified(cls, path: Path, manifest: dict[str, Any], *, target: str | Target | None,
                        module: torch.nn.Module | None, trust: bool) -> Model:
-        files = manifest["files"]
         history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
-        if manifest["format"] != "torch":
-            if manifest["format"] not in RUNTIMES:
-                raise UnsupportedModelError(
-                    f"Saved format {manifest['format']!r:.40} is not supported by this aigc_opt "
-                    f"(it reads {RUNTIMES.names()}); upgrade aigc-opt."
-                )
-            artifact = runtime_for(manifest["format"]).load(path, manifest.get("artifact", {}), files=files,
-                                                            trust=trust)
-            return cls._loaded(path, manifest, artifact, history, target)
-        spec = manifest["architecture"]
-        if spec is None:
-            raise IntegrityError(f"The manifest of {str(path)!r} (format 'torch') has no architecture to rebuild.")
-        structure = None
-        if module is not None:
-            skeleton = copy.deepcopy(module)
-            structure = structure_only(module)
-        elif spec.get("builder") == "custom" and trust and (path / PICKLED_MODULE).exists():
-            try:
-                structure = torch.load(contained(path, PICKLED_MODULE, listed=files), map_location="cpu",
-                                       weights_only=False)
-            except (AttributeError, ImportError) as e:  # its class is not importable here
-                raise UnsupportedModelError(
-                    f"The saved module's class ({spec.get('class')!r}) cannot be found in this process: {e}. "
-                    "Import or define it first (a class defined in a script's __main__ exists only in that "
-                    "script), or pass module=<an instance>."
-                ) from None
-            skeleton = materialize(copy.deepcopy(structure))
-        else:
-            skeleton = build_architecture(spec, trust=trust, max_bytes=_weights_budget(path, manifest))
-        skeleton = replay(history, skeleton, where=str(path))
-        state = _read_weights(path, manifest.get("weights"), trust=trust, files=files)
-        try:
-            unwrap(skeleton).load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
+        if manifest["format"] not in RUNTIMES:
             raise UnsupportedModelError(
-                f"The saved weights in {str(path)!r} do not fit the rebuilt module: "
-                f"{str(e).splitlines()[0]} Pass module= an instance of the saved architecture."
-            ) from None
-        model = cls._loaded(path, manifest, skeleton, history, target)
-        if spec.get("builder") == "custom":
-            model._skeleton = structure
+                f"Saved format {manifest['format']!r:.40} is not supported by this aigc_opt "
+                f"(it reads {RUNTIMES.names()}); upgrade aigc-opt."
+            )
+        runtime = runtime_for(manifest["format"])
+        facts = ModelFacts(name=str(manifest.get("name", "")), architecture=manifest["architecture"],
+                           history=history, module=module)
+        artifact = runtime.load(path, manifest.get(manifest_field(runtime)) or {}, files=manifest["files"],
+                                trust=trust, facts=facts)
+        model = cls._loaded(path, manifest, artifact, history, target)
+        model._skeleton = facts.found.get("structure")
         return model
 
     @classmethod
     def _loaded(cls, path: Path, manifest: dict[str, Any], module: Any, history: tuple[PassRecord, ...],
                 target: str | Target | None) -> Model:
-        if isinstance(module, torch.nn.Module):
-            unwrap(module).eval()
         example_path = path / EXAMPLE_INPUTS
         model = cls.__new__(cls)
         model.artifact = module
         model.format = manifest["format"]
         model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
-        model.example_inputs = (_load_tensors(contained(path, EXAMPLE_INPUTS, listed=manifest["files"]), trust=False)
+        model.example_inputs = (load_tensors(contained(path, EXAMPLE_INPUTS, listed=manifest["files"]), trust=False)
                                 if example_path.exists() else None)
         model.name = manifest.get("name", type(unwrap(module)).__name__)  # before history: label = name+passes
         model.history = history
@@ -468,73 +417,6 @@ class Model:
         return MODEL_SOURCES.get("diffusers")(path, **kwargs)
 
 
-def _write_weights(state: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """Write a state dict as safetensors if it can be, else with torch.save; return the
-    manifest's ``weights`` entry (file, format, why, tied names)."""
-    plan = plan_weights(state)
-    if plan.format == "safetensors":
-        try:
-            import safetensors
-            from safetensors.torch import save_file
-        except ImportError:
-            plan = dataclasses.replace(plan, format="torch.save", reason="safetensors is not installed")
-        else:
-            save_file({k: v.detach().contiguous() for k, v in plan.tensors.items()}, directory / SAFETENSORS,
-                      metadata=SAFETENSORS_METADATA)
-            entry = {"file": SAFETENSORS, "format": "safetensors", "reason": plan.reason,
-                     "library": f"safetensors {safetensors.__version__}"}
-            if plan.aliases:
-                entry["aliases"] = dict(sorted(plan.aliases.items()))
-            return entry
-    torch.save(state, directory / WEIGHTS)
-    return {"file": WEIGHTS, "format": "torch.save", "reason": plan.reason}
-
-
-def _read_weights(path: Path, entry: dict[str, Any] | None, *, trust: bool, files: dict[str, str]) -> Any:
-    """The state dict as the manifest's ``weights`` entry says it was written (saves made
-    before that entry existed hold ``weights.pt``)."""
-    if entry is None:
-        return _load_tensors(contained(path, WEIGHTS, listed=files), trust=trust)
-    fmt, file = entry.get("format"), entry.get("file")
-    if fmt == "torch.save" and file == WEIGHTS:
-        return _load_tensors(contained(path, WEIGHTS, listed=files), trust=trust)
-    if fmt != "safetensors" or file != SAFETENSORS:
-        raise UnsupportedModelError(
-            f"{str(path)!r} holds weights as {fmt!r} in {file!r}; this aigc_opt reads 'safetensors' "
-            f"({SAFETENSORS}) and 'torch.save' ({WEIGHTS}). Upgrade aigc-opt to load it."
-        )
-    try:
-        from safetensors.torch import load_file
-    except ImportError as e:
-        raise MissingDependencyError("safetensors", None, f"Loading {str(path / SAFETENSORS)!r}") from e
-    try:
-        state = load_file(contained(path, SAFETENSORS, listed=files), device="cpu")
-    except Exception as e:  # the checksum matched, so the file was written like this
-        raise IntegrityError(f"{str(path / SAFETENSORS)!r} is not a readable safetensors file: {e}") from None
-    aliases = entry.get("aliases", {})
-    if not isinstance(aliases, dict):
-        raise IntegrityError(f"The manifest of {str(path)!r} has weights.aliases of type {type(aliases).__name__}.")
-    for alias, name in aliases.items():
-        if name not in state:
-            raise IntegrityError(f"The manifest of {str(path)!r} ties {alias!r} to {name!r}, which "
-                                 f"{SAFETENSORS} does not hold.")
-        state[alias] = state[name]  # tied weights share one tensor again
-    return state
-
-
-def _weights_budget(path: Path, manifest: dict[str, Any]) -> int:
-    """The most bytes a rebuilt architecture may take before its weights are read: what the
-    saved weights could hold at 1 bit per fp32 element (int4 packing and headers leave room), plus
-    room for non-persistent buffers. A crafted config asking for far more fails before allocating."""
-    weights = manifest.get("weights") or {}
-    name = weights.get("file") if isinstance(weights.get("file"), str) else WEIGHTS
-    try:
-        size = contained(path, name, listed=manifest["files"]).stat().st_size
-    except (OSError, IntegrityError):
-        size = 0
-    return 32 * size + (64 << 20)
-
-
 @contextlib.contextmanager
 def _manifest_values(path: Path) -> Iterator[None]:
     """Values read from a verified manifest that have the wrong type or an impossible value reach
@@ -560,22 +442,3 @@ def _refuse_empty_batch(inputs: Any) -> None:
             f"example_inputs is an empty batch (batch dimension 0: {', '.join(empty)}); give one real batch "
             "with at least one sample, shaped as the model is called."
         )
-
-
-def _load_tensors(path: Path, *, trust: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; full unpickling only when trusted and needed."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError for anything outside its allowlist
-        if not isinstance(e, pickle.UnpicklingError):  # damaged, not unsafe: trust would not help
-            raise IntegrityError(
-                f"{str(path)!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "the file is damaged or truncated. Save the model again."
-            ) from None
-        if trust:
-            log.warning("%s needs full unpickling (weights_only=True refused it); trusting it as asked.", path)
-            return torch.load(path, map_location="cpu", weights_only=False)
-        raise UnsupportedModelError(
-            f"{str(path)!r} holds objects that safe loading (weights_only=True) refuses: "
-            f"{str(e).splitlines()[0]} If you trust this directory, load it with trust=True."
-        ) from None

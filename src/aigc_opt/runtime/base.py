@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from .._registry import Registry
 from .._tree import Inputs
 
-__all__ = ["Runtime", "RUNTIMES", "runtime_for", "BuildOnceCache"]
+__all__ = ["Runtime", "RUNTIMES", "runtime_for", "BuildOnceCache", "ModelFacts", "manifest_field"]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What ``Model.save``/``Model.load`` tell a runtime about the Model besides its artifact.
+
+    Formats that hold their whole graph (ONNX, OpenVINO, TensorRT, torch.export) ignore it; the
+    torch format rebuilds its module from ``architecture`` (or the user's ``module``), replays
+    ``history`` on it, and pickles a custom module's ``skeleton`` (its structure before any pass).
+    A runtime leaves what Core must keep from a load in ``found`` (the torch format: ``"structure"``).
+    """
+
+    name: str = ""
+    architecture: dict[str, Any] | None = None
+    history: tuple[Any, ...] = ()
+    skeleton: Any = None
+    module: Any = None
+    found: dict[str, Any] = field(default_factory=dict)
 
 
 class Runtime(Protocol):
@@ -28,11 +47,15 @@ class Runtime(Protocol):
         ``size_bytes`` (on disk; may cost a serialization)."""
         ...
 
-    def save(self, artifact: Any, directory: Path) -> dict[str, Any]:
+    # The manifest field that holds what ``save`` returns ("artifact" unless a runtime says otherwise).
+    manifest_field: str
+
+    def save(self, artifact: Any, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
         """Write the artifact's files into ``directory``; return what ``load`` needs (JSON)."""
         ...
 
-    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> Any:
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False,
+             facts: ModelFacts | None = None) -> Any:
         """Rebuild the artifact from files written by ``save`` (already checksum-verified).
 
         ``meta`` and ``directory`` are untrusted (docs/security.md): every file read must come through
@@ -46,6 +69,11 @@ RUNTIMES: Registry[Runtime] = Registry("model format")
 
 def runtime_for(fmt: str) -> Runtime:
     return RUNTIMES.get(fmt)
+
+
+def manifest_field(runtime: Runtime) -> str:
+    """Where a save's manifest keeps what ``runtime.save`` returned."""
+    return getattr(runtime, "manifest_field", "artifact")
 
 
 class BuildOnceCache:

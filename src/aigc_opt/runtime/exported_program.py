@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 from .._tree import Inputs, describe, flatten_tensors, map_tensors, split_inputs
 from .._safety import contained
 from ..errors import InvalidInputError, UnsupportedModelError
-from .base import RUNTIMES
+from .base import RUNTIMES, ModelFacts
 from ._module_facts import module_facts
 
 __all__ = ["ExportedProgramRuntime", "arrange_inputs", "call_exported", "exported_shapes", "guard_failure"]
@@ -261,11 +261,12 @@ class ExportedProgramRuntime:
     def facts(self, artifact: Any, *, size: bool = True) -> dict[str, int]:
         return module_facts(self._module(artifact), size=size)
 
-    def save(self, artifact: Any, directory: Path) -> dict[str, Any]:
+    def save(self, artifact: Any, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
         torch.export.save(artifact, str(directory / PROGRAM_FILE))
         return {"file": PROGRAM_FILE}
 
-    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> Any:
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
+             trust: bool = False, facts: ModelFacts | None = None) -> Any:
         # torch.export.load runs code from the file: pickled weights, constants and sample inputs
         # fall back to full unpickling, symbolic sizes are parsed by sympy's eval, and recorded guard
         # code is compiled into the module. No check of the archive can make that safe, so a

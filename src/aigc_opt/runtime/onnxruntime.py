@@ -22,7 +22,7 @@ from .._deps import require
 from .._tree import Inputs, describe, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES, BuildOnceCache
+from .base import RUNTIMES, BuildOnceCache, ModelFacts
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
 
@@ -366,7 +366,7 @@ class OnnxRuntime:
             nbytes += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         return {"num_parameters": params, "memory_bytes": nbytes, "size_bytes": artifact.size_bytes()}
 
-    def save(self, artifact: OnnxArtifact, directory: Path) -> dict[str, Any]:
+    def save(self, artifact: OnnxArtifact, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
         files = artifact.files()
         for f in files:  # external-data files keep their names: the graph refers to them by name
             shutil.copyfile(f, directory / ("model.onnx" if f == artifact.path else f.name))
@@ -374,7 +374,8 @@ class OnnxRuntime:
                 "graph_optimization": artifact.graph_optimization, "intra_op_threads": artifact.intra_op_threads,
                 "spin_wait": artifact.spin_wait, "generation": artifact.generation}
 
-    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str], trust: bool = False) -> OnnxArtifact:
+    def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
+             trust: bool = False, facts: ModelFacts | None = None) -> OnnxArtifact:
         """The saved graph, its external data checked to lie in ``directory`` and be covered by the
         manifest, and its session settings checked against what this runtime accepts: a recorded
         value never reaches ONNX Runtime unchecked (docs/security.md)."""

@@ -32,7 +32,7 @@ from .._deps import require
 from .._safety import contained
 from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES, BuildOnceCache
+from .base import RUNTIMES, BuildOnceCache, ModelFacts
 
 __all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES", "MASK_INPUT",
            "compile_config", "openvino_core", "trim_padding"]
@@ -323,7 +323,7 @@ class OpenVINORuntime:
             facts["size_bytes"] = artifact.size_bytes()
         return facts
 
-    def save(self, artifact: OpenVINOArtifact, directory: Path) -> dict[str, Any]:
+    def save(self, artifact: OpenVINOArtifact, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
         shutil.copyfile(artifact.path, directory / "model.xml")
         shutil.copyfile(artifact.weights, directory / "model.bin")
         meta = {"file": "model.xml", "weights": "model.bin", "output_spec": artifact.output_spec,
@@ -335,7 +335,7 @@ class OpenVINORuntime:
         return meta
 
     def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
-             trust: bool = False) -> OpenVINOArtifact:
+             trust: bool = False, facts: ModelFacts | None = None) -> OpenVINOArtifact:
         """The saved IR, both files inside ``directory`` and covered by the manifest, and its compile
         settings checked against what this runtime accepts (docs/security.md)."""
         path = contained(directory, meta.get("file"), listed=files, what="OpenVINO IR")

@@ -18,7 +18,7 @@ from .._deps import require
 from .._tree import Inputs, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError, InvalidInputError, UnsupportedModelError
-from .base import RUNTIMES
+from .base import RUNTIMES, ModelFacts
 
 __all__ = ["TensorRTArtifact", "TensorRTRuntime"]
 
@@ -95,12 +95,12 @@ class TensorRTRuntime:
         nbytes = artifact.path.stat().st_size
         return {"num_parameters": 0, "memory_bytes": nbytes, "size_bytes": nbytes}
 
-    def save(self, artifact: TensorRTArtifact, directory: Path) -> dict[str, Any]:
+    def save(self, artifact: TensorRTArtifact, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
         shutil.copyfile(artifact.path, directory / "model.engine")
         return {"file": "model.engine", "output_spec": artifact.output_spec}
 
     def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
-             trust: bool = False) -> TensorRTArtifact:
+             trust: bool = False, facts: ModelFacts | None = None) -> TensorRTArtifact:
         # A serialized engine can hold plugins (native code) and is built for one GPU: only with consent.
         if not trust:
             raise UnsupportedModelError(

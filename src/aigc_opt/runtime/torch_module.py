@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from ._module_facts import (
     safetensors_size,
     unwrap,
 )
-from .base import RUNTIMES
+from ._torch_store import load_module, save_module
+from .base import RUNTIMES, ModelFacts
 from .exported_program import call_exported
 
 __all__ = ["TorchModuleRuntime", "module_device", "unwrap", "module_facts", "WeightsPlan", "plan_weights",
@@ -32,6 +34,24 @@ __all__ = ["TorchModuleRuntime", "module_device", "unwrap", "module_facts", "Wei
 
 
 class TorchModuleRuntime:
+    # Saves have kept the torch format's entry (which file holds the weights, and how) under
+    # "weights" since before runtimes stored their own formats: the field stays where it was.
+    manifest_field = "weights"
+
+    def save(self, artifact: Any, directory: Path, facts: ModelFacts | None = None) -> dict[str, Any]:
+        """The weights (safetensors, or ``torch.save``) and a custom module's pickled structure;
+        see :mod:`aigc_opt.runtime._torch_store`."""
+        return save_module(artifact, directory, facts or ModelFacts())
+
+    def load(self, directory: Path, meta: dict[str, Any] | None, *, files: dict[str, str], trust: bool = False,
+             facts: ModelFacts | None = None) -> torch.nn.Module:
+        """The module rebuilt from the recorded architecture with the history replayed and the
+        weights loaded (``meta`` is the manifest's ``weights`` entry; empty for the oldest saves,
+        which hold ``weights.pt``)."""
+        module = load_module(directory, meta or None, files=files, trust=trust, facts=facts or ModelFacts())
+        unwrap(module).eval()
+        return module
+
     def run(self, artifact: Any, inputs: Inputs) -> Any:
         device = module_device(artifact)
         inputs = map_tensors(lambda t: t.to(device, non_blocking=True), inputs)
@@ -117,8 +137,6 @@ def _compiled_forward(artifact: Any, module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         del module.forward  # the class's forward again
-
-    # Saving a torch module needs its architecture spec and pass replay: Model.save does it.
 
 
 RUNTIMES.register("torch", TorchModuleRuntime())
