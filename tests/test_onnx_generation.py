@@ -280,3 +280,43 @@ def test_attention_that_is_not_plain_rotary_sdpa_is_left_unfused(onnx_lm):
     assert isinstance(reason, str) and "q_proj" in reason
     compiled = ao.compile(onnx_lm, "onnxruntime")
     assert "GroupQueryAttention" not in _op_types(compiled)
+
+
+def test_one_decoder_layout_for_both_loops_and_old_saves_load(lm, onnx_lm, tmp_path):
+    """Both decode loops read the cache layout as one typed DecoderLayout; a save whose manifest holds
+    the layout dict as earlier versions wrote it (without the special tokens) still loads and generates,
+    and a malformed layout is refused at load with the directory named."""
+    import json
+
+    from aigc_opt._store import _manifest_digest
+    from aigc_opt.errors import IntegrityError
+    from aigc_opt.runtime.onnx_generation import DecoderLayout, decoder_layout
+
+    layout = decoder_layout(onnx_lm.artifact)
+    assert isinstance(layout, DecoderLayout) and not layout.shared_buffer and layout.padding == "left"
+    assert layout.past == ("past.0.key", "past.0.value", "past.1.key", "past.1.value") and layout.eos_token_id == (1,)
+    assert DecoderLayout.from_generation(layout.to_generation()) == layout
+    assert layout.to_generation() == onnx_lm.artifact.generation  # the manifest's form is unchanged
+
+    ids, mask = left_padded_batch()
+    expected = onnx_lm.generate(ids, mask, max_new_tokens=5, pad_token_id=0, eos_token_id=1)
+    onnx_lm.save(tmp_path / "old")
+    manifest_path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    def rewrite(generation):
+        manifest["artifact"]["generation"] = generation
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+
+    old = {k: v for k, v in onnx_lm.artifact.generation.items() if k not in ("eos_token_id", "pad_token_id")}
+    rewrite(old)
+    loaded = ao.Model.load(tmp_path / "old")
+    assert decoder_layout(loaded.artifact).eos_token_id == () and decoder_layout(loaded.artifact).pad_token_id is None
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=5, pad_token_id=0, eos_token_id=1), expected)
+    rewrite({**old, "past": old["past"][:-1]})
+    with pytest.raises(IntegrityError, match="old.*3 past and 4 present"):
+        ao.Model.load(tmp_path / "old")
+    rewrite({**old, "kv_heads": "two"})
+    with pytest.raises(IntegrityError, match="kv_heads|'two'"):
+        ao.Model.load(tmp_path / "old")

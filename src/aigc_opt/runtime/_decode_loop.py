@@ -16,58 +16,15 @@ Example:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidInputError
-from .onnx_generation import _as_int64
+from .onnx_generation import DecoderLayout, _as_int64, decoder_layout
 
 __all__ = ["DecoderLayout", "decoder_layout", "greedy_generate_bound", "right_padded_logits"]
-
-KV_CACHE_META_KEY = "aigc_opt.kv_cache"  # written by passes/_decoder_fusions.py on fused graphs
-
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """How a decoder step's KV cache is fed: the export's layout (``OnnxArtifact.generation``) plus,
-    for fused graphs, the cache contract the graph declares in its metadata."""
-
-    layers: int
-    kv_heads: int
-    head_dim: int
-    cache_dtype: str
-    past: tuple[str, ...]
-    present: tuple[str, ...]
-    position_ids: bool
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-    padding: str = "left"  # "right": rows' tokens start at cache position 0 (GroupQueryAttention)
-    shared_buffer: bool = False  # a past longer than the tokens is written in place
-    max_length: int | None = None
-
-    @classmethod
-    def from_generation(cls, generation: dict[str, Any], kv_cache: dict[str, Any] | None = None) -> DecoderLayout:
-        kv = kv_cache or {}
-        return cls(layers=int(generation["layers"]), kv_heads=int(generation["kv_heads"]),
-                   head_dim=int(generation["head_dim"]), cache_dtype=str(generation["cache_dtype"]),
-                   past=tuple(generation["past"]), present=tuple(generation["present"]),
-                   position_ids=bool(generation["position_ids"]),
-                   eos_token_id=tuple(generation.get("eos_token_id") or ()),
-                   pad_token_id=generation.get("pad_token_id"), padding=kv.get("padding", "left"),
-                   shared_buffer=bool(kv.get("shared_buffer", False)), max_length=kv.get("max_length"))
-
-
-def decoder_layout(artifact: Any) -> DecoderLayout | None:
-    """The artifact's :class:`DecoderLayout` (None: not a decoder step), the graph's metadata read
-    from its (cached) session."""
-    if artifact.generation is None:
-        return None
-    meta = artifact.session().get_modelmeta().custom_metadata_map.get(KV_CACHE_META_KEY)
-    return DecoderLayout.from_generation(artifact.generation, json.loads(meta) if meta else None)
 
 
 def _to_right(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -326,8 +326,8 @@ class OnnxRuntime:
     def generate(self, artifact: OnnxArtifact, input_ids: Any, attention_mask: Any, **options: Any) -> torch.Tensor:
         """aigc_opt's greedy decoder loop in ONNX Runtime (runtime/onnx_generation.py; for graphs with
         GroupQueryAttention, the I/O-bound loop of runtime/_decode_loop.py)."""
-        from ._decode_loop import decoder_layout, greedy_generate_bound
-        from .onnx_generation import greedy_generate
+        from ._decode_loop import greedy_generate_bound
+        from .onnx_generation import decoder_layout, greedy_generate
 
         layout = decoder_layout(artifact)
         if layout is not None and layout.shared_buffer:
@@ -336,13 +336,13 @@ class OnnxRuntime:
 
     def next_token_logits(self, artifact: OnnxArtifact, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor) -> torch.Tensor:
-        from ._decode_loop import decoder_layout, right_padded_logits
-        from .onnx_generation import prefill_feed
+        from ._decode_loop import right_padded_logits
+        from .onnx_generation import decoder_layout, prefill_feed
 
         layout = decoder_layout(artifact)
         if layout is not None and layout.padding == "right":
             return right_padded_logits(artifact, layout, input_ids, attention_mask)
-        feed = prefill_feed(artifact.generation, input_ids, attention_mask)
+        feed = prefill_feed(layout or artifact.generation, input_ids, attention_mask)
         return self.run(artifact, {k: torch.from_numpy(v) for k, v in feed.items()})[0].float()
 
     def count_flops(self, artifact: OnnxArtifact, batch: Any) -> int | None:
@@ -399,6 +399,13 @@ class OnnxRuntime:
             if not isinstance(meta.get(key), types):
                 raise IntegrityError(f"The manifest of {str(directory)!r} has {key} of type "
                                      f"{type(meta.get(key)).__name__}.")
+        if meta.get("generation") is not None:  # a decoder's cache layout: refused here, not at generate
+            from .onnx_generation import DecoderLayout
+
+            try:
+                DecoderLayout.from_generation(meta["generation"])
+            except IntegrityError as e:
+                raise IntegrityError(f"The manifest of {str(directory)!r}: {e}") from None
         return OnnxArtifact(path=path, output_spec=meta.get("output_spec"), providers=tuple(providers),
                             graph_optimization=optimization, intra_op_threads=threads, spin_wait=spin_wait,
                             generation=meta.get("generation"))
