@@ -80,3 +80,26 @@ def test_settings_classes_normalize_what_they_are_given():
 def test_typed_fields_of_other_passes_are_checked(cls, settings, message):
     with pytest.raises(ConfigError, match=message):
         cls(**settings)
+
+
+@pytest.mark.parametrize("method, settings, option", [
+    ("int8-dynamic", {"group_size": 32}, "group_size"),
+    ("int8-static", {"transformer_fusions": True}, "transformer_fusions"),
+    ("fp16", {"calibration_method": "entropy"}, "calibration_method"),
+    ("int8-dynamic", {"reuse_blocks": False}, "reuse_blocks"),
+])
+def test_a_quantize_option_no_format_takes_cannot_be_constructed(method, settings, option):
+    if method not in ao.QUANT_METHODS.names():
+        pytest.fail(f"{method} is not registered")
+    with pytest.raises(ConfigError, match=f"does not take {option}=.* in any format"):
+        ao.Quantize(method, **settings)
+    with pytest.raises(RecipeError, match=option):
+        ao.Pipeline.from_dict({"passes": [{"type": "Quantize", "method": method, **settings}]})
+
+
+def test_a_quantize_option_another_format_takes_is_refused_by_check_not_construction():
+    """skip_types: int4-weight-only honours it on torch models, not on ONNX ones."""
+    q = ao.Quantize("int4-weight-only", skip_types=("Conv2d",))
+    assert q.skip_types == ("Conv2d",)
+    with pytest.raises(ConfigError, match="skip_types"):
+        q.check_static("onnx", ao.Target.get("host"))

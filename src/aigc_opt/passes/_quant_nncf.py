@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..target import Target
     from .quantize import Quantize
 
-__all__ = ["NNCF_METHODS", "check_openvino", "check_openvino_model", "quantize_openvino"]
+__all__ = ["NNCF_METHODS", "NNCF_OPTIONS", "check_openvino", "check_openvino_model", "quantize_openvino"]
 
 # Ops that mark a transformer (the torch frontend turns SDPA into one op; older graphs keep Softmax).
 _ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})
@@ -39,6 +39,7 @@ _ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})
 # The options each NNCF method honours (besides skip).
 _OPTIONS = {"int8-static": ("calibration_method", "max_drop"), "int8-weight-only": (),
             "int4-weight-only": ("group_size", "symmetric")}
+NNCF_OPTIONS = _OPTIONS  # public: Quantize refuses at construction what no format honours
 
 
 def check_openvino(settings: Quantize, target: Target) -> None:

@@ -137,6 +137,27 @@ class Quantize(Pass):
             if bad:
                 raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
         check_fields(self, "Quantize")  # the field types are the rules (bools, closed sets, ranges)
+        if self.method != AUTO:
+            self._refuse_options_no_format_takes()
+
+    def _refuse_options_no_format_takes(self) -> None:
+        """A setting the method honours in no format is refused here, when the settings are made;
+        one it honours in another format than the model's is refused by ``check``, before any work."""
+        from ._quant_nncf import NNCF_OPTIONS
+
+        spec = QUANT_METHODS.get(self.method)
+        honoured = {"torch": spec.options, "onnx": spec.onnx_options if spec.onnx else (),
+                    "openvino": NNCF_OPTIONS.get(spec.name, ())}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unused = [o for o in OPTIONS if getattr(self, o) != defaults[o] and not any(o in h for h in honoured.values())]
+        if unused:
+            takes = "; ".join(f"{fmt}: {list(h) or 'none'}" for fmt, h in honoured.items()
+                              if fmt != "onnx" or spec.onnx)
+            raise ConfigError(
+                f"Quantize(method={self.method!r}) does not take {unused[0]}={getattr(self, unused[0])!r} in "
+                f"any format (the options it honours besides skip, by model format: {takes}). Leave it at its "
+                "default or pick another method."
+            )
 
     def config_dict(self) -> dict[str, Any]:
         full = super().config_dict()
