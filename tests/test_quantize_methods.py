@@ -188,6 +188,23 @@ def test_auto_chooses_from_target_data(target, fmt, method):
     assert chosen == method and target in reason
 
 
+def test_auto_reads_the_target_data_not_its_name():
+    """A target nobody wrote a rule for gets the method its data earns: the rules name no target."""
+    import dataclasses
+
+    from aigc_opt.passes._quant_auto import AUTO_RULES
+
+    base = ao.Target.get("x86-avx2-desktop")
+    assert choose_method(base, "torch")[0] == "int8-weight-only"
+    vnni = dataclasses.replace(base, name="my-cpu", features=(*base.features, "avx512_vnni"))
+    method, reason = choose_method(vnni, "torch")
+    assert method == "int8-dynamic" and "'my-cpu'" in reason and "avx512_vnni" in reason
+    gpu = dataclasses.replace(base, name="my-gpu", device_type="cuda", dtypes=("fp32", "fp16", "bf16"))
+    assert choose_method(gpu, "torch")[0] == "bf16"
+    names = {t.name for t in ao.Target.list()}
+    assert not [r.reason for r in AUTO_RULES if any(n in r.reason for n in names)]
+
+
 def test_auto_records_method_and_reason_and_reloads(mlp_model, x, tmp_path):
     m = ao.Model(make_mlp(), example_inputs=(x,), target="x86-avx2-desktop", factory=make_mlp)
     q = ao.quantize(m, "auto")
