@@ -288,3 +288,67 @@ def test_cli_serve_refuses_a_directory_that_does_not_load(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path / "nothing"), "--port", "8123"]) == 2
     assert "checked before starting any Ray actor" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- continuous batching (no Ray needed)
+def _batcher_run(coro_fn):
+    import asyncio
+
+    return asyncio.run(coro_fn())
+
+
+def test_batcher_batches_what_queued_while_the_model_ran():
+    import asyncio
+
+    from aigc_opt.deploy._batcher import Batcher
+
+    sizes = []
+
+    async def run(items):
+        sizes.append(len(items))
+        await asyncio.sleep(0.05)  # the model call
+        return [i * 10 for i in items]
+
+    async def main():
+        b = Batcher(run, max_batch_size=4, wait_s=0.0)
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.01)  # the model is busy with request 0; nine more arrive meanwhile
+        rest = [asyncio.ensure_future(b.submit(i)) for i in range(1, 10)]
+        return await asyncio.gather(first, *rest), b.stats()
+
+    results, stats = _batcher_run(main)
+    assert results == [i * 10 for i in range(10)]  # each request gets its own answer, in order
+    assert sizes == [1, 4, 4, 1]  # a lone request runs at once; the queued ones share calls, <= max_batch_size
+    assert stats["batches"] == 4 and stats["items"] == 10
+
+
+def test_batcher_waits_for_company_only_at_an_idle_model_and_survives_errors():
+    import asyncio
+
+    from aigc_opt.deploy._batcher import Batcher
+
+    sizes = []
+
+    async def run(items):
+        sizes.append(len(items))
+        if "bad" in items:
+            raise ValueError("bad input")
+        return list(items)
+
+    async def main():
+        b = Batcher(run, max_batch_size=8, wait_s=0.5)
+        start = asyncio.get_running_loop().time()
+        one = asyncio.ensure_future(b.submit("a"))
+        await asyncio.sleep(0.02)
+        two = asyncio.ensure_future(b.submit("b"))
+        got = await asyncio.gather(one, two)  # waited for company (not the full 0.5 s: 8 never came)
+        waited = asyncio.get_running_loop().time() - start
+        b.wait_s = 0.05
+        outcomes = await asyncio.gather(b.submit("bad"), b.submit("c"), return_exceptions=True)
+        after = await b.submit("d")  # the worker lives on after a failed batch
+        return got, waited, outcomes, after
+
+    got, waited, outcomes, after = _batcher_run(main)
+    assert got == ["a", "b"] and sizes[0] == 2 and 0.4 < waited < 2.0
+    assert all(isinstance(o, ValueError) for o in outcomes) and sizes[1] == 2  # one batch: both get its error
+    assert after == "d"

@@ -170,7 +170,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = ray_serve(args.model_dir, route=args.route, max_batch_size=args.max_batch_size,
                     batch_wait_timeout_s=args.batch_wait_ms / 1e3, tokenizer=args.tokenizer,
-                    num_replicas=args.replicas, num_cpus=args.num_cpus, trust=args.trust, baseline=args.baseline,
+                    num_replicas=args.replicas, num_cpus=args.num_cpus, num_threads=args.num_threads,
+                    trust=args.trust, baseline=args.baseline,
                     sample_rate=args.sample_rate if args.baseline else 0.0, address=args.address)
     where = f"http://{args.host}:{args.port}{app.route}"
     print(f"serving {args.model_dir}: POST {where}, GET {where}/health, GET {where}/metrics (Ctrl-C stops)", flush=True)
@@ -269,10 +270,13 @@ def _args_serve(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--host", default="127.0.0.1")
     cmd.add_argument("--port", type=int, default=8000)
     cmd.add_argument("--max-batch-size", type=int, default=16)
-    cmd.add_argument("--batch-wait-ms", type=float, default=2.0, help="wait for a batch to fill (default 2 ms)")
+    cmd.add_argument("--batch-wait-ms", type=float, default=0.0,
+                     help="how long a request arriving at an idle model waits for company (default 0: requests "
+                          "queued while the model runs are batched anyway)")
     cmd.add_argument("--tokenizer", metavar="DIR", help="tokenizer files: text requests {\"text\": ...}")
     cmd.add_argument("--replicas", type=int, default=1)
     cmd.add_argument("--num-cpus", type=float, default=1, help="CPUs each replica reserves")
+    cmd.add_argument("--num-threads", type=int, default=None, help="torch threads per replica (default: --num-cpus)")
     cmd.add_argument("--baseline", metavar="DIR", help="a saved reference model: monitor drift against it")
     cmd.add_argument("--sample-rate", type=float, default=0.01, help="fraction of calls checked for drift")
     cmd.add_argument("--address", default=None, help="Ray cluster address (default: a local one)")

@@ -92,6 +92,8 @@ class InputSpec:
             array = np.asarray(value)
             if array.dtype == object or array.dtype.kind in "USV":
                 raise ValueError("not a rectangular array of numbers")
+            if not array.flags.writeable:  # a zero-copy Ray Data batch: torch wants memory it may write
+                array = array.copy()
             return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
         except (ValueError, TypeError, RuntimeError) as e:
             raise InvalidInputError(f"{what}: {name!r} is not an array of numbers ({e}).") from None

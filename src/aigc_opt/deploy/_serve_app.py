@@ -1,7 +1,9 @@
 """The Ray Serve deployment behind ``ao.deploy.ray_serve`` (imports Ray Serve: load it lazily).
 
 One replica holds one loaded Model in a Monitor. ``POST <route>`` takes JSON and answers JSON;
-requests arriving together are run as one batch (``@serve.batch``), grouped by input shape;
+requests that queue up while the model runs are run together as the next batch (``_batcher``:
+continuous batching), grouped by input shape; every answer carries a ``Server-Timing`` header
+(parse, queue, model, encode milliseconds) and ``X-Batch-Size``;
 ``GET <route>/health`` and ``GET <route>/metrics`` (Prometheus text, aggregated over the replicas) sit
 beside it, so several models can share one Serve instance, each under its own route.
 A request that cannot run answers 400 with the reason; nothing answers a stack trace.
@@ -10,6 +12,7 @@ A request that cannot run answers 400 with the reason; nothing answers a stack t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -17,7 +20,6 @@ from typing import Any
 
 import ray
 import torch
-from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -26,6 +28,7 @@ from .._monitor_state import merge_states
 from ..errors import AigcOptError, InvalidInputError
 from ..model import Model
 from ..monitor import snapshot_from_state
+from ._batcher import Batcher
 from ._codec import InputSpec, outputs_to_rows, split_rows, to_json_value
 from ._common import MonitorSettings, load_tokenizer
 
@@ -33,6 +36,9 @@ __all__ = ["ModelServer", "REQUEST_FIELDS"]
 
 REQUEST_FIELDS = ("inputs", "text", "texts", "id")
 PUSH_EVERY_S = 0.5  # how stale the aggregated metrics of other replicas may be
+# Server-Timing: reading and checking the JSON; queued + tokenizing + splitting; the model call (with
+# its monitor) of the request's batch; writing the JSON answer.
+TIMING_NAMES = ("parse", "queue", "model", "encode")
 
 
 def _first_line(e: BaseException) -> str:
@@ -44,7 +50,10 @@ class ModelServer:
     """One Serve replica: the saved model, its monitor, and the HTTP routes."""
 
     def __init__(self, model_dir: str, *, trust: bool, tokenizer: Any, max_length: int | None, route: str,
-                 monitor: MonitorSettings, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+                 monitor: MonitorSettings, max_batch_size: int, batch_wait_timeout_s: float,
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.model = Model.load(model_dir, trust=trust)
         self.spec = InputSpec.of(self.model)
         self.tokenizer = load_tokenizer(tokenizer)
@@ -55,8 +64,7 @@ class ModelServer:
         self.aggregator = ray.get_actor(monitor.aggregator)
         self.key = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.last_push = 0.0
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = Batcher(self.predict_batch, max_batch_size=max_batch_size, wait_s=batch_wait_timeout_s)
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> Response:
@@ -74,17 +82,28 @@ class ModelServer:
                                           f"GET {self.route}/metrics"}, 404)
         if request.method != "POST":
             return JSONResponse({"error": f"{self.route} takes POST with a JSON body"}, 405)
+        return await self._predict(request)
+
+    async def _predict(self, request: Request) -> Response:
+        start = time.perf_counter()
         try:
-            body = await request.json()
+            body = json.loads(await request.body())
         except ValueError as e:
             return JSONResponse({"error": f"the body is not JSON: {e}"}, 400)
         try:
             item = self._parse(body)
         except InvalidInputError as e:
             return JSONResponse({"error": str(e), "id": body.get("id") if isinstance(body, dict) else None}, 400)
-        status, payload = await self.predict_batch(item)
+        parsed = time.perf_counter()
+        status, payload, model_s, batch = await self.batcher.submit(item)
+        answered = time.perf_counter()
         key = "outputs" if status == 200 else "error"
-        return JSONResponse({key: payload, "id": body.get("id")}, status)
+        response = JSONResponse({key: payload, "id": body.get("id")}, status)
+        ms = [(parsed - start) * 1e3, (answered - parsed - model_s) * 1e3, model_s * 1e3,
+              (time.perf_counter() - answered) * 1e3]
+        response.headers["Server-Timing"] = ", ".join(f"{n};dur={v:.3f}" for n, v in zip(TIMING_NAMES, ms))
+        response.headers["X-Batch-Size"] = str(batch)
+        return response
 
     def check_health(self) -> None:
         """Called by Serve's controller: a replica whose model is gone is restarted."""
@@ -115,15 +134,15 @@ class ModelServer:
         return f'{{"inputs": ...}} ({self.spec.describe()}){text}'
 
     # ------------------------------------------------------------------ batching
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, items: list[tuple[str, Any, int]]) -> list[tuple[int, Any]]:
-        results: list[tuple[int, Any] | None] = [None] * len(items)
+    async def predict_batch(self, items: list[tuple[str, Any, int]]) -> list[tuple[int, Any, float, int]]:
+        """Every queued request at once: (status, payload, seconds of its model call, requests in the batch)."""
+        results: list[tuple[int, Any, float] | None] = [None] * len(items)
         for indices, tensors, lengths in self._groups(items):
             await self._run_group(items, indices, tensors, lengths, results)
         if time.monotonic() - self.last_push > PUSH_EVERY_S:
             self.last_push = time.monotonic()
             self.aggregator.push.remote(self.key, self.monitor.state_dict())  # not waited for
-        return [r if r is not None else (500, "no result") for r in results]
+        return [(*r, len(items)) if r is not None else (500, "no result", 0.0, len(items)) for r in results]
 
     def _groups(self, items: list[tuple[str, Any, int]]) -> list[tuple[list[int], dict[str, torch.Tensor], list[int] | None]]:
         """Requests that can share one model call: every text request (tokenized together, padded
@@ -155,6 +174,7 @@ class ModelServer:
         sizes = [items[i][2] for i in indices]
         args, kwargs = self.spec.call_args(tensors)
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(None, lambda: outputs_to_rows(self.monitor(*args, **kwargs)))
             parts = split_rows(outputs, sizes)
@@ -167,13 +187,14 @@ class ModelServer:
             status = 500 if isinstance(e, MemoryError) else 400
             reason = str(e) if isinstance(e, AigcOptError) else f"the model cannot run this input: {_first_line(e)}"
             for i in indices:
-                results[i] = (status, reason)
+                results[i] = (status, reason, time.perf_counter() - start)
             return
+        model_s = time.perf_counter() - start
         padded = next(iter(tensors.values())).shape[1] if lengths is not None else None
         for j, (i, part) in enumerate(zip(indices, parts)):
             if lengths is not None:  # token-level outputs: cut the padding of longer requests off
                 part = {k: v[:, :lengths[j]] if v.dim() >= 2 and v.shape[1] == padded else v for k, v in part.items()}
-            results[i] = (200, to_json_value(part))
+            results[i] = (200, to_json_value(part), model_s)
 
     # ------------------------------------------------------------------ metrics
     async def _push(self) -> None:

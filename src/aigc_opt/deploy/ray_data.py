@@ -22,9 +22,14 @@ class Predictor:
     Monitor, and turns each batch of columns into the model's inputs and its outputs into columns."""
 
     def __init__(self, model_dir: str, *, trust: bool, columns: tuple[str, ...] | None, text_column: str | None,
-                 tokenizer: Any, max_length: int | None, output_column: str, monitor: MonitorSettings) -> None:
+                 tokenizer: Any, max_length: int | None, output_column: str, monitor: MonitorSettings,
+                 num_threads: int | None = None) -> None:
         from ..model import Model
 
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.model = Model.load(model_dir, trust=trust)
         self.spec = InputSpec.of(self.model)
         self.columns = columns or self.spec.names
@@ -86,7 +91,7 @@ def _checked_model(model_dir: str | os.PathLike[str], *, trust: bool, columns: l
 
 
 def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int = 32, num_cpus: float = 1,
-             concurrency: int | None = None, columns: list[str] | None = None, text_column: str | None = None,
+             concurrency: int | None = None, num_threads: int | None = None, columns: list[str] | None = None, text_column: str | None = None,
              tokenizer: Any = None, max_length: int | None = None, output_column: str = "output",
              trust: bool = False, baseline: str | os.PathLike[str] | None = None, threshold: Any = None,
              sample_rate: float = 0.0, window: int = 50, top1: bool = True, name: str | None = None,
@@ -100,6 +105,7 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
         batch_size: rows per model call.
         num_cpus: CPUs each actor reserves (its torch / ONNX Runtime threads follow Ray's
             ``OMP_NUM_THREADS``). concurrency: actors (default: the cluster's CPUs / num_cpus).
+        num_threads: torch threads in each actor (default: ``num_cpus``, at least 1).
         columns: the input columns, in the model's positional order or by keyword name
             (default: the model's input names, e.g. ``input_ids``, ``attention_mask``).
         text_column, tokenizer: a column of strings tokenized in the actor (a tokenizer object
@@ -122,6 +128,7 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
     check_float("ray_data", "num_cpus", num_cpus, low=0.0, high=4096.0)
     check_int("ray_data", "concurrency", concurrency, low=1, high=100_000, optional=True, hint="CPUs / num_cpus")
     check_float("ray_data", "sample_rate", sample_rate, low=0.0, high=1.0)
+    check_int("ray_data", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the actor's CPUs")
     model = _checked_model(model_dir, trust=trust, columns=columns, text_column=text_column, tokenizer=tokenizer)
     settings = MonitorSettings.build(name or model.label, baseline=baseline, threshold=threshold,
                                      sample_rate=sample_rate, window=window, top1=top1, trust=trust)
@@ -136,12 +143,12 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrency = max(1, int(cpus // num_cpus)) if num_cpus else 1
     out = dataset.map_batches(
-        Predictor, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+        Predictor, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True, num_cpus=num_cpus,
         compute=ActorPoolStrategy(size=concurrency),
         fn_constructor_kwargs={"model_dir": str(model_dir), "trust": trust,
                                "columns": tuple(columns) if columns else None, "text_column": text_column,
                                "tokenizer": str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer,
                                "max_length": max_length, "output_column": output_column,
-                               "monitor": settings})
+                               "monitor": settings, "num_threads": num_threads or max(1, int(num_cpus))})
     return out, ClusterMonitor(settings, aggregator)
 

@@ -90,8 +90,8 @@ class ServeApp:
 
 
 def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max_batch_size: int = 16,
-              batch_wait_timeout_s: float = 0.002, tokenizer: Any = None, max_length: int | None = None,
-              num_replicas: int = 1, num_cpus: float = 1, trust: bool = False,
+              batch_wait_timeout_s: float = 0.0, tokenizer: Any = None, max_length: int | None = None,
+              num_replicas: int = 1, num_cpus: float = 1, num_threads: int | None = None, trust: bool = False,
               baseline: str | os.PathLike[str] | None = None, threshold: Any = None, sample_rate: float = 0.0,
               window: int = 50, top1: bool = True, name: str | None = None, address: str | None = None) -> ServeApp:
     """Build a Ray Serve application serving a saved Model over HTTP.
@@ -100,8 +100,9 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
     of arrays for several, an object by name for keyword inputs; rows first) or, with a
     tokenizer, ``{"text": "..."}`` / ``{"texts": [...]}``; an optional ``"id"`` is echoed back.
     It answers ``{"outputs": ..., "id": ...}`` (a nested list, or an object by output name).
-    Requests arriving within ``batch_wait_timeout_s`` of each other run as one batch of up to
-    ``max_batch_size`` requests (``@serve.batch``). A request that cannot run answers 400 with
+    Requests that queue up while the model runs go into its next call together, up to
+    ``max_batch_size`` requests (continuous batching); a request arriving at an idle model waits
+    ``batch_wait_timeout_s`` for company (0, the default: it runs at once). A request that cannot run answers 400 with
     the reason. ``GET <route>/health`` answers ``{"status": "ok", ...}``; ``GET <route>/metrics``
     the monitor's Prometheus metrics, aggregated over the replicas. Each application has its own
     route, so several models can share one Serve instance.
@@ -112,6 +113,7 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
         tokenizer: for text models, a tokenizer or a local directory of its files.
         max_length: truncate tokenized text to this many tokens (default: the tokenizer's).
         num_replicas, num_cpus: replicas, and CPUs each reserves.
+        num_threads: torch threads in each replica (default: ``num_cpus``, at least 1).
         trust: passed to ``Model.load`` (see docs/security.md); False by default.
         baseline, threshold, sample_rate, window, top1: drift monitoring as in ``ao.monitor``.
 
@@ -125,6 +127,7 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
     check_float("ray_serve", "batch_wait_timeout_s", batch_wait_timeout_s, low=0.0, high=60.0)
     check_int("ray_serve", "num_replicas", num_replicas, low=1, high=10_000)
     check_float("ray_serve", "num_cpus", num_cpus, low=0.0, high=4096.0)
+    check_int("ray_serve", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the replica's CPUs")
     check_float("ray_serve", "sample_rate", sample_rate, low=0.0, high=1.0)
     model = load_model(model_dir, trust=trust)  # typed error before any replica starts
     spec = InputSpec.of(model)
@@ -146,5 +149,6 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
         max_ongoing_requests=max(4 * max_batch_size, 64))
     app = deployment.bind(str(model_dir), trust=trust, max_length=max_length, route=route.rstrip("/"),
                           tokenizer=str(tokenizer) if isinstance(tokenizer, os.PathLike) else tokenizer,
-                          monitor=settings, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+                          monitor=settings, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                          num_threads=num_threads or max(1, int(num_cpus)))
     return ServeApp(app=app, monitor=ClusterMonitor(settings, aggregator), route=route.rstrip("/"), name=app_name, address=address)
