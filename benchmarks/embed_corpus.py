@@ -44,7 +44,9 @@ ROWS = {
     "ours-pt2e-int8-static-inductor": "ours: PT2E int8-static + inductor (shapes=buckets)",
     "ours-onnx-int8-ort": "ours: ONNX int8-dynamic + ONNX Runtime",
     "ours-openvino-int8": "ours: Export(openvino) + Quantize(int8-static) + Compile(openvino)",
+    "ours-openvino": "ours: Export(openvino) + Compile(openvino) (bf16 from the target, no quantization)",
     "peer-openvino-nncf-int8": "peer: OpenVINO + NNCF int8 (by hand)",
+    "peer-openvino": "peer: OpenVINO by hand, no quantization (its default precision)",
     "peer-optimum-int8-onnx": "peer: Optimum int8 ONNX + ONNX Runtime",
 }
 
@@ -125,8 +127,12 @@ def _prepare(row: str, base: Any, calib: list[dict], details: dict[str, Any]) ->
         m = ao.compile(ao.quantize(ao.export(base, "onnx"), "int8-dynamic"), "onnxruntime")
     elif row == "ours-openvino-int8":
         m = ao.compile(ao.quantize(ao.export(base, "openvino"), "int8-static", data=calib), "openvino")
+    elif row == "ours-openvino":
+        m = ao.compile(ao.export(base, "openvino"), "openvino")
     elif row == "peer-openvino-nncf-int8":
         return _openvino_by_hand(base, calib, details)
+    elif row == "peer-openvino":
+        return _openvino_by_hand(base, None, details)
     elif row == "peer-optimum-int8-onnx":
         return _optimum(base, details)
     else:
@@ -144,21 +150,25 @@ def _prepare(row: str, base: Any, calib: list[dict], details: dict[str, Any]) ->
     return lambda b: m(**b)
 
 
-def _openvino_by_hand(base: Any, calib: list[dict], details: dict[str, Any]) -> Any:
-    """What an OpenVINO user writes: convert, NNCF int8 for transformers, compile with 2 threads, LATENCY."""
-    import nncf
+def _openvino_by_hand(base: Any, calib: list[dict] | None, details: dict[str, Any]) -> Any:
+    """What an OpenVINO user writes: convert (OpenVINO's defaults), NNCF int8 for transformers with its
+    defaults (without ``calib``: no quantization), compile with our thread count and the LATENCY hint."""
     import openvino as ov
     import torch
 
     module = base.artifact
     with torch.no_grad():
-        ov_model = ov.convert_model(module, example_input=dict(base.example_inputs))
-    q = nncf.quantize(ov_model, nncf.Dataset(calib, lambda b: {k: v.numpy() for k, v in b.items()}),
-                      model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        q = ov.convert_model(module, example_input=dict(base.example_inputs))
+    if calib is not None:
+        import nncf
+
+        q = nncf.quantize(q, nncf.Dataset(calib, lambda b: {k: v.numpy() for k, v in b.items()}),
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
+        details["nncf"] = nncf.__version__
     threads = str(torch.get_num_threads())
     compiled = ov.Core().compile_model(q, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
-    details.update(openvino=ov.__version__, nncf=nncf.__version__, threads=threads,
+    details.update(openvino=ov.__version__, threads=threads,
                    precision=str(compiled.get_property("INFERENCE_PRECISION_HINT")))
     names = [p.get_any_name() for p in compiled.inputs]
 

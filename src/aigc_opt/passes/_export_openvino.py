@@ -6,10 +6,12 @@ dynamic unless ``dynamic=False``; the IR is saved uncompressed (fp32 weights:
 torch model on the example inputs, compiled in f32.
 
 With dynamic axes the trace runs on a slice of the example (its first ``TRACE_ROWS`` rows and, for
-token inputs, ``TRACE_TOKENS`` tokens): ``torch.jit.trace`` runs the module three times (trace and
-two checks), which on MiniLM's 32x64 example was 1.3 s of a 6 s conversion. The full example then
-verifies the IR, which also proves the traced graph is not tied to the slice's shape; if it is
-(the outputs differ), the module is converted again on the full example.
+token inputs, ``TRACE_TOKENS`` tokens), and without ``torch.jit.trace``'s own check (``check_trace``
+runs the module twice more and compares the graphs: 3.4 of a 7 s MiniLM conversion; the
+verification below compares outputs instead, which is what matters). The verification runs the IR
+on the example's first ``VERIFY_ROWS`` rows at full length, a shape other than the slice's, which
+also proves the traced graph is not tied to the slice's shape; if it is (the outputs differ), the
+module is converted again on the full example.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ if TYPE_CHECKING:
     from ..model import Model
     from .export import Export
 
-__all__ = ["export_openvino", "trace_slice", "TRACE_ROWS", "TRACE_TOKENS"]
+__all__ = ["export_openvino", "trace_slice", "TRACE_ROWS", "TRACE_TOKENS", "VERIFY_ROWS"]
 
 TRACE_ROWS = 2
 TRACE_TOKENS = 16
+VERIFY_ROWS = 4  # rows of the example the IR is verified on (every column): a shape the slice is not
 
 
-def trace_slice(inputs: Any) -> Any | None:
-    """``inputs`` cut to ``TRACE_ROWS`` rows (and 2-D integer inputs to ``TRACE_TOKENS`` columns),
+def trace_slice(inputs: Any, rows: int = TRACE_ROWS, tokens: int | None = TRACE_TOKENS) -> Any | None:
+    """``inputs`` cut to ``rows`` rows (and 2-D integer inputs to ``tokens`` columns; None: all),
     or None when nothing would get smaller or the tensors do not share a batch size."""
     args, kwargs = split_inputs(inputs)
     values = [*args, *kwargs.values()]
@@ -46,9 +49,9 @@ def trace_slice(inputs: Any) -> Any | None:
     def cut(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
-        v = v[:TRACE_ROWS]
-        if v.dim() == 2 and not v.is_floating_point():
-            v = v[:, :TRACE_TOKENS]
+        v = v[:rows]
+        if tokens is not None and v.dim() == 2 and not v.is_floating_point():
+            v = v[:, :tokens]
         return v.contiguous()
 
     small = {k: cut(v) for k, v in kwargs.items()} if isinstance(inputs, dict) else tuple(cut(a) for a in args)
@@ -66,18 +69,17 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
     ov = require("openvino", extra="openvino", purpose="Export('openvino')")
     module = unwrap(model.artifact)
     inputs = model.example_inputs
+    small = trace_slice(inputs) if settings.dynamic is not False else None
+    if small is not None and settings.verify:  # verified on a few rows at full length (see the module doc)
+        inputs = trace_slice(inputs, rows=VERIFY_ROWS, tokens=None) or inputs
     args, kwargs = split_inputs(inputs)
     with torch.inference_mode():
         reference = module(*args, **kwargs)
     _, spec = pytree.tree_flatten(reference)
-    example = dict(inputs) if isinstance(inputs, dict) else tuple(args)
     options: dict[str, Any] = {}
-    small = None
     if settings.dynamic is False:
         values = list(inputs.values()) if isinstance(inputs, dict) else list(args)
         options["input"] = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
-    else:
-        small = trace_slice(inputs)
     try:
         spec_text = pytree.treespec_dumps(spec)
     except Exception:  # an output type pytree cannot serialize: outputs come back as a tuple
@@ -85,7 +87,9 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
     details: dict[str, Any] = {"exporter": "openvino.convert_model", "openvino": ov.__version__,
                                "dynamic": settings.dynamic is not False}
     # a slice only where verification follows: unverified, the trace sees the full example
-    for trace_on in ([small, example] if small is not None and settings.verify else [example]):
+    full = dict(model.example_inputs) if isinstance(model.example_inputs, dict) \
+        else tuple(split_inputs(model.example_inputs)[0])
+    for trace_on in ([small, full] if small is not None and settings.verify else [full]):
         artifact = _convert(ov, module, model.name, {**options, "example_input": trace_on}, spec_text)
         details["traced_on"] = describe(trace_on)
         if not settings.verify:
@@ -94,14 +98,31 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
 
         try:
             got = run_exported(lambda: runtime_for("openvino").run(artifact, inputs), "The OpenVINO export", inputs)
+            details["verified_on"] = describe(inputs)
             details["max_abs_diff"] = verify_outputs(reference, got, atol=settings.atol, rtol=settings.rtol,
                                                      what="The OpenVINO export")
             break
         except (FidelityError, UnsupportedModelError):
-            if trace_on is example:
+            if trace_on is full:
                 raise
-            details["retraced"] = "the graph traced on a slice did not run or match on the full example"
+            details["retraced"] = "the graph traced on a slice did not run or match on the verification rows"
     return artifact, details
+
+
+def _decoder(module: torch.nn.Module, options: dict[str, Any]) -> Any:
+    """The module, or, where OpenVINO's TorchScript decoder takes trace options, that decoder
+    tracing it without ``check_trace`` (``example_input`` then moves from ``options`` into it)."""
+    if "input" in options:  # static shapes: convert_model sets them while tracing
+        return module
+    try:
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+        decoder = TorchScriptPythonDecoder(module, example_input=options["example_input"],
+                                           trace_kwargs={"check_trace": False})
+    except (ImportError, TypeError):  # an OpenVINO without trace_kwargs: its own trace, checks included
+        return module
+    del options["example_input"]
+    return decoder
 
 
 def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any], spec_text: str | None) -> Any:
@@ -115,7 +136,7 @@ def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any
     try:
         with quiet_import_logs("torch.jit", "nncf"), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            converted = ov.convert_model(module, **options)
+            converted = ov.convert_model(_decoder(module, options), **options)
             ov.save_model(converted, str(path), compress_to_fp16=False)
     except Exception as e:
         raise UnsupportedModelError(

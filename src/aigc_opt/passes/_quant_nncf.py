@@ -2,7 +2,9 @@
 
 - ``int8-static``: ``nncf.quantize`` on the calibration batches (``data=``), with
   ``ModelType.TRANSFORMER`` when the graph has attention (Softmax), which makes NNCF keep the
-  precision-sensitive ops in float and apply SmoothQuant (alpha 0.95 on MatMuls) first. With
+  precision-sensitive ops in float. SmoothQuant (which NNCF's transformer recipe runs first) and
+  fast bias correction are off: each costs a statistics pass over the data (a model compiled with
+  extra outputs), and on MiniLM neither helped (below). With
   ``max_drop`` and ``eval_fn``: ``nncf.quantize_with_accuracy_control``, which returns quantized
   groups to float, most harmful first, until ``eval_fn`` is within ``max_drop`` of the float
   model's (absolute drop); FidelityError if even that does not get there.
@@ -88,7 +90,7 @@ def _feed(names: list[str]) -> Callable[[Any], dict[str, np.ndarray]]:
 
 def _int8_static(ov_model: Any, settings: Quantize, model: Model) -> tuple[Any, dict[str, Any]]:
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     names = [p.get_any_name() for p in ov_model.inputs]
@@ -98,12 +100,15 @@ def _int8_static(ov_model: Any, settings: Quantize, model: Model) -> tuple[Any, 
               "entropy": RangeEstimatorParametersSet.MEAN_MINMAX}[settings.calibration_method]
     # Bias correction off: on MiniLM (NNCF 3.4, 5 batches) fast bias correction took 3.5-4 s of a 7-9 s
     # quantization and left every embedding's cosine to fp32 unchanged (mean 0.9918, min 0.9763 with
-    # and without); measured in benchmarks/results/embed_corpus.md's prep time.
+    # and without); measured in benchmarks/results/embed_corpus.md's prep time. SmoothQuant off (alpha
+    # -1): on MiniLM it cost a statistics pass and lowered fidelity (cosine mean/min to fp32 over the
+    # 400 reference sentences 0.9918/0.9763 with it, 0.9929/0.9866 without; NNCF 3.4, 2026-12-02).
     advanced = AdvancedQuantizationParameters(activations_range_estimator_params=ranges,
-                                              disable_bias_correction=True)
+                                              disable_bias_correction=True,
+                                              smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
     common = {"subset_size": len(data), "model_type": nncf.ModelType.TRANSFORMER if transformer else None,
               "preset": nncf.QuantizationPreset.MIXED if transformer else None, "ignored_scope": _ignored(settings)}
-    details: dict[str, Any] = {"model_type": "TRANSFORMER" if transformer else "default", "smooth_quant": transformer,
+    details: dict[str, Any] = {"model_type": "TRANSFORMER" if transformer else "default", "smooth_quant": False,
                                "calibration_batches": len(data), "calibration_method": settings.calibration_method,
                                "bias_correction": False}
     dataset = nncf.Dataset(data, _feed(names))
