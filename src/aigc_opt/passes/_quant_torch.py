@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -141,10 +142,15 @@ def _check_nbits_onnx(settings: Quantize, target: Target, fmt: str) -> None:
         check_nbits(settings, target, fmt)
 
 
-def _int8_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
-    from ._quant_nbits import matmul_nbits_onnx
+def _matmul_nbits(bits: int) -> Callable[[Any, Quantize], tuple[Any, dict[str, Any]]]:
+    """The ONNX implementation of an int4/int8 weight-only method: ONNX Runtime MatMulNBits blocks."""
 
-    return matmul_nbits_onnx(model, settings, bits=8)
+    def quantize_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
+        from ._quant_nbits import matmul_nbits_onnx
+
+        return matmul_nbits_onnx(model, settings, bits=bits)
+
+    return quantize_onnx
 
 
 @quant_method(
@@ -156,7 +162,7 @@ def _int8_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[st
     package="torchao",
     extra="quant",
     options=("per_channel", "group_size", "skip_types"),
-    onnx=_int8_weight_only_onnx,
+    onnx=_matmul_nbits(8),
     onnx_options=("group_size", "symmetric", "reuse_blocks"),
     keep_float=_one_input_feature,
     check_layers=_check_group_size,
@@ -193,12 +199,6 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
         )
 
 
-def _int4_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, Any]]:
-    from ._quant_nbits import matmul_nbits_onnx
-
-    return matmul_nbits_onnx(model, settings, bits=4)
-
-
 @quant_method(
     "int4-weight-only",
     description="int4 weights in groups (default 128), bf16 activations: 8x smaller Linear weights "
@@ -209,7 +209,7 @@ def _int4_weight_only_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[st
     package="torchao",
     extra="quant",
     options=("group_size", "skip_types"),
-    onnx=_int4_weight_only_onnx,
+    onnx=_matmul_nbits(4),
     onnx_options=("group_size", "symmetric", "reuse_blocks"),
     check=_check_int4,
 )

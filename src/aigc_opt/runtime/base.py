@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from .._registry import Registry
 from .._tree import Inputs
 
-__all__ = ["Runtime", "RUNTIMES", "runtime_for", "BuildOnceCache", "ModelFacts", "manifest_field"]
+__all__ = ["Runtime", "RUNTIMES", "runtime_for", "BuildOnceCache", "ModelFacts", "manifest_field", "rebuild_outputs"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,18 @@ class BuildOnceCache:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BuildOnceCache:
         return type(self)()
+
+
+def rebuild_outputs(outputs: list[Any], output_spec: str | None) -> Any:
+    """A graph's flat list of output tensors in the structure the original model returned
+    (``output_spec``: ``torch.utils._pytree.treespec_dumps`` of it, recorded at export); without a
+    spec, one tensor or a tuple in graph order."""
+    if output_spec is None:
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    import torch.utils._pytree as pytree
+
+    if "transformers." in output_spec:  # its ModelOutput types register on import
+        from .._deps import require
+
+        require("transformers", extra="hf", purpose="Rebuilding Hugging Face outputs")
+    return pytree.tree_unflatten(outputs, pytree.treespec_loads(output_spec))

@@ -22,7 +22,7 @@ from .._deps import require
 from .._tree import Inputs, describe, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES, BuildOnceCache, ModelFacts
+from .base import RUNTIMES, BuildOnceCache, ModelFacts, rebuild_outputs
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
 
@@ -306,14 +306,7 @@ class OnnxRuntime:
         feed = _feed(declared, _input_values(declared, inputs))
         _check_shared_axes(declared, feed)
         outputs = [torch.from_numpy(o) for o in _session_run(session, feed, declared)]
-        if artifact.output_spec is not None:
-            import torch.utils._pytree as pytree
-
-            if "transformers." in artifact.output_spec:  # its ModelOutput types register on import
-                require("transformers", extra="hf", purpose="Rebuilding Hugging Face outputs")
-
-            return pytree.tree_unflatten(outputs, pytree.treespec_loads(artifact.output_spec))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return rebuild_outputs(outputs, artifact.output_spec)
 
     def device(self, artifact: OnnxArtifact) -> str:
         return "cuda" if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")

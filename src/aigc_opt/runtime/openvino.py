@@ -32,7 +32,7 @@ from .._deps import require
 from .._safety import contained
 from .._tree import Inputs, describe, flatten_tensors
 from ..errors import IntegrityError, InvalidInputError
-from .base import RUNTIMES, BuildOnceCache, ModelFacts
+from .base import RUNTIMES, BuildOnceCache, ModelFacts, rebuild_outputs
 
 __all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES", "MASK_INPUT",
            "compile_config", "openvino_core", "trim_padding"]
@@ -296,13 +296,7 @@ class OpenVINORuntime:
                        for i in range(len(compiled.outputs))]
         if full is not None:
             outputs = [_pad_back(o, full) for o in outputs]
-        if artifact.output_spec is not None:
-            import torch.utils._pytree as pytree
-
-            if "transformers." in artifact.output_spec:  # its ModelOutput types register on import
-                require("transformers", extra="hf", purpose="Rebuilding Hugging Face outputs")
-            return pytree.tree_unflatten(outputs, pytree.treespec_loads(artifact.output_spec))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return rebuild_outputs(outputs, artifact.output_spec)
 
     def device(self, artifact: OpenVINOArtifact) -> str:
         return artifact.device.lower()

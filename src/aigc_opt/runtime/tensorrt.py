@@ -18,7 +18,7 @@ from .._deps import require
 from .._tree import Inputs, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError, InvalidInputError, UnsupportedModelError
-from .base import RUNTIMES, ModelFacts
+from .base import RUNTIMES, ModelFacts, rebuild_outputs
 
 __all__ = ["TensorRTArtifact", "TensorRTRuntime"]
 
@@ -81,11 +81,7 @@ class TensorRTRuntime:
         if not context.execute_async_v3(stream.cuda_stream):
             raise InvalidInputError("TensorRT execution failed for these inputs (shapes outside the profile?).")
         stream.synchronize()
-        if artifact.output_spec is not None:
-            import torch.utils._pytree as pytree
-
-            return pytree.tree_unflatten(outputs, pytree.treespec_loads(artifact.output_spec))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        return rebuild_outputs(outputs, artifact.output_spec)
 
     def device(self, artifact: TensorRTArtifact) -> str:
         return "cuda"
