@@ -50,6 +50,45 @@ def test_hf_model_saves_and_loads_without_trust(minilm, tmp_path):
     assert loaded.architecture["builder"] == "aigc_opt"
 
 
+def test_tokenizer_comes_back_from_a_save_in_every_format(minilm, tmp_path):
+    sentences = demo_sentences()[:3]
+    expected = minilm.tokenizer(sentences, padding=True)["input_ids"]
+    for name, model in [("torch", minilm), ("onnx", ao.export(minilm, "onnx"))]:
+        model.save(tmp_path / name)
+        loaded = ao.Model.load(tmp_path / name)
+        assert loaded.tokenizer is not None, name
+        assert loaded.tokenizer(sentences, padding=True)["input_ids"] == expected, name
+        batch = tokenize(loaded.tokenizer, sentences, seq_len=32)
+        assert torch.allclose(loaded(**batch), minilm(**batch), atol=1e-4), name
+
+
+def test_a_saved_tokenizer_naming_a_file_needs_trust(minilm, tmp_path):
+    """transformers opens whatever path a tokenizer config's *_file key names: a save's config may
+    not name one (here a file outside the save) unless the directory is trusted."""
+    import json
+
+    from aigc_opt._store import read_manifest, write_manifest
+
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    minilm.save(tmp_path / "m")
+    config = tmp_path / "m" / "tokenizer" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "tokenizer_file": str(outside)}))
+    manifest = read_manifest(tmp_path / "m")
+    write_manifest(tmp_path / "m", {k: v for k, v in manifest.items() if k not in ("files", "aigc_opt_manifest", "manifest_sha256")})
+    with pytest.raises(ao.errors.UnsupportedModelError, match="tokenizer_file.*trust=True"):
+        ao.Model.load(tmp_path / "m")
+    assert ao.Model.load(tmp_path / "m", trust=True).tokenizer is not None
+
+
+def test_a_model_without_tokenizer_saves_none(tmp_path):
+    net = torch.nn.Linear(4, 2)
+    ao.Model(net, example_inputs=(torch.randn(1, 4),)).save(tmp_path / "p")
+    assert not (tmp_path / "p" / "tokenizer").exists()
+    assert ao.Model.load(tmp_path / "p", module=torch.nn.Linear(4, 2)).tokenizer is None
+
+
 def test_demo_recipe_is_int8_then_inductor(minilm):
     pipe, skipped = best_int8_recipe(minilm)
     assert [type(p).__name__ for p in pipe.passes] == ["Quantize", "Compile"] and skipped == []

@@ -25,6 +25,7 @@ import torch
 from ._architecture import describe_architecture, structure_only
 from ._deps import library_versions
 from ._safety import contained, no_unpickling
+from ._tokenizer_store import load_tokenizer, save_tokenizer
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
 from ._tree import (Inputs, batch_size, describe, is_empty_batch, normalize_inputs, require_data, with_rows,
                     without_rows)
@@ -262,7 +263,9 @@ class Model:
         The weights are ``model.safetensors`` when every entry of the state dict is a plain
         tensor (tied weights are stored once), else ``weights.pt`` (``torch.save``, e.g. for
         torchao's quantized tensor subclasses, read back with ``weights_only=True``); the
-        manifest's ``weights`` field says which, and why.
+        manifest's ``weights`` field says which, and why. Other formats write their own files (the
+        ONNX graph, the OpenVINO IR...). A tokenizer (``model.tokenizer``, as ``from_hf``/``from_gguf``
+        set it) is kept in ``tokenizer/`` and comes back with :meth:`load`.
 
         An existing saved Model at ``path`` is replaced; any other non-empty directory is refused.
         A save killed at any point leaves ``path`` as it was (or holding the new save, complete).
@@ -273,7 +276,8 @@ class Model:
                            skeleton=self._skeleton)
         with atomic_directory(path) as tmp:
             stored = runtime.save(self.artifact, tmp, facts)
-            self._write_common(tmp, **{manifest_field(runtime): stored})
+            tokenizer = save_tokenizer(self.tokenizer, tmp)
+            self._write_common(tmp, **{manifest_field(runtime): stored}, tokenizer=tokenizer)
         log.info("saved %s (%s) to %s", self.name, self.format, path)
         return path
 
@@ -340,6 +344,9 @@ class Model:
                                 trust=trust, facts=facts)
         model = cls._loaded(path, manifest, artifact, history, target)
         model._skeleton = facts.found.get("structure")
+        tokenizer = load_tokenizer(path, manifest.get("tokenizer"), files=manifest["files"], trust=trust)
+        if tokenizer is not None:
+            model.tokenizer = tokenizer
         return model
 
     @classmethod
