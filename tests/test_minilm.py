@@ -62,9 +62,9 @@ def test_tokenizer_comes_back_from_a_save_in_every_format(minilm, tmp_path):
         assert torch.allclose(loaded(**batch), minilm(**batch), atol=1e-4), name
 
 
-def test_a_saved_tokenizer_naming_a_file_needs_trust(minilm, tmp_path):
+def test_a_saved_tokenizer_naming_a_file_or_code_is_refused(minilm, tmp_path):
     """transformers opens whatever path a tokenizer config's *_file key names: a save's config may
-    not name one (here a file outside the save) unless the directory is trusted."""
+    not name one (here a file outside the save), trusted or not; remote code needs trust."""
     import json
 
     from aigc_opt._store import read_manifest, write_manifest
@@ -77,9 +77,14 @@ def test_a_saved_tokenizer_naming_a_file_needs_trust(minilm, tmp_path):
     config.write_text(json.dumps({**data, "tokenizer_file": str(outside)}))
     manifest = read_manifest(tmp_path / "m")
     write_manifest(tmp_path / "m", {k: v for k, v in manifest.items() if k not in ("files", "aigc_opt_manifest", "manifest_sha256")})
-    with pytest.raises(ao.errors.UnsupportedModelError, match="tokenizer_file.*trust=True"):
+    for trust in (False, True):
+        with pytest.raises(ao.errors.IntegrityError, match="tokenizer_file"):
+            ao.Model.load(tmp_path / "m", trust=trust)
+    config.write_text(json.dumps({**data, "auto_map": {"AutoTokenizer": ["x.Tok", None]}}))
+    write_manifest(tmp_path / "m", {k: v for k, v in manifest.items()
+                                    if k not in ("files", "aigc_opt_manifest", "manifest_sha256")})
+    with pytest.raises(ao.errors.UnsupportedModelError, match="auto_map.*trust=True"):
         ao.Model.load(tmp_path / "m")
-    assert ao.Model.load(tmp_path / "m", trust=True).tokenizer is not None
 
 
 def test_a_model_without_tokenizer_saves_none(tmp_path):

@@ -2,8 +2,8 @@
 tokenizer's own ``save_pretrained`` files), read back by ``Model.load``.
 
 A tokenizer from a save is untrusted input (docs/security.md): its ``tokenizer_config.json`` may
-not name files (``*_file`` keys: transformers would open the path it names, inside the save or not)
-nor remote code (``auto_map``) unless ``trust=True``; every file was checksummed with the rest of the
+not name files (``*_file`` keys: transformers would open the path it names, inside the save or not),
+even with ``trust=True``, nor remote code (``auto_map``) unless ``trust=True``; every file was checksummed with the rest of the
 save before this runs, and transformers is asked for local files only and no remote code.
 """
 
@@ -46,8 +46,7 @@ def load_tokenizer(directory: Path, entry: Any, *, files: dict[str, str], trust:
         raise IntegrityError(f"The manifest of {str(directory)!r} has a tokenizer entry aigc_opt does not write "
                              f"({entry!r:.80}).")
     config_path = contained(directory, f"{TOKENIZER_DIR}/{CONFIG}", listed=files, what="tokenizer config")
-    if not trust:
-        _refuse_code_and_paths(config_path)
+    _refuse_paths_and_code(config_path, trust=trust)
     from ._deps import require
 
     transformers = require("transformers", extra="hf", purpose=f"Loading the tokenizer saved in {str(directory)!r}")
@@ -62,17 +61,24 @@ def load_tokenizer(directory: Path, entry: Any, *, files: dict[str, str], trust:
         ) from None
 
 
-def _refuse_code_and_paths(config_path: Path) -> None:
+def _refuse_paths_and_code(config_path: Path, *, trust: bool) -> None:
+    """A config naming files (``*_file`` keys) is refused even with trust: trust is consent to run
+    the author's code, never to read outside the save. Remote code (``auto_map``) needs trust."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError, RecursionError) as e:
         raise IntegrityError(f"{str(config_path)!r} is not readable JSON: {e}") from None
     if not isinstance(config, dict):
         raise IntegrityError(f"{str(config_path)!r} is not a JSON object.")
-    named = sorted(k for k in config if k == "auto_map" or k.endswith(("_file", "_files")))
-    if named:
+    files = sorted(k for k in config if k.endswith(("_file", "_files")))
+    if files:
+        raise IntegrityError(
+            f"{str(config_path)!r} sets {files[:5]}: transformers would open the paths they name, wherever "
+            "they point, and save_pretrained never writes them. The save was changed after it was written; "
+            "save the model again."
+        )
+    if "auto_map" in config and not trust:
         raise UnsupportedModelError(
-            f"{str(config_path)!r} sets {named[:5]}: a tokenizer config that names files or remote code "
-            "is read only with Model.load(..., trust=True), since transformers would open those files or "
-            "run that code. Load it with trust=True if you trust this directory."
+            f"{str(config_path)!r} names remote tokenizer code (auto_map), which runs only with "
+            "Model.load(..., trust=True). Load it with trust=True if you trust this directory."
         )
