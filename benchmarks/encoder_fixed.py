@@ -37,6 +37,15 @@ from _common import (base_parser, describe_machine, fmt_ratio, machine_info, mar
 from aigc_opt.demo import demo_sentences, load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
 
+SETTINGS = ("Settings. Peer (OpenVINO/NNCF docs, defaults): `ov.convert_model(module, example_input=...)` "
+            "(TorchScript trace with its check), `nncf.quantize(model_type=TRANSFORMER)` (SmoothQuant and fast bias "
+            "correction on, preset MIXED), `compile_model(..., {PERFORMANCE_HINT: LATENCY, INFERENCE_NUM_THREADS: "
+            "ours})`, precision and pinning left to OpenVINO (bf16 on this AVX512-BF16 CPU; pinning on). Ours: the "
+            "trace on a 2x16 slice without check_trace, IR verified on 4 rows; NNCF TRANSFORMER/MIXED with "
+            "SmoothQuant and bias correction off; LATENCY, the same threads, precision hint bf16 from the target, "
+            "CPU pinning off, dynamic shapes with trim_padding (or shapes=static where the row says so).")
+
+
 class ByHand(torch.nn.Module):
     """The peer's compiled model behind a torch module, so ao.compare can time it beside ours."""
 
@@ -131,7 +140,7 @@ def main() -> None:
     lines = ["# MiniLM at fixed shapes: aigc_opt's OpenVINO int8 vs OpenVINO + NNCF int8 by hand", "",
              f"Machine: {describe_machine(machine)}. One process, OpenVINO "
              "only, interleaved rounds (ao.compare); the peer is the baseline, so the ratio is ours / peer "
-             "(target <= 0.90x at cosine >= 0.99). Cosine per sentence against fp32 eager.", ""]
+             "(target <= 0.90x at cosine >= 0.99). Cosine per sentence against fp32 eager.", "", SETTINGS, ""]
     table = [[f"{res['shape']}, {100 * res['padding_fraction']:.0f}% padding", r["label"], f"{r['median_ms']:.2f}", f"{r['ci_ms'][0]:.2f}-{r['ci_ms'][1]:.2f}",
               fmt_ratio(*r["vs_peer"]), f"{r['prep_s']:.1f}", f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}"]
              for res in results for r in res["rows"]]

@@ -280,3 +280,23 @@ def test_padding_columns_are_trimmed_only_where_padding_does_not_change_outputs(
     plain = ao.Model(Unmasked(), example_inputs=batch(4, 16), target="host")
     compiled = ao.compile(ao.export(plain, "openvino"), "openvino")
     assert str(compiled.history[-1].details["trim_padding"]).startswith("off") and not compiled.artifact.trim_padding
+
+
+@needs_openvino
+def test_export_traces_once_without_check_trace_and_verifies_on_four_full_rows(monkeypatch):
+    calls = []
+    real_trace = torch.jit.trace
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("check_trace", True))
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", spy)
+    base = ao.Model(tiny_bert().artifact, example_inputs=batch(6, 24), target="host")
+    ov = ao.export(base, "openvino")
+    details = ov.history[-1].details
+    assert calls == [False]  # one trace, and torch.jit's own re-run check skipped
+    assert "(2, 16)" in details["traced_on"] and "(4, 24)" in details["verified_on"]
+    assert "retraced" not in details
+    inputs = batch(6, 24, seed=3)  # the rows and length the verification did not see
+    torch.testing.assert_close(ov(**inputs), base(**inputs), atol=1e-4, rtol=1e-3)
