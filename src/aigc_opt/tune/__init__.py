@@ -12,6 +12,8 @@ Example:
     >>> m = ao.Model(net, example_inputs=(torch.randn(32, 64),))
     >>> result = ao.tune(m, max_drop=0.01, budget="2m", space=ao.tune.Space(prune=()))  # doctest: +SKIP
     >>> result.recipe.save("recipe.yaml")                                                  # doctest: +SKIP
+    >>> wl = ao.tune.GenerationWorkload(prompts=["def fib(n):"], max_new_tokens=32)         # doctest: +SKIP
+    >>> ao.tune(lm, workload=wl, max_drop=0.02, budget="20m")  # decode ms/token vs next-token agreement  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import sys
 import types
 from typing import Any
 
+from .generation import GenerationWorkload
 from .result import Trial, TuneResult, pareto_front
 from .search import Tune, tune
 from .space import Space
 
-__all__ = ["tune", "Tune", "TuneResult", "Trial", "Space", "pareto_front"]
+__all__ = ["tune", "Tune", "TuneResult", "Trial", "Space", "GenerationWorkload", "pareto_front"]
 
 
 class _CallableModule(types.ModuleType):
@@ -37,5 +40,5 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 # ``ao.tune`` resolves to the function: give it the package's names too (``ao.tune.Space``).
-for _name in ("Tune", "TuneResult", "Trial", "Space", "pareto_front"):
+for _name in ("Tune", "TuneResult", "Trial", "Space", "GenerationWorkload", "pareto_front"):
     setattr(tune, _name, globals()[_name])

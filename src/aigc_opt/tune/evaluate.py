@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AigcOptError, FidelityError
 from ..passes.base import Pass
 from ..pipeline import Pipeline
+from .space import recipe_key
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -48,6 +50,7 @@ class EvalContext:
     top1: bool = True
     keep_model: bool = True  # return the built Model (local runs); Ray workers return numbers only
     runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generation: Any = None  # a GenerationData: decode timing and next-token agreement instead
 
 
 def timing_lock_path() -> Path:
@@ -108,6 +111,8 @@ def metric_of(model: Model, ctx: EvalContext, base: Model | None = None) -> floa
         return value
     if base is None:
         return 1.0
+    if ctx.generation is not None:
+        return ctx.generation.agreement(model)
     from ..bench.fidelity import FidelityAccumulator
 
     acc = FidelityAccumulator(model.name, top1=ctx.top1)
@@ -125,13 +130,13 @@ def evaluate(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> dict[st
     try:
         Pipeline(passes).check_chain(base.format, base.target, compiled=base.is_compiled)
     except AigcOptError as e:
-        return {**out, "state": "refused", "error": _short(e)}
+        return {**out, "state": "refused", "error": _short(e), **dead_prefix(passes, e)}
     start = time.perf_counter()
     try:
         with timing_lock(exclusive=False):
             model = build(base, passes, ctx)
     except Exception as e:  # a failed build is a result, not the end of the search
-        return {**out, "error": _short(e), "build_s": round(time.perf_counter() - start, 3)}
+        return {**out, "error": _short(e), "build_s": round(time.perf_counter() - start, 3), **dead_prefix(passes, e)}
     out["build_s"] = round(time.perf_counter() - start, 3)
     start = time.perf_counter()
     try:
@@ -141,8 +146,11 @@ def evaluate(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> dict[st
         return {**out, "error": f"fidelity check failed: {_short(e)}"}
     out.update(metric=metric, drop=ctx.baseline_metric - metric, eval_s=round(time.perf_counter() - start, 3),
                size_bytes=model.size_bytes())
-    if out["drop"] > ctx.max_drop:
-        return {**out, "state": "over-budget"}  # pruned before timing: it cannot be chosen
+    if out["drop"] > ctx.max_drop:  # pruned before timing: it cannot be chosen
+        # Compiling runs the same math, so no recipe that only adds a Compile to this one comes back
+        # within the budget: the whole recipe is a dead prefix when it compiles nothing.
+        dead = {} if any(p.compiles for p in passes) else {"dead_prefix": recipe_key(passes)}
+        return {**out, "state": "over-budget", **dead}
     try:
         with timing_lock(exclusive=True):
             start, began = time.perf_counter(), time.time()
@@ -157,7 +165,23 @@ def evaluate(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> dict[st
     return out
 
 
+_STEP = re.compile(r"pipeline step (\d+) of (\d+)")
+
+
+def dead_prefix(passes: tuple[Pass, ...], error: BaseException) -> dict[str, Any]:
+    """``{"dead_prefix": key}``: the passes up to the step that failed or was refused (read from the
+    pipeline's note on the error), which every recipe starting with them would repeat; ``{}`` when
+    the error names no step."""
+    text = " ".join([str(error), *getattr(error, "__notes__", [])])
+    found = [int(m.group(1)) for m in _STEP.finditer(text) if int(m.group(2)) == len(passes)]
+    if not found or not 1 <= found[-1] <= len(passes):
+        return {}
+    return {"dead_prefix": recipe_key(passes[:found[-1]])}
+
+
 def _time(base: Model, model: Model, ctx: EvalContext) -> dict[str, Any]:
+    if ctx.generation is not None:
+        return ctx.generation.time(base, model, ctx.time_per_trial)
     from ..bench import compare
 
     report = compare(base, model, inputs=ctx.workload, max_time=ctx.time_per_trial, output_fn=ctx.output_fn,

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Trial", "TuneResult", "pareto_front"]
 
-STATES = ("complete", "over-budget", "refused", "failed")
+STATES = ("complete", "over-budget", "refused", "failed", "skipped")
+# Outcome keys kept in Trial.details: a generation workload's timings, the prefix a failure ruled out.
+DETAILS = ("ttft_ratio", "ttft_ms", "baseline_ttft_ms", "decode_ms_per_token", "baseline_decode_ms_per_token",
+           "dead_prefix")
 
 
 @dataclass
@@ -26,7 +29,10 @@ class Trial:
 
     ``state``: ``complete`` (built, within the budget, timed), ``over-budget`` (its fidelity
     check failed ``max_drop``, so it was not timed), ``refused`` (a check refused the chain
-    before any work) or ``failed`` (the build, the fidelity check or the timing raised: ``error``).
+    before any work), ``failed`` (the build, the fidelity check or the timing raised: ``error``) or
+    ``skipped`` (never built: it extends a prefix that failed, was refused, or was beyond ``max_drop``
+    with only a Compile added; ``error`` names the trial that ruled it out).
+    ``details``: a generation workload's TTFT ratio and ms/token, and a failure's dead prefix.
     ``latency_ratio`` is (median ratio to the baseline, 95% low, 95% high) from one interleaved run.
     """
 
@@ -44,6 +50,7 @@ class Trial:
     timed_at: tuple[float, float] | None = None  # wall-clock start and end of the timing (overlap checks)
     error: str | None = None
     reused: bool = False  # carried over from a stored study (resumed run)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_outcome(cls, number: int, recipe: str, passes: list[dict[str, Any]], outcome: dict[str, Any],
@@ -54,7 +61,7 @@ class Trial:
                    drop=outcome.get("drop"), size_bytes=outcome.get("size_bytes"), build_s=outcome.get("build_s"),
                    eval_s=outcome.get("eval_s"), time_s=outcome.get("time_s"),
                    timed_at=tuple(outcome["timed_at"]) if outcome.get("timed_at") else None, error=outcome.get("error"),
-                   reused=reused)
+                   reused=reused, details={k: outcome[k] for k in DETAILS if outcome.get(k) is not None})
 
     @property
     def pipeline(self) -> Pipeline:
@@ -94,6 +101,9 @@ class TuneResult:
     stop_reason: str
     executor: str
     notes: list[str] = field(default_factory=list)
+    dead_prefixes: list[tuple[str, int, str]] = field(default_factory=list)  # (prefix, trial, state)
+    skipped_recipes: int = 0  # recipes of the space never built because they extend a dead prefix
+    workload: str = ""
     _build: Callable[[Pipeline], Model] | None = field(default=None, repr=False)
     _best: Model | None = field(default=None, repr=False)
 
@@ -155,7 +165,9 @@ class TuneResult:
                 "space": self.space_summary, "counts": self.counts(),
                 "chosen": chosen.number if chosen else None, "recipe": self.recipe.to_dict(),
                 "pareto": [t.number for t in self.pareto], "trials": [t.to_dict() for t in self.trials],
-                "refused_variants": [list(r) for r in self.refused_variants], "notes": self.notes}
+                "refused_variants": [list(r) for r in self.refused_variants], "notes": self.notes,
+                "workload": self.workload, "dead_prefixes": [list(d) for d in self.dead_prefixes],
+                "skipped_recipes": self.skipped_recipes}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -175,7 +187,7 @@ class TuneResult:
         lines = [f"**{self._headline()}**", "",
                  f"{len(self.trials)} trials ({counts}) in {self.elapsed_s:.0f} s of a {self.budget_s:.0f} s "
                  f"budget ({self.stop_reason}); executor {self.executor}; target {self.target}; space: "
-                 f"{self.space_summary}.", "",
+                 f"{self.space_summary}.", *self._pruning(), "",
                  f"| trial | recipe | state | latency vs baseline [95%] | {self.metric_name} | drop | size MB | build s |",
                  "|---|---|---|---|---|---|---|---|"]
         front, chosen = self.pareto, self.chosen
@@ -194,6 +206,14 @@ class TuneResult:
             lines += ["", "Errors:"] + [f"- trial {t.number} ({t.state}): {t.error[:300]}" for t in errors]
         lines += [f"- note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _pruning(self) -> list[str]:
+        if not self.dead_prefixes:
+            return []
+        dead = "; ".join(f"`{p}` (trial {n}, {s})" for p, n, s in self.dead_prefixes[:8])
+        more = f" and {len(self.dead_prefixes) - 8} more" if len(self.dead_prefixes) > 8 else ""
+        return ["", f"Early pruning: {self.skipped_recipes} recipes of the space were never built because they "
+                    f"extend a dead prefix: {dead}{more}."]
 
     def __str__(self) -> str:
         return self.to_markdown()
@@ -233,5 +253,5 @@ class TuneResult:
 
 
 def _order(t: Trial) -> tuple[int, float, int]:
-    rank = {"complete": 0, "over-budget": 1, "failed": 2, "refused": 3}[t.state]
+    rank = {"complete": 0, "over-budget": 1, "failed": 2, "refused": 3, "skipped": 4}[t.state]
     return rank, t.latency_ratio[0] if t.latency_ratio else float("inf"), t.number

@@ -26,6 +26,7 @@ from ..errors import AigcOptError, ConfigError, FidelityError, InvalidInputError
 from ..pipeline import Pipeline
 from .evaluate import EvalContext, build, evaluate, metric_of
 from .executors import make_executor
+from .generation import GenerationData, GenerationWorkload, filter_generation
 from .result import Trial, TuneResult
 from .space import Candidates, Space, build_candidates, recipe_key
 from .study import all_params, coverage_params, fingerprint, open_study, parse_budget, stored_outcomes, suggest, tell
@@ -64,6 +65,9 @@ class Tune:
             once the median is known to ±2%).
         seed: the sampler's seed.
         top1: count top-1 agreement in output fidelity (off for embeddings).
+        prune_prefixes: never build a recipe that starts with a failed or refused one's passes up
+            to its failing step, nor one that only adds a Compile to a recipe beyond ``max_drop``
+            (such recipes are recorded as ``skipped``, naming the trial that ruled them out).
         verbose: the progress bar (None: on a terminal).
     """
 
@@ -77,6 +81,7 @@ class Tune:
     time_per_trial: float = 10.0
     seed: int = 0
     top1: bool = True
+    prune_prefixes: bool = True
     verbose: bool | None = None
 
     def __post_init__(self) -> None:
@@ -92,18 +97,22 @@ class Tune:
     def run(self, model: Model, *, workload: Any = None, eval_fn: Callable[[Any], float] | None = None,
             data: Any = None, teacher: Any = None, output_fn: Callable[[Any], Any] | None = None) -> TuneResult:
         """Search on ``model`` (left unchanged) with the user's ``workload`` (a list of batches;
-        default: its example inputs). ``eval_fn(model) -> float`` (higher is better) is the
+        default: its example inputs; or a :class:`GenerationWorkload` for a decoder: decode
+        ms/token against next-token agreement). ``eval_fn(model) -> float`` (higher is better) is the
         fidelity metric; ``data`` (unlabeled input batches) calibrates static quantization and
         trains Distill after Prune; ``teacher`` defaults to ``model``."""
         start = time.monotonic()
         budget_s = parse_budget(self.budget)
         base = _retarget(model, self.target)
-        batches = _workload(workload, base)
+        gen = GenerationData.prepare(workload, base) if isinstance(workload, GenerationWorkload) else None
+        batches = gen.batches if gen is not None else _workload(workload, base)
         ctx = EvalContext(workload=batches, max_drop=float(self.max_drop), baseline_metric=1.0, eval_fn=eval_fn,
                           data=data if data is not None else batches, teacher=teacher,
-                          time_per_trial=float(self.time_per_trial), output_fn=output_fn, top1=self.top1)
+                          time_per_trial=float(self.time_per_trial), output_fn=output_fn, top1=self.top1,
+                          generation=gen)
         ctx.baseline_metric, eval_s, call_s = _baseline(base, ctx)
-        min_trial = eval_s + (_MIN_ROUNDS + _WARMUP + len(batches)) * 2 * call_s
+        min_trial = eval_s + (gen.min_trial_s(call_s) if gen is not None
+                              else (_MIN_ROUNDS + _WARMUP + len(batches)) * 2 * call_s)
         if budget_s < min_trial:
             raise ConfigError(f"budget={self.budget!r} ({budget_s:g} s) is too small for one trial: evaluating and "
                               f"timing one candidate against the baseline takes at least {min_trial:.1f} s here "
@@ -112,19 +121,26 @@ class Tune:
                               "or more.")
         cands = build_candidates(self.space or Space(), base, base.target, have_data=data is not None,
                                  varied_shapes=len({describe(b) for b in batches}) > 1, have_eval=eval_fn is not None,
-                                 max_drop=float(self.max_drop))
+                                 max_drop=float(self.max_drop), keep=filter_generation if gen is not None else None)
         log.info("tune space for %s: %s", base.name, cands.summary())
         executor = make_executor(self.executor)
         ctx.keep_model = bool(getattr(executor, "keeps_models", False))
-        study = open_study(self.storage, fingerprint(base, batches), seed=self.seed)
+        fp = fingerprint(base, batches)
+        if gen is not None:  # the same prompts with another length or objective is another workload
+            fp["workload"] += f"|gen{gen.spec.max_new_tokens}|{gen.spec.objective}"
+        study = open_study(self.storage, fp, seed=self.seed)
         search = _Search(study, cands, executor, base, ctx, deadline=start + budget_s, min_trial=min_trial,
-                         max_trials=self.max_trials, verbose=self.verbose, seed=self.seed)
+                         max_trials=self.max_trials, verbose=self.verbose, seed=self.seed,
+                         prune_prefixes=self.prune_prefixes)
         search.loop()
+        metric = "eval_fn" if eval_fn else "next-token agreement" if gen is not None else "cosine"
         result = TuneResult(
-            model_name=base.name, target=base.target.name, metric_name="eval_fn" if eval_fn else "cosine",
+            model_name=base.name, target=base.target.name, metric_name=metric,
             baseline_metric=ctx.baseline_metric, max_drop=float(self.max_drop), trials=search.trials(),
             space_summary=cands.summary(), refused_variants=cands.refused, budget_s=budget_s,
             elapsed_s=time.monotonic() - start, stop_reason=search.stop_reason, executor=executor.name,
+            dead_prefixes=search.dead_list(), skipped_recipes=search.skipped_in_space(),
+            workload=gen.spec.describe() if gen is not None else f"{len(batches)} batches",
             _build=lambda pipe: build(base, pipe.passes, ctx))
         chosen = result.chosen
         if chosen is not None and search.kept is not None and search.kept[0] == chosen.recipe:
@@ -138,7 +154,7 @@ def tune(model: Model, *, target: Any = None, workload: Any = None, eval_fn: Cal
          max_drop: float = 0.01, budget: str | float = "20m", data: Any = None, teacher: Any = None,
          space: Space | None = None, storage: Any = None, executor: Any = None, max_trials: int | None = None,
          time_per_trial: float = 10.0, seed: int = 0, top1: bool = True, output_fn: Callable[[Any], Any] | None = None,
-         verbose: bool | None = None) -> TuneResult:
+         prune_prefixes: bool = True, verbose: bool | None = None) -> TuneResult:
     """Find the fastest recipe for ``model`` on ``target`` within ``max_drop`` of its fidelity.
 
     The search space comes from the pass registries, filtered by the target and the model's
@@ -151,7 +167,8 @@ def tune(model: Model, *, target: Any = None, workload: Any = None, eval_fn: Cal
         >>> result.recipe.save("recipe.yaml"); fast = result.best                                # doctest: +SKIP
     """
     settings = Tune(max_drop=max_drop, budget=budget, target=target, space=space, storage=storage, executor=executor,
-                    max_trials=max_trials, time_per_trial=time_per_trial, seed=seed, top1=top1, verbose=verbose)
+                    max_trials=max_trials, time_per_trial=time_per_trial, seed=seed, top1=top1,
+                    prune_prefixes=prune_prefixes, verbose=verbose)
     return settings.run(model, workload=workload, eval_fn=eval_fn, data=data, teacher=teacher, output_fn=output_fn)
 
 
@@ -160,11 +177,16 @@ class _Search:
     ``max_trials`` or the space runs out."""
 
     def __init__(self, study: Any, cands: Candidates, executor: Any, base: Model, ctx: EvalContext, *,
-                 deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None, seed: int = 0):
+                 deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None, seed: int = 0,
+                 prune_prefixes: bool = True):
         self.study, self.cands, self.executor, self.ctx = study, cands, executor, ctx
+        self.prune_prefixes = prune_prefixes
+        self.dead: dict[str, tuple[int, str]] = {}  # prefix key -> (trial number, state) that ruled it out
         self.deadline, self.min_trial, self.max_trials, self.verbose = deadline, min_trial, max_trials, verbose
         self.known = stored_outcomes(study)
         self.reused = set(self.known)
+        for key, (number, _, outcome) in self.known.items():
+            self._note_dead(number, outcome)
         self.new = 0
         self.kept: tuple[str, Any] | None = None  # (recipe key, Model) of the best so far, local runs
         self.stop_reason = ""
@@ -179,8 +201,8 @@ class _Search:
             return f"max_trials={self.max_trials} reached"
         if time.monotonic() + self.min_trial > self.deadline:
             return "budget spent"
-        if len(self.known) >= self.cands.size - 1:
-            return "every recipe in the space was tried"
+        if len(self.known) >= self.cands.size - 1 or not self._untried(set()):
+            return "every recipe in the space was tried" + (" or ruled out by a failed prefix" if self.dead else "")
         return None
 
     def loop(self) -> None:
@@ -208,6 +230,11 @@ class _Search:
                             break
                         self._enqueue_untried(in_flight)  # TPE narrows hard on categoricals: go elsewhere
                         continue
+                    if (ruled_out := self._ruled_out(passes)) is not None:
+                        self._skip(trial, key, plain, ruled_out, bar)
+                        trial = None
+                        self._enqueue_untried(in_flight)
+                        continue
                     repeats = 0
                     future = self.executor.submit(evaluate, *self.refs[:1], passes, self.refs[1])  # local: runs it
                     in_flight[future] = (trial, key, plain)
@@ -233,20 +260,61 @@ class _Search:
 
     def _enqueue_untried(self, in_flight: dict[Any, Any]) -> None:
         """After the sampler proposed a finished recipe, queue one not tried yet (seeded random)."""
-        running = {k for _, k, _ in in_flight.values()}
-        untried = []
-        for params in all_params(self.cands):
-            variants = _variants_of(self.cands, params)
-            key = recipe_key(tuple(p for v in variants for p in v.passes))
-            if key not in self.known and key not in running and key != recipe_key(()):
-                untried.append(params)
+        untried = self._untried({k for _, k, _ in in_flight.values()})
         if untried:
             self.study.enqueue_trial(self.rng.choice(untried))
+
+    def _untried(self, running: set[str]) -> list[dict[str, Any]]:
+        """The space's recipes (as parameters) not tried, not running and not ruled out."""
+        untried = []
+        for params in all_params(self.cands):
+            passes = tuple(p for v in _variants_of(self.cands, params) for p in v.passes)
+            key = recipe_key(passes)
+            if key not in self.known and key not in running and passes and self._ruled_out(passes) is None:
+                untried.append(params)
+        return untried
+
+    # ------------------------------------------------------------ early pruning of prefixes
+    def _note_dead(self, number: int, outcome: dict[str, Any]) -> None:
+        prefix = outcome.get("dead_prefix")
+        if self.prune_prefixes and prefix and prefix not in self.dead:
+            self.dead[prefix] = (number, outcome["state"])
+
+    def _ruled_out(self, passes: tuple[Any, ...]) -> str | None:
+        """The dead prefix ``passes`` starts with (or is: a step that failed inside a longer recipe
+        fails the same way alone), if any."""
+        for i in range(1, len(passes) + 1):
+            if (prefix := recipe_key(passes[:i])) in self.dead:
+                return prefix
+        return None
+
+    def _skip(self, trial: Any, key: str, plain: list[dict[str, Any]], prefix: str, bar: Any) -> None:
+        number, state = self.dead[prefix]
+        why = "was over max_drop (a Compile does not restore fidelity)" if state == "over-budget" else state
+        outcome = {"state": "skipped", "error": f"not built: it extends `{prefix}`, which {why} in trial {number}"}
+        tell(self.study, trial, key, plain, outcome)
+        self.known[key] = (trial.number, plain, outcome)
+
+    def dead_list(self) -> list[tuple[str, int, str]]:
+        """(prefix, trial number, state) of every prefix that ruled recipes out."""
+        return [(k, n, s) for k, (n, s) in self.dead.items()]
+
+    def skipped_in_space(self) -> int:
+        """How many recipes of the space extend a dead prefix: builds the pruning saved over an
+        exhaustive search (sampled and recorded ``skipped``, or never sampled)."""
+        count = 0
+        for params in all_params(self.cands):
+            passes = tuple(p for v in _variants_of(self.cands, params) for p in v.passes)
+            done = self.known.get(recipe_key(passes))
+            built = done is not None and done[2].get("state") != "skipped"
+            count += not built and self._ruled_out(passes) is not None
+        return count
 
     def _record(self, trial: Any, key: str, plain: list[dict[str, Any]], outcome: dict[str, Any], bar: Any) -> None:
         model = outcome.pop("model", None)
         tell(self.study, trial, key, plain, outcome)
         self.known[key] = (trial.number, plain, outcome)
+        self._note_dead(trial.number, outcome)
         self.new += 1
         best = self._best()
         if model is not None and best is not None and best[1] == key:
@@ -310,16 +378,10 @@ def _workload(workload: Any, model: Model) -> list[Any]:
 def _baseline(base: Model, ctx: EvalContext) -> tuple[float, float, float]:
     """The baseline's metric (eval_fn checked: it must run and return a finite number), how long
     one evaluation takes, and the mean time of one call over the workload."""
-    start = time.perf_counter()
-    for i, batch in enumerate(ctx.workload):
-        try:
-            base.run(batch)
-        except AigcOptError:
-            raise
-        except Exception as e:
-            raise InvalidInputError(f"workload[{i}] {describe(batch)} does not run {base.name}: "
-                                    f"{type(e).__name__}: {e}") from e
-    call_s = (time.perf_counter() - start) / len(ctx.workload)
+    if ctx.generation is not None:  # GenerationData.prepare already ran the baseline on it
+        call_s = ctx.generation.call_s(base)
+    else:
+        call_s = _call_s(base, ctx.workload)
     start = time.perf_counter()
     try:
         metric = metric_of(base, ctx, base)
@@ -331,6 +393,19 @@ def _baseline(base: Model, ctx: EvalContext) -> tuple[float, float, float]:
                             "Fix eval_fn: it is called as eval_fn(model) with an ao.Model (call it like the "
                             "module: model(x)) and must return a number, higher is better.") from e
     return metric, time.perf_counter() - start, call_s
+
+
+def _call_s(base: Model, workload: list[Any]) -> float:
+    start = time.perf_counter()
+    for i, batch in enumerate(workload):
+        try:
+            base.run(batch)
+        except AigcOptError:
+            raise
+        except Exception as e:
+            raise InvalidInputError(f"workload[{i}] {describe(batch)} does not run {base.name}: "
+                                    f"{type(e).__name__}: {e}") from e
+    return (time.perf_counter() - start) / len(workload)
 
 
 def _suggest(seconds: float) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,7 +155,8 @@ class Candidates:
 
 
 def build_candidates(space: Space, model: Model, target: Target, *, have_data: bool,
-                     varied_shapes: bool, have_eval: bool, max_drop: float) -> Candidates:
+                     varied_shapes: bool, have_eval: bool, max_drop: float,
+                     keep: Callable[[Candidates, str], None] | None = None) -> Candidates:
     """Every stage's variants checked against ``model``'s format and ``target``; raises ConfigError
     naming what filtered each candidate when nothing is left."""
     logger = logging.getLogger("aigc_opt")
@@ -163,7 +164,7 @@ def build_candidates(space: Space, model: Model, target: Target, *, have_data: b
     logger.addFilter(once)  # a check's warning (e.g. no native fp16) once, not once per variant
     try:
         return _build_candidates(space, model, target, have_data=have_data, varied_shapes=varied_shapes,
-                                 have_eval=have_eval, max_drop=max_drop)
+                                 have_eval=have_eval, max_drop=max_drop, keep=keep)
     finally:
         logger.removeFilter(once)
 
@@ -181,7 +182,7 @@ class _Once(logging.Filter):
 
 
 def _build_candidates(space: Space, model: Model, target: Target, *, have_data: bool, varied_shapes: bool,
-                      have_eval: bool, max_drop: float) -> Candidates:
+                      have_eval: bool, max_drop: float, keep: Callable[[Candidates, str], None] | None) -> Candidates:
     refused: list[tuple[str, str]] = []
     fmt, compiled = model.format, model.is_compiled
 
@@ -225,6 +226,8 @@ def _build_candidates(space: Space, model: Model, target: Target, *, have_data: 
                 if ok(route.passes + (p,), f"{r}: {p.describe()}"):
                     compile_[r].append(Variant(_label(p), (p,)))
     cands = Candidates(prune=prune, routes=routes, quantize=quantize, compile=compile_, refused=refused)
+    if keep is not None:  # the workload's own filter (a generation workload: formats that generate)
+        keep(cands, fmt)
     if cands.size <= 1:  # only the model as it is
         why = "\n".join(f"  - {what}: {reason}" for what, reason in refused[:60]) or "  (nothing was refused)"
         if len(refused) > 60:

@@ -175,7 +175,7 @@ def tell(study: Any, trial: Any, key: str, passes: list[dict[str, Any]], outcome
     state = outcome["state"]
     if state == "complete":
         study.tell(trial, [outcome["latency_ratio"][0], outcome["drop"]])
-    elif state == "over-budget":
+    elif state in ("over-budget", "skipped"):  # not timed: beyond max_drop, or ruled out by a prefix
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
