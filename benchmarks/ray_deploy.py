@@ -187,7 +187,7 @@ def _peer_app(name: str, model_dir: Path, cpus: int) -> Any:
 
 
 def serve_case(model_dir: Path, model: ao.Model, texts: list[str], expected: np.ndarray, requests: int,
-               clients: int) -> dict[str, Any]:
+               clients: int, serial: int) -> dict[str, Any]:
     from ray import serve
 
     port = 8765
@@ -195,14 +195,14 @@ def serve_case(model_dir: Path, model: ao.Model, texts: list[str], expected: np.
     url, out = f"http://127.0.0.1:{port}", {}
     for name in ("Echo", "MinimalEmbedder", "BatchedEmbedder"):  # each alone on the cluster, in turn
         serve.run(_peer_app(name, model_dir, CPUS), name=name, route_prefix=f"/{name}")
-        row = out[name] = serve_serial(url, f"/{name}", texts[:200])
+        row = out[name] = serve_serial(url, f"/{name}", texts[:serial])
         if name == "BatchedEmbedder":
             row["load"] = serve_load(url, f"/{name}", texts, expected, requests, clients)
         serve.delete(name)
     served = ao.deploy.ray_serve(model_dir, tokenizer=minilm_dir(), max_batch_size=16,
                                  batch_wait_timeout_s=BATCH_WAIT_S, num_cpus=CPUS).run(port=port)
     try:
-        ours = out["ao.deploy.ray_serve"] = serve_serial(url, "/predict", texts[:200])
+        ours = out["ao.deploy.ray_serve"] = serve_serial(url, "/predict", texts[:serial])
         calls_before = served.monitor.snapshot()["calls"]
         ours["load"] = load = serve_load(url, "/predict", texts, expected, requests, clients)
         snap = served.monitor.snapshot()
@@ -210,7 +210,7 @@ def serve_case(model_dir: Path, model: ao.Model, texts: list[str], expected: np.
         load["model_latency_p50_ms"] = snap["latency_ms"]["p50"]
     finally:
         served.shutdown()
-    own = own_latency(model, texts[:200])
+    own = own_latency(model, texts[:serial])
     for row in out.values():
         row["p50_over_own_ms"] = row["p50_http_ms"] - own
     return {"own_p50_ms": own, "cpus": CPUS, "rows": out}
@@ -303,7 +303,9 @@ def markdown(r: dict[str, Any]) -> list[str]:
     if "serve" in r:
         lines += _serve_lines(r["serve"])
     if "drift" in r:
+        when = r.get("carried_over", {}).get("drift")
         lines += ["## Drift detection (ao.monitor, threshold from ao.compare(fp32, int8-dynamic))", "",
+                  *([f"(Not rerun: the results of the run of {when}.)", ""] if when else []),
                   f"Threshold: {r['drift']['derived']['source']} -> cosine >= {r['drift']['derived']['cosine']:.5f}.", ""]
         lines += markdown_table(["monitored model", "alert after sampled calls (target <= 200)", "mean cosine"],
                                 [[x["model"], str(x["alert_after_sampled_calls"] or f"none in {x['sampled_calls']}"),
@@ -319,6 +321,7 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--serial", type=int, default=200, help="one-client requests per deployment")
     parser.add_argument("--repeat", type=int, default=2, help="copies of the 400 reference sentences for Ray Data")
     parser.add_argument("--drift-calls", type=int, default=200, help="most sampled calls per drift run")
     parser.add_argument("--parts", default="drift,data,serve", help="which parts to run (comma-separated)")
@@ -340,14 +343,28 @@ def main() -> None:
                 results["ray_data"] = ray_data_case(Path(tmp) / "minilm", model, texts * args.repeat, 32)
                 print(f"ray data: {time.perf_counter() - start:.0f} s", flush=True)
             if "serve" in parts:
-                _, expected = plain_loop(model, model.tokenizer, texts, 1)
-                results["serve"] = serve_case(Path(tmp) / "minilm", model, texts, expected, args.requests, args.clients)
+                used = texts[:min(len(texts), args.requests)]
+                _, expected = plain_loop(model, model.tokenizer, used, 1)
+                results["serve"] = serve_case(Path(tmp) / "minilm", model, used, expected, args.requests, args.clients,
+                                              args.serial)
     finally:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
+    _carry_over(results, parts, args.results_dir / "ray_deploy.json")
     print(write_results("ray_deploy", results, markdown(results), args.results_dir))
+
+
+def _carry_over(results: dict[str, Any], parts: set[str], previous: Path) -> None:
+    """Parts not run this time keep their previous results (marked with that run's date)."""
+    if not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    for part, key in (("drift", "drift"), ("data", "ray_data"), ("serve", "serve")):
+        if part not in parts and key in old:
+            results[key] = old[key]
+            results.setdefault("carried_over", {})[key] = old.get("carried_over", {}).get(key, old.get("date"))
 
 
 if __name__ == "__main__":
