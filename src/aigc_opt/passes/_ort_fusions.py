@@ -112,49 +112,67 @@ def unfuse(path: Path, op_types: set[str]) -> dict[str, int]:
     and ``BiasGelu`` into ``Add`` + ``Gelu``, for the op types in ``op_types``; returns counts.
 
     A SkipLayerNormalization whose mean / inverse-std outputs are read is kept (LayerNormalization
-    computes them over the sum, but the names would change for no gain)."""
-    import onnx
-    from onnx import helper
+    computes them over the sum, but the names would change for no gain). The rewrite works on the
+    graph as onnx-ir reads it (``ir.convenience.replace_nodes_and_values``: uses, graph outputs and
+    names carried over to the new values)."""
+    import onnx_ir as ir
 
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    model = ir.load(str(path))
+    opset = model.opset_imports.get("", 0)
     counts: dict[str, int] = {}
-    nodes = []
-    for node in model.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in op_types:
-            replacement = _unfused(node, opset, used, helper)
-            if replacement:
-                nodes.extend(replacement)
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-                continue
-        nodes.append(node)
+    for node in list(model.graph):
+        unfuser = _UNFUSERS.get(node.op_type) if node.domain == "com.microsoft" else None
+        replacement = unfuser(node, opset) if unfuser is not None and node.op_type in op_types else None
+        if replacement is None:
+            continue
+        new_nodes, old_values, new_values = replacement
+        ir.convenience.replace_nodes_and_values(model.graph, node, [node], new_nodes, old_values, new_values)
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        onnx.save(model, str(path))
+        ir.save(model, str(path))
     return counts
 
 
-def _unfused(node: Any, opset: int, used: set[str], helper: Any) -> list[Any]:
-    inputs = list(node.input) + [""] * 5
-    name = node.name or node.output[0]
-    if node.op_type == "BiasGelu":
-        total = f"{name}/sum"
-        return [helper.make_node("Add", inputs[:2], [total], name=f"{name}/add"),
-                helper.make_node("Gelu", [total], [node.output[0]], name=f"{name}/gelu", domain="com.microsoft")]
-    outputs = list(node.output) + [""] * 4
-    if opset < 17 or any(o and o in used for o in outputs[1:3]):  # LayerNormalization is opset 17
-        return []
-    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
-    x, skip, gamma, beta, bias = inputs[:5]
-    total = outputs[3] if outputs[3] else f"{name}/sum"
-    added = [helper.make_node("Add", [x, skip], [f"{name}/skip_sum" if bias else total], name=f"{name}/add")]
-    if bias:
-        added.append(helper.make_node("Add", [f"{name}/skip_sum", bias], [total], name=f"{name}/add_bias"))
-    norm = helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []), [outputs[0]],
-                            name=f"{name}/layer_norm", axis=-1, epsilon=epsilon)
-    return [*added, norm]
+def _is_read(value: Any) -> bool:
+    return value is not None and (bool(value.uses()) or value.is_graph_output())
+
+
+def _unfuse_bias_gelu(node: Any, opset: int) -> tuple[list[Any], list[Any], list[Any]]:
+    import onnx_ir as ir
+
+    name = node.name or node.outputs[0].name
+    add = ir.node("Add", list(node.inputs[:2]), name=f"{name}/add")
+    add.outputs[0].name = f"{name}/sum"
+    gelu = ir.node("Gelu", [add.outputs[0]], domain="com.microsoft", name=f"{name}/gelu")
+    return [add, gelu], [node.outputs[0]], [gelu.outputs[0]]
+
+
+def _unfuse_skip_layer_norm(node: Any, opset: int) -> tuple[list[Any], list[Any], list[Any]] | None:
+    import onnx_ir as ir
+
+    outputs = [*node.outputs, None, None, None][:4]
+    if opset < 17 or any(_is_read(o) for o in outputs[1:3]):  # LayerNormalization is opset 17
+        return None
+    x, skip, gamma, beta, bias = [*node.inputs, None, None, None][:5]
+    name = node.name or outputs[0].name
+    added = [ir.node("Add", [x, skip], name=f"{name}/add")]
+    added[0].outputs[0].name = f"{name}/skip_sum"
+    if bias is not None:
+        added.append(ir.node("Add", [added[0].outputs[0], bias], name=f"{name}/add_bias"))
+        added[1].outputs[0].name = f"{name}/sum"
+    total = added[-1].outputs[0]
+    norm = ir.node("LayerNormalization", [total, gamma, *([beta] if beta is not None else [])],
+                   attributes={"axis": -1, "epsilon": node.attributes.get_float("epsilon", 1e-12)},
+                   name=f"{name}/layer_norm")
+    old, new = [outputs[0]], [norm.outputs[0]]
+    if _is_read(outputs[3]):  # the sum the next layer adds its residual to
+        old.append(outputs[3])
+        new.append(total)
+    return [*added, norm], old, new
+
+
+# op type -> node rewrite: (new nodes, old values, the new values that replace them), or None to keep it
+_UNFUSERS = {"BiasGelu": _unfuse_bias_gelu, "SkipLayerNormalization": _unfuse_skip_layer_norm}
 
 
 def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
@@ -187,8 +205,7 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
     changes["attention_kept_float"] = [n.name for n in attentions if len(n.input) > 5 and n.input[5]]
     if not any(changes.values()):
         return changes
-    _drop_unused(model.graph)
-    onnx.save(model, str(path))
+    _save_without_unused(model, path)
     return changes
 
 
@@ -261,17 +278,12 @@ def _bias_to_mask_index(index: _GraphIndex, node: Any) -> int:
     return 1
 
 
-def _drop_unused(graph: Any) -> None:
-    """Remove nodes and initializers nothing reads any more (the folded Concats, the bias maths)."""
-    if any(a.g.node or a.graphs for n in graph.node for a in n.attribute):
-        return  # names read inside subgraphs (If/Loop) are not in the top-level inputs: keep all
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+def _save_without_unused(model: Any, path: Path) -> None:
+    """Save ``model`` without the nodes and initializers nothing reads any more (the folded Concats,
+    the bias maths): onnx-ir's dead-code pass, which also sees what subgraphs read."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = ir.serde.deserialize_model(model)
+    RemoveUnusedNodesPass()(graph)
+    ir.save(graph, str(path))
