@@ -17,6 +17,14 @@ as fast as the fastest hand-written one within the same fidelity budget?
   Export(openvino) + int8-static + Compile(openvino), and Export(onnx) + int8-dynamic + ORT
   (embed_corpus.py's two fastest of ours).
 
+- ``smollm2`` (decode): SmolLM2-135M-Instruct (the Q4_1 GGUF of llm_decode.py, dequantized to fp32)
+  with ``ao.tune.GenerationWorkload``: one chat prompt of llm_decode.py, ``--new-tokens`` greedy
+  tokens (default 16), batch 1; latency: decode ms/token; fidelity: teacher-forced next-token
+  agreement with fp32 (max_drop 0.03 = llm_decode.py's 0.97 agreement target). The space is
+  narrowed to what an 8-minute budget can build (each ONNX trial exports the 135M model again):
+  routes none/onnx, int4/int8 weight-only, ORT. Hand-written: Export(onnx) + int4-weight-only
+  (GGUF blocks reused) + ORT, llm_decode.py's fastest; compared with ``ao.bench.generation``.
+
 Each model's section is merged into tune.json / tune.md (figures tune.<model>.png: the front).
 Run each model alone, holding the machine:
     flock -x /tmp/aigc_cpu.lock .venv/bin/python benchmarks/tune.py --model cnn --budget 5m
@@ -98,7 +106,30 @@ def setup_minilm(args: Any) -> dict[str, Any]:
                              f"({len({tuple(b['input_ids'].shape) for b in batches})} shapes)"}
 
 
-SETUPS = {"cnn": setup_cnn, "minilm": setup_minilm}
+def setup_smollm2(args: Any) -> dict[str, Any]:
+    from llm_decode import QUESTIONS, default_model
+
+    import aigc_opt as ao
+
+    base = ao.Model.from_gguf(default_model(), name="fp32 eager")
+    tok = base.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS[:1]]
+    workload = ao.tune.GenerationWorkload(prompts=prompts, max_new_tokens=args.new_tokens)
+
+    def hand() -> dict[str, Any]:
+        return {"hand: Export(onnx) + int4-weight-only (GGUF blocks reused) + ORT": ao.compile(
+            ao.quantize(ao.export(base, "onnx"), "int4-weight-only", verbose=False), "onnxruntime")}
+
+    space = ao.tune.Space(routes=("none", "onnx"), quantize=("int4-weight-only", "int8-weight-only"),
+                          compile=("onnxruntime",), prune=(), options={})
+    return {"base": base, "workload": workload, "eval_fn": None, "data": None, "space": space, "hand": hand,
+            "top1": True, "metric": "teacher-forced next-token agreement with fp32", "prompts": prompts,
+            "workload_text": f"generation: 1 chat prompt, {args.new_tokens} new tokens, batch 1; latency = decode "
+                             "ms/token"}
+
+
+SETUPS = {"cnn": setup_cnn, "minilm": setup_minilm, "smollm2": setup_smollm2}
 
 # Each hand-written recipe as the search names the same passes (calibration data aside), to say
 # whether the search tried it within its budget.
@@ -112,6 +143,8 @@ HAND_KEYS = {
         "Export(to='openvino') + Quantize(method='int8-static') + Compile(backend='openvino')",
     "hand: Export(onnx) + int8-dynamic + ORT":
         "Export(to='onnx') + Quantize(method='int8-dynamic') + Compile(backend='onnxruntime')",
+    "hand: Export(onnx) + int4-weight-only (GGUF blocks reused) + ORT":
+        "Export(to='onnx') + Quantize(method='int4-weight-only') + Compile(backend='onnxruntime')",
 }
 
 
@@ -177,6 +210,8 @@ def run(args: Any) -> dict[str, Any]:
     hand = s["hand"]()
     for label, model in hand.items():
         model.name = label
+    if "prompts" in s:  # a decoder: decode ms/token and next-token agreement, interleaved
+        return {**section, **compare_generation(args, s, base, tuned, hand)}
     report = ao.compare(base, tuned, *hand.values(), inputs=workload, max_time=args.compare_time,
                         eval_fn=s["eval_fn"], top1=s["top1"], memory=False, verbose=False)
     print(report)
@@ -189,6 +224,23 @@ def run(args: Any) -> dict[str, Any]:
                      "within_budget": base_fid - fidelity <= args.max_drop, "size_bytes": entry.measurement.size_bytes})
     return {**section, "baseline_p50_ms": report.baseline.measurement.median * 1e3, "rows": rows,
             "verdict": verdict(rows), "compare_stop": report.baseline.measurement.stop_reason,
+            "compare_date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def compare_generation(args: Any, s: dict[str, Any], base: Any, tuned: Any, hand: dict[str, Any]) -> dict[str, Any]:
+    from aigc_opt.bench import generation
+
+    report = generation(base, tuned, *hand.values(), prompts=s["prompts"], max_new_tokens=args.new_tokens,
+                        rounds=args.rounds)
+    print(report)
+    rows = []
+    for st in report.candidates:
+        drop = 1.0 - st.next_token_agreement
+        rows.append({"variant": st.name, "latency_ratio": list(st.tpot_ratio), "p50_ms": st.tpot_p50 * 1e3,
+                     "fidelity": st.next_token_agreement, "drop": drop, "within_budget": drop <= args.max_drop,
+                     "size_bytes": None})
+    return {"baseline_p50_ms": report.baseline.tpot_p50 * 1e3, "rows": rows, "verdict": verdict(rows),
+            "compare_stop": f"{args.rounds} interleaved generation rounds (ao.bench.generation)",
             "compare_date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -259,20 +311,89 @@ def write(section: dict[str, Any], results_dir: Path) -> str:
     return text
 
 
+def replay_pruning(results_dir: Path, model: str = "cnn") -> str:
+    """Early pruning of dead prefixes replayed over a recorded search (no timing): in the recorded
+    trial order, which trials the rule would not have built, and how many recipes of the space
+    start with a prefix the recorded failures and over-budget trials killed."""
+    import torch
+    from cnn_digits import DigitsCNN
+
+    import aigc_opt as ao
+    from aigc_opt.tune.evaluate import dead_prefix
+    from aigc_opt.tune.space import build_candidates, recipe_key
+    from aigc_opt.tune.study import all_params
+
+    sec = json.loads((results_dir / "tune.json").read_text())["models"][model]
+    trials = sorted(sec["tune"]["trials"], key=lambda t: t["number"])
+    dead: dict[str, int] = {}
+    saved: list[dict[str, Any]] = []
+
+    def ruled_out(passes: tuple[Any, ...]) -> str | None:
+        return next((k for i in range(1, len(passes) + 1) if (k := recipe_key(passes[:i])) in dead), None)
+
+    for t in trials:
+        passes = ao.Pipeline.from_dict({"passes": t["passes"]}).passes
+        if (prefix := ruled_out(passes)) is not None:
+            saved.append({**t, "prefix": prefix, "by": dead[prefix]})
+            continue
+        if t["state"] in ("failed", "refused"):
+            key = dead_prefix(passes, RuntimeError(t["error"] or "")).get("dead_prefix")
+        elif t["state"] == "over-budget" and not any(p.compiles for p in passes):
+            key = recipe_key(passes)
+        else:
+            key = None
+        if key:
+            dead.setdefault(key, t["number"])
+    net = ao.Model(DigitsCNN().eval(), example_inputs=(torch.randn(64, 1, 8, 8),), name="cnn")
+    space = ao.tune.Space(distill_epochs=10, options={"Quantize": {"per_channel": (True, False)},
+                                                      "Distill": {"lr": (2e-3,), "output_loss": ("kl",)}})
+    cands = build_candidates(space, net, net.target, have_data=True, varied_shapes=False, have_eval=True,
+                             max_drop=sec["max_drop"])
+    from aigc_opt.tune.loop import _variants_of
+
+    recipes = [tuple(p for v in _variants_of(cands, params) for p in v.passes) for params in all_params(cands)]
+    built = {t["recipe"] for t in trials if t["number"] not in {x["number"] for x in saved}}
+    covered = [r for r in recipes if ruled_out(r) is not None and recipe_key(r) not in built]
+    cost = sum((t.get("build_s") or 0) + (t.get("eval_s") or 0) + (t.get("time_s") or 0) for t in saved)
+    lines = [f"# ao.tune: early pruning of dead prefixes, replayed on the recorded {model} search", "",
+             f"Replayed over `tune.json`'s {model} section ({sec['date']}, {len(trials)} trials, {sec['budget']} budget) "
+             "with `benchmarks/tune.py --replay-pruning`: no timing, the recorded outcomes in the recorded order. "
+             "A failed or refused trial kills the passes up to its failing step; an over-budget one that compiles "
+             "nothing kills itself as a prefix.", "",
+             f"- dead prefixes found: {len(dead)}", *[f"  - `{k}` (trial {n})" for k, n in dead.items()],
+             f"- recorded trials the rule would not have built: {len(saved)} of {len(trials)} "
+             f"({cost:.1f} s of build + fidelity + timing)",
+             *[f"  - trial {x['number']} `{x['recipe']}` ({x['state']}), extends `{x['prefix']}` (trial {x['by']})"
+               for x in saved],
+             f"- recipes of the space ({len(recipes)}) never to be built after these failures: {len(covered)}", "",
+             "Not measured: a new search with pruning on (the freed time goes to other recipes, so its trial "
+             "sequence differs from this replay)."]
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(results_dir / "tune_pruning.md", text)
+    return text
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--model", choices=sorted(SETUPS), required=True)
+    parser.add_argument("--replay-pruning", action="store_true",
+                        help="no timing: replay early pruning over the recorded search of --model (cnn)")
     parser.add_argument("--budget", default="5m")
     parser.add_argument("--max-drop", type=float, default=0.01)
     parser.add_argument("--time-per-trial", type=float, default=8.0)
     parser.add_argument("--compare-time", type=float, default=40.0)
     parser.add_argument("--storage", default=None, help="SQLite file to resume the search from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--new-tokens", type=int, default=16, help="smollm2: tokens generated per prompt")
+    parser.add_argument("--rounds", type=int, default=5, help="smollm2: interleaved rounds of the final comparison")
     parser.add_argument("--phase", choices=["all", "tune", "compare"], default="all",
                         help="tune: search only (writes the section); compare: time the stored chosen recipe "
                              "against the hand-written ones (two shorter holds of the machine instead of one)")
     args = parser.parse_args()
     args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.replay_pruning:
+        print(replay_pruning(args.results_dir, args.model))
+        return
     print(write(run(args), args.results_dir))
 
 
