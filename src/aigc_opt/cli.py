@@ -138,15 +138,16 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from .model import Model
-    from .tune import Space, tune
+    from .tune import GenerationWorkload, Space, tune
 
     _refuse_output_inside_input(Path(args.model_dir), Path(args.output))
     model = Model.load(args.model_dir, target=args.target, trust=args.trust)
     space = Space(routes=tuple(args.routes.split(",")) if args.routes else None,
                   quantize=tuple(args.quantize.split(",")) if args.quantize else None,
                   compile=tuple(args.compile.split(",")) if args.compile else None, prune=())
-    result = tune(model, max_drop=args.max_drop, budget=args.budget, space=space, storage=args.storage,
-                  executor=args.executor, max_trials=args.max_trials, top1=not args.no_top1,
+    workload = GenerationWorkload(prompts=args.prompt, max_new_tokens=args.new_tokens) if args.prompt else None
+    result = tune(model, workload=workload, max_drop=args.max_drop, budget=args.budget, space=space,
+                  storage=args.storage, executor=args.executor, max_trials=args.max_trials, top1=not args.no_top1,
                   time_per_trial=args.time_per_trial, verbose=None)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +261,10 @@ def _args_tune(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--routes", help="comma-separated: none and/or exporters (default: all)")
     cmd.add_argument("--quantize", help="comma-separated quantization methods (default: all)")
     cmd.add_argument("--compile", help="comma-separated compile backends (default: all)")
+    cmd.add_argument("--prompt", action="append", default=None,
+                     help="a causal LM: tune on generating from this prompt (repeat for a batch); the latency is "
+                          "decode ms/token and --max-drop the allowed drop of next-token agreement")
+    cmd.add_argument("--new-tokens", type=int, default=32, help="with --prompt: tokens generated per prompt")
     cmd.add_argument("--no-top1", action="store_true", help="leave out top-1 agreement (embeddings)")
     cmd.add_argument("--trust", action="store_true", help="allow code-running loads (see Model.load)")
 
