@@ -90,6 +90,15 @@ def _checked_model(model_dir: str | os.PathLike[str], *, trust: bool, columns: l
     return model
 
 
+def _check_numbers(batch_size: int, num_cpus: float, concurrency: int | None, num_threads: int | None,
+                   sample_rate: float) -> None:
+    check_int("ray_data", "batch_size", batch_size, low=1, high=1_000_000)
+    check_float("ray_data", "num_cpus", num_cpus, low=0.0, high=4096.0)
+    check_int("ray_data", "concurrency", concurrency, low=1, high=100_000, optional=True, hint="CPUs / num_cpus")
+    check_float("ray_data", "sample_rate", sample_rate, low=0.0, high=1.0)
+    check_int("ray_data", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the actor's CPUs")
+
+
 def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int = 32, num_cpus: float = 1,
              concurrency: int | None = None, num_threads: int | None = None, columns: list[str] | None = None, text_column: str | None = None,
              tokenizer: Any = None, max_length: int | None = None, output_column: str = "output",
@@ -124,11 +133,7 @@ def ray_data(model_dir: str | os.PathLike[str], dataset: Any, *, batch_size: int
         >>> out, mon = ao.deploy.ray_data("minilm-int8/", ds, text_column="text", tokenizer=tok_dir)  # doctest: +SKIP
         >>> rows = out.take_all(); print(mon.report())                                                # doctest: +SKIP
     """
-    check_int("ray_data", "batch_size", batch_size, low=1, high=1_000_000)
-    check_float("ray_data", "num_cpus", num_cpus, low=0.0, high=4096.0)
-    check_int("ray_data", "concurrency", concurrency, low=1, high=100_000, optional=True, hint="CPUs / num_cpus")
-    check_float("ray_data", "sample_rate", sample_rate, low=0.0, high=1.0)
-    check_int("ray_data", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the actor's CPUs")
+    _check_numbers(batch_size, num_cpus, concurrency, num_threads, sample_rate)
     model = _checked_model(model_dir, trust=trust, columns=columns, text_column=text_column, tokenizer=tokenizer)
     settings = MonitorSettings.build(name or model.label, baseline=baseline, threshold=threshold,
                                      sample_rate=sample_rate, window=window, top1=top1, trust=trust)

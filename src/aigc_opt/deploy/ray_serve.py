@@ -89,6 +89,18 @@ class ServeApp:
         serve.delete(self.name)
 
 
+def _check_settings(route: Any, max_batch_size: int, batch_wait_timeout_s: float, num_replicas: int,
+                    num_cpus: float, num_threads: int | None, sample_rate: float) -> None:
+    if not isinstance(route, str) or not route.startswith("/") or not route.rstrip("/") or "/-/" in route:
+        raise ConfigError(f"ray_serve: route must be a path such as '/predict' (not '/'), got {route!r}.")
+    check_int("ray_serve", "max_batch_size", max_batch_size, low=1, high=4096)
+    check_float("ray_serve", "batch_wait_timeout_s", batch_wait_timeout_s, low=0.0, high=60.0)
+    check_int("ray_serve", "num_replicas", num_replicas, low=1, high=10_000)
+    check_float("ray_serve", "num_cpus", num_cpus, low=0.0, high=4096.0)
+    check_int("ray_serve", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the replica's CPUs")
+    check_float("ray_serve", "sample_rate", sample_rate, low=0.0, high=1.0)
+
+
 def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max_batch_size: int = 16,
               batch_wait_timeout_s: float = 0.0, tokenizer: Any = None, max_length: int | None = None,
               num_replicas: int = 1, num_cpus: float = 1, num_threads: int | None = None, trust: bool = False,
@@ -121,14 +133,7 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
         >>> app = ao.deploy.ray_serve("minilm-int8/", tokenizer=tok_dir).run(port=8000)   # doctest: +SKIP
         >>> # curl -d '{"text": "hello"}' http://127.0.0.1:8000/predict                    # doctest: +SKIP
     """
-    if not isinstance(route, str) or not route.startswith("/") or not route.rstrip("/") or "/-/" in route:
-        raise ConfigError(f"ray_serve: route must be a path such as '/predict' (not '/'), got {route!r}.")
-    check_int("ray_serve", "max_batch_size", max_batch_size, low=1, high=4096)
-    check_float("ray_serve", "batch_wait_timeout_s", batch_wait_timeout_s, low=0.0, high=60.0)
-    check_int("ray_serve", "num_replicas", num_replicas, low=1, high=10_000)
-    check_float("ray_serve", "num_cpus", num_cpus, low=0.0, high=4096.0)
-    check_int("ray_serve", "num_threads", num_threads, low=1, high=4096, optional=True, hint="the replica's CPUs")
-    check_float("ray_serve", "sample_rate", sample_rate, low=0.0, high=1.0)
+    _check_settings(route, max_batch_size, batch_wait_timeout_s, num_replicas, num_cpus, num_threads, sample_rate)
     model = load_model(model_dir, trust=trust)  # typed error before any replica starts
     spec = InputSpec.of(model)
     if tokenizer is not None and not spec.text_like:
