@@ -218,3 +218,19 @@ def _train_gan_impl(x: torch.Tensor, y: torch.Tensor, seconds: float, batch: int
     CACHE.mkdir(exist_ok=True)
     torch.save({"state": g.state_dict(), "info": info}, path)
     return g.eval(), info
+
+
+def noised_pairs(x: torch.Tensor, y: torch.Tensor, batches: int, batch: int = 16, seed: int = 1) -> list[tuple]:
+    """Distillation data for a denoiser: (x_t, t, label) batches, real digits noised at random
+    timesteps as in training (the teacher's outputs on them are the targets)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        noise = torch.randn(x[idx].shape, generator=g)
+        out.append((sched.add_noise(x[idx], noise, t), t, y[idx]))
+    return out
