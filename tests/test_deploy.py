@@ -216,6 +216,19 @@ def test_ray_serve_health_and_routes(served):
     assert health["status"] == "ok" and health["format"] == "torch"
     status, answer = _post(f"{app.url}/predict/elsewhere", {"inputs": [[0.0] * 32]})
     assert status == 404 and "/predict" in answer["error"]
+    req = urllib.request.Request(f"{app.url}/predict", data=json.dumps({"inputs": [[0.0] * 32]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:  # where the replica's time went, per answer
+        timing = dict(p.strip().split(";dur=") for p in r.headers["Server-Timing"].split(","))
+        assert set(timing) == {"parse", "queue", "model", "encode"} and float(timing["model"]) > 0
+        assert int(r.headers["X-Batch-Size"]) >= 1
+
+
+@pytest.mark.parametrize("call", [lambda d: ao.deploy.ray_serve(d, num_threads=0),
+                                  lambda d: ao.deploy.ray_data(d, None, num_threads=0)])
+def test_num_threads_must_be_a_positive_int(call, tmp_path):
+    with pytest.raises(ConfigError, match="num_threads=0"):
+        call(tmp_path)
 
 
 def test_ray_serve_port_in_use_is_a_typed_error(served, saved):
