@@ -66,6 +66,20 @@ def llamacpp_python(venv: Path = LLAMACPP_VENV) -> Path:
     return peer_python(venv, LLAMACPP_PACKAGES)
 
 
+@contextlib.contextmanager
+def q4_1_offset_bits(bits: int | None):
+    """Q4_1 offsets stored as ``bits`` (8 or 32) for the quantizations made inside (a module constant of
+    passes/_quant_nbits.py, as its MERGE_SHARED_INPUTS; None: the default)."""
+    from aigc_opt.passes import _quant_nbits
+
+    old = _quant_nbits.OFFSET_BITS
+    _quant_nbits.OFFSET_BITS = old if bits is None else bits
+    try:
+        yield
+    finally:
+        _quant_nbits.OFFSET_BITS = old
+
+
 def named(model: ao.Model, name: str) -> ao.Model:
     model.name = name
     return model
@@ -158,6 +172,8 @@ def main() -> None:
     ort = dict(spin_wait=True)
     recipes = [
         ("ONNX int4-weight-only, GGUF blocks reused + ORT", dict(method="int4-weight-only"), ort),
+        ("ONNX int4-weight-only, GGUF blocks reused, 8-bit Q4_1 offsets + ORT",
+         dict(method="int4-weight-only", offset_bits=8), ort),
         ("ONNX int4-weight-only, requantized + ORT", dict(method="int4-weight-only", reuse_blocks=False), ort),
         ("ONNX int8-weight-only + ORT", dict(method="int8-weight-only", reuse_blocks=False), ort),
         ("ONNX int8-dynamic", dict(method="int8-dynamic"), None),
@@ -169,7 +185,8 @@ def main() -> None:
     for name, kw, compile_kw in recipes:
         if not wanted(name):
             continue
-        q = ao.quantize(onnx_fp32, **kw)
+        with q4_1_offset_bits(kw.pop("offset_bits", None)):
+            q = ao.quantize(onnx_fp32, **kw)
         candidates.append(named(ao.compile(q, "onnxruntime", **compile_kw) if compile_kw is not None else q, name))
 
     # ---------------------------------------------------------------- fidelity on held-out text

@@ -104,6 +104,39 @@ def test_grid_fit_recognises_gguf_blocks_exactly():
     assert grid_fit(rng.standard_normal((k, n)).astype(np.float32)) is None
 
 
+@pytest.mark.parametrize("offset_bits", [32, 8])
+def test_q4_1_blocks_reused_compute_the_same_matmul(offset_bits, monkeypatch):
+    """Q4_1 blocks (d*q + m) become a 4-bit MatMulNBits plus the block offsets on the input's block sums;
+    the offsets as fp32 reproduce the matmul, as 8-bit blocks to a small fraction of its error budget."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aigc_opt.passes import _quant_nbits
+
+    monkeypatch.setattr(_quant_nbits, "OFFSET_BITS", offset_bits)
+    rng = np.random.default_rng(1)
+    k, n = 96, 40  # K/32 = 3 blocks: the 8-bit offsets pad them to one block of 16
+    d = rng.uniform(0.01, 0.05, (n, k // 32)).astype(np.float32)
+    m = rng.uniform(-0.4, -0.1, (n, k // 32)).astype(np.float32)
+    q = rng.integers(0, 16, (n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15  # as llama.cpp's blocks: min at 0, max at 15
+    w = (d[..., None] * q + m[..., None]).astype(np.float32).reshape(n, k).T.copy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    reused = _quant_nbits._reuse_blocks(model.graph, set(), 0, numpy_helper, helper)
+    assert reused["formats"] == {"Q4_1": 1} and reused["helpers"] == ["proj_offsets"]
+    offsets = next(node for node in model.graph.node if node.name == "proj_offsets")
+    assert offsets.op_type == ("MatMulNBits" if offset_bits == 8 else "MatMul")
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"x": x})[0], x @ w
+    error = np.abs(got - want).max() / np.abs(want).max()
+    assert error < (1e-5 if offset_bits == 32 else 2e-3), error
+
+
 def test_auto_never_picks_int8_dynamic_for_an_onnx_decoder():
     from aigc_opt.passes._quant_auto import choose_method
     from aigc_opt.passes._quant_nbits import accuracy_level_for
