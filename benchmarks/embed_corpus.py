@@ -98,11 +98,13 @@ def worker(row: str, args: Any) -> dict[str, Any]:
         return time.perf_counter() - start, out
 
     def steady(run: Any) -> float:
-        return min(passes(run)[0] for _ in range(args.passes))
+        return min(passes(run)[0] for _ in range(max(args.passes, 1)))
 
     fp32_run = lambda b: base(**b)  # noqa: E731
-    passes(fp32_run)  # warm
-    fp32_s = steady(fp32_run)
+    fp32_s = float("nan")
+    if args.passes > 0 or row == "fp32-eager":
+        passes(fp32_run)  # warm
+        fp32_s = steady(fp32_run) if args.passes > 0 else passes(fp32_run)[0]
     details: dict[str, Any] = {}
     start = time.perf_counter()
     run = _prepare(row, base, calib, details)
@@ -112,7 +114,7 @@ def worker(row: str, args: Any) -> dict[str, Any]:
     graphs = graphs_compiled()
     first_s, outputs = passes(run)
     details["graphs_compiled_in_first_pass"] = graphs_compiled() - graphs
-    steady_s = steady(run)
+    steady_s = steady(run) if args.passes > 0 else first_s  # --passes 0: the first pass stands in
     emb = torch.cat([o if isinstance(o, torch.Tensor) else torch.as_tensor(np.asarray(o)) for o in outputs]).float()
     emb = torch.nn.functional.normalize(emb, dim=1)
     inverse = torch.empty(len(order), dtype=torch.long)
@@ -230,7 +232,8 @@ def main() -> None:
     parser.add_argument("--example-len", type=int, default=64,
                         help="sequence length of the example batch (the largest bucket; longer sentences truncated)")
     parser.add_argument("--sort", action="store_true", help="length-sort the sentences before batching")
-    parser.add_argument("--passes", type=int, default=3, help="steady passes (best counts)")
+    parser.add_argument("--passes", type=int, default=3, help="steady passes (best counts); 0: none, and no "
+                        "fp32 baseline in other rows' processes (total time and cosine only: a loaded machine)")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
     parser.add_argument("--lock", default=None, metavar="PATH",
                         help="hold this file's flock while each row runs (machines shared with others)")
@@ -247,7 +250,8 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
     rows, failures = [], {}
-    plan = [(row, False) for _ in range(args.repeat) for row in args.rows.split(",")]
+    # fp32 eager once: it is the cosine reference, not a contender
+    plan = [(row, False) for i in range(args.repeat) for row in args.rows.split(",") if i == 0 or row != "fp32-eager"]
     if args.warm_cache:
         plan += [(row, True) for row in args.rows.split(",") if "inductor" in ROWS.get(row, "")]
     with tempfile.TemporaryDirectory(prefix="embed_corpus-") as tmp:
