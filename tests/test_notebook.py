@@ -57,3 +57,5 @@ def test_tutorial_runs(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert (work / "recipe.yaml").read_text().startswith("aigc_opt_recipe: 1")
     assert (work / "out" / "minilm-onnx-int8" / "manifest.json").is_file()
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "GGUF blocks reused" in text and "next-token agreement" in text, "the LLM section ran"
