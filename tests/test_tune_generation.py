@@ -106,17 +106,17 @@ def test_tune_times_decode_per_token_and_checks_teacher_forced_agreement(llama):
     from aigc_opt.bench.generation import continuation_batch, next_token_logits
 
     ids, mask = _ids()
-    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=16)
     before = {k: v.clone() for k, v in llama.artifact.state_dict().items()}
     space = ao.tune.Space(routes=("none",), quantize=("int8-weight-only",), compile=(), prune=(), options={})
     result = ao.tune(llama, workload=wl, max_drop=0.5, budget="3m", space=space, time_per_trial=1, verbose=False)
     assert all(torch.equal(v, llama.artifact.state_dict()[k]) for k, v in before.items())  # input untouched
     assert result.metric_name == "next-token agreement" and result.baseline_metric == 1.0
-    assert "6 new tokens" in result.workload and "decode" in result.workload
+    assert "16 new tokens" in result.workload and "decode" in result.workload
     done = [t for t in result.trials if t.state == "complete"]
     assert [t.recipe for t in result.trials] == ["Quantize(method='int8-weight-only')"]
     assert done, result.to_markdown()
-    base_out = llama.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    base_out = llama.generate(ids, mask, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
     seq, full = continuation_batch(ids, mask, base_out[:, 8:].tolist())
     base_pred = next_token_logits(llama, seq, full)[:, 7:-1].argmax(-1)
     for t in done:

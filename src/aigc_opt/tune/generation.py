@@ -212,6 +212,10 @@ class GenerationData:
             stable = ratio[2] - ratio[1] <= 2 * _STABLE * ratio[0]
             if n >= cap or (n >= MIN_ROUNDS and (stable or time.perf_counter() - start > max_time)):
                 break
+        if min(np.median(samples[0][key]), np.median(samples[1][key])) <= 0:
+            raise InvalidInputError(f"{OBJECTIVES[key]} is not measurable on this workload: its median over {n} "
+                                    "rounds is <= 0 (a full generate was not slower than a 1-token one); give more "
+                                    "max_new_tokens (or longer prompts) so decoding dominates the noise.")
         ttft = ratio_ci(np.asarray(samples[0]["ttft"]), np.asarray(samples[1]["ttft"]))
         med = [{k: 1e3 * float(np.median(v)) for k, v in s.items()} for s in samples]
         return {"latency_ratio": [float(x) for x in ratio], "baseline_ms": med[0][key], "latency_ms": med[1][key],
