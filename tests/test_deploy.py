@@ -252,6 +252,7 @@ def tiny_bert(tmp_path):
                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     model = ao.Model(SentenceEmbedder(transformers.BertModel(config)).eval(),
                      example_inputs=tokenize(tok, ["a b", "c d e"], seq_len=8), name="tiny-bert")
+    model.tokenizer = tok  # saved with the model: ray_data/ray_serve use it when tokenizer= is not given
     model.save(tmp_path / "bert")
     return model, tok, minilm_dir()
 
@@ -289,7 +290,7 @@ def test_ray_data_tokenizes_a_text_column_in_the_actors(cluster, tmp_path):
     model, tok, tok_dir = tiny_bert(tmp_path)
     ds = ray.data.from_items([{"text": t, "i": i} for i, t in enumerate(TEXTS * 5)])
     out, mon = ao.deploy.ray_data(tmp_path / "bert", ds, batch_size=4, concurrency=1, text_column="text",
-                                  tokenizer=tok_dir, output_column="embedding")
+                                  output_column="embedding")  # the tokenizer saved with the model
     got = sorted(out.take_all(), key=lambda r: r["i"])
     for row in got:
         np.testing.assert_allclose(row["embedding"], _embed_alone(model, tok, row["text"]), atol=1e-4)

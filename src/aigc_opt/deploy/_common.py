@@ -19,7 +19,7 @@ from ..monitor import DriftThreshold, Monitor, Readout, Snapshot, snapshot_from_
 from .._monitor_drift import threshold_from
 from .._monitor_state import merge_states
 
-__all__ = ["require_ray", "connect", "load_model", "load_tokenizer", "MonitorSettings", "ClusterMonitor",
+__all__ = ["require_ray", "connect", "load_model", "load_tokenizer", "saved_or_given_tokenizer", "MonitorSettings", "ClusterMonitor",
            "check_port"]
 
 
@@ -69,6 +69,14 @@ def load_tokenizer(tokenizer: Any) -> Any:
         return transformers.AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"tokenizer={str(tokenizer)!r} does not load as a tokenizer: {e}") from None
+
+
+def saved_or_given_tokenizer(model: Model, spec: Any, tokenizer: Any) -> Any:
+    """``tokenizer=`` as given (loaded if a directory); without one, the tokenizer saved with the
+    model (``Model.save`` keeps it) when the model takes token ids."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    return model.tokenizer if spec.text_like else None
 
 
 def check_port(host: str, port: int) -> None:

@@ -30,7 +30,7 @@ from ..model import Model
 from ..monitor import snapshot_from_state
 from ._batcher import Batcher
 from ._codec import InputSpec, outputs_to_rows, split_rows, to_json_value
-from ._common import MonitorSettings, load_tokenizer
+from ._common import MonitorSettings, saved_or_given_tokenizer
 
 __all__ = ["ModelServer", "REQUEST_FIELDS"]
 
@@ -56,7 +56,7 @@ class ModelServer:
             torch.set_num_threads(num_threads)
         self.model = Model.load(model_dir, trust=trust)
         self.spec = InputSpec.of(self.model)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = saved_or_given_tokenizer(self.model, self.spec, tokenizer)
         self.max_length = max_length
         self.route = route
         self.settings = monitor

@@ -11,7 +11,8 @@ import numpy as np
 from .._checks import check_float, check_int
 from ..errors import ConfigError, InvalidInputError
 from ._codec import InputSpec, outputs_to_rows
-from ._common import ClusterMonitor, MonitorSettings, connect, load_model, load_tokenizer, require_ray
+from ._common import (ClusterMonitor, MonitorSettings, connect, load_model, load_tokenizer, require_ray,
+                      saved_or_given_tokenizer)
 
 __all__ = ["ray_data", "Predictor"]
 
@@ -34,7 +35,7 @@ class Predictor:
         self.spec = InputSpec.of(self.model)
         self.columns = columns or self.spec.names
         self.text_column = text_column
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = saved_or_given_tokenizer(self.model, self.spec, tokenizer)
         self.max_length = max_length
         self.output_column = output_column
         self.monitor = monitor.monitor(self.model)
@@ -79,8 +80,9 @@ def _checked_model(model_dir: str | os.PathLike[str], *, trust: bool, columns: l
     """The saved model, loaded here (typed errors before any actor starts), checked against the columns."""
     model = load_model(model_dir, trust=trust)
     spec = InputSpec.of(model)
-    if text_column is not None and tokenizer is None:
-        raise ConfigError("ray_data: text_column= needs tokenizer= (a tokenizer or its local directory).")
+    if text_column is not None and tokenizer is None and model.tokenizer is None:
+        raise ConfigError("ray_data: text_column= needs a tokenizer: the model was saved without one; give "
+                          "tokenizer= (a tokenizer or its local directory).")
     if text_column is not None and not spec.text_like:
         raise ConfigError(f"ray_data: text_column= needs a model taking token ids; {model.name} takes {spec.describe()}.")
     if columns is not None and len(columns) != len(spec.names):

@@ -122,7 +122,8 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
     Args:
         model_dir: a directory written by ``Model.save``, loaded here first (a typed error before
             any replica starts), then by each replica with its saved runtime settings.
-        tokenizer: for text models, a tokenizer or a local directory of its files.
+        tokenizer: for text models, a tokenizer or a local directory of its files (default: the
+            tokenizer saved with the model, if it has one).
         max_length: truncate tokenized text to this many tokens (default: the tokenizer's).
         num_replicas, num_cpus: replicas, and CPUs each reserves.
         num_threads: torch threads in each replica (default: ``num_cpus``, at least 1).
@@ -130,7 +131,7 @@ def ray_serve(model_dir: str | os.PathLike[str], *, route: str = "/predict", max
         baseline, threshold, sample_rate, window, top1: drift monitoring as in ``ao.monitor``.
 
     Example:
-        >>> app = ao.deploy.ray_serve("minilm-int8/", tokenizer=tok_dir).run(port=8000)   # doctest: +SKIP
+        >>> app = ao.deploy.ray_serve("minilm-int8/").run(port=8000)   # its saved tokenizer  # doctest: +SKIP
         >>> # curl -d '{"text": "hello"}' http://127.0.0.1:8000/predict                    # doctest: +SKIP
     """
     _check_settings(route, max_batch_size, batch_wait_timeout_s, num_replicas, num_cpus, num_threads, sample_rate)
