@@ -5,7 +5,7 @@ from .compile import COMPILE_BACKENDS, Compile, compile
 from . import compile_onnx as _compile_onnx  # noqa: F401,E402  (registers "onnxruntime" and "tensorrt")
 from . import _compile_openvino  # noqa: F401,E402  (registers "openvino"; imports openvino lazily)
 from .export import EXPORTERS, Export, export
-from .prune import IMPORTANCES, PRUNE_METHODS, Prune, prune
+from .prune import IMPORTANCES, PRUNE_METHODS, STRUCTURE_RULES, Prune, prune
 from .distill import Distill, distill
 from .quantize import QUANT_METHODS, Quantize, quant_method, quantize
 
@@ -13,7 +13,7 @@ __all__ = [
     "PASS_TYPES", "Pass", "PassRecord", "register_pass", "runtime_field",
     "COMPILE_BACKENDS", "Compile", "compile",
     "EXPORTERS", "Export", "export",
-    "IMPORTANCES", "PRUNE_METHODS", "Prune", "prune",
+    "IMPORTANCES", "PRUNE_METHODS", "STRUCTURE_RULES", "Prune", "prune",
     "Distill", "distill",
     "QUANT_METHODS", "Quantize", "quant_method", "quantize",
 ]

@@ -45,7 +45,7 @@ from .._checks import check_int
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
-from ._prune_rules import IMPORTANCES, default_round_to
+from ._prune_rules import IMPORTANCES, STRUCTURE_RULES, default_round_to
 from ._prune_structured import _replay_structure, _run_structured
 from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, split_state, validate_choice
 
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["Prune", "prune", "PRUNE_METHODS", "IMPORTANCES", "DEFAULT_IGNORE", "default_round_to",
+__all__ = ["Prune", "prune", "PRUNE_METHODS", "IMPORTANCES", "STRUCTURE_RULES", "DEFAULT_IGNORE", "default_round_to",
            "pruning_table"]
 
 log = logging.getLogger("aigc_opt")
