@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidInputError
-from .onnx_generation import DecoderLayout, _as_int64, decoder_layout
+from .onnx_generation import DecoderLayout, _as_int64, decoder_layout, generation_inputs
 
 __all__ = ["DecoderLayout", "decoder_layout", "greedy_generate_bound", "right_padded_logits"]
 
@@ -95,16 +95,8 @@ def greedy_generate_bound(artifact: Any, layout: DecoderLayout, input_ids: Any, 
     """Prompt ids followed by up to ``max_new_tokens`` greedy tokens (transformers' greedy semantics:
     ``min_new_tokens`` suppresses end-of-sequence, finished rows are padded), for a right-padding,
     shared-buffer decoder (``layout.shared_buffer``)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
-    ids = _as_int64(input_ids, "input_ids")
-    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
-    if mask.shape != ids.shape:
-        raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
-    eos = list(layout.eos_token_id) if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    pad = layout.pad_token_id if pad_token_id is None else pad_token_id
-    pad = (eos[0] if eos else 0) if pad is None else pad
+    ids, mask, eos, pad = generation_inputs(layout, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     right, right_mask, lengths = _to_right(ids, mask, pad)
     batch = ids.shape[0]
     length = int(lengths.max()) + max_new_tokens

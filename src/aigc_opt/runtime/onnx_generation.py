@@ -151,6 +151,24 @@ def prefill_feed(layout: DecoderLayout | dict[str, Any], input_ids: Any,
     return feed
 
 
+def generation_inputs(layout: DecoderLayout, input_ids: Any, attention_mask: Any, *, max_new_tokens: int,
+                      eos_token_id: int | list[int] | None,
+                      pad_token_id: int | None) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """What both greedy loops start from, checked: the prompt's int64 ids and mask (all ones by
+    default), the end-of-sequence ids and the pad id (the export's unless given; else the first
+    end-of-sequence id, else 0)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    ids = _as_int64(input_ids, "input_ids")
+    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
+    if mask.shape != ids.shape:
+        raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
+    eos = list(layout.eos_token_id) if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    pad = layout.pad_token_id if pad_token_id is None else pad_token_id
+    return ids, mask, eos, (eos[0] if eos else 0) if pad is None else pad
+
+
 def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int,
                     min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
                     pad_token_id: int | None = None) -> torch.Tensor:
@@ -167,20 +185,11 @@ def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *
             "This ONNX model is not a decoder step with a KV cache, so it cannot generate: export the causal "
             "LM with ao.export(model, 'onnx') (kv_cache is on by default for models with generate())."
         )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
-    ids = _as_int64(input_ids, "input_ids")
-    mask = np.ones_like(ids) if attention_mask is None else _as_int64(attention_mask, "attention_mask")
-    if mask.shape != ids.shape:
-        raise InvalidInputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match.")
+    ids, mask, eos, pad = generation_inputs(layout, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if (mask[:, -1] == 0).any():
         log.warning("Model.generate: the prompt batch is right-padded (attention_mask ends in 0), so new tokens "
                     "follow padding; tokenize with tokenizer.padding_side = 'left'.")
-    eos = list(layout.eos_token_id) if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    pad = layout.pad_token_id if pad_token_id is None else pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
     session = artifact.session()
     batch = ids.shape[0]
     outputs = ["logits", *layout.present]
