@@ -4,15 +4,19 @@ the torch model's, short error text, the external-data rule and the ONNX opset o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._deps import quiet_import_logs
 from .._tree import flatten_tensors
+from .._workdir import new_workdir
 from ..errors import FidelityError, UnsupportedModelError
 
-__all__ = ["run_exported", "short_error", "verify_outputs", "external_data_for", "onnx_opset"]
+__all__ = ["run_exported", "short_error", "verify_outputs", "external_data_for", "onnx_opset", "dynamo_export"]
 
 
 def run_exported(run: Callable[[], Any], what: str, inputs: Any) -> Any:
@@ -72,3 +76,27 @@ def onnx_opset(path: Any) -> int | None:
 
     model = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def dynamo_export(module: torch.nn.Module, args: tuple[Any, ...], *, settings: Any, external: bool, what: str,
+                  hint: str, **exporter: Any) -> Path:
+    """``torch.onnx.export(dynamo=True)`` of ``module`` into a new work directory's ``model.onnx``
+    (opset and optimization from ``settings``; ``exporter``: its other keywords such as
+    ``kwargs``, ``dynamic_shapes``, ``input_names``), checked by the ONNX checker. A failure is an
+    :class:`UnsupportedModelError` naming ``what`` could not be exported, followed by ``hint``."""
+    path = new_workdir("onnx") / "model.onnx"
+    try:
+        # The exporter logs a line per missing torchvision op and warns about internals: not
+        # the user's business unless the export fails (then the error says why).
+        with quiet_import_logs("torch.onnx"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=settings.opset,
+                                        optimize=settings.optimize, verify=False, report=False, verbose=False,
+                                        **exporter)
+            program.save(str(path), external_data=external)
+    except Exception as e:
+        raise UnsupportedModelError(f"torch.onnx.export could not export {what}:\n{short_error(e)}\n{hint}") from e
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=False)
+    return path

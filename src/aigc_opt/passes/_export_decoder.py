@@ -11,12 +11,10 @@ token's work per step, not the whole sequence's. ``artifact.generation`` records
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._deps import quiet_import_logs
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from .base import PassResult
@@ -97,8 +95,8 @@ def _token_ids(inputs: Any) -> torch.Tensor:
 
 
 def export_decoder(model: Model, settings: Export) -> PassResult:
-    from ..runtime.onnxruntime import OnnxArtifact, new_workdir
-    from ._export_common import external_data_for, onnx_opset, short_error, verify_outputs
+    from ..runtime.onnxruntime import OnnxArtifact
+    from ._export_common import dynamo_export, external_data_for, onnx_opset, verify_outputs
 
     lm = unwrap(model.artifact)
     if settings.dynamic is not True:
@@ -117,26 +115,12 @@ def export_decoder(model: Model, settings: Export) -> PassResult:
     dynamic_shapes = {"input_ids": {0: batch, 1: new}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
                       "position_ids": {0: batch, 1: new}, "past": [{0: batch, 2: past}] * len(past_names)}
     external = external_data_for(settings, lm)
-    workdir = new_workdir("onnx")
-    path = workdir / "model.onnx"
-    try:
-        with quiet_import_logs("torch.onnx"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                step, (trace["input_ids"], trace["attention_mask"], trace["position_ids"], trace["past"]),
-                dynamo=True, dynamic_shapes=dynamic_shapes,
-                input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-                output_names=["logits", *present_names], opset_version=settings.opset, optimize=settings.optimize,
-                verify=False, report=False, verbose=False)
-            program.save(str(path), external_data=external)
-    except Exception as e:
-        raise UnsupportedModelError(
-            f"torch.onnx.export could not export {model.name} with its KV cache:\n{short_error(e)}\n"
-            "Export with kv_cache=False, or keep the model in torch (Compile('inductor'))."
-        ) from e
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=False)
+    path = dynamo_export(
+        step, (trace["input_ids"], trace["attention_mask"], trace["position_ids"], trace["past"]),
+        dynamic_shapes=dynamic_shapes, input_names=["input_ids", "attention_mask", "position_ids", *past_names],
+        output_names=["logits", *present_names], settings=settings, external=external,
+        what=f"{model.name} with its KV cache",
+        hint="Export with kv_cache=False, or keep the model in torch (Compile('inductor')).")
     takes_positions, attention = _annotate(lm, path, takes_positions, heads, head_dim)
     generation = {"layers": layers, "kv_heads": heads, "head_dim": head_dim,
                   "cache_dtype": str(dtype).removeprefix("torch."), "past": past_names, "present": present_names,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,12 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .._checks import check_float, check_int
-from .._deps import quiet_import_logs, require
+from .._deps import require
 from .._registry import Registry
 from .._tree import split_inputs
 from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
-from ._export_common import external_data_for, onnx_opset, run_exported, short_error, verify_outputs
+from ._export_common import (dynamo_export, external_data_for, onnx_opset, run_exported, short_error,
+                             verify_outputs)
 from .base import Pass, PassResult, register_pass
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ def _config_set(module: torch.nn.Module, **values: Any) -> Iterator[None]:
 def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> tuple[Any, dict[str, Any]]:
     import torch.utils._pytree as pytree
 
-    from ..runtime.onnxruntime import OnnxArtifact, new_workdir
+    from ..runtime.onnxruntime import OnnxArtifact
 
     inputs = model.example_inputs
     dynamic_shapes = dynamic_shapes_for(module, inputs, settings.dynamic)
@@ -233,29 +233,11 @@ def _export_forward(model: Model, settings: Export, module: torch.nn.Module) -> 
         reference = module(*example_args, **example_kwargs)
     leaves, spec = pytree.tree_flatten(reference)
     external = external_data_for(settings, module)
-    workdir = new_workdir("onnx")
-    path = workdir / "model.onnx"
-    try:
-        # The exporter logs a line per missing torchvision op and warns about internals: not
-        # the user's business unless the export fails (then the error says why).
-        with quiet_import_logs("torch.onnx"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, kwargs=kwargs or None, dynamo=True, input_names=input_names(module, inputs),
-                dynamic_shapes=dynamic_shapes,
-                opset_version=settings.opset, optimize=settings.optimize, verify=False, report=False,
-                verbose=False,
-            )
-            program.save(str(path), external_data=external)
-    except Exception as e:
-        raise UnsupportedModelError(
-            f"torch.onnx.export could not export {model.name}:\n{short_error(e)}\nData-dependent control flow "
-            "(Python `if` on tensor values) is the usual cause: rewrite it with torch.where/torch.cond, "
-            "or keep the model in torch (Compile('inductor'))."
-        ) from e
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=False)
+    path = dynamo_export(
+        module, args, kwargs=kwargs or None, input_names=input_names(module, inputs), dynamic_shapes=dynamic_shapes,
+        settings=settings, external=external, what=model.name,
+        hint="Data-dependent control flow (Python `if` on tensor values) is the usual cause: rewrite it with "
+             "torch.where/torch.cond, or keep the model in torch (Compile('inductor')).")
     try:
         spec_text = pytree.treespec_dumps(spec)
     except Exception:  # an output type pytree cannot serialize: outputs come back as a tuple

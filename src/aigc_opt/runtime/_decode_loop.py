@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InvalidInputError
-from .onnx_generation import DecoderLayout, _as_int64, decoder_layout, generation_inputs
+from .onnx_generation import DecoderLayout, _as_int64, decoder_layout, generation_inputs, greedy_token
 
 __all__ = ["DecoderLayout", "decoder_layout", "greedy_generate_bound", "right_padded_logits"]
 
@@ -109,14 +109,7 @@ def greedy_generate_bound(artifact: Any, layout: DecoderLayout, input_ids: Any, 
     positions = np.arange(length)
     finished, new = np.zeros(batch, bool), []
     for step in range(max_new_tokens):
-        scores = scores.astype(np.float32, copy=False)
-        if eos and step < min_new_tokens:
-            scores = scores.copy()
-            scores[:, eos] = -np.inf
-        token = scores.argmax(-1)
-        if eos:
-            token = np.where(finished, pad, token)
-            finished |= np.isin(token, eos)
+        token = greedy_token(scores, eos, pad, finished, suppress_eos=step < min_new_tokens)
         new.append(token)
         if finished.all() or step == max_new_tokens - 1:
             break

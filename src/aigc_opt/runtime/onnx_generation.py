@@ -169,6 +169,21 @@ def generation_inputs(layout: DecoderLayout, input_ids: Any, attention_mask: Any
     return ids, mask, eos, (eos[0] if eos else 0) if pad is None else pad
 
 
+def greedy_token(scores: np.ndarray, eos: list[int], pad: int, finished: np.ndarray, *,
+                 suppress_eos: bool) -> np.ndarray:
+    """The next token of each row (transformers' greedy semantics): the arg-max of ``scores``, with
+    end-of-sequence ids suppressed while ``suppress_eos`` (``min_new_tokens`` not reached yet), and
+    ``pad`` for rows already ``finished``; marks rows that end now in ``finished``."""
+    scores = scores.astype(np.float32)  # a copy: the caller's logits are left as they are
+    if eos and suppress_eos:
+        scores[:, eos] = -np.inf
+    token = scores.argmax(-1)
+    if eos:
+        token = np.where(finished, pad, token)
+        finished |= np.isin(token, eos)
+    return token
+
+
 def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *, max_new_tokens: int,
                     min_new_tokens: int = 0, eos_token_id: int | list[int] | None = None,
                     pad_token_id: int | None = None) -> torch.Tensor:
@@ -198,13 +213,7 @@ def greedy_generate(artifact: Any, input_ids: Any, attention_mask: Any = None, *
     finished, new = np.zeros(batch, bool), []
     for step in range(max_new_tokens):
         logits, *present = session.run(outputs, feed)
-        scores = logits[:, -1].astype(np.float32)
-        if eos and step < min_new_tokens:
-            scores[:, eos] = -np.inf
-        token = scores.argmax(-1)
-        if eos:
-            token = np.where(finished, pad, token)
-            finished |= np.isin(token, eos)
+        token = greedy_token(logits[:, -1], eos, pad, finished, suppress_eos=step < min_new_tokens)
         new.append(token)
         if finished.all():
             break
