@@ -55,6 +55,18 @@ def cpu_lock(path: str | os.PathLike[str] | None, exclusive: bool) -> Iterator[N
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def openvino_settings(shapes: str) -> str:
+    """What each side of the OpenVINO benchmarks (embed_corpus, encoder_fixed) sets, for their
+    reports; ``shapes`` ends the sentence on ours (the shape policy the benchmark uses)."""
+    return ("Settings. Peer (OpenVINO/NNCF docs, defaults): `ov.convert_model(module, example_input=...)` "
+            "(TorchScript trace with its check), `nncf.quantize(model_type=TRANSFORMER)` (SmoothQuant and fast bias "
+            "correction on, preset MIXED), `compile_model(..., {PERFORMANCE_HINT: LATENCY, INFERENCE_NUM_THREADS: "
+            "ours})`, precision and pinning left to OpenVINO (bf16 on this AVX512-BF16 CPU; pinning on). Ours: the "
+            "trace on a 2x16 slice without check_trace, IR verified on 4 rows; NNCF TRANSFORMER/MIXED with "
+            "SmoothQuant and bias correction off; LATENCY, the same threads, precision hint bf16 from the target, "
+            f"CPU pinning off, {shapes}.")
+
+
 def base_parser(doc: str | None = None) -> argparse.ArgumentParser:
     """An argument parser showing ``doc`` (the script's docstring) in ``--help``, with
     ``--results-dir PATH`` (default ``benchmarks/results``) where the JSON and markdown go."""

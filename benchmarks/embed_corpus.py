@@ -54,13 +54,7 @@ ROWS = {
 }
 
 
-SETTINGS = ("Settings. Peer (OpenVINO/NNCF docs, defaults): `ov.convert_model(module, example_input=...)` "
-            "(TorchScript trace with its check), `nncf.quantize(model_type=TRANSFORMER)` (SmoothQuant and fast bias "
-            "correction on, preset MIXED), `compile_model(..., {PERFORMANCE_HINT: LATENCY, INFERENCE_NUM_THREADS: "
-            "ours})`, precision and pinning left to OpenVINO (bf16 on this AVX512-BF16 CPU; pinning on). Ours: the "
-            "trace on a 2x16 slice without check_trace, IR verified on 4 rows; NNCF TRANSFORMER/MIXED with "
-            "SmoothQuant and bias correction off; LATENCY, the same threads, precision hint bf16 from the target, "
-            "CPU pinning off, dynamic shapes with trim_padding (no trim: batches are padded to their longest).")
+SHAPES = "dynamic shapes with trim_padding (no trim: batches are padded to their longest)"
 
 
 def corpus(texts: Path | None) -> list[str]:
@@ -317,7 +311,7 @@ def _fidelity(rows: list[dict]) -> None:
 
 
 def write(rows: list[dict], failures: dict, args: Any) -> None:
-    from _common import describe_machine, machine_info, markdown_table, result_header, write_results
+    from _common import describe_machine, machine_info, markdown_table, openvino_settings, result_header, write_results
 
     machine = machine_info()
     n = len(corpus(args.texts))
@@ -337,7 +331,7 @@ def write(rows: list[dict], failures: dict, args: Any) -> None:
              + (" (length-sorted)" if args.sort else ""), "",
              f"Machine: {describe_machine(machine)}. One process per row (fresh inductor cache, cold compiles), "
              "each with its own fp32 eager for the speed-up; cosine per sentence against fp32 eager." + conditions,
-             "", SETTINGS, ""]
+             "", openvino_settings(SHAPES), ""]
     table = [[r["label"], f"{r['total_s']:.1f}" + (f" ({min(r['totals_s']):.1f}-{max(r['totals_s']):.1f})"
                                                    if len(r.get("totals_s", ())) > 1 else ""), f"{r['prep_s']:.1f}", f"{r['first_pass_s']:.2f}",
               f"{r['steady_sps']:.0f}", f"{r['speedup']:.2f}x", f"{r.get('cosine_mean', float('nan')):.4f}",

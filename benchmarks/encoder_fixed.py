@@ -33,17 +33,11 @@ import torch  # noqa: E402
 
 import aigc_opt as ao  # noqa: E402
 from _common import (base_parser, describe_machine, fmt_ratio, machine_info, markdown_table,  # noqa: E402
-                     result_header, write_results)
+                     openvino_settings, result_header, write_results)
 from aigc_opt.demo import demo_sentences, load_minilm, reference_sentences, sentence_batches  # noqa: E402
 
 
-SETTINGS = ("Settings. Peer (OpenVINO/NNCF docs, defaults): `ov.convert_model(module, example_input=...)` "
-            "(TorchScript trace with its check), `nncf.quantize(model_type=TRANSFORMER)` (SmoothQuant and fast bias "
-            "correction on, preset MIXED), `compile_model(..., {PERFORMANCE_HINT: LATENCY, INFERENCE_NUM_THREADS: "
-            "ours})`, precision and pinning left to OpenVINO (bf16 on this AVX512-BF16 CPU; pinning on). Ours: the "
-            "trace on a 2x16 slice without check_trace, IR verified on 4 rows; NNCF TRANSFORMER/MIXED with "
-            "SmoothQuant and bias correction off; LATENCY, the same threads, precision hint bf16 from the target, "
-            "CPU pinning off, dynamic shapes with trim_padding (or shapes=static where the row says so).")
+SETTINGS = openvino_settings("dynamic shapes with trim_padding (or shapes=static where the row says so)")
 
 
 class ByHand(torch.nn.Module):
