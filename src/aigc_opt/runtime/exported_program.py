@@ -14,7 +14,8 @@ import torch.utils._pytree as pytree
 
 from .._tree import Inputs, describe, flatten_tensors, map_tensors, split_inputs
 from .._safety import contained
-from ..errors import InvalidInputError, UnsupportedModelError
+from ..errors import InvalidInputError
+from ._trust import require_trust
 from .base import RUNTIMES, ModelFacts
 from ._module_facts import module_facts
 
@@ -271,13 +272,9 @@ class ExportedProgramRuntime:
         # fall back to full unpickling, symbolic sizes are parsed by sympy's eval, and recorded guard
         # code is compiled into the module. No check of the archive can make that safe, so a
         # torch.export save loads only with consent.
-        if not trust:
-            raise UnsupportedModelError(
-                f"{str(directory)!r} holds a torch.export program, and loading one can run code from the "
-                "file (torch.export.load unpickles and evaluates parts of it). Load it with trust=True if "
-                "you trust this directory (from the command line: --trust), or save the model before "
-                "Export('torch.export') and export it again here."
-            )
+        require_trust(trust, directory, "a torch.export program, and loading one can run code from the file "
+                      "(torch.export.load unpickles and evaluates parts of it)",
+                      "save the model before Export('torch.export') and export it again here")
         path = contained(directory, meta.get("file"), listed=files, what="torch.export program")
         return torch.export.load(str(path))
 

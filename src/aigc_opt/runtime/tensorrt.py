@@ -17,7 +17,8 @@ import torch
 from .._deps import require
 from .._tree import Inputs, flatten_tensors
 from .._safety import contained
-from ..errors import IntegrityError, InvalidInputError, UnsupportedModelError
+from ..errors import IntegrityError, InvalidInputError
+from ._trust import require_trust
 from .base import RUNTIMES, ModelFacts, rebuild_outputs
 
 __all__ = ["TensorRTArtifact", "TensorRTRuntime"]
@@ -98,12 +99,8 @@ class TensorRTRuntime:
     def load(self, directory: Path, meta: dict[str, Any], *, files: dict[str, str],
              trust: bool = False, facts: ModelFacts | None = None) -> TensorRTArtifact:
         # A serialized engine can hold plugins (native code) and is built for one GPU: only with consent.
-        if not trust:
-            raise UnsupportedModelError(
-                f"{str(directory)!r} holds a TensorRT engine, which can carry native plugin code. "
-                "Load it with trust=True if you trust this directory, or save the ONNX model and compile "
-                "it here with Compile('tensorrt')."
-            )
+        require_trust(trust, directory, "a TensorRT engine, which can carry native plugin code",
+                      "save the ONNX model and compile it here with Compile('tensorrt')")
         path = contained(directory, meta.get("file"), listed=files, what="TensorRT engine")
         output_spec = meta.get("output_spec")
         if not isinstance(output_spec, (str, type(None))):
