@@ -16,21 +16,23 @@ from .errors import ConfigError
 
 __all__ = ["SnapshotCollector", "serve", "render", "METRICS"]
 
-# name -> (type, help); every name is prefixed with aigc_opt_.
-METRICS = {
-    "calls": ("counter", "Successful calls of the model"),
-    "rows": ("counter", "Rows (samples) processed: the sum of the batch sizes"),
-    "errors": ("counter", "Calls that raised, by exception type"),
-    "latency_seconds": ("histogram", "Latency of one call (one batch)"),
-    "batch_size_mean": ("gauge", "Mean rows per call"),
-    "throughput_rows_per_second": ("gauge", "Rows per second between the first and the latest call"),
-    "rss_bytes": ("gauge", "Resident memory of the process(es) running the model"),
-    "drift_sampled_calls": ("counter", "Calls also run on the baseline to measure drift"),
-    "drift_cosine": ("gauge", "Mean cosine to the baseline over the recent sampled calls"),
-    "drift_max_abs_error": ("gauge", "Median per-call max-abs error to the baseline over the recent sampled calls"),
-    "drift_top1_agreement": ("gauge", "Top-1 agreement with the baseline over the recent sampled calls"),
-    "drift_alert": ("gauge", "1 while the drift of the recent sampled calls crosses the threshold"),
-}
+# name, type, help (one a line); every name is prefixed with aigc_opt_.
+_METRIC_TABLE = """
+calls                       counter    Successful calls of the model
+rows                        counter    Rows (samples) processed: the sum of the batch sizes
+errors                      counter    Calls that raised, by exception type
+latency_seconds             histogram  Latency of one call (one batch)
+batch_size_mean             gauge      Mean rows per call
+throughput_rows_per_second  gauge      Rows per second between the first and the latest call
+rss_bytes                   gauge      Resident memory of the process(es) running the model
+drift_sampled_calls         counter    Calls also run on the baseline to measure drift
+drift_cosine                gauge      Mean cosine to the baseline over the recent sampled calls
+drift_max_abs_error         gauge      Median per-call max-abs error to the baseline over the recent sampled calls
+drift_top1_agreement        gauge      Top-1 agreement with the baseline over the recent sampled calls
+drift_alert                 gauge      1 while the drift of the recent sampled calls crosses the threshold
+"""
+# name -> (type, help)
+METRICS = {name: (kind, doc) for name, kind, doc in (line.split(None, 2) for line in _METRIC_TABLE.strip().splitlines())}
 
 
 def _prom() -> Any:
