@@ -37,7 +37,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..runtime import runtime_for
 from .compare import MAX_ITERS_ENV, iters_cap
 from .measurement import median_ci, ratio_ci
-from .report import text_table, unique_names
+from .report import speedup_panel, text_table, unique_names
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -144,7 +144,7 @@ class GenerationReport:
         """The report as a matplotlib Figure (needs matplotlib): time per output token per model
         (one point per round), and TPOT speed-up vs teacher-forced next-token agreement with one
         point per candidate, labels placed apart. Built without pyplot (see ``Report.figure``)."""
-        from ._figures import new_figure, place_labels, wrap_label
+        from ._figures import new_figure, wrap_label
 
         entries = [self.baseline, *self.candidates]
         names = self.names()
@@ -156,21 +156,10 @@ class GenerationReport:
         left.invert_yaxis()
         left.set_xlabel("time per output token (ms; rounds, median as a bar)")
         left.set_title(f"batch {self.baseline.batch_size}, {self.baseline.new_tokens} greedy tokens")
-        points, labels, colors = [], [], []
-        for row, e in enumerate(entries[1:], start=1):  # the same colour as on the left
-            if e.tpot_ratio and e.next_token_agreement is not None:
-                x = 1 / e.tpot_ratio[0]
-                right.scatter(x, e.next_token_agreement, color=f"C{row}")
-                right.plot([1 / e.tpot_ratio[2], 1 / e.tpot_ratio[1]], [e.next_token_agreement] * 2, alpha=0.5,
-                           color=f"C{row}")
-                points.append((x, e.next_token_agreement))
-                labels.append(names[row])
-                colors.append(f"C{row}")
-        right.axvline(1.0, color="grey", linewidth=0.8)
-        right.set_xlabel("TPOT speed-up vs baseline (x, 95% interval)")
-        right.set_ylabel("next-token agreement (teacher-forced)")
-        fig.tight_layout()
-        place_labels(right, points, labels, colors=colors)
+        rows = [(names[row], f"C{row}", e.tpot_ratio, e.next_token_agreement)  # the same colour as on the left
+                for row, e in enumerate(entries[1:], start=1) if e.tpot_ratio and e.next_token_agreement is not None]
+        speedup_panel(fig, right, rows, xlabel="TPOT speed-up vs baseline (x, 95% interval)",
+                      ylabel="next-token agreement (teacher-forced)")
         return fig
 
     def plot(self, path: str | os.PathLike[str]) -> Path:

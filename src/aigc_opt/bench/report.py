@@ -70,6 +70,25 @@ def text_table(columns: list[str], rows: list[tuple[str, list[str]]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in body]])
 
 
+def speedup_panel(fig: Any, ax: Any, rows: list[tuple[str, str, tuple[float, float, float], float]], *,
+                  xlabel: str, ylabel: str) -> None:
+    """Plot on ``ax`` each ``(label, colour, time ratio vs baseline (median, low, high), y)`` row at its
+    speed-up (1 / ratio), its 95% interval as a line, the no-change line x = 1 and the axis labels;
+    then lay ``fig`` out and place the labels apart (once the axes are final)."""
+    from ._figures import place_labels
+
+    points = []
+    for _, color, ratio, y in rows:
+        points.append((1 / ratio[0], y))
+        ax.scatter(*points[-1], color=color)
+        ax.plot([1 / ratio[2], 1 / ratio[1]], [y] * 2, alpha=0.5, color=color)  # 95% interval
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    place_labels(ax, points, [r[0] for r in rows], colors=[r[1] for r in rows])
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
@@ -219,7 +238,7 @@ class Report:
         model, and speed-up vs fidelity with one point per candidate, each labelled by its
         column name with labels placed apart. Built without pyplot, so a notebook's backend is
         left alone; ``IPython.display.display(report.figure())`` shows it inline."""
-        from ._figures import new_figure, place_labels, wrap_label
+        from ._figures import new_figure, wrap_label
 
         names = self.names()
         fig, (left, right) = new_figure((12, 4.5 + 0.12 * len(names)), purpose="Report.figure()")
@@ -232,23 +251,13 @@ class Report:
                      tick_labels=[wrap_label(n) for n in names], showfliers=True)
         left.set_xlabel("latency per batch (ms)")
         left.set_title("latency distribution")
-        points, labels, colors = [], [], []
-        for i, (e, name) in enumerate(zip(self.candidates, names[1:])):
-            if e.latency_ratio and e.fidelity and e.fidelity.cosine_mean is not None:
-                point = (1 / e.latency_ratio[0], e.fidelity.cosine_mean)
-                right.scatter(*point, color=f"C{i}")
-                lo, hi = 1 / e.latency_ratio[2], 1 / e.latency_ratio[1]
-                right.plot([lo, hi], [point[1]] * 2, alpha=0.5, color=f"C{i}")  # 95% interval
-                points.append(point)
-                labels.append(name)
-                colors.append(f"C{i}")
-        right.axvline(1.0, color="grey", linewidth=0.8)
-        right.set_xlabel("speed-up vs baseline (x, 95% interval)")
-        right.set_ylabel("cosine vs baseline (mean)")
+        rows = [(name, f"C{i}", e.latency_ratio, e.fidelity.cosine_mean)
+                for i, (e, name) in enumerate(zip(self.candidates, names[1:]))
+                if e.latency_ratio and e.fidelity and e.fidelity.cosine_mean is not None]
         right.ticklabel_format(axis="y", useOffset=False)
         right.set_title("speed vs fidelity")
-        fig.tight_layout()
-        place_labels(right, points, labels, colors=colors)
+        speedup_panel(fig, right, rows, xlabel="speed-up vs baseline (x, 95% interval)",
+                      ylabel="cosine vs baseline (mean)")
         return fig
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
