@@ -184,106 +184,91 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
     ``qkv_hidden_sizes`` (even when all three are equal, the default), or — silently, dropping
     the mask — (c) the padding mask arrives as an additive ``attention_bias`` (input 5), which
     QAttention lacks. (c) is rewritten to the raw 2-D ``mask_index`` (input 3) only when that bias
-    is computed from a graph input named ``attention_mask`` and nothing else.
+    is computed from a graph input named ``attention_mask`` and nothing else. The rewrite works on
+    the graph as onnx-ir reads it; what nothing reads any more (the folded Concats, the bias maths)
+    goes with onnx-ir's dead-code pass, which also sees what subgraphs read.
     """
-    import onnx
-
-    model = onnx.load(str(path))
-    index = _GraphIndex(model.graph)
-    changes = {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0, "bias_to_mask_index": 0}
-    attentions = [n for n in model.graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
-    for i, node in enumerate(attentions):
-        node.name = node.name or f"Attention_{i}"  # the quantizer excludes nodes by name
-        changes["qkv_weights_folded"] += _fold_qkv_weight(index, node)
-        sizes = next((a for a in node.attribute if a.name == "qkv_hidden_sizes"), None)
-        if sizes is not None and len(set(sizes.ints)) == 1:
-            node.attribute.remove(sizes)
-            changes["qkv_hidden_sizes_dropped"] += 1
-        changes["bias_to_mask_index"] += _bias_to_mask_index(index, node)
-    # QAttention has no attention_bias input: the quantizer would silently drop it. Those nodes
-    # must stay float (the caller excludes them by name).
-    changes["attention_kept_float"] = [n.name for n in attentions if len(n.input) > 5 and n.input[5]]
-    if not any(changes.values()):
-        return changes
-    _save_without_unused(model, path)
-    return changes
-
-
-class _GraphIndex:
-    """A graph with its initializers, producers and inputs looked up by name (kept current by the
-    rewrites below)."""
-
-    def __init__(self, graph: Any):
-        self.graph = graph
-        self.inits = {i.name: i for i in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.inputs = {i.name: i for i in graph.input}
-        self.mask_cast: str | None = None  # the int32 attention mask, once made
-
-    def sources(self, name: str) -> set[str]:
-        """Graph inputs whose values ``name`` depends on (through a Shape only the shape counts)."""
-        seen, stack, found = set(), [name], set()
-        while stack:
-            current = stack.pop()
-            if current in seen or not current:
-                continue
-            seen.add(current)
-            if current in self.inputs:
-                found.add(current)
-            elif current in self.producer and self.producer[current].op_type not in ("Shape", "Size"):
-                stack.extend(self.producer[current].input)
-        return found
-
-
-def _fold_qkv_weight(index: _GraphIndex, node: Any) -> int:
-    """(a): a QKV weight concatenated from three initializers becomes one initializer; 1 if done."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    weight = node.input[1]
-    concat = index.producer.get(weight)
-    if weight in index.inits or concat is None or concat.op_type != "Concat" or not all(
-            i in index.inits for i in concat.input):
-        return 0
-    axis = next(a.i for a in concat.attribute if a.name == "axis")
-    packed = np.concatenate([numpy_helper.to_array(index.inits[i]) for i in concat.input], axis=axis)
-    tensor = numpy_helper.from_array(packed, weight)
-    index.graph.initializer.append(tensor)
-    index.graph.node.remove(concat)  # its output is an initializer now
-    del index.producer[weight]
-    index.inits[weight] = tensor
-    return 1
-
-
-def _bias_to_mask_index(index: _GraphIndex, node: Any) -> int:
-    """(c): an attention_bias computed from the 2-D ``attention_mask`` alone becomes that mask
-    (as int32) in the mask_index slot; 1 if done."""
-    import onnx
-    from onnx import helper
-
-    inputs = list(node.input) + [""] * (6 - len(node.input))
-    if not inputs[5] or inputs[3] or index.sources(inputs[5]) != {"attention_mask"}:
-        return 0
-    if len(index.inputs["attention_mask"].type.tensor_type.shape.dim) != 2:
-        return 0
-    if index.mask_cast is None:
-        index.mask_cast = "attention_mask_int32"
-        index.graph.node.insert(0, helper.make_node("Cast", ["attention_mask"], [index.mask_cast],
-                                                    to=onnx.TensorProto.INT32, name="attention_mask_to_int32"))
-    inputs[3], inputs[5] = index.mask_cast, ""
-    while inputs and not inputs[-1]:
-        inputs.pop()
-    del node.input[:]
-    node.input.extend(inputs)
-    return 1
-
-
-def _save_without_unused(model: Any, path: Path) -> None:
-    """Save ``model`` without the nodes and initializers nothing reads any more (the folded Concats,
-    the bias maths): onnx-ir's dead-code pass, which also sees what subgraphs read."""
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    graph = ir.serde.deserialize_model(model)
-    RemoveUnusedNodesPass()(graph)
-    ir.save(graph, str(path))
+    model = ir.load(str(path))
+    changes = {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0, "bias_to_mask_index": 0}
+    attentions = [n for n in model.graph if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    mask_cast = None  # the int32 attention mask, once made
+    for i, node in enumerate(attentions):
+        node.name = node.name or f"Attention_{i}"  # the quantizer excludes nodes by name
+        changes["qkv_weights_folded"] += _fold_qkv_weight(model.graph, node)
+        sizes = node.attributes.get("qkv_hidden_sizes")
+        if sizes is not None and len(set(sizes.as_ints())) == 1:
+            del node.attributes["qkv_hidden_sizes"]
+            changes["qkv_hidden_sizes_dropped"] += 1
+        if _bias_is_the_mask(node):
+            mask_cast = mask_cast or _mask_as_int32(model.graph)
+            node.replace_input_with(3, mask_cast)
+            node.replace_input_with(5, None)
+            node.resize_inputs(max(k + 1 for k, v in enumerate(node.inputs) if v is not None))
+            changes["bias_to_mask_index"] += 1
+    # QAttention has no attention_bias input: the quantizer would silently drop it. Those nodes
+    # must stay float (the caller excludes them by name).
+    changes["attention_kept_float"] = [n.name for n in attentions if len(n.inputs) > 5 and n.inputs[5] is not None]
+    if not any(changes.values()):
+        return changes
+    RemoveUnusedNodesPass()(model)
+    ir.save(model, str(path))
+    return changes
+
+
+def _sources(value: Any) -> set[str]:
+    """Names of the graph inputs whose values ``value`` depends on (through a Shape only the shape counts)."""
+    seen, stack, found = set(), [value], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        producer = current.producer()
+        if current.is_graph_input():
+            found.add(current.name)
+        elif producer is not None and producer.op_type not in ("Shape", "Size"):
+            stack.extend(producer.inputs)
+    return found
+
+
+def _fold_qkv_weight(graph: Any, node: Any) -> int:
+    """(a): a QKV weight concatenated from three initializers becomes one initializer; 1 if done."""
+    import numpy as np
+    import onnx_ir as ir
+
+    weight = node.inputs[1]
+    concat = weight.producer() if weight is not None else None
+    if concat is None or concat.op_type != "Concat" or not all(
+            i is not None and i.is_initializer() and i.const_value is not None for i in concat.inputs):
+        return 0
+    axis = concat.attributes.get_int("axis")
+    packed = np.concatenate([i.const_value.numpy() for i in concat.inputs], axis=axis)
+    folded = ir.Value(name=weight.name, const_value=ir.tensor(packed, name=weight.name))
+    # the Concat goes, its output's uses (and name) pass to the folded value, which becomes an initializer
+    ir.convenience.replace_nodes_and_values(graph, concat, [concat], [], [weight], [folded])
+    graph.register_initializer(folded)
+    return 1
+
+
+def _bias_is_the_mask(node: Any) -> bool:
+    """(c): whether the node's attention_bias is computed from a 2-D ``attention_mask`` input alone,
+    with no mask_index given."""
+    inputs = [*node.inputs, None, None, None, None, None, None][:6]
+    if inputs[5] is None or inputs[3] is not None or _sources(inputs[5]) != {"attention_mask"}:
+        return False
+    mask = next(v for v in node.graph.inputs if v.name == "attention_mask")
+    return mask.shape is not None and len(mask.shape) == 2
+
+
+def _mask_as_int32(graph: Any) -> Any:
+    """The graph's ``attention_mask`` cast to int32 (QAttention's mask_index), by a Cast made first."""
+    import onnx_ir as ir
+
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT32}, name="attention_mask_to_int32")
+    cast.outputs[0].name = "attention_mask_int32"
+    graph.insert_before(graph.node(0), cast)
+    return cast.outputs[0]
