@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +39,12 @@ __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@contextlib.contextmanager
-def cpu_lock(path: str | os.PathLike[str] | None, exclusive: bool) -> Iterator[None]:
-    """``flock`` on ``path`` for the block: exclusive while timing, shared while building, so that
-    benchmarks sharing a machine never time while another one works; nothing when ``path`` is None."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def cpu_lock(path: str | os.PathLike[str] | None, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+    """``aigc_opt.bench.locks.cpu_lock`` (imported when called, so this module stays light): ``flock``
+    on ``path`` for the block, exclusive while timing, shared while building; nothing when ``path`` is None."""
+    from aigc_opt.bench.locks import cpu_lock as lock
+
+    return lock(path, exclusive)
 
 
 def openvino_settings(shapes: str) -> str:

@@ -250,3 +250,89 @@ def test_ao_tune_is_callable_and_has_the_package_names_either_way():
 
     assert callable(ao.tune) and callable(package)
     assert ao.tune.Space is package.Space and ao.Tune is package.Tune and ao.TuneResult is package.TuneResult
+
+
+# ------------------------------------------------------------------ built prefixes, anchors (issue #20 follow-up)
+def _count_applies(monkeypatch) -> dict[str, int]:
+    """How many times each pass ran (by its describe())."""
+    from aigc_opt.passes.base import Pass
+
+    counts: dict[str, int] = {}
+    real = Pass.apply
+
+    def counting(self, model):
+        counts[self.describe()] = counts.get(self.describe(), 0) + 1
+        return real(self, model)
+
+    monkeypatch.setattr(Pass, "apply", counting)
+    return counts
+
+
+ONNX_ONLY = ao.tune.Space(routes=("onnx",), quantize=("int8-dynamic",), compile=("onnxruntime",), prune=(), options={})
+
+
+def test_a_built_prefix_is_reused_and_results_are_unchanged(monkeypatch):
+    m, wl = _model(), _workload()
+    kw = dict(workload=wl, max_drop=1.0, budget="3m", space=ONNX_ONLY, time_per_trial=0.5, verbose=False,
+              anchors=False)
+    counts = _count_applies(monkeypatch)
+    cached = ao.tune(m, **kw)
+    built = [t for t in cached.trials if t.state in ("complete", "over-budget")]
+    assert len(built) == 4, cached.to_markdown()  # Export, +Quantize, +Compile, +Quantize+Compile
+    assert counts["Export(to='onnx')"] == 1  # four trials share it: exported once
+    assert counts["Quantize(method='int8-dynamic')"] == 1  # and the quantized prefix once for two
+    reused = [t for t in built if "reused_prefix" in t.details]
+    assert len(reused) == 3 and all(t.recipe.startswith(t.details["reused_prefix"]) for t in reused)
+    assert all(t.details["reused_prefix_build_s"] >= 0 and t.build_s >= 0 for t in reused)
+    assert any("reused" in n for n in cached.notes)
+    counts.clear()
+    plain = ao.tune(m, **kw, prefix_cache=0)
+    assert counts["Export(to='onnx')"] == 4 and not any("reused_prefix" in t.details for t in plain.trials)
+    same = {t.recipe: (t.state, t.metric) for t in plain.trials}
+    assert {t.recipe: (t.state, t.metric) for t in cached.trials} == same  # the same models, the same fidelity
+
+
+def test_an_evicted_prefix_never_breaks_a_model_built_from_it():
+    import gc
+
+    from aigc_opt.tune.cache import PrefixCache
+    from aigc_opt.tune.evaluate import EvalContext, build
+
+    m, x = _model(), _workload()[0]
+    ctx = EvalContext(workload=[x], max_drop=1.0, baseline_metric=1.0, cache=PrefixCache(max_models=1))
+    quantized = build(m, (ao.Export("onnx"), ao.Quantize("int8-dynamic")), ctx)
+    compiled = build(m, (ao.Export("onnx"), ao.Quantize("int8-dynamic"), ao.Compile("onnxruntime")), ctx)
+    assert ctx.cache.evictions >= 1 and len(ctx.cache.entries) == 1  # Export(onnx) went, its extension stays
+    ctx.cache.clear()
+    gc.collect()
+    assert torch.allclose(quantized.run(x), compiled.run(x), atol=1e-5)  # both still run: their files were kept
+    with pytest.raises(ConfigError, match="max_models"):
+        PrefixCache(max_models=-1)
+    with pytest.raises(ConfigError, match="prefix_cache"):
+        ao.Tune(prefix_cache=-2)
+
+
+def test_anchors_come_first_one_per_route_from_the_target():
+    from aigc_opt.passes._quant_auto import choose_method
+    from aigc_opt.tune.study import anchor_params
+
+    m = _model()
+    space = ao.tune.Space(routes=("none", "onnx"), quantize=("int8-dynamic", "int8-weight-only", "fp16"),
+                          compile=("onnxruntime", "inductor"), prune=(), options={})
+    cands = build_candidates(space, m, m.target, have_data=False, varied_shapes=False, have_eval=False, max_drop=1.0)
+    anchors = dict((p["route"], (p, why)) for p, why in anchor_params(cands, m.target, m.format))
+    assert set(anchors) == {"none", "onnx"}
+    for route, fmt, backend in (("none", "torch", "inductor"), ("onnx", "onnx", "onnxruntime")):
+        params, why = anchors[route]
+        assert params[f"compile|{route}"] == f"backend='{backend}'"  # the route's native backend
+        method = choose_method(m.target, fmt, calibrated=True)[0]
+        expect = f"method='{method}'" if f"method='{method}'" in [v.label for v in cands.quantize[route]] else "none"
+        assert params[f"quantize|{route}"] == expect and expect in why
+    result = ao.tune(m, workload=_workload(), max_drop=1.0, budget="3m", space=space, time_per_trial=0.5,
+                     max_trials=2, verbose=False)
+    first = sorted(result.trials, key=lambda t: t.number)[:2]
+    assert all("anchor" in t.details for t in first), result.to_markdown()
+    assert {t.details["anchor"].split(":")[0] for t in first} == {"none", "onnx"}
+    off = ao.tune(m, workload=_workload(), max_drop=1.0, budget="3m", space=space, time_per_trial=0.5,
+                  max_trials=2, verbose=False, anchors=False)
+    assert not any("anchor" in t.details for t in off.trials)

@@ -102,43 +102,106 @@ def test_the_decoder_space_keeps_only_formats_that_generate(llama):
     assert "int8-weight-only" in {v.passes[0].method for v in cands.quantize["none"] if v.passes}
 
 
-def test_tune_times_decode_per_token_and_checks_teacher_forced_agreement(llama):
-    from aigc_opt.bench.generation import continuation_batch, next_token_logits
+def _held_out(n: int = 320) -> torch.Tensor:
+    """Token ids standing for held-out text (the tiny model has no tokenizer)."""
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(7))
+
+
+def test_tune_times_decode_per_token_and_checks_teacher_forced_agreement_on_held_out_text(llama):
+    from aigc_opt.bench.llm import text_scores
 
     ids, mask = _ids()
-    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=16)
+    # 300 positions asked, windows of 64 tokens (63 positions each): 5 windows, 315 positions
+    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=16, fidelity_positions=300,
+                                    fidelity_window=64, fidelity_ids=_held_out())
+    assert wl.positions == 315 and wl.windows_count == 5
     before = {k: v.clone() for k, v in llama.artifact.state_dict().items()}
     space = ao.tune.Space(routes=("none",), quantize=("int8-weight-only",), compile=(), prune=(), options={})
     result = ao.tune(llama, workload=wl, max_drop=0.5, budget="3m", space=space, time_per_trial=1, verbose=False)
     assert all(torch.equal(v, llama.artifact.state_dict()[k]) for k, v in before.items())  # input untouched
     assert result.metric_name == "next-token agreement" and result.baseline_metric == 1.0
-    assert "16 new tokens" in result.workload and "decode" in result.workload
+    assert "16 new tokens" in result.workload and "decode" in result.workload and "315 positions" in result.workload
     done = [t for t in result.trials if t.state == "complete"]
     assert [t.recipe for t in result.trials] == ["Quantize(method='int8-weight-only')"]
     assert done, result.to_markdown()
-    base_out = llama.generate(ids, mask, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
-    seq, full = continuation_batch(ids, mask, base_out[:, 8:].tolist())
-    base_pred = next_token_logits(llama, seq, full)[:, 7:-1].argmax(-1)
+    windows = _held_out()[:320].reshape(5, 64)
+    base_scores = text_scores(llama, windows)
     for t in done:
         lo, mid, hi = t.latency_ratio[1], t.latency_ratio[0], t.latency_ratio[2]
         assert 0 < lo <= mid <= hi
         d = t.details
         assert d["decode_ms_per_token"] > 0 and d["baseline_decode_ms_per_token"] > 0
         assert d["ttft_ratio"][1] <= d["ttft_ratio"][0] <= d["ttft_ratio"][2]
-        # the fidelity is teacher-forced agreement on the baseline's continuation, recomputed here
+        # the fidelity is teacher-forced agreement over the 315 held-out positions, recomputed here
         model = ao.Pipeline.from_dict({"passes": t.passes}).apply(llama, verbose=False)
-        pred = next_token_logits(model, seq, full)[:, 7:-1].argmax(-1)
-        expected = float((pred == base_pred).double().mean())
-        assert abs(t.metric - expected) < 1e-9 and abs(t.drop - (1 - expected)) < 1e-9
-    chosen = result.chosen
-    if chosen is not None:
-        assert chosen.drop <= 0.5 and chosen.latency_ratio[0] < 1.0
+        scores = text_scores(model, windows)
+        same = int((scores.predictions == base_scores.predictions).sum())
+        assert d["positions"] == 315 and abs(t.metric - same / 315) < 1e-9 and abs(t.drop - (1 - same / 315)) < 1e-9
+        assert abs(d["perplexity_ratio"] - scores.perplexity / base_scores.perplexity) < 1e-6
+        assert abs(d["perplexity"] - scores.perplexity) < 1e-6
     assert "next-token agreement" in result.to_markdown()
+
+
+class _Fake:
+    """Stands for a model in next_token_logits below: logits that predict the text's own next token,
+    except at the ``flip`` positions ((window, column) of ``windows``)."""
+
+    def __init__(self, windows: torch.Tensor, flip: tuple[tuple[int, int], ...] = ()):
+        self.windows, self.flip = windows, flip
+
+
+def _fake_logits(model, ids, mask):
+    logits = torch.nn.functional.one_hot(torch.roll(ids, -1, dims=1), VOCAB).float()
+    for row, window in enumerate(ids):  # text_scores reads one window per call
+        w = next(i for i, x in enumerate(model.windows) if torch.equal(x, window))
+        for c in [c for r, c in model.flip if r == w]:
+            logits[row, c] = torch.nn.functional.one_hot((window[c + 1] + 1) % VOCAB, VOCAB).float()
+    return logits
+
+
+def test_one_differing_position_of_300_is_a_drop_of_one_in_300(monkeypatch):
+    from aigc_opt.bench import llm
+    from aigc_opt.tune.generation import GenerationData
+
+    monkeypatch.setattr(llm, "next_token_logits", _fake_logits)
+    ids, mask = _ids()
+    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, fidelity_positions=300, fidelity_window=61,
+                                    fidelity_ids=_held_out())
+    assert wl.positions == 300  # 5 windows of 61 tokens, 60 positions each
+    windows = wl.fidelity_windows(_mlp())
+    data = GenerationData(spec=wl, batches=[], pad_id=0, windows=windows, reference=llm.text_scores(_Fake(windows), windows))
+    assert data.score(_Fake(windows))["metric"] == 1.0
+    one = data.score(_Fake(windows, flip=((2, 17),)))
+    assert one["positions"] == 300 and abs((1.0 - one["metric"]) - 1 / 300) < 1e-12  # not 1/16
+    assert one["perplexity_ratio"] > 1.0  # the flipped position reads the text with less probability
+    assert abs(1.0 - data.score(_Fake(windows, flip=((0, 0), (4, 59))))["metric"] - 2 / 300) < 1e-12
+
+
+def test_bad_fidelity_settings_are_refused_with_the_fix(llama):
+    ids, _ = _ids()
+    W = ao.tune.GenerationWorkload
+    with pytest.raises(ConfigError, match="fidelity_positions"):
+        W(input_ids=ids, fidelity_positions=16)  # one token would be a drop of 1/16
+    with pytest.raises(ConfigError, match="fidelity_window"):
+        W(input_ids=ids, fidelity_window=1)
+    with pytest.raises(ConfigError, match="fidelity_text"):
+        W(input_ids=ids, fidelity_text="  ")
+    with pytest.raises(ConfigError, match="not both"):
+        W(input_ids=ids, fidelity_text="abc", fidelity_ids=_held_out())
+    with pytest.raises(ConfigError, match="fidelity_ids"):
+        W(input_ids=ids, fidelity_ids=_held_out().float())
+    with pytest.raises(ConfigError, match="context"):  # the tiny model reads 128 positions
+        ao.tune(llama, workload=W(input_ids=ids, fidelity_ids=_held_out(2000)), budget="1m")
+    with pytest.raises(ConfigError, match="fidelity_ids has 320 tokens"):
+        W(input_ids=ids, fidelity_window=64, fidelity_positions=1000, fidelity_ids=_held_out()).fidelity_windows(llama)
+    with pytest.raises(ConfigError, match="no tokenizer"):  # the held-out text needs one to be read
+        ao.tune(llama, workload=W(input_ids=ids, fidelity_window=64), budget="1m")
 
 
 def test_a_recipe_beyond_max_drop_rules_out_its_compiled_extensions_only(llama):
     ids, mask = _ids()
-    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=4)
+    wl = ao.tune.GenerationWorkload(input_ids=ids, attention_mask=mask, max_new_tokens=4, fidelity_window=64,
+                                    fidelity_positions=256, fidelity_ids=_held_out())
     from aigc_opt.tune.generation import GenerationData
 
     ctx = tune_evaluate.EvalContext(workload=[], max_drop=-1.0, baseline_metric=1.0, generation=GenerationData.prepare(
@@ -163,9 +226,9 @@ def test_a_failed_prefix_is_never_extended(monkeypatch):
     built: list[str] = []
     real_build = tune_evaluate.build
 
-    def recording_build(base, passes, ctx):
+    def recording_build(base, passes, ctx, info=None):
         built.append(" + ".join(p.describe() for p in passes))
-        return real_build(base, passes, ctx)
+        return real_build(base, passes, ctx, info)
 
     monkeypatch.setattr(tune_evaluate, "build", recording_build)
     try:
@@ -196,7 +259,7 @@ def test_pruning_off_builds_every_recipe(monkeypatch):
     _broken_quant("test-broken2")
     built: list[str] = []
     real_build = tune_evaluate.build
-    monkeypatch.setattr(tune_evaluate, "build", lambda b, p, c: built.append(p) or real_build(b, p, c))
+    monkeypatch.setattr(tune_evaluate, "build", lambda b, p, c, i=None: built.append(p) or real_build(b, p, c, i))
     try:
         space = ao.tune.Space(routes=("onnx",), quantize=("test-broken2",), compile=("onnxruntime",), prune=(),
                               options={})

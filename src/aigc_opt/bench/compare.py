@@ -22,7 +22,7 @@ from .report import Entry, Report, unique_names
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["benchmark", "compare", "MAX_ITERS_ENV", "iters_cap"]
+__all__ = ["benchmark", "compare", "check_runs", "MAX_ITERS_ENV", "iters_cap"]
 
 log = logging.getLogger("aigc_opt")
 
@@ -107,8 +107,9 @@ def _check_counts(warmup: int, iters: int | None, threads: int | None = None, ma
         raise ConfigError(f"threads must be an int >= 1 or None (keep torch's setting), got {threads!r}.")
 
 
-def _check_runs(models: Sequence[Model], batches: list[list[Any]]) -> None:
-    """Run every model once on every batch, so a bad batch fails here with its index, typed."""
+def check_runs(models: Sequence[Model], batches: list[list[Any]], *, what: str = "inputs") -> None:
+    """Run every model once on each of its batches, so a bad batch fails here with its index,
+    typed (``InvalidInputError`` naming ``what[i]``); callers time around it when they need the cost."""
     for m, own in zip(models, batches):
         for i, batch in enumerate(own):
             try:
@@ -117,7 +118,7 @@ def _check_runs(models: Sequence[Model], batches: list[list[Any]]) -> None:
                 raise
             except Exception as e:
                 raise InvalidInputError(
-                    f"inputs[{i}] {describe(batch)} does not run {m.name}: {type(e).__name__}: "
+                    f"{what}[{i}] {describe(batch)} does not run {m.name}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}"
                 ) from e
 
@@ -161,7 +162,7 @@ def _measure(models: Sequence[Model], batches: list[Any], *, warmup: int, iters:
         if not hasattr(m, "run") or not hasattr(m, "format"):
             raise UnsupportedModelError(f"benchmark/compare take ao.Model objects, got {type(m).__name__}.")
     per_model = [[on_device(m, b) for b in batches] for m in models]
-    _check_runs(models, per_model)
+    check_runs(models, per_model)
     devices = [m.device for m in models]
     names = unique_names([m.label for m in models])  # a report never shows two columns under one name
     cap, capped = iters_cap(), ""

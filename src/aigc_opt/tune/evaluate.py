@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AigcOptError, FidelityError
+from ..bench.locks import cpu_lock
+from ..errors import AigcOptError, FidelityError, PassError
 from ..passes.base import Pass
 from ..pipeline import Pipeline
+from .cache import Entry as CacheEntry
+from .cache import PrefixCache
 from .space import recipe_key
 
 if TYPE_CHECKING:
@@ -51,22 +53,17 @@ class EvalContext:
     keep_model: bool = True  # return the built Model (local runs); Ray workers return numbers only
     runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
     generation: Any = None  # a GenerationData: decode timing and next-token agreement instead
+    cache: PrefixCache | None = field(default_factory=PrefixCache)  # built prefixes reused between trials
 
 
 def timing_lock_path() -> Path:
     return Path(os.environ.get(LOCK_ENV) or Path(tempfile.gettempdir()) / "aigc_opt_tune_timing.lock")
 
 
-@contextlib.contextmanager
-def timing_lock(exclusive: bool) -> Iterator[None]:
-    """The node's lock: shared while building, exclusive while timing."""
-    path = timing_lock_path()
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def timing_lock(exclusive: bool) -> contextlib.AbstractContextManager[None]:
+    """The node's lock (``aigc_opt.bench.locks.cpu_lock`` on ``timing_lock_path()``): shared while
+    building, exclusive while timing."""
+    return cpu_lock(timing_lock_path(), exclusive)
 
 
 # Which of the tune's run-time inputs each pass type takes (a pass not named takes none; Prune's
@@ -91,9 +88,49 @@ def with_runtime(passes: tuple[Pass, ...], ctx: EvalContext) -> tuple[Pass, ...]
     return tuple(out)
 
 
-def build(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> Model:
-    pipe = Pipeline(with_runtime(passes, ctx))
-    return pipe.apply(base, verbose=False)
+def build(base: Model, passes: tuple[Pass, ...], ctx: EvalContext, info: dict[str, Any] | None = None) -> Model:
+    """``passes`` applied to ``base`` as ``Pipeline.apply`` does, starting from the longest prefix
+    of them ``ctx.cache`` holds (and caching each new non-compiled step). ``info`` (when given)
+    gets ``reused_prefix`` (the key started from) and ``reused_prefix_build_s`` (what building it
+    cost in earlier trials); the caller's own clock is what this trial spent."""
+    runnable = with_runtime(passes, ctx)
+    pipe = Pipeline(runnable)
+    pipe.check(base)
+    keys = [recipe_key(passes[:i + 1]) for i in range(len(passes))]
+    cache = ctx.cache
+    done, entry = cache.longest(keys) if cache is not None else (0, None)
+    model, before = (entry.model, list(entry.before)) if entry is not None else (base, [])
+    if info is not None and entry is not None:
+        info.update(reused_prefix=keys[done - 1], reused_prefix_build_s=round(entry.build_s, 3))
+    spent = entry.build_s if entry is not None else 0.0
+    for i in range(done, len(runnable)):
+        p = runnable[i].in_pipeline(before)
+        before.append((p, model))
+        start = time.perf_counter()
+        try:
+            model = p.apply(model)
+        except AigcOptError as e:
+            e.add_note(_step_note(i, p, before, len(runnable)))
+            raise
+        except Exception as e:
+            raise PassError(f"{p.describe()} failed: {e}. {_step_note(i, p, before, len(runnable))}") from e
+        spent += time.perf_counter() - start
+        if cache is not None and not p.compiles:  # a compiled model ends every recipe
+            cache.put(keys[i], CacheEntry(model=model, before=list(before), build_s=spent, size_bytes=_size(model)))
+    return model
+
+
+def _step_note(i: int, p: Pass, before: list[tuple[Pass, Any]], total: int) -> str:
+    from ..pipeline import _where  # the note Pipeline.apply adds, which dead_prefix reads
+
+    return _where(i, p, [type(q).__name__ for q, _ in before[:i]], total)
+
+
+def _size(model: Model) -> int:
+    try:
+        return int(model.size_bytes())
+    except Exception:  # a format whose size cannot be read: never cached
+        return 1 << 62
 
 
 def metric_of(model: Model, ctx: EvalContext, base: Model | None = None) -> float:
@@ -134,14 +171,19 @@ def evaluate(base: Model, passes: tuple[Pass, ...], ctx: EvalContext) -> dict[st
     start = time.perf_counter()
     try:
         with timing_lock(exclusive=False):
-            model = build(base, passes, ctx)
+            model = build(base, passes, ctx, out)
     except Exception as e:  # a failed build is a result, not the end of the search
         return {**out, "error": _short(e), "build_s": round(time.perf_counter() - start, 3), **dead_prefix(passes, e)}
-    out["build_s"] = round(time.perf_counter() - start, 3)
+    out["build_s"] = round(time.perf_counter() - start, 3)  # what this trial spent (a reused prefix: not again)
     start = time.perf_counter()
     try:
         with timing_lock(exclusive=False):
-            metric = metric_of(model, ctx, base)
+            if ctx.generation is not None and ctx.eval_fn is None:  # held-out text: positions, perplexity too
+                scored = ctx.generation.score(model)
+                metric = scored.pop("metric")
+                out.update(scored)
+            else:
+                metric = metric_of(model, ctx, base)
     except Exception as e:
         return {**out, "error": f"fidelity check failed: {_short(e)}"}
     out.update(metric=metric, drop=ctx.baseline_metric - metric, eval_s=round(time.perf_counter() - start, 3),

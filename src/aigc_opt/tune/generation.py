@@ -7,11 +7,15 @@
   protocol): per round and model a 1-token generate (time to first token) and a full one; the
   latency objective is decode time per output token (``objective="ttft"``: time to first token),
   a ratio to the baseline's with a 95% paired-bootstrap interval;
-- has as fidelity the teacher-forced next-token agreement with the baseline: every model reads
-  the baseline's own greedy continuation in one forward pass, and at each generated position its
-  top-1 prediction is compared with the baseline's (``ao.bench.generation``'s measure; free-running
-  greedy agreement compounds one early near-tie into every later token, so it is not used).
-  The baseline scores 1.0; ``max_drop=0.02`` allows 2% of positions to disagree.
+- has as fidelity the teacher-forced next-token agreement with the baseline over held-out real
+  text (``fidelity_positions``, default 1,020: four 256-token windows of the text shipped with
+  aigc_opt, ``aigc_opt.bench.llm``'s measure, as ``benchmarks/llm_decode.py`` reports it): every
+  model reads the same text in one forward pass per window, and at each position its top-1
+  prediction is compared with the baseline's. The trial also records the positions and its
+  perplexity on the text as a ratio to the baseline's. The prompts' own continuation is not used:
+  with 16 generated tokens one differing near-tie is a drop of 0.0625, so every quantized recipe
+  read as beyond a few-percent budget. The baseline scores 1.0; ``max_drop=0.02`` allows 2% of
+  positions to disagree.
 
 Example:
     >>> wl = ao.tune.GenerationWorkload(prompts=["def fib(n):", "The capital of"], max_new_tokens=32)  # doctest: +SKIP
@@ -39,6 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GenerationWorkload", "GenerationData", "OBJECTIVES"]
 
+# Fidelity: at least this many teacher-forced positions (below it one differing token moves the
+# agreement by more than 0.4%, coarser than the budgets people give).
+MIN_POSITIONS = 256
+DEFAULT_POSITIONS = 1020  # 4 windows of 256 tokens: benchmarks/llm_decode.py's measure
 # Which timing is the latency objective: name -> (samples key, what it is).
 OBJECTIVES: dict[str, str] = {"decode": "decode time per output token", "ttft": "time to first token"}
 MIN_ROUNDS = 5  # interleaved rounds per trial at least (each: a 1-token and a full generate per model)
@@ -58,6 +66,14 @@ class GenerationWorkload:
         batch: prompts per ``generate`` call (None: all in one batch).
         objective: ``"decode"`` (ms per output token after the first) or ``"ttft"``.
         pad_token_id: default: the tokenizer's pad (or end) token, else 0.
+        fidelity_positions: teacher-forced positions of held-out text the fidelity is measured on
+            (>= 256; rounded up to whole windows).
+        fidelity_window: tokens per window (each gives ``window - 1`` positions); at most the
+            model's context.
+        fidelity_text: the text (default: ``aigc_opt.bench.llm.heldout_text()``, Python
+            standard-library docstrings), tokenized with the model's tokenizer.
+        fidelity_ids: instead of text, its token ids (any shape, read in order), e.g. for a model
+            without a tokenizer.
     """
 
     prompts: Sequence[str] | None = None
@@ -68,6 +84,10 @@ class GenerationWorkload:
     objective: str = "decode"
     tokenizer: Any = field(default=None, repr=False)
     pad_token_id: int | None = None
+    fidelity_positions: int = DEFAULT_POSITIONS
+    fidelity_window: int = 256
+    fidelity_text: str | None = field(default=None, repr=False)
+    fidelity_ids: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.prompts is None) == (self.input_ids is None):
@@ -86,6 +106,55 @@ class GenerationWorkload:
         check_int("GenerationWorkload", "pad_token_id", self.pad_token_id, low=0, high=2**31, optional=True)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"GenerationWorkload: objective={self.objective!r} is not one of {sorted(OBJECTIVES)}.")
+        self._check_fidelity()
+
+    def _check_fidelity(self) -> None:
+        check_int("GenerationWorkload", "fidelity_positions", self.fidelity_positions, low=MIN_POSITIONS,
+                  high=10_000_000)
+        check_int("GenerationWorkload", "fidelity_window", self.fidelity_window, low=2, high=1_000_000)
+        if self.fidelity_text is not None and (not isinstance(self.fidelity_text, str) or not self.fidelity_text.strip()):
+            raise ConfigError(f"GenerationWorkload: fidelity_text must be a non-empty string (held-out text), got "
+                              f"{self.fidelity_text!r:.60}; leave it None for the text shipped with aigc_opt.")
+        ids = self.fidelity_ids
+        if ids is not None and self.fidelity_text is not None:
+            raise ConfigError("GenerationWorkload takes fidelity_text= or fidelity_ids=, not both.")
+        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32)
+                                or ids.numel() < self.fidelity_window):
+            raise ConfigError(f"GenerationWorkload: fidelity_ids must be an int64 tensor of token ids with at least "
+                              f"fidelity_window={self.fidelity_window} of them, got {_what(ids)}.")
+
+    @property
+    def windows_count(self) -> int:
+        """Windows of held-out text the fidelity reads (``fidelity_positions`` rounded up)."""
+        return -(-self.fidelity_positions // (self.fidelity_window - 1))
+
+    @property
+    def positions(self) -> int:
+        """Teacher-forced positions the fidelity is measured on."""
+        return self.windows_count * (self.fidelity_window - 1)
+
+    def fidelity_windows(self, model: Model) -> torch.Tensor:
+        """The held-out token windows, (count, window): from ``fidelity_ids``, else the text tokenized."""
+        count, window = self.windows_count, self.fidelity_window
+        context = getattr(getattr(model.artifact, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and window > context:
+            raise ConfigError(f"GenerationWorkload: fidelity_window={window} is longer than {model.name}'s context "
+                              f"({context} positions); give fidelity_window={context} or less.")
+        if self.fidelity_ids is not None:
+            ids = self.fidelity_ids.reshape(-1).long()
+            if ids.numel() < count * window:
+                raise ConfigError(f"GenerationWorkload: fidelity_ids has {ids.numel()} tokens; "
+                                  f"{self.fidelity_positions} positions need {count} windows of {window} = "
+                                  f"{count * window}. Give more ids or fewer fidelity_positions.")
+            return ids[:count * window].reshape(count, window).contiguous()
+        tok = self.tokenizer or getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ConfigError(f"GenerationWorkload: {model.name} has no tokenizer to read the held-out text with; "
+                              "pass tokenizer=, or fidelity_ids= (token ids of held-out text).")
+        from ..bench.llm import heldout_text, text_windows
+
+        return text_windows(tok, self.fidelity_text if self.fidelity_text is not None else heldout_text(),
+                            window=window, count=count)
 
     def _check_ids(self) -> None:
         ids = self.input_ids
@@ -136,47 +205,54 @@ class GenerationWorkload:
 
     def describe(self) -> str:
         source = f"{self.rows} prompts" if self.prompts is not None else f"input_ids {tuple(self.input_ids.shape)}"
+        text = "given ids" if self.fidelity_ids is not None else "given text" if self.fidelity_text else "held-out text"
         return f"generation: {source}, {self.max_new_tokens} new tokens, batch {self.batch or self.rows}, " \
-               f"objective {OBJECTIVES[self.objective]}"
+               f"objective {OBJECTIVES[self.objective]}; fidelity: next-token agreement over {self.positions} " \
+               f"positions of {text} ({self.windows_count} x {self.fidelity_window} tokens)"
 
 
 @dataclass
 class GenerationData:
-    """The workload resolved on the baseline: its batches, its greedy continuations and its
-    teacher-forced predictions (computed once per tune, sent to every trial)."""
+    """The workload resolved on the baseline: its batches, the held-out windows and the baseline's
+    scores on them (computed once per tune, sent to every trial)."""
 
     spec: GenerationWorkload
     batches: list[dict[str, torch.Tensor]]
     pad_id: int
-    sequences: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)  # (ids, mask, prompt len)
-    predictions: list[torch.Tensor] = field(default_factory=list)
+    windows: torch.Tensor | None = None  # (count, window) token ids of held-out text
+    reference: Any = None  # the baseline's aigc_opt.bench.llm.TextScores on them
 
     @classmethod
     def prepare(cls, spec: GenerationWorkload, base: Model) -> GenerationData:
-        from ..bench.generation import continuation_batch
+        from ..bench.llm import text_scores
 
         if not _capable(base.format) or not runtime_for(base.format).can_generate(base.artifact):
             raise ConfigError(f"A GenerationWorkload needs a causal LM that generates; {base.name} ({base.format}) "
                               "cannot. Load it with ao.Model.from_hf(path, task='causal-lm').")
         data = cls(spec=spec, batches=spec.batches(base), pad_id=spec.pad_id(base))
-        for enc in data.batches:
-            out = _generate(base, enc, spec.max_new_tokens, data.pad_id)
-            prompt_len = enc["input_ids"].shape[1]
-            ids, mask = continuation_batch(enc["input_ids"], enc["attention_mask"], out[:, prompt_len:].tolist())
-            data.sequences.append((ids, mask, prompt_len))
-        data.predictions = data.predict(base)
+        data.windows = spec.fidelity_windows(base)
+        data.reference = text_scores(base, data.windows)
         return data
 
-    def predict(self, model: Model) -> list[torch.Tensor]:
-        """Top-1 next-token predictions at every generated position, reading the baseline's continuation."""
-        from ..bench.generation import next_token_logits
+    def score(self, model: Model) -> dict[str, Any]:
+        """``metric``: share of the held-out positions where ``model``'s top-1 next token is the
+        baseline's (1.0: all); ``positions``; ``perplexity`` on the text and its ratio to the baseline's."""
+        from ..bench.llm import agreement, text_scores
 
-        return [next_token_logits(model, ids, mask)[:, n - 1:-1].argmax(-1) for ids, mask, n in self.sequences]
+        scores = text_scores(model, self.windows)
+        ppl = scores.perplexity
+        return {"metric": agreement(self.reference, scores), "positions": scores.positions, "perplexity": ppl,
+                "perplexity_ratio": ppl / self.reference.perplexity}
 
     def agreement(self, model: Model) -> float:
-        """Share of generated positions where ``model``'s top-1 next token is the baseline's (1.0: all)."""
-        same = [(p == b).double() for p, b in zip(self.predict(model), self.predictions)]
-        return float(torch.cat([s.reshape(-1) for s in same]).mean())
+        return float(self.score(model)["metric"])
+
+    def fingerprint(self) -> str:
+        """What a stored study must match besides the prompts: length, objective and the fidelity text."""
+        import hashlib
+
+        text = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()[:12]
+        return f"|gen{self.spec.max_new_tokens}|{self.spec.objective}|fid{self.spec.positions}:{text}"
 
     def call_s(self, model: Model) -> float:
         """Seconds of one full generate over the workload."""

@@ -18,7 +18,7 @@ from ..pipeline import Pipeline
 from .evaluate import EvalContext, evaluate
 from .result import Trial
 from .space import Candidates, recipe_key
-from .study import all_params, coverage_params, stored_outcomes, suggest, tell
+from .study import all_params, stored_outcomes, suggest, tell
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -35,7 +35,7 @@ class Search:
 
     def __init__(self, study: Any, cands: Candidates, executor: Any, base: Model, ctx: EvalContext, *,
                  deadline: float, min_trial: float, max_trials: int | None, verbose: bool | None, seed: int = 0,
-                 prune_prefixes: bool = True):
+                 prune_prefixes: bool = True, anchors: list[tuple[dict[str, Any], str]] = ()):
         self.study, self.cands, self.executor, self.ctx = study, cands, executor, ctx
         self.prune_prefixes = prune_prefixes
         self.dead: dict[str, tuple[int, str]] = {}  # prefix key -> (trial number, state) that ruled it out
@@ -49,8 +49,11 @@ class Search:
         self.stop_reason = ""
         self.refs = (executor.put(base), executor.put(ctx))
         self.rng = random.Random(seed)
-        for params in coverage_params(cands):
-            if not any(t.params.get("route") == params["route"] for t in study.get_trials(deepcopy=False)):
+        self.anchors: dict[str, str] = {}  # recipe key -> why it was tried first
+        for params, why in anchors:  # one per route, before the sampler: the target's own first guess
+            key = recipe_key(tuple(p for v in _variants_of(cands, params) for p in v.passes))
+            self.anchors[key] = why
+            if key not in self.known:
                 study.enqueue_trial(params, skip_if_exists=True)
 
     def _stop(self) -> str | None:
@@ -58,7 +61,7 @@ class Search:
             return f"max_trials={self.max_trials} reached"
         if time.monotonic() + self.min_trial > self.deadline:
             return "budget spent"
-        if len(self.known) >= self.cands.size - 1 or not self._untried(set()):
+        if not self._untried(set()):  # (the space's size counts the model as it is, which no trial builds)
             return "every recipe in the space was tried" + (" or ruled out by a failed prefix" if self.dead else "")
         return None
 
@@ -169,6 +172,8 @@ class Search:
 
     def _record(self, trial: Any, key: str, plain: list[dict[str, Any]], outcome: dict[str, Any], bar: Any) -> None:
         model = outcome.pop("model", None)
+        if key in self.anchors:
+            outcome["anchor"] = self.anchors[key]
         tell(self.study, trial, key, plain, outcome)
         self.known[key] = (trial.number, plain, outcome)
         self._note_dead(trial.number, outcome)

@@ -20,7 +20,8 @@ __all__ = ["Trial", "TuneResult", "pareto_front"]
 STATES = ("complete", "over-budget", "refused", "failed", "skipped")
 # Outcome keys kept in Trial.details: a generation workload's timings, the prefix a failure ruled out.
 DETAILS = ("ttft_ratio", "ttft_ms", "baseline_ttft_ms", "decode_ms_per_token", "baseline_decode_ms_per_token",
-           "dead_prefix")
+           "dead_prefix", "positions", "perplexity", "perplexity_ratio", "reused_prefix", "reused_prefix_build_s",
+           "anchor")
 
 
 @dataclass

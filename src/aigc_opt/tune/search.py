@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._checks import check_float, check_int
 from .._tree import describe, normalize_inputs
-from ..errors import AigcOptError, ConfigError, FidelityError, InvalidInputError
+from ..errors import ConfigError, FidelityError, InvalidInputError
 from .evaluate import EvalContext, build, metric_of
 from .executors import make_executor
 from .generation import GenerationData, GenerationWorkload, filter_generation
 from .loop import Search
 from .result import TuneResult
 from .space import Space, build_candidates
-from .study import fingerprint, open_study, parse_budget
+from .cache import PrefixCache
+from .study import anchor_params, fingerprint, open_study, parse_budget
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -64,6 +65,12 @@ class Tune:
             to its failing step, nor one that only adds a Compile to a recipe beyond ``max_drop``
             (such recipes are recorded as ``skipped``, naming the trial that ruled them out).
         verbose: the progress bar (None: on a terminal).
+        prefix_cache: built recipe prefixes kept between trials (at most this many, and 4 GB of
+            model size), so a recipe extending one starts from it; 0: every trial builds from the
+            model. A trial's ``build_s`` is what it spent; ``details["reused_prefix"]`` names the
+            prefix it started from.
+        anchors: before the sampler, one trial per route from the target: the route's
+            ``Quantize("auto")`` method and its native compile backend (``details["anchor"]``).
     """
 
     max_drop: float = 0.01
@@ -78,6 +85,8 @@ class Tune:
     top1: bool = True
     prune_prefixes: bool = True
     verbose: bool | None = None
+    prefix_cache: int = 4
+    anchors: bool = True
 
     def __post_init__(self) -> None:
         check_float("Tune", "max_drop", self.max_drop, low=0, high=1e12, hint="e.g. 0.01 (one point of accuracy)")
@@ -85,6 +94,9 @@ class Tune:
         check_int("Tune", "max_trials", self.max_trials, low=1, high=1_000_000, optional=True)
         check_float("Tune", "time_per_trial", self.time_per_trial, low=0.1, high=3600, hint="seconds, e.g. 10")
         check_int("Tune", "seed", self.seed, low=0, high=2**31)
+        check_int("Tune", "prefix_cache", self.prefix_cache, low=0, high=1000)
+        if not isinstance(self.anchors, bool):
+            raise ConfigError(f"Tune: anchors must be True or False, got {self.anchors!r}.")
         if self.space is not None and not isinstance(self.space, Space):
             raise ConfigError(f"Tune: space must be an ao.tune.Space, got {type(self.space).__name__}; "
                               "e.g. space=ao.tune.Space(quantize=('int8-dynamic',)).")
@@ -104,7 +116,7 @@ class Tune:
         ctx = EvalContext(workload=batches, max_drop=float(self.max_drop), baseline_metric=1.0, eval_fn=eval_fn,
                           data=data if data is not None else batches, teacher=teacher,
                           time_per_trial=float(self.time_per_trial), output_fn=output_fn, top1=self.top1,
-                          generation=gen)
+                          generation=gen, cache=PrefixCache(self.prefix_cache) if self.prefix_cache else None)
         ctx.baseline_metric, eval_s, call_s = _baseline(base, ctx)
         min_trial = eval_s + (gen.min_trial_s(call_s) if gen is not None
                               else (_MIN_ROUNDS + _WARMUP + len(batches)) * 2 * call_s)
@@ -122,12 +134,14 @@ class Tune:
         ctx.keep_model = bool(getattr(executor, "keeps_models", False))
         fp = fingerprint(base, batches)
         if gen is not None:  # the same prompts with another length or objective is another workload
-            fp["workload"] += f"|gen{gen.spec.max_new_tokens}|{gen.spec.objective}"
+            fp["workload"] += gen.fingerprint()
         study = open_study(self.storage, fp, seed=self.seed)
         search = Search(study, cands, executor, base, ctx, deadline=start + budget_s, min_trial=min_trial,
                          max_trials=self.max_trials, verbose=self.verbose, seed=self.seed,
-                         prune_prefixes=self.prune_prefixes)
-        search.loop()
+                         prune_prefixes=self.prune_prefixes,
+                         anchors=anchor_params(cands, base.target, base.format, decoder=gen is not None)
+                         if self.anchors else [])
+        cache_note = _searched(search, ctx.cache)
         metric = "eval_fn" if eval_fn else "next-token agreement" if gen is not None else "cosine"
         result = TuneResult(
             model_name=base.name, target=base.target.name, metric_name=metric,
@@ -136,6 +150,7 @@ class Tune:
             elapsed_s=time.monotonic() - start, stop_reason=search.stop_reason, executor=executor.name,
             dead_prefixes=search.dead_list(), skipped_recipes=search.skipped_in_space(),
             workload=gen.spec.describe() if gen is not None else f"{len(batches)} batches",
+            notes=[cache_note] if cache_note else [],
             _build=lambda pipe: build(base, pipe.passes, ctx))
         chosen = result.chosen
         if chosen is not None and search.kept is not None and search.kept[0] == chosen.recipe:
@@ -149,7 +164,8 @@ def tune(model: Model, *, target: Any = None, workload: Any = None, eval_fn: Cal
          max_drop: float = 0.01, budget: str | float = "20m", data: Any = None, teacher: Any = None,
          space: Space | None = None, storage: Any = None, executor: Any = None, max_trials: int | None = None,
          time_per_trial: float = 10.0, seed: int = 0, top1: bool = True, output_fn: Callable[[Any], Any] | None = None,
-         prune_prefixes: bool = True, verbose: bool | None = None) -> TuneResult:
+         prune_prefixes: bool = True, verbose: bool | None = None, prefix_cache: int = 4,
+         anchors: bool = True) -> TuneResult:
     """Find the fastest recipe for ``model`` on ``target`` within ``max_drop`` of its fidelity.
 
     The search space comes from the pass registries, filtered by the target and the model's
@@ -163,8 +179,23 @@ def tune(model: Model, *, target: Any = None, workload: Any = None, eval_fn: Cal
     """
     settings = Tune(max_drop=max_drop, budget=budget, target=target, space=space, storage=storage, executor=executor,
                     max_trials=max_trials, time_per_trial=time_per_trial, seed=seed, top1=top1,
-                    prune_prefixes=prune_prefixes, verbose=verbose)
+                    prune_prefixes=prune_prefixes, verbose=verbose, prefix_cache=prefix_cache, anchors=anchors)
     return settings.run(model, workload=workload, eval_fn=eval_fn, data=data, teacher=teacher, output_fn=output_fn)
+
+
+def _searched(search: Search, cache: PrefixCache | None) -> str:
+    """Run the search; then free the built prefixes (result.best is kept or rebuilt) and say how
+    often they were reused."""
+    try:
+        search.loop()
+    finally:
+        hits, evictions = (cache.hits, cache.evictions) if cache is not None else (0, 0)
+        if cache is not None:
+            cache.clear()
+    if not hits:
+        return ""
+    return (f"built prefixes reused {hits} times (trials' build_s counts only what each spent; "
+            f"{evictions} evicted from the cache)")
 
 
 def _retarget(model: Model, target: Any) -> Model:
@@ -215,15 +246,11 @@ def _baseline(base: Model, ctx: EvalContext) -> tuple[float, float, float]:
 
 
 def _call_s(base: Model, workload: list[Any]) -> float:
+    """Mean seconds of one call over the workload (every batch once; a bad one is typed, by index)."""
+    from ..bench.compare import check_runs
+
     start = time.perf_counter()
-    for i, batch in enumerate(workload):
-        try:
-            base.run(batch)
-        except AigcOptError:
-            raise
-        except Exception as e:
-            raise InvalidInputError(f"workload[{i}] {describe(batch)} does not run {base.name}: "
-                                    f"{type(e).__name__}: {e}") from e
+    check_runs([base], [workload], what="workload")
     return (time.perf_counter() - start) / len(workload)
 
 

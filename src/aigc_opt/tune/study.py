@@ -26,7 +26,7 @@ from .space import NONE, Candidates, Variant
 if TYPE_CHECKING:
     from ..model import Model
 
-__all__ = ["parse_budget", "fingerprint", "open_study", "suggest", "stored_outcomes", "STUDY_NAME"]
+__all__ = ["parse_budget", "fingerprint", "open_study", "suggest", "stored_outcomes", "anchor_params", "STUDY_NAME"]
 
 STUDY_NAME = "aigc_opt-tune"
 FINGERPRINT_VERSION = 1
@@ -135,18 +135,38 @@ def all_params(cands: Candidates) -> list[dict[str, Any]]:
     return out
 
 
-def coverage_params(cands: Candidates) -> list[dict[str, Any]]:
-    """First trials: each route once with its first compile backend, so the sampler sees every
-    route before it narrows (quantize and prune are sampled)."""
+def anchor_params(cands: Candidates, target: Any, fmt: str, *, decoder: bool = False,
+                  calibrated: bool = True) -> list[tuple[dict[str, Any], str]]:
+    """First trials, one per route, from the registries and the target: the route's
+    ``Quantize("auto")`` resolution (``AUTO_RULES`` for the route's format; none when no rule fits
+    or the space lacks the method) and its default compile backend (the first registered backend
+    native to the route's format, at default settings). ``(params, why)`` each; with short budgets
+    the sampler alone may never reach a route's obvious recipe."""
+    from ..passes import COMPILE_BACKENDS
+    from ..passes._quant_auto import choose_method
+
     out = []
-    for r in cands.routes:
+    for r, route in cands.routes.items():
+        after = fmt
+        for p in route.passes:
+            after = p.output_format(after)
         params: dict[str, Any] = {"route": r}
-        comps = cands.compile[r]
-        if len(comps) > 1:
-            params[f"compile|{r}"] = comps[1].label
+        try:
+            method, _ = choose_method(target, after, decoder=decoder and after != "torch", calibrated=calibrated)
+        except Exception:  # no rule fits this target and format
+            method = None
+        quant = next((v for v in cands.quantize[r] if v.passes and v.passes[0].method == method), None)
+        comp = next((v for v in cands.compile[r] if v.passes and after in COMPILE_BACKENDS.get(v.passes[0].backend).formats
+                     and COMPILE_BACKENDS.get(v.passes[0].backend).output_format in (None, after)), None)
+        if len(cands.quantize[r]) > 1:
+            params[f"quantize|{r}"] = quant.label if quant else NONE
+        if len(cands.compile[r]) > 1:
+            params[f"compile|{r}"] = comp.label if comp else NONE
         if len(cands.prune) > 1:
             params["prune"] = NONE
-        out.append(params)
+        why = (f"{r}: Quantize('auto') on {target.name} for {after} -> {quant.label if quant else 'none'}; "
+               f"compile {comp.label if comp else 'none'}")
+        out.append((params, why))
     return out
 
 
