@@ -114,14 +114,15 @@ def _layer_index(scope: str) -> tuple[int, str]:
     return (digits[-1] if digits else 0, scope)
 
 
-def decoder_metadata(onnx_model: Any, key: str = DECODER_META_KEY) -> dict[str, Any] | None:
-    for prop in onnx_model.metadata_props:
-        if prop.key == key:
-            return json.loads(prop.value)
-    return None
+def decoder_metadata(model: Any, key: str = DECODER_META_KEY) -> dict[str, Any] | None:
+    """The JSON recorded under ``key`` in the metadata of ``model`` (an ``onnx_ir.Model``), or None."""
+    value = model.metadata_props.get(key)
+    return None if value is None else json.loads(value)
 
 
 def set_metadata(onnx_model: Any, key: str, value: dict[str, Any]) -> None:
+    """Record ``value`` as JSON under ``key`` in the metadata of ``onnx_model`` (a ``ModelProto``: the
+    export annotates the graph it has just written)."""
     for prop in list(onnx_model.metadata_props):
         if prop.key == key:
             onnx_model.metadata_props.remove(prop)
@@ -137,99 +138,106 @@ def _rotary_caches(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return (torch.cos(freqs) * scaling).numpy(), (torch.sin(freqs) * scaling).numpy()
 
 
-def _prune(graph: Any) -> None:
-    """Drop nodes whose outputs nothing reads, then initializers nothing reads."""
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+def _initializer(graph: Any, name: str, array: np.ndarray) -> Any:
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
 
 
-def _lengths_nodes(helper: Any, numpy_helper: Any) -> tuple[list[Any], list[Any]]:
-    """seqlens_k (real tokens - 1 per row, int32) and total_sequence_length (mask width, int32 scalar)
-    computed from ``attention_mask`` in the graph, so the graph keeps its inputs."""
-    one = numpy_helper.from_array(np.asarray([1], np.int64), "gqa.one")
-    axis = numpy_helper.from_array(np.asarray([1], np.int64), "gqa.axis1")
-    nodes = [
-        helper.make_node("ReduceSum", ["attention_mask", "gqa.axis1"], ["gqa.tokens"], keepdims=0, name="gqa_tokens"),
-        helper.make_node("Sub", ["gqa.tokens", "gqa.one"], ["gqa.last"], name="gqa_last"),
-        helper.make_node("Cast", ["gqa.last"], ["gqa.seqlens_k"], to=6, name="gqa_seqlens_k"),
-        helper.make_node("Shape", ["attention_mask"], ["gqa.mask_shape"], start=1, end=2, name="gqa_mask_width"),
-        helper.make_node("Squeeze", ["gqa.mask_shape"], ["gqa.width"], name="gqa_width"),
-        helper.make_node("Cast", ["gqa.width"], ["gqa.total_length"], to=6, name="gqa_total_length"),
-    ]
-    return nodes, [one, axis]
+def _lengths(graph: Any, mask: Any) -> tuple[Any, Any]:
+    """seqlens_k (real tokens - 1 per row, int32) and total_sequence_length (mask width, int32 scalar),
+    computed from ``attention_mask`` by nodes put first in the graph, so that the graph keeps its inputs."""
+    import onnx_ir as ir
+
+    one = _initializer(graph, "gqa.one", np.asarray([1], np.int64))
+    axis = _initializer(graph, "gqa.axis1", np.asarray([1], np.int64))
+    tokens = ir.node("ReduceSum", [mask, axis], {"keepdims": 0}, name="gqa_tokens")
+    last = ir.node("Sub", [tokens.outputs[0], one], name="gqa_last")
+    seqlens = ir.node("Cast", [last.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_seqlens_k")
+    shape = ir.node("Shape", [mask], {"end": 2, "start": 1}, name="gqa_mask_width")
+    width = ir.node("Squeeze", [shape.outputs[0]], name="gqa_width")
+    total = ir.node("Cast", [width.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_total_length")
+    nodes = [tokens, last, seqlens, shape, width, total]
+    for node, name in zip(nodes, ("tokens", "last", "seqlens_k", "mask_shape", "width", "total_length")):
+        node.outputs[0].name = f"gqa.{name}"
+    graph.insert_before(graph.node(0), nodes)
+    return seqlens.outputs[0], total.outputs[0]
 
 
-def _qkv_inputs(layer: dict[str, str], producers: dict[str, Any]) -> list[str]:
+def _drop_value_info(graph: Any) -> None:
+    """Forget the recorded types, shapes and metadata of the values inside the graph (its value_info),
+    among them those of the replaced subgraphs; ORT infers what it needs."""
+    for value in [*graph.initializers.values(), *(o for node in graph for o in node.outputs)]:
+        if not (value.is_graph_input() or value.is_graph_output()):
+            value.type, value.shape = None, None
+            value.metadata_props.clear()
+
+
+def _qkv_inputs(layer: dict[str, str], values: dict[str, Any]) -> list[Any]:
     """GroupQueryAttention's query, key, value: Q, K and V, or, where they are the three outputs of one
-    Split of a merged projection (``MatMulNBits`` over Q|K|V), that packed tensor and two empty inputs."""
-    split = producers.get(layer["q"])
-    if (split is not None and split.op_type == "Split" and list(split.output) == [layer["q"], layer["k"], layer["v"]]
-            and all(a.i in (-1, 2) for a in split.attribute if a.name == "axis")):
-        return [split.input[0], "", ""]
-    return [layer["q"], layer["k"], layer["v"]]
+    Split of a merged projection (``MatMulNBits`` over Q|K|V) along the last axis, that packed tensor
+    and two empty inputs."""
+    split = values[layer["q"]].producer()
+    if (split is not None and split.op_type == "Split" and [o.name for o in split.outputs] == [layer[k] for k in "qkv"]
+            and split.attributes.get_int("axis", 0) in (-1, 2)):
+        return [split.inputs[0], None, None]
+    return [values[layer[k]] for k in "qkv"]
 
 
-def fuse_group_query_attention(onnx_model: Any) -> dict[str, Any]:
-    """Replace, in place, each recorded attention subgraph of an exported decoder by one
-    ``GroupQueryAttention`` node. Returns ``{"fused": layers}`` or ``{"fused": 0, "reason": ...}``."""
-    from onnx import helper, numpy_helper
-
-    meta = decoder_metadata(onnx_model)
+def _unfusable_graph(meta: dict[str, Any] | None, graph: Any) -> str | None:
+    """Why the recorded attention cannot be fused in ``graph`` (None: it can)."""
     if meta is None:
-        return {"fused": 0, "reason": "no decoder attention metadata (export with aigc_opt >= 0.1 to get it)"}
+        return "no decoder attention metadata (export with aigc_opt >= 0.1 to get it)"
     if not meta.get("fusable"):
-        return {"fused": 0, "reason": meta.get("reason", "not fusable")}
-    graph = onnx_model.graph
+        return meta.get("reason", "not fusable")
     if meta["head_dim"] % 16:
-        return {"fused": 0, "reason": f"head_dim {meta['head_dim']} is not a multiple of 16 (GroupQueryAttention)"}
-    producers = {o: node for node in graph.node for o in node.output}
-    inputs = {i.name for i in graph.input}
-    layers = meta["layers"]
-    missing = [t for layer in layers for t in layer.values() if t not in producers and t not in inputs]
-    if missing or "attention_mask" not in inputs:
-        return {"fused": 0, "reason": f"tensors not in this graph: {missing[:3] or ['attention_mask']}"}
-    cos, sin = _rotary_caches(meta)
-    length_nodes, constants = _lengths_nodes(helper, numpy_helper)
-    graph.initializer.extend([*constants, numpy_helper.from_array(cos, "gqa.cos_cache"),
-                              numpy_helper.from_array(sin, "gqa.sin_cache")])
-    replaced = set()
-    fused = []
-    for i, layer in enumerate(layers):
-        present = [f"present.{i}.key", f"present.{i}.value"]
-        replaced.update(id(producers[t]) for t in (layer["out"], *present) if t in producers)
-        fused.append(helper.make_node(
-            "GroupQueryAttention",
-            [*_qkv_inputs(layer, producers), f"past.{i}.key", f"past.{i}.value", "gqa.seqlens_k",
-             "gqa.total_length", "gqa.cos_cache", "gqa.sin_cache"],
-            [layer["out"], *present], name=f"GroupQueryAttention_{i}", domain="com.microsoft",
-            num_heads=meta["num_heads"], kv_num_heads=meta["kv_num_heads"], scale=meta["scale"], do_rotary=1,
-            rotary_interleaved=0))
-    # GQA reads Q/K/V; place each fused node right after the last producer of its inputs (a topological order)
-    nodes = [n for n in graph.node if id(n) not in replaced]
-    position = {o: k for k, n in enumerate(nodes) for o in n.output}
-    slots: dict[int, list[Any]] = {}
-    for node in fused:
-        after = max(position.get(t, -1) for t in node.input[:3] if t)
-        slots.setdefault(after, []).append(node)
-    ordered = list(length_nodes) + slots.pop(-1, [])
-    for k, node in enumerate(nodes):
-        ordered.append(node)
-        ordered += slots.pop(k, [])
-    del graph.node[:]
-    graph.node.extend(ordered)
-    _prune(graph)
-    del graph.value_info[:]  # shapes of the replaced subgraphs; ORT infers what it needs
-    if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
-        onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    set_metadata(onnx_model, KV_CACHE_META_KEY, {"padding": "right", "shared_buffer": True,
-                                                 "max_length": meta["max_positions"], "position_ids": "ignored"})
-    return {"fused": len(fused)}
+        return f"head_dim {meta['head_dim']} is not a multiple of 16 (GroupQueryAttention)"
+    names = {v.name for v in graph.inputs} | {o.name for node in graph for o in node.outputs}
+    missing = [t for layer in meta["layers"] for t in layer.values() if t not in names]
+    if missing or "attention_mask" not in {v.name for v in graph.inputs}:
+        return f"tensors not in this graph: {missing[:3] or ['attention_mask']}"
+    return None
+
+
+def fuse_group_query_attention(model: Any) -> dict[str, Any]:
+    """Replace, in place, each recorded attention subgraph of an exported decoder (an ``onnx_ir.Model``)
+    by one ``GroupQueryAttention`` node. Returns ``{"fused": layers}`` or ``{"fused": 0, "reason": ...}``.
+
+    Each node takes the place of its layer's output tensor and ``present.*`` outputs (uses, graph
+    outputs and names) and goes right after the last producer of its Q/K/V; onnx-ir's dead-code pass
+    then removes the rotary, cache-append and attention nodes nothing reads any more."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = model.graph
+    meta = decoder_metadata(model)
+    reason = _unfusable_graph(meta, graph)
+    if reason is not None:
+        return {"fused": 0, "reason": reason}
+    values = {v.name: v for v in graph.inputs} | {o.name: o for node in graph for o in node.outputs}
+    seqlens, total = _lengths(graph, values["attention_mask"])
+    cos, sin = (_initializer(graph, f"gqa.{k}_cache", c) for k, c in zip(("cos", "sin"), _rotary_caches(meta)))
+    attributes = {"do_rotary": 1, "kv_num_heads": meta["kv_num_heads"], "num_heads": meta["num_heads"],
+                  "rotary_interleaved": 0, "scale": meta["scale"]}
+    outputs = {v.name: v for v in graph.outputs}
+    order = {id(node): k for k, node in enumerate(graph)}
+    for i, layer in enumerate(meta["layers"]):
+        qkv = _qkv_inputs(layer, values)
+        node = ir.node("GroupQueryAttention", [*qkv, values[f"past.{i}.key"], values[f"past.{i}.value"], seqlens, total,
+                                               cos, sin], attributes, domain="com.microsoft", num_outputs=3,
+                       name=f"GroupQueryAttention_{i}")
+        old = [values[layer["out"]], outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]]
+        last = max((v.producer() for v in qkv if v is not None and v.producer() is not None),
+                   key=lambda n: order[id(n)], default=total.producer())
+        ir.convenience.replace_nodes_and_values(graph, last, [], [node], old, list(node.outputs))
+        for before, after in zip(old[1:], node.outputs[1:]):  # the graph's outputs keep their declaration
+            after.metadata_props.update(before.metadata_props)
+    RemoveUnusedNodesPass()(model)
+    _drop_value_info(graph)
+    model.opset_imports.setdefault("com.microsoft", 1)
+    model.metadata_props[KV_CACHE_META_KEY] = json.dumps({"padding": "right", "shared_buffer": True,
+                                                          "max_length": meta["max_positions"],
+                                                          "position_ids": "ignored"})
+    return {"fused": len(meta["layers"])}

@@ -54,8 +54,8 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
 
     from ..runtime.onnxruntime import SLOWER_FUSED_OPS
 
-    attention = _decoder_attention(source, destination.with_name("gqa.onnx"), provider, large)
-    graph = ir.load(str(attention.get("path", source)))
+    graph = ir.load(str(source))
+    attention = _decoder_attention(graph, provider)
     graph, counts = optimize_for_ort(graph)
     counts = {k: v for k, v in counts.items() if v}
     slower = SLOWER_FUSED_OPS.get(provider, {})
@@ -63,6 +63,8 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
         return {}  # only fusions this provider runs slower: the source graph is the better one
     if attention.get("fused"):
         counts["group_query_attention"] = attention["fused"]
+    if not large:  # the source's weights may lie beside it: the destination holds them itself
+        graph = ir.external_data.load_to_model(graph)
     ir.save(graph, str(destination), external_data=destination.name + ".data" if large else None)
     unfused = unfuse(destination, set(slower))
     _check_loads(destination, provider)
@@ -72,25 +74,14 @@ def fuse_transformer(source: Path, destination: Path, *, provider: str = "CPUExe
     return counts
 
 
-def _decoder_attention(source: Path, destination: Path, provider: str, large: bool) -> dict[str, Any]:
-    """A decoder step exported by aigc_opt with its attention recorded: each layer's attention fused
-    into one ``GroupQueryAttention`` (passes/_decoder_fusions.py), written to ``destination``."""
-    import onnx
+def _decoder_attention(model: Any, provider: str) -> dict[str, Any]:
+    """A decoder step exported by aigc_opt with its attention recorded: each layer's attention fused,
+    in place, into one ``GroupQueryAttention`` (passes/_decoder_fusions.py)."""
+    from ._decoder_fusions import DECODER_META_KEY, fuse_group_query_attention
 
-    from ._decoder_fusions import decoder_metadata, fuse_group_query_attention
-
-    if provider != "CPUExecutionProvider":
+    if provider != "CPUExecutionProvider" or DECODER_META_KEY not in model.metadata_props:
         return {"fused": 0}
-    proto = onnx.load(str(source), load_external_data=False)
-    if decoder_metadata(proto) is None:
-        return {"fused": 0}
-    onnx.load_external_data_for_model(proto, str(source.parent))
-    result = fuse_group_query_attention(proto)
-    if result["fused"]:
-        onnx.save(proto, str(destination), save_as_external_data=large,
-                  location=destination.name + ".data" if large else None)
-        result["path"] = destination
-    return result
+    return fuse_group_query_attention(model)
 
 
 def _check_loads(path: Path, provider: str) -> None:
