@@ -79,3 +79,38 @@ def test_attention_prepared_for_quantization_computes_what_it_did(tmp_path, shar
     # nothing to do on the prepared graph: it is left as it is
     assert prepare_attention_for_quantization(path) == {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0,
                                                         "bias_to_mask_index": 0, "attention_kept_float": []}
+
+
+def test_fused_graph_of_a_source_with_external_weights_holds_them_itself(tmp_path):
+    """A source whose weights lie beside it (below the size where the fused graph keeps them beside it
+    too) gives a fused graph in another directory that holds its weights and computes the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from aigc_opt.passes._ort_fusions import fuse_transformer
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(HIDDEN).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.asarray(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.asarray(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.asarray([-1], np.int64), "last")]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["square"]),  # RMSNorm, as the exporter writes it
+             helper.make_node("ReduceMean", ["square", "last"], ["mean"], keepdims=1, noop_with_empty_axes=0),
+             helper.make_node("Add", ["mean", "eps"], ["shifted"]),
+             helper.make_node("Sqrt", ["shifted"], ["rms"]),
+             helper.make_node("Reciprocal", ["rms"], ["inverse"]),
+             helper.make_node("Mul", ["x", "inverse"], ["normalized"]),
+             helper.make_node("Mul", ["normalized", "scale"], ["scaled"]),
+             helper.make_node("MatMul", ["scaled", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [BATCH, SEQ, HIDDEN])], inits)
+    (tmp_path / "source").mkdir()
+    (tmp_path / "fused").mkdir()
+    source, fused = tmp_path / "source" / "model.onnx", tmp_path / "fused" / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), source,
+              save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    assert fuse_transformer(source, fused, large=False) == {"rms_normalization": 1}
+    assert [p.name for p in fused.parent.iterdir()] == ["model.onnx"]  # no external data file
+    assert "SimplifiedLayerNormalization" in [n.op_type for n in onnx.load(str(fused)).graph.node]
+    x = {"x": rng.standard_normal((BATCH, SEQ, HIDDEN)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, x), _run(source, x), rtol=1e-4, atol=1e-5)
