@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._deps import require
-from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
+from ..errors import IncompatibleTargetError, UnsupportedModelError
 from ._quant_registry import quant_method
+from ._quant_settings import Bnb4BitSettings, BnbInt8Settings
 
 if TYPE_CHECKING:
     from ..target import Target
@@ -19,15 +20,8 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
-
-
 def _check_bnb(settings: Quantize, target: Target, fmt: str) -> None:
-    if settings.method != "bnb-int8" and settings.group_size is not None and settings.group_size not in _BLOCKSIZES:
-        raise ConfigError(
-            f"Quantize({settings.method!r}): group_size={settings.group_size} is not a bitsandbytes block size; "
-            f"use one of {list(_BLOCKSIZES)} (default 64)."
-        )
+    # group_size: a bitsandbytes block size (BnbBlockSize), refused when the settings are made.
     bnb = require("bitsandbytes", extra="bnb", purpose=f"Quantize(method={settings.method!r})")
     if target.device_type == "cpu":
         from packaging.version import Version
@@ -168,11 +162,11 @@ def _restore_4bit(module: torch.nn.Module, settings: Quantize, state: dict[str, 
     return module
 
 
-_FACTS = dict(package="bitsandbytes", extra="bnb", check=_check_bnb, options=("skip_types",),
+_FACTS = dict(package="bitsandbytes", extra="bnb", check=_check_bnb,
               shared_state_keys=("layers", "kernel_device", "threshold", "blocksize"))
 quant_method("bnb-int8", description="bitsandbytes LLM.int8: Linear8bitLt (int8 weights, fp16 outliers)",
-             target_dtype="int8", restore=_restore_int8, **_FACTS)(_bnb_int8)
+             target_dtype="int8", restore=_restore_int8, settings_type=BnbInt8Settings, **_FACTS)(_bnb_int8)
 quant_method("bnb-nf4", description="bitsandbytes 4-bit NormalFloat weights (Linear4bit, QLoRA's NF4)",
-             restore=_restore_4bit, **{**_FACTS, "options": ("skip_types", "group_size")})(_bnb_4bit("nf4"))
+             restore=_restore_4bit, settings_type=Bnb4BitSettings, **_FACTS)(_bnb_4bit("nf4"))
 quant_method("bnb-fp4", description="bitsandbytes 4-bit float weights (Linear4bit, FP4)",
-             restore=_restore_4bit, **{**_FACTS, "options": ("skip_types", "group_size")})(_bnb_4bit("fp4"))
+             restore=_restore_4bit, settings_type=Bnb4BitSettings, **_FACTS)(_bnb_4bit("fp4"))

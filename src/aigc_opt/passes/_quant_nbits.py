@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, UnsupportedModelError
 from ._quant_auto import INT8_DOT_FEATURES
+from ._quant_settings import MATMUL_NBITS_BLOCK_SIZES
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -33,7 +34,7 @@ __all__ = ["matmul_nbits_onnx", "accuracy_level_for", "grid_fit", "check_nbits",
 
 log = logging.getLogger("aigc_opt")
 
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits block sizes: powers of two >= 16
+BLOCK_SIZES = MATMUL_NBITS_BLOCK_SIZES  # the weight-only settings classes state them (_quant_settings)
 DEFAULT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1/Q8_0 blocks
 
 

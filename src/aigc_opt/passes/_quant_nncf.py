@@ -27,21 +27,21 @@ import torch
 
 from .._deps import quiet_import_logs, require
 from ..errors import ConfigError, IncompatibleTargetError
+from ._quant_registry import QUANT_METHODS
 
 if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
     from .quantize import Quantize
 
-__all__ = ["NNCF_METHODS", "NNCF_OPTIONS", "check_openvino", "check_openvino_model", "quantize_openvino"]
+__all__ = ["NNCF_METHODS", "ACCURACY_CONTROL", "check_openvino", "check_openvino_model", "quantize_openvino"]
 
 # Ops that mark a transformer (the torch frontend turns SDPA into one op; older graphs keep Softmax).
 _ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})
 
-# The options each NNCF method honours (besides skip).
-_OPTIONS = {"int8-static": ("calibration_method", "max_drop"), "int8-weight-only": (),
-            "int4-weight-only": ("group_size", "symmetric")}
-NNCF_OPTIONS = _OPTIONS  # public: Quantize refuses at construction what no format honours
+# What each NNCF method honours is its settings class's honoured["openvino"] (passes/_quant_settings.py);
+# besides, max_drop (with eval_fn) is NNCF's accuracy control, which only quantize_with_accuracy_control has.
+ACCURACY_CONTROL = ("int8-static",)
 
 
 def check_openvino(settings: Quantize, target: Target) -> None:
@@ -51,13 +51,15 @@ def check_openvino(settings: Quantize, target: Target) -> None:
     if target.device_type != "cpu" and not any(b in target.backends for b in ("openvino-gpu", "openvino-npu")):
         raise IncompatibleTargetError(f"Quantize on an OpenVINO model targets OpenVINO devices; target "
                                       f"{target.name!r} is a {target.device_type} device without one.")
-    defaults = {"per_channel": True, "symmetric": None, "group_size": None, "calibration_method": "minmax",
-                "skip_types": (), "transformer_fusions": None, "max_drop": None}
-    for option, default in defaults.items():
-        if getattr(settings, option) != default and option not in _OPTIONS[settings.method]:
+    honoured = (*QUANT_METHODS.get(settings.method).honoured("openvino"),
+                *(("max_drop",) if settings.method in ACCURACY_CONTROL else ()))
+    given = settings.method_settings.given()
+    if settings.max_drop is not None:
+        given["max_drop"] = settings.max_drop
+    for option, value in given.items():
+        if option not in honoured:
             raise ConfigError(f"Quantize(method={settings.method!r}) on an OpenVINO model does not take "
-                              f"{option}={getattr(settings, option)!r}; it honours "
-                              f"{list(_OPTIONS[settings.method]) or 'no options'} (besides skip).")
+                              f"{option}={value!r}; it honours {list(honoured) or 'no options'} (besides skip).")
     require("nncf", extra="openvino", purpose=f"Quantize(method={settings.method!r}) of an OpenVINO model")
 
 

@@ -21,6 +21,7 @@ from .._deps import quiet_import_logs, require
 from .._tree import normalize_inputs, split_inputs
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
 from ._quant_registry import quant_method
+from ._quant_settings import Int8StaticSettings
 
 if TYPE_CHECKING:
     from ..target import Target
@@ -278,9 +279,8 @@ def _restore_static(module: torch.nn.Module, settings: Quantize, state: dict[str
     package="torchao",
     extra="quant",
     layer_types=_LAYERS,
-    options=("skip_types",),
+    settings_type=Int8StaticSettings,
     onnx=_int8_static_onnx,
-    onnx_options=("per_channel", "symmetric", "calibration_method"),
     needs_data=True,
     check=_check_static,
     restore=_restore_static,

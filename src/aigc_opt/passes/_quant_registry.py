@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import Registry
+from ..errors import ConfigError
+from ._quant_settings import CustomMethodSettings, QuantSettings
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -49,8 +51,13 @@ class QuantMethod:
     keep_float: Callable[[torch.nn.Module], str | None] | None = None
     # check_layers(settings, {name: layer}): refusals that depend on the selected layers (ConfigError).
     check_layers: Callable[[Quantize, dict[str, torch.nn.Module]], None] | None = None
-    options: tuple[str, ...] = ("per_channel", "skip_types")  # torch settings it honours
-    onnx_options: tuple[str, ...] = ("per_channel", "transformer_fusions")
+    # The method's frozen settings class (passes/_quant_settings.py): its fields are the Quantize
+    # settings it takes, its ``honoured`` says which of them each format reads. None: a method
+    # registered without one, whose ``options``/``onnx_options`` say that (CustomMethodSettings).
+    settings_type: type[QuantSettings] | None = None
+    # The settings it honours on torch / ONNX models: from settings_type when it is given.
+    options: tuple[str, ...] | None = None
+    onnx_options: tuple[str, ...] | None = None
     needs_data: bool = False  # calibration batches (``data=``)
     # check(settings, target, fmt): method-specific refusals (e.g. a kernel missing on CPU).
     check: Callable[[Quantize, Target, str], None] | None = None
@@ -61,6 +68,34 @@ class QuantMethod:
     state_keys: tuple[str, ...] = ()
     shared_state_keys: tuple[str, ...] = ()
     takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
+
+    def __post_init__(self) -> None:
+        if self.settings_type is None:
+            object.__setattr__(self, "settings_type", CustomMethodSettings)
+            for name, default in (("options", ("per_channel", "skip_types")),
+                                  ("onnx_options", ("per_channel", "transformer_fusions"))):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+            return
+        self.settings_type.check_declaration()
+        for name, fmt in (("options", "torch"), ("onnx_options", "onnx")):
+            declared = self.settings_type.honoured_in(fmt)
+            if getattr(self, name) is not None and set(getattr(self, name)) != set(declared):
+                raise ConfigError(f"quantization method {self.name!r}: {name}={getattr(self, name)} differs from "
+                                  f"{self.settings_type.__name__}.honoured[{fmt!r}] {declared}; give one of them.")
+            object.__setattr__(self, name, declared)
+
+    def honoured(self, fmt: str) -> tuple[str, ...]:
+        """The settings this method reads on a model in format ``fmt`` (besides skip and the fallback's)."""
+        if fmt == "torch":
+            return self.options or ()
+        if fmt == "onnx":
+            return (self.onnx_options or ()) if self.onnx is not None else ()
+        return self.settings_type.honoured_in(fmt) if self.settings_type else ()
+
+    def takes(self) -> tuple[str, ...]:
+        """The settings it honours in some format: any other is refused when Quantize is made."""
+        return tuple(dict.fromkeys(n for fmt in ("torch", "onnx", "openvino") for n in self.honoured(fmt)))
 
     def devices_for(self, fmt: str) -> tuple[str, ...]:
         """The device types this method runs on for a model in format ``fmt``."""

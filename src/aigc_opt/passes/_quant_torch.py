@@ -20,6 +20,13 @@ from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ._prune_hf import is_conv1d
 from ._quant_nbits import check_nbits
 from ._quant_registry import is_quantized as _is_quantized, quant_method
+from ._quant_settings import (
+    Fp8Settings,
+    HalfSettings,
+    Int4WeightOnlySettings,
+    Int8DynamicSettings,
+    Int8WeightOnlySettings,
+)
 
 if TYPE_CHECKING:
     from ..target import Target
@@ -105,7 +112,7 @@ def _int8_dynamic_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, A
     package="torchao",
     extra="quant",
     onnx=_int8_dynamic_onnx,
-    options=("per_channel", "symmetric", "skip_types"),
+    settings_type=Int8DynamicSettings,
     keep_float=_one_input_feature,
 )
 def _int8_dynamic(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
@@ -161,9 +168,8 @@ def _matmul_nbits(bits: int) -> Callable[[Any, Quantize], tuple[Any, dict[str, A
     target_dtype="int8",
     package="torchao",
     extra="quant",
-    options=("per_channel", "group_size", "skip_types"),
+    settings_type=Int8WeightOnlySettings,
     onnx=_matmul_nbits(8),
-    onnx_options=("group_size", "symmetric", "reuse_blocks"),
     keep_float=_one_input_feature,
     check_layers=_check_group_size,
     check=_check_nbits_onnx,
@@ -192,10 +198,11 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
             f"unchanged), and target {target.name!r} is a {target.device_type} device. On CPU use "
             "method='int8-weight-only' (or 'bnb-nf4' with bitsandbytes installed)."
         )
-    if settings.group_size is not None and settings.group_size not in (32, 64, 128, 256):
+    sizes = Int4WeightOnlySettings.group_sizes["torch"]
+    if settings.group_size is not None and settings.group_size not in sizes:
         raise IncompatibleTargetError(
             f"Quantize(method='int4-weight-only'): group_size={settings.group_size} has no torchao int4 kernel; "
-            "use 32, 64, 128 or 256."
+            f"use one of {list(sizes)}."
         )
 
 
@@ -208,9 +215,8 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
     onnx_device_types=("cpu", "cuda"),
     package="torchao",
     extra="quant",
-    options=("group_size", "skip_types"),
+    settings_type=Int4WeightOnlySettings,
     onnx=_matmul_nbits(4),
-    onnx_options=("group_size", "symmetric", "reuse_blocks"),
     check=_check_int4,
 )
 def _int4_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
@@ -240,7 +246,7 @@ def _int4_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, 
     target_dtype="fp8",
     package="torchao",
     extra="quant",
-    options=("per_channel", "skip_types"),
+    settings_type=Fp8Settings,
 )
 def _fp8(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
     require("torchao", extra="quant", purpose="Quantize('fp8')")
@@ -359,8 +365,7 @@ def _half(module: torch.nn.Module, settings: Quantize, dtype: torch.dtype) -> di
     return details
 
 
-_HALF_FACTS = dict(dtype_policy="warn", layer_types=(torch.nn.Linear, *_CONVS), options=("skip_types",),
-                   onnx_options=())
+_HALF_FACTS = dict(dtype_policy="warn", layer_types=(torch.nn.Linear, *_CONVS), settings_type=HalfSettings)
 
 
 @quant_method(

@@ -29,7 +29,7 @@ import logging
 import typing
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -47,6 +47,7 @@ from ._quant_registry import (
     quant_method,
     unmatched_patterns,
 )
+from ._quant_settings import CalibrationMethod, CustomMethodSettings, QuantSettings, as_names
 from .base import Pass, PassRecord, PassResult, _plain, named, register_pass, runtime_field, split_state
 
 if TYPE_CHECKING:
@@ -60,10 +61,9 @@ log = logging.getLogger("aigc_opt")
 AUTO = "auto"  # method name resolved from the target
 
 
-# Settings beyond ``skip`` that a method may honour; the others are refused in ``check``.
-OPTIONS = ("per_channel", "symmetric", "group_size", "calibration_method", "skip_types", "transformer_fusions",
-           "reuse_blocks")
-CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+# Settings beyond ``skip`` that a method may take: each method's settings class (passes/_quant_settings.py)
+# has those it takes, and says which of them each model format honours.
+OPTIONS: tuple[str, ...] = CustomMethodSettings.field_names()
 CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
 
 
@@ -125,39 +125,43 @@ class Quantize(Pass):
             raise ConfigError(f"Quantize: method must be a string, got {self.method!r}.")
         if self.method != AUTO:
             QUANT_METHODS.get(self.method)  # unknown method: error with the closest names
-        for name in ("skip", "skip_types"):
-            value = getattr(self, name)
-            what = "module-name patterns" if name == "skip" else "module class names"
-            if not isinstance(value, (str, list, tuple)):
-                raise ConfigError(f"Quantize: {name}={value!r} is not allowed; {name} takes {what} (a str or a "
-                                  f"list of str), e.g. {name}=['head'].")
-            value = (value,) if isinstance(value, str) else tuple(value)
-            object.__setattr__(self, name, value)
-            bad = [s for s in value if not isinstance(s, str)]
-            if bad:
-                raise ConfigError(f"Quantize: {name} takes {what} (str), got {bad!r}.")
+        object.__setattr__(self, "skip", as_names("Quantize", "skip", self.skip, "module-name patterns"))
+        object.__setattr__(self, "skip_types", as_names("Quantize", "skip_types", self.skip_types,
+                                                          "module class names"))
         check_fields(self, "Quantize")  # the field types are the rules (bools, closed sets, ranges)
-        if self.method != AUTO:
-            self._refuse_options_no_format_takes()
+        typed = None if self.method == AUTO else self._method_settings(QUANT_METHODS.get(self.method))
+        object.__setattr__(self, "_method_settings_", typed)
 
-    def _refuse_options_no_format_takes(self) -> None:
-        """A setting the method honours in no format is refused here, when the settings are made;
-        one it honours in another format than the model's is refused by ``check``, before any work."""
-        from ._quant_nncf import NNCF_OPTIONS
-
-        spec = QUANT_METHODS.get(self.method)
-        honoured = {"torch": spec.options, "onnx": spec.onnx_options if spec.onnx else (),
-                    "openvino": NNCF_OPTIONS.get(spec.name, ())}
+    def _method_settings(self, spec: QuantMethod) -> QuantSettings:
+        """The settings of ``spec`` as its frozen class. A setting the method honours in no format is
+        refused here, when the settings are made; one it honours in another format than the model's
+        is refused by ``check``, before any work."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        unused = [o for o in OPTIONS if getattr(self, o) != defaults[o] and not any(o in h for h in honoured.values())]
+        unused = [o for o in OPTIONS if getattr(self, o) != defaults[o] and o not in spec.takes()]
         if unused:
-            takes = "; ".join(f"{fmt}: {list(h) or 'none'}" for fmt, h in honoured.items()
-                              if fmt != "onnx" or spec.onnx)
+            formats = [fmt for fmt in ("torch", "onnx", "openvino")
+                       if fmt in spec.formats or spec.settings_type.honoured_in(fmt)]
+            takes = "; ".join(f"{fmt}: {list(spec.honoured(fmt)) or 'none'}" for fmt in formats)
             raise ConfigError(
                 f"Quantize(method={self.method!r}) does not take {unused[0]}={getattr(self, unused[0])!r} in "
                 f"any format (the options it honours besides skip, by model format: {takes}). Leave it at its "
                 "default or pick another method."
             )
+        cls = spec.settings_type or CustomMethodSettings
+        typed = cls(**{name: getattr(self, name) for name in cls.field_names()})
+        for name in cls.field_names():  # normalized values (lists as tuples)
+            object.__setattr__(self, name, getattr(typed, name))
+        return typed
+
+    @property
+    def method_settings(self) -> QuantSettings:
+        """The settings of the chosen method as its frozen dataclass (``Int8StaticSettings``,
+        ``Int4WeightOnlySettings``... see :mod:`aigc_opt.passes._quant_settings`), whose ``honoured``
+        says which of them each model format reads."""
+        if self.method == AUTO:
+            raise ConfigError("Quantize('auto'): the method, and so its settings class, depends on the target; "
+                              "use resolve(target) (check and apply resolve it).")
+        return self.__dict__["_method_settings_"]
 
     def config_dict(self) -> dict[str, Any]:
         full = super().config_dict()
@@ -231,7 +235,7 @@ class Quantize(Pass):
             require(spec.package, extra=spec.extra, purpose=label)
 
     def _check_options(self, spec: QuantMethod, fmt: str) -> None:
-        honoured = spec.onnx_options if fmt == "onnx" else spec.options
+        honoured = spec.honoured(fmt)  # the method's settings class says it (QuantSettings.honoured)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for option in OPTIONS:  # an option left at its default is not used
             if getattr(self, option) != defaults[option] and option not in honoured:
