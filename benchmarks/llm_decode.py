@@ -18,6 +18,9 @@ to ONNX with its KV cache, and quantized with each recipe. Measured in one run:
   context) divided by the time per token, as a fraction of this host's measured copy bandwidth
   (``ao.Target.detect().measure()``).
 
+- Optimum (``ORTModelForCausalLM``, fp32 and its avx512_vnni dynamic int8; benchmarks/.venv-optimum plus gguf and
+  accelerate) on the same GGUF, batch 1, the same protocol in its own process (``--no-optimum`` skips it);
+
 Writes llm_decode.json, .md and figures into benchmarks/results/ (or --results-dir). Time it alone:
     flock -x /tmp/aigc_cpu.lock .venv/bin/python benchmarks/llm_decode.py [--model PATH.gguf] [--no-llamacpp]
 or, on a shared machine, let the script take the lock itself: shared while it builds the models and scores
@@ -41,13 +44,16 @@ import numpy as np
 import torch
 
 import aigc_opt as ao
-from _common import base_parser, cpu_lock, machine_info, markdown_table, peer_python, result_header, write_results
+from _common import (OPTIMUM_PACKAGES, OPTIMUM_VENV, base_parser, cpu_lock, machine_info, markdown_table, peer_python,
+                     result_header, write_results)
 from aigc_opt.bench import generation
 from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
 
 HERE = Path(__file__).parent
 LLAMACPP_VENV = HERE / ".venv-llamacpp"
 LLAMACPP_PACKAGES: tuple[tuple[str, ...], ...] = (("llama-cpp-python==0.3.36",),)
+# Optimum's venv (benchmarks/_common.py) plus gguf and accelerate (transformers needs both for gguf_file=): the peer reads the GGUF with its own transformers.
+OPTIMUM_LLM_PACKAGES: tuple[tuple[str, ...], ...] = (*OPTIMUM_PACKAGES, ("gguf", "accelerate"))
 QUESTIONS = ["What is the capital of France?", "Write a Python function that reverses a string.",
              "Explain what a hash table is in two sentences.", "Give me three tips for better sleep.",
              "What does the heapq module do?", "Translate 'good morning' into Spanish.",
@@ -137,6 +143,25 @@ def alone(model: ao.Model, prompt: list[int], new_tokens: int, rounds: int, work
     return {**result, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(result["ttft"]))}
 
 
+def optimum_peer(path: Path, args: Any, prompt_ids: list[int], windows: torch.Tensor,
+                 reference: torch.Tensor) -> dict[str, Any]:
+    """Optimum's ORTModelForCausalLM (fp32 and its avx512_vnni int8) on the same GGUF, in its own venv and
+    process (benchmarks/_optimum_llm_peer.py), timed like llama.cpp; agreement against our fp32's predictions."""
+    with tempfile.TemporaryDirectory(prefix="llm-optimum-") as tmp:
+        job = {"model": str(path), "out": tmp, "threads": args.threads, "prompt": prompt_ids,
+               "new_tokens": args.max_new_tokens, "rounds": args.rounds, "windows": windows.tolist()}
+        python = peer_python(OPTIMUM_VENV, OPTIMUM_LLM_PACKAGES)
+        out = subprocess.run([str(python), str(HERE / "_optimum_llm_peer.py")], input=json.dumps(job),
+                             capture_output=True, text=True, check=True)
+    peer = json.loads(out.stdout)
+    for m in peer["models"].values():
+        m["tpot_p50"] = float(np.median([(t - f) / max(args.max_new_tokens - 1, 1) for t, f in zip(m["total"], m["ttft"])]))
+        m["ttft_p50"] = float(np.median(m["ttft"]))
+        m["agreement"] = float((torch.tensor(m.pop("predictions")) == reference).double().mean())
+        m["nll"] = None
+    return peer
+
+
 def _without_spin(model: ao.Model) -> ao.Model:
     quiet = copy.copy(model)
     quiet.artifact = model.artifact.with_settings(spin_wait=False)
@@ -151,6 +176,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="256-token windows of held-out text for fidelity")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer (its own venv)")
+    parser.add_argument("--no-optimum", action="store_true",
+                        help="skip Optimum's ORTModelForCausalLM peer (its own venv, benchmarks/.venv-optimum)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="time only the ONNX recipes whose names contain one of these strings")
     parser.add_argument("--lock", type=Path, default=None,
@@ -227,6 +254,7 @@ def main() -> None:
                                                                     :len(peer["tokens"])]))),
                     "predictions": None, "nll": None}
         fidelity["llama.cpp"] = {"agreement": llamacpp["agreement"], "perplexity": peer["perplexity"]}
+    optimum = None if args.no_optimum else optimum_peer(path, args, prompt_ids, windows, reference.predictions)
     reports[8] = generation(base, *quiet, prompts=prompts, max_new_tokens=args.max_new_tokens,
                             rounds=args.rounds)
     print(reports[8])
@@ -281,6 +309,16 @@ def main() -> None:
                      "peak_rss_bytes": llamacpp["peak_rss_bytes"], "fidelity_agreement": llamacpp["agreement"],
                      "fidelity_perplexity": llamacpp["perplexity"]})
 
+    for name, peer in (optimum or {}).get("models", {}).items():
+        per_token = peer["file_bytes"] + kv  # an upper bound: Optimum stores the tied table twice (embedding, lm_head)
+        rows.append({"batch": 1, "name": f"{name} (optimum-onnx {optimum['versions']['optimum-onnx']}, own process)",
+                     "tpot_ms": peer["tpot_p50"] * 1e3, "alone_tpot_ms": peer["tpot_p50"] * 1e3,
+                     "alone_roofline_fraction": per_token / peer["tpot_p50"] / bandwidth, "ttft_ms": peer["ttft_p50"] * 1e3,
+                     "prefill_tokens_per_s": prompt_len / peer["ttft_p50"], "tokens_per_s": 1 / peer["tpot_p50"],
+                     "bytes_per_token": per_token, "roofline_fraction": per_token / peer["tpot_p50"] / bandwidth,
+                     "file_bytes": peer["file_bytes"], "peak_rss_bytes": None, "fidelity_agreement": peer["agreement"],
+                     "fidelity_perplexity": peer["perplexity"]})
+
     # ---------------------------------------------------------------- results
     ref_ppl = reference.perplexity
     speed = "alone_tpot_ms" if isolated else "tpot_ms"  # alone in its process, as llama.cpp runs
@@ -292,7 +330,7 @@ def main() -> None:
                "bandwidth_gbs": host.mem_bandwidth_gbs, "prompt_tokens": prompt_len,
                "new_tokens": args.max_new_tokens, "rounds": args.rounds, "fidelity_positions": reference.positions,
                "rows": rows, "reports": {str(b): r.to_dict() for b, r in reports.items()},
-               "llamacpp": llamacpp, "quantize_details": {m.name: [r.details for r in m.history if r.pass_type == "Quantize"]
+               "llamacpp": llamacpp, "optimum": optimum, "quantize_details": {m.name: [r.details for r in m.history if r.pass_type == "Quantize"]
                                      for m in candidates if "weight-only" in m.name or "dynamic" in m.name}}
     mb = lambda b: f"{b / 1e6:.0f}" if b else "-"  # noqa: E731
     table = markdown_table(
@@ -319,6 +357,12 @@ def main() -> None:
                            f"3%); roofline {r['alone_roofline_fraction' if isolated else 'roofline_fraction']:.2f} of "
                            f"{host.mem_bandwidth_gbs:.1f} GB/s vs "
                            f"llama.cpp's {lc['roofline_fraction']:.2f}.")
+        opt = [r for r in rows if r["name"].startswith("Optimum")]
+        if opt and best_faithful:
+            top = min(opt, key=lambda r: r["tpot_ms"])
+            verdict.append(f"- Optimum's fastest: {top['name']}, {top['tpot_ms']:.2f} ms/token (agreement "
+                           f"{top['fidelity_agreement']:.3f}); ours within the targets runs at "
+                           f"{best_faithful[speed] / top['tpot_ms']:.2f}x its time.")
         b8 = [r for r in rows if r["batch"] == 8 and r["name"].startswith("ONNX")]
         if b8:
             top = max(b8, key=lambda r: r["tokens_per_s"])
