@@ -17,7 +17,6 @@ to ONNX with its KV cache, and quantized with each recipe. Measured in one run:
 - the bandwidth roofline: weight bytes read per decoded token (plus the KV cache at the mean
   context) divided by the time per token, as a fraction of this host's measured copy bandwidth
   (``ao.Target.detect().measure()``).
-
 - Optimum (``ORTModelForCausalLM``, fp32 and its avx512_vnni dynamic int8; benchmarks/.venv-optimum plus gguf and
   accelerate) on the same GGUF, batch 1, the same protocol in its own process (``--no-optimum`` skips it);
 
