@@ -114,3 +114,26 @@ def test_fused_graph_of_a_source_with_external_weights_holds_them_itself(tmp_pat
     assert "SimplifiedLayerNormalization" in [n.op_type for n in onnx.load(str(fused)).graph.node]
     x = {"x": rng.standard_normal((BATCH, SEQ, HIDDEN)).astype(np.float32)}
     np.testing.assert_allclose(_run(fused, x), _run(source, x), rtol=1e-4, atol=1e-5)
+
+
+def test_group_query_attention_fusion_names_what_the_graph_lacks():
+    """A decoder graph without the recorded tensors or its KV-cache inputs/outputs is left as it is,
+    with the missing names as the reason."""
+    import json
+
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from aigc_opt.passes._decoder_fusions import DECODER_META_KEY, fuse_group_query_attention
+
+    names = ["attention_mask", "past.0.key", "past.0.value"]
+    graph = helper.make_graph([helper.make_node("Identity", ["attention_mask"], [t]) for t in "qkvo"], "decoder",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    assert fuse_group_query_attention(model)["reason"].startswith("no decoder attention metadata")
+    model.metadata_props[DECODER_META_KEY] = json.dumps({"fusable": True, "head_dim": 16,
+                                                         "layers": [{"q": "q", "k": "k", "v": "v", "out": "o"}]})
+    result = fuse_group_query_attention(model)
+    assert result == {"fused": 0, "reason": "tensors not in this graph: ['present.0.key', 'present.0.value']"}
+    assert [n.op_type for n in model.graph] == ["Identity"] * 4 and not model.graph.initializers

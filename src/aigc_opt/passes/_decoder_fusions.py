@@ -194,9 +194,12 @@ def _unfusable_graph(meta: dict[str, Any] | None, graph: Any) -> str | None:
         return meta.get("reason", "not fusable")
     if meta["head_dim"] % 16:
         return f"head_dim {meta['head_dim']} is not a multiple of 16 (GroupQueryAttention)"
-    names = {v.name for v in graph.inputs} | {o.name for node in graph for o in node.outputs}
+    inputs, outputs = {v.name for v in graph.inputs}, {v.name for v in graph.outputs}
+    names = inputs | {o.name for node in graph for o in node.outputs}
     missing = [t for layer in meta["layers"] for t in layer.values() if t not in names]
-    if missing or "attention_mask" not in {v.name for v in graph.inputs}:
+    missing += [f"{kind}.{i}.{kv}" for i in range(len(meta["layers"])) for kind, where in (("past", inputs),
+                ("present", outputs)) for kv in ("key", "value") if f"{kind}.{i}.{kv}" not in where]
+    if missing or "attention_mask" not in inputs:
         return f"tensors not in this graph: {missing[:3] or ['attention_mask']}"
     return None
 
