@@ -164,3 +164,8 @@ def test_a_registration_that_disagrees_with_its_class_is_refused():
 
     with pytest.raises(ConfigError, match="Undeclared: its fields .* differ"):
         QuantMethod(name="x", convert=lambda m, s: {}, description="t", settings_type=Undeclared)
+
+
+def test_dtype_policy_is_a_closed_set():
+    with pytest.raises(ConfigError, match="dtype_policy='ignore' is not allowed"):
+        QuantMethod(name="x", convert=lambda m, s: {}, description="t", dtype_policy="ignore")  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from ..target import Target
     from .quantize import Quantize
 
-__all__ = ["QuantMethod", "QUANT_METHODS", "quant_method", "unmatched_patterns", "closest_names_hint",
+__all__ = ["QuantMethod", "DtypePolicy", "QUANT_METHODS", "quant_method", "unmatched_patterns", "closest_names_hint",
            "is_quantized"]
+
+# What happens when the target lacks a method's target_dtype (QuantMethod.dtype_policy).
+DtypePolicy = Literal["refuse", "warn"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +44,7 @@ class QuantMethod:
     target_dtype: str | None = None  # the target must run this dtype natively
     # What happens when the target lacks target_dtype: "refuse", or "warn" on CPU targets
     # (the method runs, correctly but without fast kernels) and refuse elsewhere.
-    dtype_policy: str = "refuse"
+    dtype_policy: DtypePolicy = "refuse"
     onnx_packages: tuple[str, ...] = ("onnx", "onnxruntime")
     package: str | None = None  # optional dependency, imported lazily
     extra: str | None = None
@@ -70,6 +73,9 @@ class QuantMethod:
     takes_target: bool = False  # convert(module, settings, target=...) (e.g. to pick a quantizer)
 
     def __post_init__(self) -> None:
+        if self.dtype_policy not in get_args(DtypePolicy):
+            raise ConfigError(f"quantization method {self.name!r}: dtype_policy={self.dtype_policy!r} is not "
+                              f"allowed. Allowed: {list(get_args(DtypePolicy))}.")
         if self.settings_type is None:
             object.__setattr__(self, "settings_type", CustomMethodSettings)
             for name, default in (("options", ("per_channel", "skip_types")),

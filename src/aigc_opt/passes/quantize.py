@@ -98,6 +98,10 @@ class Quantize(Pass):
         data: run time only: calibration batches (each a tuple, dict or tensor, as the model is
             called), needed by static methods and by the accuracy-aware fallback.
         eval_fn: run time only: ``eval_fn(model) -> float``, higher is better (e.g. accuracy).
+
+    Which of these settings a method takes is its frozen settings class (``QuantMethod.settings_type``,
+    :mod:`aigc_opt.passes._quant_settings`): a setting outside it cannot be given, and
+    ``method_settings`` is the typed instance, whose ``honoured`` says what each model format reads.
     """
 
     accepts_compiled: ClassVar[bool] = False
