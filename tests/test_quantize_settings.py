@@ -136,7 +136,7 @@ def test_auto_has_no_settings_class_until_resolved():
     host = ao.Target.get("x86-avx2-desktop")
     q = ao.Quantize("auto", per_channel=False)
     with pytest.raises(ConfigError, match="depends on the target; use resolve"):
-        q.method_settings
+        _ = q.method_settings
     spec, reason = q.resolve(host, "torch")
     assert reason
     resolved = dataclasses.replace(q, method=spec.name)
@@ -169,3 +169,13 @@ def test_a_registration_that_disagrees_with_its_class_is_refused():
 def test_dtype_policy_is_a_closed_set():
     with pytest.raises(ConfigError, match="dtype_policy='ignore' is not allowed"):
         QuantMethod(name="x", convert=lambda m, s: {}, description="t", dtype_policy="ignore")  # type: ignore[arg-type]
+
+
+def test_every_auto_rule_names_a_method_that_runs_in_its_formats():
+    from aigc_opt.passes._quant_auto import AUTO_RULES
+
+    for rule in AUTO_RULES:
+        spec = ao.QUANT_METHODS.get(rule.method)
+        for fmt in rule.formats:
+            runs = fmt in spec.formats or (fmt == "openvino" and "openvino" in spec.settings_type.honoured)
+            assert runs, f"auto rule for {rule.method!r} on {fmt} models: the method does not take that format"

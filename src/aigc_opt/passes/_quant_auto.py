@@ -15,6 +15,7 @@ from ..errors import IncompatibleTargetError
 
 if TYPE_CHECKING:
     from ..target import Target
+    from ._quant_settings import QuantFormat
 
 __all__ = ["choose_method", "AutoRule", "AUTO_RULES", "INT8_DOT_FEATURES"]
 
@@ -33,7 +34,7 @@ class AutoRule:
 
     method: str
     reason: str
-    formats: tuple[str, ...] = ("torch",)
+    formats: tuple[QuantFormat, ...] = ("torch",)
     devices: tuple[str, ...] = ()
     dtypes: tuple[str, ...] = ()
     features: tuple[str, ...] = ()

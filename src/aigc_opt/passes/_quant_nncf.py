@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..target import Target
     from .quantize import Quantize
 
-__all__ = ["NNCF_METHODS", "ACCURACY_CONTROL", "check_openvino", "check_openvino_model", "quantize_openvino"]
+__all__ = ["ACCURACY_CONTROL", "NNCF_METHODS", "check_openvino", "check_openvino_model", "quantize_openvino"]
 
 # Ops that mark a transformer (the torch frontend turns SDPA into one op; older graphs keep Softmax).
 _ATTENTION_OPS = frozenset({"Softmax", "ScaledDotProductAttention"})

@@ -34,10 +34,24 @@ from typing import Any, ClassVar, Literal
 from .._checks import bounded, check_fields
 from ..errors import ConfigError
 
-__all__ = ["QuantFormat", "CalibrationMethod", "BnbBlockSize", "QuantSettings", "Int8DynamicSettings",
-           "Int8WeightOnlySettings", "Int4WeightOnlySettings", "Fp8Settings", "Int8StaticSettings",
-           "HalfSettings", "BnbInt8Settings", "Bnb4BitSettings", "CustomMethodSettings", "as_names",
-           "TORCHAO_INT4_GROUP_SIZES", "MATMUL_NBITS_BLOCK_SIZES"]
+__all__ = [
+    "MATMUL_NBITS_BLOCK_SIZES",
+    "TORCHAO_INT4_GROUP_SIZES",
+    "Bnb4BitSettings",
+    "BnbBlockSize",
+    "BnbInt8Settings",
+    "CalibrationMethod",
+    "CustomMethodSettings",
+    "Fp8Settings",
+    "HalfSettings",
+    "Int4WeightOnlySettings",
+    "Int8DynamicSettings",
+    "Int8StaticSettings",
+    "Int8WeightOnlySettings",
+    "QuantFormat",
+    "QuantSettings",
+    "as_names",
+]
 
 QuantFormat = Literal["torch", "onnx", "openvino"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
