@@ -86,7 +86,10 @@ class TorchModuleRuntime:
         extra = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)) if v is not None}
         if attention_mask is not None:
             extra["attention_mask"] = attention_mask.to(device)
-        with torch.inference_mode(), _compiled_forward(artifact, module):
+        static = _static_decode(artifact, module)
+        if static is not None:  # compiled once per (batch size, cache length bucket): no step recompiles
+            extra.update(static, max_cache_len=cache_bucket(input_ids.shape[1] + max_new_tokens))
+        with torch.inference_mode(), _count_compiles(artifact), _compiled_forward(artifact, module, static):
             return module.generate(input_ids=input_ids.to(device), **extra, max_new_tokens=max_new_tokens,
                                    min_new_tokens=min_new_tokens, do_sample=False, num_beams=1).cpu()
 
@@ -117,16 +120,74 @@ class TorchModuleRuntime:
         return int(counter.get_total_flops()) or None
 
 
+# Static KV caches are allocated in buckets of these lengths (then doubling): a generate call compiles
+# the decode step once per (batch size, bucket), and transformers keeps the largest bucket seen, so
+# later shorter calls reuse it. Attention reads the whole bucket every step (masked), so buckets stay small.
+CACHE_BUCKETS = (128, 256, 512, 1024, 2048)
+
+
+def cache_bucket(length: int) -> int:
+    """The static KV cache length for ``length`` positions (prompt + new tokens)."""
+    bucket = next((b for b in CACHE_BUCKETS if b >= length), CACHE_BUCKETS[-1])
+    while bucket < length:
+        bucket *= 2
+    return bucket
+
+
+def _static_decode(artifact: Any, module: torch.nn.Module) -> dict[str, Any] | None:
+    """generate() settings for a compiled decoder that transformers can run with a static KV cache:
+    ``cache_implementation="static"`` and a ``CompileConfig`` with the Compile pass's options.
+
+    transformers then runs the prefill eager and the one-token decode step compiled, every step with
+    the same shapes (the cache is preallocated, positions are tensors), so the step is compiled once.
+    None for an uncompiled model or one without static-cache support (it keeps ``_compiled_forward``)."""
+    options = getattr(artifact, "compile_options", None) if artifact is not module else None
+    if options is None or not getattr(module, "_can_compile_fullgraph", False):
+        return None
+    config = artifact.__dict__.get("decode_compile_config")
+    if config is None:  # one object per compiled model: transformers recompiles when the config changes
+        from transformers.generation.configuration_utils import CompileConfig
+
+        config = CompileConfig(**{k: options[k] for k in ("backend", "mode", "dynamic", "fullgraph")})
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        artifact.__dict__["decode_compile_config"] = config
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @contextlib.contextmanager
-def _compiled_forward(artifact: Any, module: torch.nn.Module) -> Iterator[None]:
+def _count_compiles(artifact: Any) -> Iterator[None]:
+    """Counts what torch.compile built during one generate call into ``artifact.decode_stats``
+    (graphs compiled, compile seconds, calls): a decode loop that recompiled per step shows up there."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    def now() -> tuple[int, float]:
+        return (counters["stats"]["unique_graphs"],
+                sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+    graphs, seconds = now()
+    try:
+        yield
+    finally:
+        new_graphs, new_seconds = now()
+        stats = artifact.__dict__.setdefault("decode_stats", {"calls": 0, "graphs_compiled": 0,
+                                                              "compile_seconds": 0.0, "graphs_per_call": []})
+        stats["calls"] += 1
+        stats["graphs_compiled"] += new_graphs - graphs
+        stats["compile_seconds"] = round(stats["compile_seconds"] + new_seconds - seconds, 3)
+        stats["graphs_per_call"].append(new_graphs - graphs)
+
+
+@contextlib.contextmanager
+def _compiled_forward(artifact: Any, module: torch.nn.Module, static: dict[str, Any] | None = None) -> Iterator[None]:
     """While generating, a compiled model's forward runs compiled.
 
     transformers' generate calls ``module.forward`` on the plain module, which a torch.compile
     wrapper does not replace; without this, generating from ``Compile("inductor")``'s output would
     run eager. The forward is compiled once per compiled model, with the Compile pass's options.
+    With a static cache (``static``), transformers compiles the decode step itself and this does nothing.
     """
     options = getattr(artifact, "compile_options", None) if artifact is not module else None
-    if options is None:
+    if options is None or static is not None:
         yield
         return
     compiled = artifact.__dict__.get("generate_forward")
