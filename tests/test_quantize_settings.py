@@ -179,3 +179,26 @@ def test_every_auto_rule_names_a_method_that_runs_in_its_formats():
         for fmt in rule.formats:
             runs = fmt in spec.formats or (fmt == "openvino" and "openvino" in spec.settings_type.honoured)
             assert runs, f"auto rule for {rule.method!r} on {fmt} models: the method does not take that format"
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("int8-dynamic", {"symmetric": False, "transformer_fusions": True}),  # torch's and ONNX's
+    ("int4-weight-only", {"skip_types": ("Conv2d",), "reuse_blocks": False}),  # torch's and ONNX's
+    ("int8-static", {"skip_types": ("Conv2d",), "calibration_method": "entropy"}),  # torch's and ONNX/OpenVINO's
+])
+def test_settings_no_one_format_honours_together_cannot_be_constructed(method, settings):
+    with pytest.raises(ConfigError, match="no model format honours .* together"):
+        ao.Quantize(method, **settings)
+    with pytest.raises(RecipeError, match="no model format honours"):
+        ao.Pipeline.from_dict({"passes": [{"Quantize": {"method": method, **settings}}]})
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("int8-dynamic", {"per_channel": False, "symmetric": False, "skip_types": ("Conv2d",)}),  # torch
+    ("int8-dynamic", {"per_channel": False, "transformer_fusions": False}),  # ONNX
+    ("int4-weight-only", {"group_size": 64, "symmetric": False}),  # ONNX or OpenVINO
+    ("int8-static", {"per_channel": False, "symmetric": True, "calibration_method": "percentile"}),  # ONNX
+])
+def test_settings_one_format_honours_together_are_constructed(method, settings):
+    q = ao.Quantize(method, **settings)
+    assert q.method_settings.given() == settings

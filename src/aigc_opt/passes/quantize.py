@@ -137,19 +137,26 @@ class Quantize(Pass):
         object.__setattr__(self, "_method_settings_", typed)
 
     def _method_settings(self, spec: QuantMethod) -> QuantSettings:
-        """The settings of ``spec`` as its frozen class. A setting the method honours in no format is
-        refused here, when the settings are made; one it honours in another format than the model's
-        is refused by ``check``, before any work."""
+        """The settings of ``spec`` as its frozen class. A setting the method honours in no format, or
+        settings no one format honours together, are refused here, when the settings are made; a
+        setting it honours in another format than the model's is refused by ``check``, before any work."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        unused = [o for o in OPTIONS if getattr(self, o) != defaults[o] and o not in spec.takes()]
+        given = [o for o in OPTIONS if getattr(self, o) != defaults[o]]
+        unused = [o for o in given if o not in spec.takes()]
+        formats = [fmt for fmt in ("torch", "onnx", "openvino")
+                   if fmt in spec.formats or spec.settings_type.honoured_in(fmt)]
+        takes = "; ".join(f"{fmt}: {list(spec.honoured(fmt)) or 'none'}" for fmt in formats)
         if unused:
-            formats = [fmt for fmt in ("torch", "onnx", "openvino")
-                       if fmt in spec.formats or spec.settings_type.honoured_in(fmt)]
-            takes = "; ".join(f"{fmt}: {list(spec.honoured(fmt)) or 'none'}" for fmt in formats)
             raise ConfigError(
                 f"Quantize(method={self.method!r}) does not take {unused[0]}={getattr(self, unused[0])!r} in "
                 f"any format (the options it honours besides skip, by model format: {takes}). Leave it at its "
                 "default or pick another method."
+            )
+        if not any(set(given) <= set(spec.honoured(fmt)) for fmt in formats):
+            both = " and ".join(f"{o}={getattr(self, o)!r}" for o in given)
+            raise ConfigError(
+                f"Quantize(method={self.method!r}): no model format honours {both} together (by model "
+                f"format: {takes}); a model has one format, so give the settings of that one."
             )
         cls = spec.settings_type or CustomMethodSettings
         typed = cls(**{name: getattr(self, name) for name in cls.field_names()})
