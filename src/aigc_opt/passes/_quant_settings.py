@@ -11,7 +11,8 @@ What a method honours can also depend on the model's format, known only when the
 against a model: each class states it in ``honoured`` (format -> the fields that format's
 implementation reads; every field is honoured by at least one format) and, for weight-only methods,
 ``group_sizes`` (format -> the group sizes that format's kernels have, where they are a closed set).
-``Quantize.check`` reads those; nothing else decides.
+``Quantize.check`` reads those against the model's format, and ``Quantize`` already refuses, when it
+is made, settings that no one format honours together (a model has one format).
 
 Example:
     >>> from aigc_opt.passes._quant_settings import Int8StaticSettings
