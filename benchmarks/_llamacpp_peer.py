@@ -1,7 +1,8 @@
 """llama.cpp's side of benchmarks/llm_decode.py, run with the llama-cpp-python venv's own python.
 
 Reads one JSON job on stdin, writes one JSON result on stdout:
-  {"model": PATH, "threads": N, "prompt": [ids], "new_tokens": N, "rounds": N, "windows": [[ids], ...]}
+  {"model": PATH, "threads": N, "prompt": [ids], "new_tokens": N, "rounds": N, "windows": [[ids], ...],
+   "use_extra_bufts": true|false (optional; false: no weight repacking into extra buffer types such as AMX)}
 -> {"ttft": [s per round], "total": [s per round], "tokens": [ids], "predictions": [[ids]], "nll": [[nats]],
     "peak_rss_bytes": N, "version": "..."}
 
@@ -39,6 +40,19 @@ def main() -> None:
     import llama_cpp
 
     job = json.load(sys.stdin)
+    if not job.get("use_extra_bufts", True):
+        # llama.cpp's model params have no Python argument for it in llama-cpp-python: set it on the defaults
+        # that Llama() starts from.
+        import llama_cpp.llama_cpp as low_level
+
+        defaults = low_level.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_extra_bufts
     window = max(len(w) for w in job["windows"]) if job["windows"] else 0
     n_ctx = max(len(job["prompt"]) + job["new_tokens"] + 8, window + 8, 512)
     llm = llama_cpp.Llama(model_path=job["model"], n_ctx=n_ctx, n_batch=n_ctx, n_threads=job["threads"],
@@ -66,7 +80,7 @@ def main() -> None:
         nll.append((logz - logits[np.arange(len(ids) - 1), ids[1:]]).tolist())
     json.dump({"ttft": ttft, "total": total, "tokens": tokens, "predictions": predictions, "nll": nll,
                "peak_rss_bytes": _peak_rss(),
-               "version": getattr(llama_cpp, "__version__", "?"),
+               "version": getattr(llama_cpp, "__version__", "?"), "use_extra_bufts": job.get("use_extra_bufts", True),
                "perplexity": math.exp(float(np.mean([x for row in nll for x in row]))) if nll else None},
               sys.stdout)
 

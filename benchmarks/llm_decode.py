@@ -142,6 +142,20 @@ def alone(model: ao.Model, prompt: list[int], new_tokens: int, rounds: int, work
     return {**result, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(result["ttft"]))}
 
 
+def llamacpp_peer(job: dict[str, Any]) -> dict[str, Any]:
+    """Run benchmarks/_llamacpp_peer.py on ``job``. llama.cpp's default repacks weights into extra buffer
+    types (AMX tiles on CPUs that have them); where that build dies with SIGSEGV (llama-cpp-python 0.3.36 on an
+    AMX Xeon: in the first decode), it is run again without them and the result says so."""
+    run = lambda j: subprocess.run([str(llamacpp_python()), str(HERE / "_llamacpp_peer.py")],  # noqa: E731
+                                   input=json.dumps(j), capture_output=True, text=True)
+    out = run(job)
+    if out.returncode == -11:
+        print("llama.cpp died with SIGSEGV with its extra buffer types (AMX); running it without them")
+        out = run({**job, "use_extra_bufts": False})
+    out.check_returncode()
+    return json.loads(out.stdout)
+
+
 def optimum_peer(path: Path, args: Any, prompt_ids: list[int], windows: torch.Tensor,
                  reference: torch.Tensor) -> dict[str, Any]:
     """Optimum's ORTModelForCausalLM (fp32 and its avx512_vnni int8) on the same GGUF, in its own venv and
@@ -241,9 +255,7 @@ def main() -> None:
     if not args.no_llamacpp:
         job = {"model": str(path), "threads": args.threads, "prompt": prompt_ids, "new_tokens": args.max_new_tokens,
                "rounds": args.rounds, "windows": windows.tolist()}
-        out = subprocess.run([str(llamacpp_python()), str(HERE / "_llamacpp_peer.py")], input=json.dumps(job),
-                             capture_output=True, text=True, check=True)
-        peer = json.loads(out.stdout)
+        peer = llamacpp_peer(job)
         tpot = [(t - f) / max(args.max_new_tokens - 1, 1) for t, f in zip(peer["total"], peer["ttft"])]
         preds = torch.tensor(peer["predictions"])
         llamacpp = {**peer, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(peer["ttft"])),
@@ -299,7 +311,8 @@ def main() -> None:
     if llamacpp:
         gguf_read = source["size_bytes"]  # every tensor is read once per token (tied table as the output)
         per_token = gguf_read + kv / 2  # llama.cpp keeps its KV cache in f16
-        rows.append({"batch": 1, "name": f"llama.cpp {llamacpp['version']} ({source['file_type']})",
+        bufts = "" if llamacpp.get("use_extra_bufts", True) else ", no extra buffer types: AMX repacking crashed"
+        rows.append({"batch": 1, "name": f"llama.cpp {llamacpp['version']} ({source['file_type']}{bufts})",
                      "tpot_ms": llamacpp["tpot_p50"] * 1e3, "alone_tpot_ms": llamacpp["tpot_p50"] * 1e3,
                      "alone_roofline_fraction": per_token / llamacpp["tpot_p50"] / bandwidth, "ttft_ms": llamacpp["ttft_p50"] * 1e3,
                      "prefill_tokens_per_s": prompt_len / llamacpp["ttft_p50"],
