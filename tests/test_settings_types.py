@@ -93,8 +93,8 @@ def test_a_quantize_option_no_format_takes_cannot_be_constructed(method, setting
         pytest.fail(f"{method} is not registered")
     with pytest.raises(ConfigError, match=f"does not take {option}=.* in any format"):
         ao.Quantize(method, **settings)
-    with pytest.raises(RecipeError, match=option):
-        ao.Pipeline.from_dict({"passes": [{"type": "Quantize", "method": method, **settings}]})
+    with pytest.raises(RecipeError, match=f"does not take {option}=.* in any format"):  # the same rule from a recipe
+        ao.Pipeline.from_dict({"passes": [{"Quantize": {"method": method, **settings}}]})
 
 
 def test_a_quantize_option_another_format_takes_is_refused_by_check_not_construction():
