@@ -67,6 +67,28 @@ def timed(model: ao.Model, ids: torch.Tensor, new_tokens: int, rounds: int, old_
             "tokens": out[0, ids.shape[1]:].tolist()}
 
 
+def interleaved(base: ao.Model, ids: torch.Tensor, new_tokens: int, rounds: int) -> None:
+    """fp32 and int4 (lm_head fp32), eager and compiled, timed in turn within each round (rough, but
+    the four see the same load); compile once per model: about 8 graphs per code object is dynamo's limit."""
+    q = int4_model(base, 32, skip=("lm_head",))
+    models = {"fp32 eager": base, "fp32 + inductor, static cache": ao.compile(base, "inductor"),
+              "int4 g32 lm_head fp32, eager": q, "int4 g32 lm_head fp32 + inductor, static cache": ao.compile(q, "inductor")}
+    for m in models.values():
+        m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            start = time.perf_counter()
+            m.generate(ids, max_new_tokens=1, min_new_tokens=1)
+            one = time.perf_counter() - start
+            start = time.perf_counter()
+            m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            times[name].append(1e3 * (time.perf_counter() - start - one) / (new_tokens - 1))
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t):.1f} | {[round(x, 1) for x in t]} | "
+              f"{getattr(models[name].artifact, 'decode_stats', {}).get('graphs_per_call', '-')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -75,6 +97,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--interleaved", action="store_true", help="only the fp32/int4 eager/compiled A/B")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -84,6 +107,8 @@ def main() -> None:
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], tokenize=False,
                                      add_generation_prompt=True)
     ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    if args.interleaved:
+        return interleaved(base, ids, args.new_tokens, args.rounds)
     recipes = {
         "fp32 eager": lambda: base,
         "fp32 + inductor, DynamicCache (before)": lambda: ao.compile(base, "inductor"),
