@@ -108,6 +108,7 @@ def test_grid_fit_recognises_gguf_blocks_exactly():
 def test_q4_1_blocks_reused_compute_the_same_matmul(offset_bits, monkeypatch):
     """Q4_1 blocks (d*q + m) become a 4-bit MatMulNBits plus the block offsets on the input's block sums;
     the offsets as fp32 reproduce the matmul, as 8-bit blocks to a small fraction of its error budget."""
+    import onnx_ir as ir
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -125,13 +126,16 @@ def test_q4_1_blocks_reused_compute_the_same_matmul(offset_bits, monkeypatch):
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "s", n])], [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    reused = _quant_nbits._reuse_blocks(model.graph, set(), 0, numpy_helper, helper)
+    model = ir.serde.deserialize_model(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]))
+    reused = _quant_nbits._reuse_blocks(model.graph, set(), 0)
     assert reused["formats"] == {"Q4_1": 1} and reused["helpers"] == ["proj_offsets"]
-    offsets = next(node for node in model.graph.node if node.name == "proj_offsets")
-    assert offsets.op_type == ("MatMulNBits" if offset_bits == 8 else "MatMul")
+    assert [n.op_type for n in model.graph] == ["Reshape", "ReduceSum", "MatMulNBits",
+                                                "MatMulNBits" if offset_bits == 8 else "MatMul", "Add"]
+    assert model.graph.outputs[0].name == "y" and model.graph.outputs[0].producer().name == "proj_add_offsets"
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
     got, want = session.run(None, {"x": x})[0], x @ w
     error = np.abs(got - want).max() / np.abs(want).max()
     assert error < (1e-5 if offset_bits == 32 else 2e-3), error

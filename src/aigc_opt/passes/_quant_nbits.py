@@ -57,38 +57,49 @@ def check_nbits(settings: Quantize, target: Target, fmt: str) -> None:
             "input width; 32 is llama.cpp's block).")
 
 
-def _untie_transposed_weights(graph: Any, numpy_helper: Any) -> list[str]:
+def _initializer(graph: Any, name: str, array: Any) -> Any:
+    """A new initializer ``name`` holding ``array``, registered on ``graph`` (an ``onnx_ir.Graph``)."""
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _constant(value: Any) -> Any:
+    """The initializer tensor behind ``value`` (an ``onnx_ir.Value``), or None."""
+    return value.const_value if value is not None and value.is_initializer() else None
+
+
+def _rank(value: Any) -> int:
+    """The recorded rank of ``value``: 3 when nothing is recorded about it (as a decoder's hidden states),
+    0 when its type is recorded without a shape."""
+    if value.shape is not None:
+        return len(value.shape)
+    return 3 if value.type is None else 0
+
+
+def _untie_transposed_weights(graph: Any) -> list[str]:
     """MatMul(x, Transpose(W)) with a constant 2-D W (a tied lm_head): give the MatMul W.T as its own
-    constant so it can be quantized. Returns the MatMul node names rewritten."""
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    rewritten, dropped = [], []
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] in initializers:
+    constant so it can be quantized. Returns the MatMul node names rewritten; a Transpose nothing reads
+    any more is left for the dead-code pass."""
+    rewritten = []
+    for node in graph:
+        if node.op_type != "MatMul" or len(node.inputs) < 2 or _constant(node.inputs[1]) is not None:
             continue
-        transpose = producers.get(node.input[1])
-        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+        transpose = node.inputs[1].producer() if node.inputs[1] is not None else None
+        if transpose is None or transpose.op_type != "Transpose" or _constant(transpose.inputs[0]) is None:
             continue
-        weight = initializers[transpose.input[0]]
-        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
-        if len(weight.dims) != 2 or perm not in ([], [[1, 0]]):
+        weight = transpose.inputs[0]
+        perm = transpose.attributes.get_ints("perm")
+        if len(weight.const_value.shape) != 2 or (perm is not None and list(perm) != [1, 0]):
             continue
         name = f"{weight.name}.transposed"
-        if name not in initializers:
-            array = numpy_helper.to_array(weight).T.copy()
-            graph.initializer.append(numpy_helper.from_array(array, name))
-            initializers[name] = graph.initializer[-1]
-        node.input[1] = name
+        untied = graph.initializers.get(name)
+        if untied is None:
+            untied = _initializer(graph, name, weight.const_value.numpy().T.copy())
+        node.replace_input_with(1, untied)
         rewritten.append(node.name)
-        consumers[transpose.output[0]] -= 1
-        if consumers[transpose.output[0]] == 0:
-            dropped.append(transpose)
-    for transpose in dropped:
-        graph.node.remove(transpose)
     return rewritten
 
 
@@ -145,87 +156,92 @@ OFFSET_BITS = 32
 OFFSET_BLOCK = 16
 
 
-def _grid_fits(graph: Any, excluded: set[str], numpy_helper: Any) -> dict[int, tuple[str, Any, Any, Any]]:
-    """Index of each MatMul whose constant 2-D weight lies on a GGUF block grid -> its :func:`grid_fit`
-    (Q4_1 only where the input is 2-D or 3-D: its block sums reshape the input)."""
-    initializers = {t.name: t for t in graph.initializer}
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.input, *graph.value_info, *graph.output)}
+def _grid_fits(graph: Any, excluded: set[str]) -> dict[int, tuple[str, Any, Any, Any]]:
+    """Index (in ``list(graph)``) of each MatMul whose constant 2-D weight lies on a GGUF block grid -> its
+    :func:`grid_fit` (Q4_1 only where the input is 2-D or 3-D: its block sums reshape the input)."""
     fits: dict[int, tuple[str, Any, Any, Any]] = {}
-    for i, node in enumerate(graph.node):
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight is None or node.name in excluded or len(weight.dims) != 2:
+    for i, node in enumerate(graph):
+        weight = _constant(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if weight is None or node.name in excluded or len(weight.shape) != 2:
             continue
-        fit = grid_fit(numpy_helper.to_array(weight))
-        if fit is not None and (fit[0] != "Q4_1" or ranks.get(node.input[0], 3) in (2, 3)):
+        fit = grid_fit(weight.numpy())
+        if fit is not None and (fit[0] != "Q4_1" or _rank(node.inputs[0]) in (2, 3)):
             fits[i] = fit
     return fits
 
 
 class _BlockEmitter:
     """Builds the MatMulNBits (and, for Q4_1, block-sum offset) nodes of one group of MatMuls sharing an
-    input; one ReduceSum of block sums per input, however many groups read it."""
+    input, on an ``onnx_ir.Graph``; one ReduceSum of block sums per input, however many groups read it."""
 
-    def __init__(self, graph: Any, level: int, numpy_helper: Any, helper: Any):
-        self.graph, self.level, self.numpy_helper, self.helper = graph, level, numpy_helper, helper
-        self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
-                      for v in (*graph.input, *graph.value_info, *graph.output)}
-        self.block_sums: dict[str, str] = {}
+    def __init__(self, graph: Any, level: int):
+        self.graph, self.level = graph, level
+        self.block_sums: dict[str, Any] = {}  # input name -> the value holding its block sums
         self.helpers: list[str] = []
 
-    def emit(self, nodes: list[Any], fits: list[tuple[str, Any, Any, Any]]) -> list[Any]:
-        import numpy as np
+    def _nbits(self, inputs: list[Any], name: str, k: int, n: int, bits: int, block: int) -> Any:
+        import onnx_ir as ir
 
-        a, kind = nodes[0].input[0], fits[0][0]
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if self.level:
+            attrs["accuracy_level"] = self.level
+        return ir.node("MatMulNBits", inputs, dict(sorted(attrs.items())), domain="com.microsoft", name=name)
+
+    def emit(self, nodes: list[Any], fits: list[tuple[str, Any, Any, Any]]) -> tuple[list[Any], list[Any]]:
+        """The nodes replacing ``nodes`` and, for each of them, the value that takes its output's place."""
+        import numpy as np
+        import onnx_ir as ir
+
+        a, kind = nodes[0].inputs[0], fits[0][0]
         q, d = np.concatenate([f[1] for f in fits]), np.concatenate([f[2] for f in fits])
-        base = nodes[0].name or nodes[0].output[0]
+        base = nodes[0].name or nodes[0].outputs[0].name
         name = f"{base}.{kind}"
-        y = f"{base}.merged" if len(nodes) > 1 else nodes[0].output[0]
-        out = f"{y}.nbits" if kind == "Q4_1" else y
+        y = f"{base}.merged" if len(nodes) > 1 else nodes[0].outputs[0].name
         if kind == "Q8_0":
             packed, bits = (q.astype(np.int16) + 128).astype(np.uint8), 8
         else:
             packed, bits = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), 4
-        self.graph.initializer.extend([self.numpy_helper.from_array(packed, name),
-                                       self.numpy_helper.from_array(d.reshape(-1), f"{name}.scales")])
-        attrs = {"K": q.shape[1] * GGUF_BLOCK, "N": q.shape[0], "bits": bits, "block_size": GGUF_BLOCK}
-        if self.level:
-            attrs["accuracy_level"] = self.level
-        made = [self.helper.make_node("MatMulNBits", [a, name, f"{name}.scales"], [out], name=f"{base}_{kind}",
-                                      domain="com.microsoft", **attrs)]
+        weights = [_initializer(self.graph, name, packed), _initializer(self.graph, f"{name}.scales", d.reshape(-1))]
+        made = [self._nbits([a, *weights], f"{base}_{kind}", q.shape[1] * GGUF_BLOCK, q.shape[0], bits, GGUF_BLOCK)]
+        result = made[0].outputs[0]
         if kind == "Q4_1":
+            result.name = f"{y}.nbits"
             m = np.concatenate([f[3] for f in fits])
-            made += self._offsets(a, q.shape[1], (m + 8 * d).T.astype(np.float32), base, name, out, y)
-        if len(nodes) > 1:
-            sizes = [f[1].shape[0] for f in fits]
-            self.graph.initializer.append(self.numpy_helper.from_array(np.asarray(sizes, np.int64), f"{y}.split"))
-            made.append(self.helper.make_node("Split", [y, f"{y}.split"], [nd.output[0] for nd in nodes], axis=-1,
-                                              name=f"{base}_split"))
-        return made
+            made += self._offsets(a, q.shape[1], (m + 8 * d).T.astype(np.float32), base, name, result, y)
+            result = made[-1].outputs[0]
+        if len(nodes) == 1:
+            return made, [result]  # named after the MatMul's output when it takes its place
+        result.name = y
+        sizes = _initializer(self.graph, f"{y}.split", np.asarray([f[1].shape[0] for f in fits], np.int64))
+        made.append(ir.node("Split", [result, sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}_split"))
+        return made, list(made[-1].outputs)
 
-    def _offsets(self, a: str, blocks: int, offsets: Any, base: str, name: str, out: str, y: str) -> list[Any]:
+    def _offsets(self, a: Any, blocks: int, offsets: Any, base: str, name: str, out: Any, y: str) -> list[Any]:
         """Q4_1's ``m + 8d`` per block, applied to the input's block sums: y = nbits + block_sums @ offsets."""
         import numpy as np
+        import onnx_ir as ir
 
         made = []
-        if a not in self.block_sums:
-            dims = [0, 0, blocks, GGUF_BLOCK] if self.ranks.get(a, 3) == 3 else [0, blocks, GGUF_BLOCK]
-            self.graph.initializer.extend([
-                self.numpy_helper.from_array(np.asarray(dims, np.int64), f"{a}.block_shape"),
-                self.numpy_helper.from_array(np.asarray([-1], np.int64), f"{a}.block_axis")])
-            made += [self.helper.make_node("Reshape", [a, f"{a}.block_shape"], [f"{a}.blocks"], name=f"{a}_blocks"),
-                     self.helper.make_node("ReduceSum", [f"{a}.blocks", f"{a}.block_axis"], [f"{a}.block_sums"],
-                                           name=f"{a}_block_sums", keepdims=0)]
-            self.block_sums[a] = f"{a}.block_sums"
+        if a.name not in self.block_sums:
+            dims = [0, 0, blocks, GGUF_BLOCK] if _rank(a) == 3 else [0, blocks, GGUF_BLOCK]
+            shape = _initializer(self.graph, f"{a.name}.block_shape", np.asarray(dims, np.int64))
+            axis = _initializer(self.graph, f"{a.name}.block_axis", np.asarray([-1], np.int64))
+            reshape = ir.node("Reshape", [a, shape], name=f"{a.name}_blocks")
+            reshape.outputs[0].name = f"{a.name}.blocks"
+            sums = ir.node("ReduceSum", [reshape.outputs[0], axis], {"keepdims": 0}, name=f"{a.name}_block_sums")
+            sums.outputs[0].name = f"{a.name}.block_sums"
+            made += [reshape, sums]
+            self.block_sums[a.name] = sums.outputs[0]
         self.helpers.append(f"{base}_offsets")
         if OFFSET_BITS == 8:
-            made.append(self._offsets_8bit(self.block_sums[a], offsets, name, f"{base}_offsets", f"{y}.offsets"))
+            made.append(self._offsets_8bit(self.block_sums[a.name], offsets, name, f"{base}_offsets"))
         else:
-            self.graph.initializer.append(self.numpy_helper.from_array(offsets, f"{name}.offsets"))
-            made.append(self.helper.make_node("MatMul", [self.block_sums[a], f"{name}.offsets"], [f"{y}.offsets"],
-                                              name=f"{base}_offsets"))
-        return made + [self.helper.make_node("Add", [out, f"{y}.offsets"], [y], name=f"{base}_add_offsets")]
+            weight = _initializer(self.graph, f"{name}.offsets", offsets)
+            made.append(ir.node("MatMul", [self.block_sums[a.name], weight], name=f"{base}_offsets"))
+        made[-1].outputs[0].name = f"{y}.offsets"
+        return made + [ir.node("Add", [out, made[-1].outputs[0]], name=f"{base}_add_offsets")]
 
-    def _offsets_8bit(self, sums: str, offsets: Any, name: str, node: str, out: str) -> Any:
+    def _offsets_8bit(self, sums: Any, offsets: Any, name: str, node: str) -> Any:
         """The offsets matmul as an 8-bit symmetric MatMulNBits (blocks of OFFSET_BLOCK along K/32,
         zero-padded at the end)."""
         import numpy as np
@@ -238,65 +254,52 @@ class _BlockEmitter:
         scale = np.abs(w).max(-1) / 127
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = (np.clip(np.rint(w / scale[..., None]), -127, 127) + 128).astype(np.uint8)
-        self.graph.initializer.extend([self.numpy_helper.from_array(q, f"{name}.offsets8"),
-                                       self.numpy_helper.from_array(scale.reshape(-1), f"{name}.offsets8.scales")])
-        attrs = {"K": k, "N": n, "bits": 8, "block_size": OFFSET_BLOCK}
-        if self.level:
-            attrs["accuracy_level"] = self.level
-        return self.helper.make_node("MatMulNBits", [sums, f"{name}.offsets8", f"{name}.offsets8.scales"], [out],
-                                     name=node, domain="com.microsoft", **attrs)
+        weights = [_initializer(self.graph, f"{name}.offsets8", q),
+                   _initializer(self.graph, f"{name}.offsets8.scales", scale.reshape(-1))]
+        return self._nbits([sums, *weights], node, k, n, 8, OFFSET_BLOCK)
 
 
-def _replace_nodes(graph: Any, emitted: dict[int, list[Any]], replaced: set[int]) -> None:
-    """Each group's first MatMul replaced by its emitted nodes, the group's others dropped, and
-    initializers nothing reads any more removed."""
-    new_nodes = []
-    for i, node in enumerate(graph.node):
-        if i in emitted:
-            new_nodes += emitted[i]
-        elif i not in replaced:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def _reuse_blocks(graph: Any, excluded: set[str], level: int, numpy_helper: Any, helper: Any) -> dict[str, Any]:
-    """Replace each MatMul whose constant weight lies on a GGUF block grid by MatMulNBits holding those
-    very blocks (no second rounding): Q4_0 as 4-bit (zero point 8), Q8_0 as 8-bit (zero point 128),
-    Q4_1 (d*q + m) as 4-bit ``(q - 8) * d`` plus the per-block offsets ``m + 8d`` applied to the
-    block sums of the input (ReduceSum, then a small fp32 MatMul).
+def _reuse_blocks(graph: Any, excluded: set[str], level: int) -> dict[str, Any]:
+    """Replace, on ``graph`` (an ``onnx_ir.Graph``), each MatMul whose constant weight lies on a GGUF block
+    grid by MatMulNBits holding those very blocks (no second rounding): Q4_0 as 4-bit (zero point 8), Q8_0
+    as 8-bit (zero point 128), Q4_1 (d*q + m) as 4-bit ``(q - 8) * d`` plus the per-block offsets ``m + 8d``
+    applied to the block sums of the input (ReduceSum, then a small fp32 MatMul).
 
     With ``MERGE_SHARED_INPUTS``, MatMuls reading the same input with the same format (a layer's
     Q/K/V projections, its gate and up projections) become one MatMulNBits over their concatenated
-    columns and a Split. Returns the counts per format and the names of the helper MatMuls (which
-    the int4/int8 quantizer must leave alone)."""
-    fits = _grid_fits(graph, excluded, numpy_helper)
+    columns and a Split. The new nodes take the place of each group's first MatMul
+    (``ir.convenience.replace_nodes_and_values``: uses, graph outputs, names, types and recorded metadata
+    carried over); the weights nothing reads any more are left for the dead-code pass. Returns the counts per format and the
+    names of the helper MatMuls (which the int4/int8 quantizer must leave alone)."""
+    import onnx_ir as ir
+
+    nodes = list(graph)
+    fits = _grid_fits(nodes, excluded)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, fit in fits.items():
-        key = (graph.node[i].input[0], fit[0]) if MERGE_SHARED_INPUTS else (i,)
+        key = (nodes[i].inputs[0], fit[0]) if MERGE_SHARED_INPUTS else (i,)
         groups.setdefault(key, []).append(i)
-    emitter = _BlockEmitter(graph, level, numpy_helper, helper)
+    emitter = _BlockEmitter(graph, level)
     counts: dict[str, int] = {}
-    emitted: dict[int, list[Any]] = {}
     for members in groups.values():
-        emitted[members[0]] = emitter.emit([graph.node[i] for i in members], [fits[i] for i in members])
+        group = [nodes[i] for i in members]
+        made, values = emitter.emit(group, [fits[i] for i in members])
+        old = [n.outputs[0] for n in group]
+        for before, after in zip(old, values):  # what the exporter recorded about each output stays
+            after.metadata_props.update(before.metadata_props)
+        ir.convenience.replace_nodes_and_values(graph, group[0], group, made, old, values)
         counts[fits[members[0]][0]] = counts.get(fits[members[0]][0], 0) + len(members)
-    if counts:
-        _replace_nodes(graph, emitted, set(fits))
     return {"formats": counts, "helpers": emitter.helpers, "merged_groups": sum(len(g) > 1 for g in groups.values())}
 
 
 def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -> None:
     """The block runs along each MatMul weight's input axis (K): it must divide K, or the last block of
     every column would be padded with zeros and its scale fitted to fewer weights."""
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
-    bad = [(n.name, shapes[n.input[1]][0]) for n in graph.node
-           if n.op_type == "MatMul" and n.name not in excluded and len(shapes.get(n.input[1], [])) == 2
-           and shapes[n.input[1]][0] % block]
+    bad = []
+    for node in graph:
+        weight = _constant(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+        if weight is not None and node.name not in excluded and len(weight.shape) == 2 and weight.shape[0] % block:
+            bad.append((node.name, weight.shape[0]))
     if bad:
         shown = ", ".join(f"{name} (input width {k})" for name, k in bad[:3]) + (
             f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -308,36 +311,66 @@ def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -
             + "or skip= those layers.")
 
 
+def _named_nodes(graph: Any) -> Any:
+    """``graph``'s node names and metadata as ``_quant_onnx._excluded_nodes`` reads them (protobuf-shaped:
+    ``.node``, each with ``.name`` and ``.metadata_props`` entries of ``.key``/``.value``)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(node=[SimpleNamespace(name=n.name or "", metadata_props=[
+        SimpleNamespace(key=k, value=v) for k, v in n.metadata_props.items()]) for n in graph])
+
+
+def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The graph surgery before ONNX Runtime's quantizer, in place on ``loaded`` (an ``onnx_ir.Model``):
+    the tied lm_head untied, GGUF blocks reused, then nodes and initializers nothing reads removed
+    (onnx-ir's ``RemoveUnusedNodesPass``). Returns the skipped node names, the untied MatMuls and what
+    was reused."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from ._quant_onnx import _excluded_nodes
+
+    graph = loaded.graph
+    excluded = _excluded_nodes(_named_nodes(graph), settings)
+    untied = _untie_transposed_weights(graph)
+    reused: dict[str, Any] = {"formats": {}, "helpers": [], "merged_groups": 0}
+    if settings.reuse_blocks and block == GGUF_BLOCK:
+        reused = _reuse_blocks(graph, set(excluded), level)
+    RemoveUnusedNodesPass()(loaded)
+    _check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
+    return excluded, untied, reused
+
+
 def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[Any, dict[str, Any]]:
     """Weight-only ``bits``-bit (4 or 8) quantization of an ONNX model's constant-weight MatMuls (and, at 4
-    bits, of the token embedding's Gather), blockwise along the input axis."""
+    bits, of the token embedding's Gather), blockwise along the input axis.
+
+    The graph is read once with onnx-ir and rewritten there (:func:`_rewrite`); ONNX Runtime's
+    ``MatMulNBitsQuantizer`` takes and returns a ``ModelProto``, so the rewritten model is serialized
+    once for it (``onnx_ir.serde``), and its result is what is saved."""
     import onnx
-    from onnx import numpy_helper
+    import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from .._deps import quiet_import_logs
     from ..runtime.onnxruntime import new_workdir
-    from ._quant_onnx import _excluded_nodes, _new_artifact
+    from ._quant_onnx import _new_artifact
 
     source = model.artifact
-    proto = onnx.load(str(source.path))
-    graph = proto.graph
-    excluded = _excluded_nodes(graph, settings)
-    untied = _untie_transposed_weights(graph, numpy_helper)
+    loaded = ir.load(str(source.path))  # weights stored beside the graph are memory-mapped, read when used
     block = settings.group_size or DEFAULT_BLOCK_SIZE
     level, level_reason = accuracy_level_for(model.target)
-    reused: dict[str, Any] = {"formats": {}, "helpers": [], "merged_groups": 0}
-    if settings.reuse_blocks and block == GGUF_BLOCK:
-        reused = _reuse_blocks(graph, set(excluded), level, numpy_helper, onnx.helper)
-    _check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
-    reused_nodes = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    excluded, untied, reused = _rewrite(loaded, settings, block, level)
+    reused_nodes = sum(n.op_type == "MatMulNBits" for n in loaded.graph)
     # symmetric by default: on SmolLM2 (Q4_1 GGUF) int4 symmetric blocks gave perplexity 14.7 vs 15.5
     # asymmetric (ONNX Runtime widens each block to include 0), and the kernel skips zero points
     symmetric = settings.symmetric if settings.symmetric is not None else True
     # GatherBlockQuantized takes 4-bit data only; at 8 bits the embedding stays fp32 (a Gather reads a
     # few rows per token, so it costs file size, not decode bandwidth).
     op_types = ("MatMul", "Gather") if bits == 4 and not reused["formats"] else ("MatMul",)
-    before = sum(t.dims[0] * t.dims[1] * 4 for t in graph.initializer if len(t.dims) == 2)
+    before = sum(t.shape[0] * t.shape[1] * 4 for t in (v.const_value for v in loaded.graph.initializers.values())
+                 if len(t.shape) == 2)
+    proto = ir.serde.serialize_model(ir.external_data.load_to_model(loaded))  # all weights in memory, as before
+    del loaded  # the quantizer's ModelProto is the one copy of the weights kept
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
                                      accuracy_level=level or None, nodes_to_exclude=excluded + reused["helpers"],
                                      op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
@@ -346,19 +379,17 @@ def matmul_nbits_onnx(model: Model, settings: Quantize, *, bits: int) -> tuple[A
     out = quantizer.model.model
     ops = [n.op_type for n in out.graph.node]
     n_matmul, n_gather = ops.count("MatMulNBits"), ops.count("GatherBlockQuantized")
-    requantized = n_matmul - reused_nodes
     if n_matmul == 0:
         raise UnsupportedModelError(
             f"Quantize({settings.method!r}): this ONNX graph has no MatMul with a constant weight outside skip "
             "(MatMulNBits replaced none); refusing to return it unchanged.")
-    # the untied copy is left in the graph only if something still reads it
     target = new_workdir("quant") / "model.onnx"
     large = out.ByteSize() > 1.8e9 if hasattr(out, "ByteSize") else False
     onnx.save(out, str(target), save_as_external_data=large)
     after = sum(_nbytes(t) for t in out.graph.initializer)
     return _new_artifact(source, target), _details(
         bits=bits, block=block, symmetric=symmetric, level=level, level_reason=level_reason, n_matmul=n_matmul,
-        n_gather=n_gather, excluded=excluded, reused=reused, requantized=requantized, untied=untied,
+        n_gather=n_gather, excluded=excluded, reused=reused, requantized=n_matmul - reused_nodes, untied=untied,
         before=before, after=after)
 
 
