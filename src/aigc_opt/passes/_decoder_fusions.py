@@ -40,13 +40,12 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _scopes(node: Any) -> list[str]:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return list(ast.literal_eval(prop.value))
-            except (ValueError, SyntaxError):
-                return []
-    return []
+    """The torch module scopes the exporter recorded on ``node`` (an ``onnx_ir.Node``)."""
+    value = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    try:
+        return [] if value is None else list(ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+        return []
 
 
 def _why_not_fusable(lm: torch.nn.Module, attention: list[torch.nn.Module]) -> str | None:
@@ -67,7 +66,8 @@ def _why_not_fusable(lm: torch.nn.Module, attention: list[torch.nn.Module]) -> s
 def attention_metadata(lm: torch.nn.Module, onnx_model: Any, heads: int, kv_heads: int,
                        head_dim: int) -> dict[str, Any]:
     """What :func:`fuse_group_query_attention` needs, read from the torch model and the freshly exported
-    (fp32, scope-annotated) graph: ``{"fusable": bool, "reason"?, "layers": [{q, k, v, out}], ...}``."""
+    (fp32, scope-annotated) graph, an ``onnx_ir.Model``: ``{"fusable": bool, "reason"?, "layers": [{q, k, v,
+    out}], ...}``."""
     attention = [m for m in lm.modules() if all(isinstance(getattr(m, p, None), torch.nn.Module)
                                                  for p in _PROJECTIONS)]
     reason = _why_not_fusable(lm, attention)
@@ -80,24 +80,24 @@ def attention_metadata(lm: torch.nn.Module, onnx_model: Any, heads: int, kv_head
         return {"fusable": False, "reason": reason}
     produced: dict[str, tuple[str, ...]] = {}  # tensor -> the scope of its producer
     consumers: dict[str, list[tuple[str, ...]]] = {}
-    for node in onnx_model.graph.node:
+    for node in onnx_model.graph:
         scope = tuple(_scopes(node)[:-1])
-        for o in node.output:
+        for o in _names(node.outputs):
             produced[o] = scope
-        for i in node.input:
+        for i in _names(node.inputs):
             consumers.setdefault(i, []).append(scope)
     layers: dict[str, dict[str, str]] = {}
-    for node in onnx_model.graph.node:
+    for node in onnx_model.graph:
         scope = _scopes(node)[:-1]
         if len(scope) < 2 or scope[-1].rsplit(".", 1)[-1] not in _PROJECTIONS:
             continue
         module, proj = scope[-1].rsplit(".", 1)
         entry = layers.setdefault(module, {})
         if proj == "o_proj":
-            outside = [i for i in node.input if i in produced and scope[-1] not in produced[i]]
+            outside = [i for i in _names(node.inputs) if i in produced and scope[-1] not in produced[i]]
             entry.setdefault("out", outside[0]) if outside else None
         else:
-            for o in node.output:
+            for o in _names(node.outputs):
                 if any(scope[-1] not in c for c in consumers.get(o, [])):
                     entry[proj[0]] = o
     found = [layers[k] for k in sorted(layers, key=_layer_index)]
@@ -107,6 +107,11 @@ def attention_metadata(lm: torch.nn.Module, onnx_model: Any, heads: int, kv_head
     return {"fusable": True, "layers": found, "num_heads": heads, "kv_num_heads": kv_heads, "head_dim": head_dim,
             "scale": float(attention[0].scaling), "inv_freq": rotary.inv_freq.float().tolist(),
             "attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)), "max_positions": max_positions}
+
+
+def _names(values: Any) -> list[str]:
+    """The tensor names of a node's inputs or outputs, "" where one is left out (as protobuf writes them)."""
+    return [(v.name or "") if v is not None else "" for v in values]
 
 
 def _layer_index(scope: str) -> tuple[int, str]:
@@ -121,13 +126,9 @@ def decoder_metadata(model: Any, key: str = DECODER_META_KEY) -> dict[str, Any] 
 
 
 def set_metadata(onnx_model: Any, key: str, value: dict[str, Any]) -> None:
-    """Record ``value`` as JSON under ``key`` in the metadata of ``onnx_model`` (a ``ModelProto``: the
-    export annotates the graph it has just written)."""
-    for prop in list(onnx_model.metadata_props):
-        if prop.key == key:
-            onnx_model.metadata_props.remove(prop)
-    entry = onnx_model.metadata_props.add()
-    entry.key, entry.value = key, json.dumps(value)
+    """Record ``value`` as JSON under ``key`` in the metadata of ``onnx_model`` (an ``onnx_ir.Model``: the
+    export annotates the graph it has just written), replacing what was there."""
+    onnx_model.metadata_props[key] = json.dumps(value)
 
 
 def _rotary_caches(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -144,17 +144,18 @@ def _annotate(lm: torch.nn.Module, path: Any, takes_positions: bool, heads: int,
     """Whether the graph kept ``position_ids`` (the exporter drops an unused input: the runtime must not
     feed it), and what Compile('onnxruntime') needs to fuse each layer's attention into
     GroupQueryAttention, written into the graph's metadata (the projections' tensors are found
-    here, while the graph still names its modules)."""
-    import onnx
+    here, while the graph still names its modules). The graph is read with onnx-ir and written back in
+    place: weights stored beside it are not read, they keep their external-data references."""
+    import onnx_ir as ir
 
     from ._decoder_fusions import DECODER_META_KEY, attention_metadata, set_metadata
 
-    proto = onnx.load(str(path), load_external_data=False)
-    takes_positions = takes_positions or "position_ids" in [i.name for i in proto.graph.input]
+    exported = ir.load(str(path))
+    takes_positions = takes_positions or "position_ids" in [i.name for i in exported.graph.inputs]
     heads_q = int(getattr(lm.config, "num_attention_heads", 0) or 0)
-    attention = attention_metadata(lm, proto, heads_q, heads, head_dim)
-    set_metadata(proto, DECODER_META_KEY, attention)
-    onnx.save(proto, str(path))
+    attention = attention_metadata(lm, exported, heads_q, heads, head_dim)
+    set_metadata(exported, DECODER_META_KEY, attention)
+    ir.save(exported, str(path))
     return takes_positions, attention
 
 
