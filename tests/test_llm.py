@@ -130,7 +130,7 @@ def test_q4_1_blocks_reused_compute_the_same_matmul(offset_bits, monkeypatch):
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]))
     reused = _quant_nbits._reuse_blocks(model.graph, set(), 0)
     assert reused["formats"] == {"Q4_1": 1} and reused["helpers"] == ["proj_offsets"]
-    assert [n.op_type for n in model.graph] == ["Reshape", "ReduceSum", "MatMulNBits",
+    assert [n.op_type for n in model.graph] == ["MatMulNBits", "Reshape", "ReduceSum",
                                                 "MatMulNBits" if offset_bits == 8 else "MatMul", "Add"]
     assert model.graph.outputs[0].name == "y" and model.graph.outputs[0].producer().name == "proj_add_offsets"
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
