@@ -140,3 +140,21 @@ def test_int4_cpu_llama_decodes_compiled_like_its_eager_self():
     fast = ao.compile(lm, "inductor")
     assert torch.equal(fast.generate(ids, mask, max_new_tokens=8, min_new_tokens=8), eager)
     assert fast.artifact.decode_stats["graphs_per_call"][0] <= 2
+
+
+def test_quantize_int4_on_a_cpu_target_runs_the_cpu_kernel_and_round_trips(tmp_path):
+    net = _mlp()
+    m = ao.Model(net, example_inputs=(torch.randn(2, 64),), target="x86-avx2-desktop")
+    q = ao.quantize(m, "int4-weight-only", skip=["2"])
+    assert isinstance(q.artifact[0], Int4CPULinear) and isinstance(q.artifact[2], torch.nn.Linear)
+    assert isinstance(net[0], torch.nn.Linear)  # the input model is untouched
+    details = q.history[-1].details
+    assert details["device"] == "cpu" and details["group_size"] == 32 and details["layers_quantized"] == 1
+    x = torch.randn(3, 64)
+    out = q.run((x,))
+    assert 0 < ((out - m.run((x,))).norm() / m.run((x,)).norm()).item() < 0.1
+    q.save(tmp_path / "q")
+    loaded = ao.Model.load(tmp_path / "q", module=_mlp())
+    assert isinstance(loaded.artifact[0], Int4CPULinear) and torch.equal(loaded.run((x,)), out)
+    with pytest.raises(ConfigError, match="group_size=128 does not divide"):
+        ao.quantize(m, "int4-weight-only", group_size=128)

@@ -191,35 +191,50 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
     if fmt == "onnx":  # MatMulNBits: CPU and CUDA kernels
         check_nbits(settings, target, fmt)
         return
-    if target.device_type != "cuda":
-        raise IncompatibleTargetError(
-            f"Quantize(method='int4-weight-only') needs a CUDA target: torchao's Int4WeightOnlyConfig has no "
-            f"CPU kernel in this install (it needs the mslk/tinygemm kernels, and silently leaves small layers "
-            f"unchanged), and target {target.name!r} is a {target.device_type} device. On CPU use "
-            "method='int8-weight-only' (or 'bnb-nf4' with bitsandbytes installed)."
-        )
-    sizes = Int4WeightOnlySettings.group_sizes["torch"]
+    sizes = Int4WeightOnlySettings.group_sizes["torch"]  # torch's CPU int4 kernel takes the same sizes
     if settings.group_size is not None and settings.group_size not in sizes:
         raise IncompatibleTargetError(
-            f"Quantize(method='int4-weight-only'): group_size={settings.group_size} has no torchao int4 kernel; "
-            f"use one of {list(sizes)}."
+            f"Quantize(method='int4-weight-only'): group_size={settings.group_size} has no int4 kernel on "
+            f"{target.device_type} (torch's CPU int4 kernel, torchao's CUDA tinygemm); use one of {list(sizes)}."
         )
+
+
+def _int4_device(target: Target | None, state: dict[str, Any] | None = None) -> str:
+    """Where the int4 layers run: the target's device, or for a restore the recorded one."""
+    if state is not None:
+        return state.get("device", "cuda")  # records from before CPU int4 were all CUDA
+    return "cpu" if target is not None and target.device_type == "cpu" else "cuda"
+
+
+def _int4_restore(module: torch.nn.Module, settings: Quantize, state: dict[str, Any]) -> torch.nn.Module:
+    _int4_weight_only(module, settings, device=_int4_device(None, state))
+    return module
 
 
 @quant_method(
     "int4-weight-only",
-    description="int4 weights in groups (default 128), bf16 activations: 8x smaller Linear weights "
-    "(torchao Int4WeightOnlyConfig, CUDA tinygemm kernel); for ONNX models, ONNX Runtime MatMulNBits "
+    description="int4 weights in groups, bf16 activations: 8x smaller Linear weights; on CPU torch's int4 "
+    "kernel (aten._weight_int4pack_mm_for_cpu, groups of 32 by default: a Q4_1 GGUF's own blocks), on CUDA "
+    "torchao Int4WeightOnlyConfig (tinygemm, groups of 128); for ONNX models, ONNX Runtime MatMulNBits "
     "int4 blocks (default 32) on CPU or CUDA, int8 activations where the CPU has int8 dot products",
-    device_types=("cuda",),
+    device_types=("cpu", "cuda"),
     onnx_device_types=("cpu", "cuda"),
     package="torchao",
     extra="quant",
     settings_type=Int4WeightOnlySettings,
     onnx=_matmul_nbits(4),
     check=_check_int4,
+    check_layers=_check_group_size,
+    takes_target=True,
+    shared_state_keys=("device",),
+    restore=_int4_restore,
 )
-def _int4_weight_only(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
+def _int4_weight_only(module: torch.nn.Module, settings: Quantize, target: Target | None = None, *,
+                      device: str | None = None) -> dict[str, Any]:
+    if (device or _int4_device(target)) == "cpu":  # plain buffers, no torchao needed
+        from ._quant_torch_int4cpu import int4_cpu_weight_only
+
+        return int4_cpu_weight_only(module, settings.group_size or 32, settings.selected(module))
     require("torchao", extra="quant", purpose="Quantize('int4-weight-only')")
     from torchao.quantization import Int4WeightOnlyConfig
 
