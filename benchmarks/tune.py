@@ -387,13 +387,19 @@ def replay_pruning(results_dir: Path, model: str = "cnn") -> str:
     return text
 
 
+# The issues' fidelity budgets: one accuracy point (CNN), cosine 0.99 (MiniLM), next-token agreement 0.97
+# (SmolLM2, llm_decode.py's target). A 0.01 default for the LLM ruled out every quantized recipe.
+DEFAULT_MAX_DROP = {"cnn": 0.01, "minilm": 0.01, "smollm2": 0.03}
+
+
 def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--model", choices=sorted(SETUPS), required=True)
     parser.add_argument("--replay-pruning", action="store_true",
                         help="no timing: replay early pruning over the recorded search of --model (cnn)")
     parser.add_argument("--budget", default="5m")
-    parser.add_argument("--max-drop", type=float, default=0.01)
+    parser.add_argument("--max-drop", type=float, default=None,
+                        help=f"fidelity budget (default per model: {DEFAULT_MAX_DROP})")
     parser.add_argument("--time-per-trial", type=float, default=8.0)
     parser.add_argument("--compare-time", type=float, default=40.0)
     parser.add_argument("--storage", default=None, help="SQLite file to resume the search from")
@@ -404,6 +410,8 @@ def main() -> None:
                         help="tune: search only (writes the section); compare: time the stored chosen recipe "
                              "against the hand-written ones (two shorter holds of the machine instead of one)")
     args = parser.parse_args()
+    if args.max_drop is None:
+        args.max_drop = DEFAULT_MAX_DROP[args.model]
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.replay_pruning:
         print(replay_pruning(args.results_dir, args.model))
