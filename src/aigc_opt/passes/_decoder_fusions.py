@@ -213,7 +213,7 @@ def fuse_group_query_attention(model: Any) -> dict[str, Any]:
     outputs and names) and goes right after the last producer of its Q/K/V; onnx-ir's dead-code pass
     then removes the rotary, cache-append and attention nodes nothing reads any more."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from ._onnx_ir_passes import remove_unused_nodes
 
     graph = model.graph
     meta = decoder_metadata(model)
@@ -238,7 +238,7 @@ def fuse_group_query_attention(model: Any) -> dict[str, Any]:
         ir.convenience.replace_nodes_and_values(graph, last, [], [node], old, list(node.outputs))
         for before, after in zip(old[1:], node.outputs[1:]):  # the graph's outputs keep their declaration
             after.metadata_props.update(before.metadata_props)
-    RemoveUnusedNodesPass()(model)
+    remove_unused_nodes(model)
     _drop_value_info(graph)
     model.opset_imports.setdefault("com.microsoft", 1)
     model.metadata_props[KV_CACHE_META_KEY] = json.dumps({"padding": "right", "shared_buffer": True,

@@ -180,7 +180,7 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
     goes with onnx-ir's dead-code pass, which also sees what subgraphs read.
     """
     import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from ._onnx_ir_passes import remove_unused_nodes
 
     model = ir.load(str(path))
     changes = {"qkv_weights_folded": 0, "qkv_hidden_sizes_dropped": 0, "bias_to_mask_index": 0}
@@ -204,7 +204,7 @@ def prepare_attention_for_quantization(path: Path) -> dict[str, Any]:
     changes["attention_kept_float"] = [n.name for n in attentions if len(n.inputs) > 5 and n.inputs[5] is not None]
     if not any(changes.values()):
         return changes
-    RemoveUnusedNodesPass()(model)
+    remove_unused_nodes(model)
     ir.save(model, str(path))
     return changes
 

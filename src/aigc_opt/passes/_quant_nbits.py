@@ -325,7 +325,7 @@ def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[l
     the tied lm_head untied, GGUF blocks reused, then nodes and initializers nothing reads removed
     (onnx-ir's ``RemoveUnusedNodesPass``). Returns the skipped node names, the untied MatMuls and what
     was reused."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from ._onnx_ir_passes import remove_unused_nodes
 
     from ._quant_onnx import _excluded_nodes
 
@@ -335,7 +335,7 @@ def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[l
     reused: dict[str, Any] = {"formats": {}, "helpers": [], "merged_groups": 0}
     if settings.reuse_blocks and block == GGUF_BLOCK:
         reused = _reuse_blocks(graph, set(excluded), level)
-    RemoveUnusedNodesPass()(loaded)
+    remove_unused_nodes(loaded)
     _check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
     return excluded, untied, reused
 
