@@ -20,7 +20,7 @@ import torch
 from .._deps import quiet_import_logs, require
 from .._tree import normalize_inputs, split_inputs
 from ..errors import ConfigError, InvalidInputError, UnsupportedModelError
-from ._quant_registry import quant_method
+from ._quant_registry import TORCHAO, quant_method
 from ._quant_settings import Int8StaticSettings
 
 if TYPE_CHECKING:
@@ -276,8 +276,7 @@ def _restore_static(module: torch.nn.Module, settings: Quantize, state: dict[str
     "(torch: PT2E torch.export + X86/Arm inductor quantizer, fast after Compile('inductor'); "
     "ONNX: onnxruntime quantize_static, QDQ format, MinMax/Entropy/Percentile calibration)",
     target_dtype="int8",
-    package="torchao",
-    extra="quant",
+    **TORCHAO,
     layer_types=_LAYERS,
     settings_type=Int8StaticSettings,
     onnx=_int8_static_onnx,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .quantize import Quantize
 
 __all__ = ["QuantMethod", "DtypePolicy", "QUANT_METHODS", "quant_method", "unmatched_patterns", "closest_names_hint",
-           "is_quantized"]
+           "is_quantized", "TORCHAO"]
 
 # What happens when the target lacks a method's target_dtype (QuantMethod.dtype_policy).
 DtypePolicy = Literal["refuse", "warn"]
@@ -113,6 +113,10 @@ class QuantMethod:
 
 
 QUANT_METHODS: Registry[QuantMethod] = Registry("quantization method")
+
+
+# The package (and the extra that installs it) behind every torchao-backed method: one fact, declared once.
+TORCHAO = {"package": "torchao", "extra": "quant"}
 
 
 def quant_method(name: str, **facts: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -19,7 +19,7 @@ from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ._prune_hf import is_conv1d
 from ._quant_nbits import check_nbits
-from ._quant_registry import is_quantized as _is_quantized, quant_method
+from ._quant_registry import TORCHAO, is_quantized as _is_quantized, quant_method
 from ._quant_settings import (
     Fp8Settings,
     HalfSettings,
@@ -109,8 +109,7 @@ def _int8_dynamic_onnx(model: Any, settings: Quantize) -> tuple[Any, dict[str, A
     "(torchao Int8DynamicActivationInt8WeightConfig; real int8 matmul kernels); for ONNX models, "
     "onnxruntime.quantization.quantize_dynamic",
     target_dtype="int8",
-    package="torchao",
-    extra="quant",
+    **TORCHAO,
     onnx=_int8_dynamic_onnx,
     settings_type=Int8DynamicSettings,
     keep_float=_one_input_feature,
@@ -166,8 +165,7 @@ def _matmul_nbits(bits: int) -> Callable[[Any, Quantize], tuple[Any, dict[str, A
     "Linear weights, dequantized in the matmul (torchao Int8WeightOnlyConfig); for ONNX models, ONNX "
     "Runtime MatMulNBits int8 blocks (default 32)",
     target_dtype="int8",
-    package="torchao",
-    extra="quant",
+    **TORCHAO,
     settings_type=Int8WeightOnlySettings,
     onnx=_matmul_nbits(8),
     keep_float=_one_input_feature,
@@ -219,8 +217,7 @@ def _int4_restore(module: torch.nn.Module, settings: Quantize, state: dict[str, 
     "int4 blocks (default 32) on CPU or CUDA, int8 activations where the CPU has int8 dot products",
     device_types=("cpu", "cuda"),
     onnx_device_types=("cpu", "cuda"),
-    package="torchao",
-    extra="quant",
+    **TORCHAO,
     settings_type=Int4WeightOnlySettings,
     onnx=_matmul_nbits(4),
     check=_check_int4,
@@ -259,8 +256,7 @@ def _int4_weight_only(module: torch.nn.Module, settings: Quantize, target: Targe
     "(torchao Float8DynamicActivationFloat8WeightConfig; needs fp8 tensor cores, sm_89+)",
     device_types=("cuda",),
     target_dtype="fp8",
-    package="torchao",
-    extra="quant",
+    **TORCHAO,
     settings_type=Fp8Settings,
 )
 def _fp8(module: torch.nn.Module, settings: Quantize) -> dict[str, Any]:
