@@ -209,7 +209,7 @@ def _args_demo(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--iters", type=int, default=30, help="interleaved timing rounds (default 30)")
     cmd.add_argument("--batch-size", type=int, default=8)
     cmd.add_argument("--seq-len", type=int, default=128)
-    cmd.add_argument("--no-compile", action="store_true", help="skip Compile('inductor')")
+    cmd.add_argument("--no-compile", action="store_true", help="skip the recipe's Compile step")
     cmd.add_argument("--markdown", action="store_true", help="print the report as markdown")
     cmd.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
