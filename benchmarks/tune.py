@@ -283,9 +283,8 @@ def write(section: dict[str, Any], results_dir: Path) -> str:
     lines = ["# ao.tune: the searched recipe against the best hand-written one", "",
              "Each section: `ao.tune` with the budget shown, then one interleaved `ao.compare` run of the baseline, "
              "the tuned recipe's model and the best hand-written recipes of benchmarks/ on the same workload "
-             "(ratios are median latency / fp32 eager's, with 95% intervals). The issue asks for a 20-minute budget "
-             "per model; this shared 2-core machine could not be held that long, so the budgets here are smaller, "
-             "and the search saw only part of the space.", ""]
+             "(ratios are median latency / fp32 eager's, with 95% intervals). Each section's header gives its "
+             "machine, budget and how much of the space the search saw.", ""]
     for name, sec in data["models"].items():
         t = sec["tune"]
         lines += [f"## {name} ({sec['date']})", "",
