@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,16 +90,23 @@ class Pipeline:
             fmt = p.output_format(fmt)
             compiled = compiled or p.compiles
 
-    def apply(self, model: Model, *, verbose: bool | None = None, name: str | None = None) -> Model:
+    def apply(self, model: Model, *, verbose: bool | None = None, name: str | None = None,
+              resume: Sequence[tuple[Pass, Model]] | None = None,
+              on_step: Callable[[int, Pass, Model, list[tuple[Pass, Model]]], None] | None = None) -> Model:
         """Run every pass in order on ``model`` (after checking the whole chain); ``name=`` labels
-        the result in reports (default: the input's name plus the passes, as the pass functions do)."""
-        self.check(model)
-        bar = progress_bar(len(self.passes), unit="pass", verbose=verbose)
-        done: list[str] = []
-        before: list[tuple[Pass, Model]] = []
+        the result in reports (default: the input's name plus the passes, as the pass functions do).
+
+        ``resume``: the first ``len(resume)`` passes already ran and ``model`` is their output;
+        ``resume`` holds each of them with the model it was given (what ``on_step`` was handed), so the
+        chain is checked on the original input and later passes see the same pipeline state.
+        ``on_step(i, pass, output, before)`` runs after each step (``ao.tune`` caches prefixes with it)."""
+        before: list[tuple[Pass, Model]] = list(resume or ())
+        self.check(before[0][1] if before else model)
+        bar = progress_bar(len(self.passes) - len(before), unit="pass", verbose=verbose)
         try:
-            for i, p in enumerate(self.passes):
-                p = p.in_pipeline(before)
+            for i in range(len(before), len(self.passes)):
+                p = self.passes[i].in_pipeline(before)
+                done = [type(q).__name__ for q, _ in before]
                 before.append((p, model))
                 if bar is not None:
                     bar.set_description(type(p).__name__)
@@ -111,7 +118,8 @@ class Pipeline:
                     raise
                 except Exception as e:
                     raise PassError(f"{p.describe()} failed: {e}. {_where(i, p, done, len(self.passes))}") from e
-                done.append(type(p).__name__)
+                if on_step is not None:
+                    on_step(i, p, model, before)
                 if bar is not None:
                     bar.update(1)
         finally:

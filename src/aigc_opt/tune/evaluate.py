@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..bench.locks import cpu_lock
-from ..errors import AigcOptError, FidelityError, PassError
+from ..errors import AigcOptError, FidelityError
 from ..passes.base import Pass
 from ..pipeline import Pipeline
 from .cache import Entry as CacheEntry
@@ -89,41 +89,27 @@ def with_runtime(passes: tuple[Pass, ...], ctx: EvalContext) -> tuple[Pass, ...]
 
 
 def build(base: Model, passes: tuple[Pass, ...], ctx: EvalContext, info: dict[str, Any] | None = None) -> Model:
-    """``passes`` applied to ``base`` as ``Pipeline.apply`` does, starting from the longest prefix
-    of them ``ctx.cache`` holds (and caching each new non-compiled step). ``info`` (when given)
-    gets ``reused_prefix`` (the key started from) and ``reused_prefix_build_s`` (what building it
-    cost in earlier trials); the caller's own clock is what this trial spent."""
-    runnable = with_runtime(passes, ctx)
-    pipe = Pipeline(runnable)
-    pipe.check(base)
+    """``passes`` applied to ``base`` by ``Pipeline.apply``, resumed from the longest prefix of them
+    ``ctx.cache`` holds (each new non-compiled step is cached). ``info`` (when given) gets
+    ``reused_prefix`` (the key started from) and ``reused_prefix_build_s`` (what building it cost in
+    earlier trials); the caller's own clock is what this trial spent."""
     keys = [recipe_key(passes[:i + 1]) for i in range(len(passes))]
     cache = ctx.cache
     done, entry = cache.longest(keys) if cache is not None else (0, None)
-    model, before = (entry.model, list(entry.before)) if entry is not None else (base, [])
     if info is not None and entry is not None:
         info.update(reused_prefix=keys[done - 1], reused_prefix_build_s=round(entry.build_s, 3))
     spent = entry.build_s if entry is not None else 0.0
-    for i in range(done, len(runnable)):
-        p = runnable[i].in_pipeline(before)
-        before.append((p, model))
-        start = time.perf_counter()
-        try:
-            model = p.apply(model)
-        except AigcOptError as e:
-            e.add_note(_step_note(i, p, before, len(runnable)))
-            raise
-        except Exception as e:
-            raise PassError(f"{p.describe()} failed: {e}. {_step_note(i, p, before, len(runnable))}") from e
-        spent += time.perf_counter() - start
+    clock = time.perf_counter()
+
+    def keep(i: int, p: Pass, model: Model, before: list[tuple[Pass, Model]]) -> None:
+        nonlocal spent, clock
+        now = time.perf_counter()
+        spent, clock = spent + now - clock, now
         if cache is not None and not p.compiles:  # a compiled model ends every recipe
             cache.put(keys[i], CacheEntry(model=model, before=list(before), build_s=spent, size_bytes=_size(model)))
-    return model
 
-
-def _step_note(i: int, p: Pass, before: list[tuple[Pass, Any]], total: int) -> str:
-    from ..pipeline import _where  # the note Pipeline.apply adds, which dead_prefix reads
-
-    return _where(i, p, [type(q).__name__ for q, _ in before[:i]], total)
+    start = (entry.model, entry.before) if entry is not None else (base, None)
+    return Pipeline(with_runtime(passes, ctx)).apply(start[0], verbose=False, resume=start[1], on_step=keep)
 
 
 def _size(model: Model) -> int:
