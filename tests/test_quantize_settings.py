@@ -77,6 +77,8 @@ def test_settings_are_normalized_into_the_pass_and_its_class():
     ("bnb-fp4", {"group_size": 5000}, "group_size=5000 is not a bitsandbytes block size"),
     ("int8-static", {"calibration_method": "kl"}, "calibration_method='kl' is not allowed"),
     ("int8-weight-only", {"reuse_blocks": "no"}, "reuse_blocks must be True or False"),
+    ("int8-weight-only", {"per_channel": False, "group_size": 32},
+     r"per_channel=False \(one scale per tensor\) and group_size=32 .* contradict .* give group_size alone"),
 ])
 def test_invalid_method_settings_cannot_be_constructed(method, settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -202,3 +204,23 @@ def test_settings_no_one_format_honours_together_cannot_be_constructed(method, s
 def test_settings_one_format_honours_together_are_constructed(method, settings):
     q = ao.Quantize(method, **settings)
     assert q.method_settings.given() == settings
+
+
+@pytest.mark.parametrize("settings, scales", [
+    ({}, (32, 1)),  # one scale per output channel
+    ({"per_channel": False}, (1, 1)),  # one per tensor
+    ({"group_size": 16}, (32, 4)),  # one per 16 weights of each output channel
+])
+def test_int8_weight_only_honours_each_torch_granularity_it_takes(settings, scales):
+    """per_channel and group_size on a torch model: each combination the settings take changes the
+    weight scales torchao makes (per_channel=False with a group_size is refused when made, above)."""
+    pytest.importorskip("torchao")
+    import torch
+
+    from aigc_opt.runtime.torch_module import unwrap
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model = ao.Model(net.eval(), example_inputs=(torch.randn(2, 64),), target="host")
+    quantized = ao.quantize(model, "int8-weight-only", **settings)
+    assert tuple(unwrap(quantized.artifact)[0].weight.scale.shape) == scales

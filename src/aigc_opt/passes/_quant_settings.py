@@ -138,7 +138,17 @@ class Int8DynamicSettings(QuantSettings):
 class Int8WeightOnlySettings(QuantSettings):
     """int8 weights, float activations (torchao Int8WeightOnlyConfig; ONNX MatMulNBits int8 blocks;
     NNCF INT8_ASYM, which takes no option). On torch models any group size dividing every selected
-    layer's input width works (checked on the model); ONNX takes MatMulNBits' block sizes."""
+    layer's input width works (checked on the model); ONNX takes MatMulNBits' block sizes.
+
+    On torch models the weight scales are one per output channel (the default), one per tensor
+    (``per_channel=False``) or one per ``group_size`` weights of an output channel (``group_size=N``);
+    ``per_channel=False`` with a ``group_size`` asks for both one scale and many, so it is refused.
+
+    Example:
+        >>> Int8WeightOnlySettings(per_channel=False, group_size=64)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        aigc_opt.errors.ConfigError: Quantize: per_channel=False (one scale per tensor) and group_size=64 ...
+    """
 
     honoured: ClassVar[Honoured] = _by_format(torch=("per_channel", "group_size", "skip_types"),
                                               onnx=("group_size", "symmetric", "reuse_blocks"), openvino=())
@@ -147,6 +157,15 @@ class Int8WeightOnlySettings(QuantSettings):
     group_size: int | None = _group_size()
     symmetric: bool | None = None
     reuse_blocks: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.per_channel is False and self.group_size is not None:
+            raise ConfigError(
+                f"Quantize('int8-weight-only'): per_channel=False (one scale per tensor) and "
+                f"group_size={self.group_size} (one scale per {self.group_size} weights of each output channel) "
+                "contradict each other. For groups give group_size alone (per_channel left at True); for one "
+                "scale per tensor give per_channel=False alone.")
 
 
 @dataclass(frozen=True, kw_only=True)
