@@ -76,6 +76,7 @@ def test_settings_classes_normalize_what_they_are_given():
     (ao.Distill, {"strategy": "zero3"}, "strategy='zero3' is not allowed.*Allowed"),
     (ao.Distill, {"alpha": 1.5}, "alpha=1.5 is not allowed"),
     (ao.Distill, {"labeled": 1}, "labeled must be True or False"),
+    (ao.Distill, {"verbose": 1}, "verbose must be True, False or None, got 1"),  # run-time fields are typed too
 ])
 def test_typed_fields_of_other_passes_are_checked(cls, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,8 +29,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -107,13 +108,15 @@ class Distill(Pass):
     seed: int = bounded(0, 0, 2**63 - 1)
     strategy: Strategy = "ddp"
     precision: TrainPrecision = "auto"
+    # Run-time only (never in a recipe or a record): typed for readers and checkers; the teacher is an
+    # nn.Module or an ao.Model, so it stays Any here and is checked where it is used.
     teacher: Any = runtime_field(default=None, compare=False, repr=False)
-    data: Any = runtime_field(default=None, compare=False, repr=False)
-    eval_fn: Any = runtime_field(default=None, compare=False, repr=False)
-    loss_fn: Any = runtime_field(default=None, compare=False, repr=False)
-    checkpoint_dir: Any = runtime_field(default=None, compare=False, repr=False)
-    resume_from: Any = runtime_field(default=None, compare=False, repr=False)
-    verbose: Any = runtime_field(default=None, compare=False, repr=False)
+    data: Iterable[Any] | None = runtime_field(default=None, compare=False, repr=False)
+    eval_fn: Callable[[nn.Module], float] | None = runtime_field(default=None, compare=False, repr=False)
+    loss_fn: Callable[..., Any] | None = runtime_field(default=None, compare=False, repr=False)
+    checkpoint_dir: str | os.PathLike[str] | None = runtime_field(default=None, compare=False, repr=False)
+    resume_from: str | os.PathLike[str] | None = runtime_field(default=None, compare=False, repr=False)
+    verbose: bool | None = runtime_field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> ConfigError:

@@ -31,7 +31,7 @@ import fnmatch
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -118,8 +118,8 @@ class Prune(Pass):
     round_to: int | None = None
     iterative_steps: int = 1
     prune_heads: bool = True
-    data: Any = runtime_field(default=None, compare=False, repr=False)
-    loss_fn: Any = runtime_field(default=None, compare=False, repr=False)
+    data: Iterable[Any] | None = runtime_field(default=None, compare=False, repr=False)  # run time only
+    loss_fn: Callable[..., Any] | None = runtime_field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("structured", "global_pruning", "prune_heads"):
