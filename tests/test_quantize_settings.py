@@ -224,3 +224,13 @@ def test_int8_weight_only_honours_each_torch_granularity_it_takes(settings, scal
     model = ao.Model(net.eval(), example_inputs=(torch.randn(2, 64),), target="host")
     quantized = ao.quantize(model, "int8-weight-only", **settings)
     assert tuple(unwrap(quantized.artifact)[0].weight.scale.shape) == scales
+
+
+def test_torch_int4_group_sizes_are_stated_once_for_both_kernels():
+    """The CPU int4 kernel's sizes and the ones Quantize.check allows on torch models (tinygemm's) are one tuple."""
+    from aigc_opt.passes._quant_torch_int4cpu import GROUP_SIZES
+
+    assert GROUP_SIZES is Int4WeightOnlySettings.group_sizes["torch"]
+    host = ao.Target.get("x86-avx2-desktop")
+    with pytest.raises(IncompatibleTargetError, match=r"group_size=16 has no int4 kernel on cpu .*\[32, 64, 128, 256\]"):
+        ao.Quantize("int4-weight-only", group_size=16).check_static("torch", host)

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "MATMUL_NBITS_BLOCK_SIZES",
-    "TORCHAO_INT4_GROUP_SIZES",
+    "TORCH_INT4_GROUP_SIZES",
     "Bnb4BitSettings",
     "BnbBlockSize",
     "BnbInt8Settings",
@@ -57,7 +57,9 @@ __all__ = [
 QuantFormat = Literal["torch", "onnx", "openvino"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 BnbBlockSize = Literal[32, 64, 128, 256, 512, 1024, 2048, 4096]  # what bitsandbytes' 4-bit kernels accept
-TORCHAO_INT4_GROUP_SIZES = (32, 64, 128, 256)  # torchao's int4 (tinygemm) kernels
+# int4 group sizes on torch models: torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) and torchao's
+# CUDA tinygemm (Int4WeightOnlyConfig) take the same four; both implementations read this one statement
+TORCH_INT4_GROUP_SIZES = (32, 64, 128, 256)
 MATMUL_NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)  # ONNX Runtime MatMulNBits block sizes: powers of two >= 16
 
 Honoured = Mapping[str, tuple[str, ...]]
@@ -177,7 +179,7 @@ class Int4WeightOnlySettings(QuantSettings):
                                               onnx=("group_size", "symmetric", "reuse_blocks"),
                                               openvino=("group_size", "symmetric"))
     group_sizes: ClassVar[Mapping[str, tuple[int, ...]]] = MappingProxyType(
-        {"torch": TORCHAO_INT4_GROUP_SIZES, "onnx": MATMUL_NBITS_BLOCK_SIZES})
+        {"torch": TORCH_INT4_GROUP_SIZES, "onnx": MATMUL_NBITS_BLOCK_SIZES})
     group_size: int | None = _group_size()
     symmetric: bool | None = None
     reuse_blocks: bool = True

@@ -189,7 +189,7 @@ def _check_int4(settings: Quantize, target: Target, fmt: str) -> None:
     if fmt == "onnx":  # MatMulNBits: CPU and CUDA kernels
         check_nbits(settings, target, fmt)
         return
-    sizes = Int4WeightOnlySettings.group_sizes["torch"]  # torch's CPU int4 kernel takes the same sizes
+    sizes = Int4WeightOnlySettings.group_sizes["torch"]  # TORCH_INT4_GROUP_SIZES: CPU kernel and tinygemm
     if settings.group_size is not None and settings.group_size not in sizes:
         raise IncompatibleTargetError(
             f"Quantize(method='int4-weight-only'): group_size={settings.group_size} has no int4 kernel on "

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, UnsupportedModelError
+from ._quant_settings import TORCH_INT4_GROUP_SIZES
 
 __all__ = ["Int4CPULinear", "int4_cpu_weight_only", "GROUP_SIZES"]
 
-GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu takes
+GROUP_SIZES = TORCH_INT4_GROUP_SIZES  # what _weight_int4pack_mm_for_cpu takes (stated in _quant_settings)
 N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs output features in blocks of 16
 COMPUTE_DTYPE = torch.bfloat16
 
