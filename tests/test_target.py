@@ -12,7 +12,7 @@ from aigc_opt.errors import ConfigError, UnknownNameError
 REQUIRED_KINDS = {
     "x86-avx2-desktop", "x86-avx512-vnni-server", "xeon-amx", "amd-epyc-genoa", "arm64-graviton3",
     "apple-m2", "nvidia-t4", "nvidia-l4", "nvidia-a100-sxm-80gb", "nvidia-h100-sxm",
-    "jetson-agx-orin-64gb", "tpu-v5e", "amd-alveo-u250",
+    "jetson-agx-orin-64gb", "tpu-v5e", "amd-alveo-u250", "intel-arc-a770", "intel-core-ultra-7-155h",
 }
 NUMERIC = ("memory_gb", "mem_bandwidth_gbs", "cores", "simd_width_bits")
 
@@ -20,7 +20,7 @@ NUMERIC = ("memory_gb", "mem_bandwidth_gbs", "cores", "simd_width_bits")
 def test_builtin_targets_cover_the_required_hardware():
     names = {t.name for t in ao.Target.list()}
     assert REQUIRED_KINDS <= names
-    assert len(names) >= 12
+    assert len(names) >= 15
 
 
 @pytest.mark.parametrize("target", ao.Target.list(), ids=lambda t: t.name)
@@ -31,6 +31,27 @@ def test_every_number_has_a_source(target):
     for dtype in target.peak_tflops:
         assert target.sources.get(f"peak_tflops.{dtype}"), f"{target.name}: peak {dtype} has no source"
     assert target.dtypes and target.backends
+
+
+def test_intel_gpu_and_npu_targets_say_which_openvino_device_they_have():
+    arc, soc = ao.Target.get("a770"), ao.Target.get("meteor-lake")
+    assert (arc.name, soc.name) == ("intel-arc-a770", "intel-core-ultra-7-155h")
+    # torch runs on the host CPU for both (the schema has no Intel GPU/NPU device type)
+    assert arc.device_type == soc.device_type == "cpu" and arc.torch_device == "cpu"
+    assert arc.has_backend("openvino") and "openvino-gpu" in arc.backends and "openvino-npu" not in arc.backends
+    # the NPU is the SoC's first OpenVINO accelerator; its iGPU is there too
+    accelerators = [b for b in soc.backends if b in ("openvino-gpu", "openvino-npu")]
+    assert accelerators == ["openvino-npu", "openvino-gpu"]
+    assert arc.supports_dtype("fp16") and not arc.supports_dtype("bf16") and soc.supports_dtype("int8")
+    assert arc.peak("fp16") == pytest.approx(8 * arc.peak("fp32"), rel=0.01)  # XMX 128 vs vector 16 ops/clock
+    assert arc.peak("int8") == pytest.approx(2 * arc.peak("fp16"), rel=0.01)
+    # the NPU has no published FP32/FP16 rate: absent, not guessed; derived numbers say how
+    assert soc.peak("int8") == 11.0 and soc.peak("fp32") is None and soc.peak("fp16") is None
+    assert soc.mem_bandwidth_gbs == pytest.approx(2 * 8 * 5600 / 1000)
+    assert soc.sources["mem_bandwidth_gbs"].startswith("derived:") and "derived:" in soc.sources["memory_gb"]
+    assert all(arc.sources[f"peak_tflops.{d}"].startswith("derived:") for d in arc.peak_tflops)
+    assert arc.cores is None  # 32 Xe-cores would be read as CPU threads on a cpu-type target
+    assert soc.has_feature("avx_vnni") and not soc.has_feature("avx512f")
 
 
 def test_builtin_files_parse_and_match_their_names():
