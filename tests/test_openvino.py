@@ -300,3 +300,86 @@ def test_export_traces_once_without_check_trace_and_verifies_on_four_full_rows(m
     assert "retraced" not in details
     inputs = batch(6, 24, seed=3)  # the rows and length the verification did not see
     torch.testing.assert_close(ov(**inputs), base(**inputs), atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- Intel GPU / NPU targets (#19)
+def test_intel_targets_pick_their_openvino_device_precision_and_shapes():
+    from aigc_opt.passes._compile_openvino import openvino_device, openvino_precision, openvino_shapes
+
+    plain = ao.Compile("openvino")
+    want = {"intel-arc-a770": ("GPU", "f16", "dynamic"), "intel-core-ultra-7-155h": ("NPU", "f16", "static"),
+            "xeon-amx": ("CPU", "bf16", "dynamic"), "x86-avx2-desktop": ("CPU", "f32", "dynamic")}
+    for name, expected in want.items():
+        target = ao.Target.get(name)
+        device = openvino_device(plain, target)
+        assert (device, openvino_precision(plain, target, device), openvino_shapes(plain, device)) == expected, name
+    soc = ao.Target.get("meteor-lake")
+    # the SoC's other devices on request; the precision asked for wins over the device's default
+    assert openvino_device(ao.Compile("openvino", device="GPU"), soc) == "GPU"
+    assert openvino_device(ao.Compile("openvino", device="CPU"), soc) == "CPU"
+    assert openvino_precision(ao.Compile("openvino", precision="f32"), soc, "NPU") == "f32"
+    assert openvino_shapes(ao.Compile("openvino", shapes="static"), "GPU") == "static"
+    with pytest.raises(IncompatibleTargetError, match="has no NPU for OpenVINO"):
+        openvino_device(ao.Compile("openvino", device="NPU"), ao.Target.get("intel-arc-a770"))
+    with pytest.raises(IncompatibleTargetError, match="NPU plugin compiles static shapes only"):
+        ao.Compile("openvino", shapes="dynamic").check_static("openvino", soc)
+
+
+def test_npu_on_an_amd_cpu_is_refused_before_openvino_is_imported(monkeypatch):
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+    imported = []
+
+    def watch(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            imported.append(name)
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", watch)
+    for mod in [m for m in sys.modules if m == "openvino" or m.startswith("openvino.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    for device in ("NPU", "GPU"):
+        with pytest.raises(IncompatibleTargetError, match=f"'amd-epyc-genoa' has no {device} for OpenVINO"):
+            ao.Compile("openvino", device=device).check_static("openvino", ao.Target.get("amd-epyc-genoa"))
+    assert imported == []  # said before any import
+    # the same check on a target that has the device gets past it, to the import
+    with pytest.raises(MissingDependencyError):
+        ao.Compile("openvino").check_static("openvino", ao.Target.get("intel-core-ultra-7-155h"))
+    assert imported
+
+
+def _missing_device() -> str:
+    from aigc_opt.runtime.openvino import openvino_core
+
+    available = openvino_core().available_devices
+    missing = [d for d in ("NPU", "GPU") if not any(a == d or a.startswith(d + ".") for a in available)]
+    if not missing:
+        pytest.skip(f"this machine's OpenVINO has both a GPU and an NPU ({available})")
+    return missing[0]
+
+
+@needs_openvino
+def test_a_device_this_machine_lacks_is_a_typed_error_naming_it(exported, tmp_path):
+    from aigc_opt.runtime.openvino import openvino_core
+
+    _, ov = exported
+    device = _missing_device()
+    target = {"GPU": "intel-arc-a770", "NPU": "intel-core-ultra-7-155h"}[device]
+    available = str(list(openvino_core().available_devices))
+    ov.save(tmp_path / "ir")
+    for_target = ao.Model.load(tmp_path / "ir", target=target)  # exported here, to compile there
+    with pytest.raises(IncompatibleTargetError) as info:
+        ao.compile(for_target, "openvino")
+    msg = str(info.value)
+    assert f"needs an OpenVINO {device} device" in msg and f"lists only {available}" in msg and target in msg
+    # NNCF still quantizes for it (on this machine's CPU): the compile is what needs the device
+    q = ao.quantize(for_target, "int8-weight-only")
+    assert q.target.name == target and q.history[-1].details["method"] == "int8-weight-only"
+    # a model compiled for that device elsewhere (a saved manifest says device=...) fails the same way
+    # on its first call, instead of with OpenVINO's message about a missing libOpenCL / NPU compiler
+    moved = ov.derive(ov.artifact.with_settings(device=device, precision="f16"))
+    with pytest.raises(IncompatibleTargetError, match=rf"needs an OpenVINO {device} device.*lists only"):
+        moved(**batch(2, 8))

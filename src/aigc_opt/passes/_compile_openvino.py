@@ -1,16 +1,19 @@
 """``Compile("openvino")``: compile an OpenVINO IR for the target's device.
 
-The device comes from the target (``"CPU"`` on CPU targets; ``"GPU"`` / ``"NPU"`` only where the
-target lists ``openvino-gpu`` / ``openvino-npu`` among its backends, and this machine's OpenVINO
-sees that device), threads from its cores, and the precision hint from its features: ``bf16`` on
-CPUs with AVX512-BF16 or AMX (OpenVINO's own default there), ``f16`` on GPUs and NPUs, ``f32``
-otherwise. All three are recorded; the runtime compiles with the LATENCY hint and without CPU
-pinning (see :mod:`aigc_opt.runtime.openvino`).
+The device comes from the target: the first ``openvino-gpu`` / ``openvino-npu`` among its backends
+(``intel-arc-a770``: ``"GPU"``; ``intel-core-ultra-7-155h``: ``"NPU"``), else ``"CPU"`` on CPU
+targets; ``device=`` picks another the target lists. This machine's OpenVINO must see that device
+(``IncompatibleTargetError`` naming the devices it does see). Threads come from the target's cores
+(CPU only), and the precision hint from its features: ``bf16`` on CPUs with AVX512-BF16 or AMX
+(OpenVINO's own default there), ``f16`` on GPUs and NPUs, ``f32`` otherwise. All three are recorded;
+the runtime compiles with the LATENCY hint and without CPU pinning (see
+:mod:`aigc_opt.runtime.openvino`).
 
 ``shapes``: None or ``"dynamic"`` (default) compiles the IR's dynamic axes once; ``"static"``
 reshapes it to the example inputs' shapes first (a call with other shapes compiles for those,
 counted as recompiles in the model and in ``ao.compare``'s report). Static shapes pay off where
 every call has one shape (a server padding to a fixed length); for text of every length, dynamic.
+The NPU compiles static shapes only: there None means ``"static"`` and ``"dynamic"`` is refused.
 """
 
 from __future__ import annotations
@@ -27,20 +30,35 @@ if TYPE_CHECKING:
     from ..model import Model
     from ..target import Target
 
-__all__ = ["openvino_device", "openvino_precision"]
+__all__ = ["openvino_device", "openvino_precision", "openvino_shapes"]
 
 # device -> the backend a target lists to say it has that device for OpenVINO
 _DEVICE_BACKENDS = {"GPU": "openvino-gpu", "NPU": "openvino-npu"}
+_BACKEND_DEVICES = {backend: device for device, backend in _DEVICE_BACKENDS.items()}
+# Devices whose OpenVINO plugin compiles static shapes only ("Dynamic shapes: NPU No",
+# https://docs.openvino.ai/2025/documentation/compatibility-and-support/supported-devices.html).
+_STATIC_ONLY = ("NPU",)
 
 
 def openvino_device(settings: Compile, target: Target) -> str:
-    """The OpenVINO device for ``target`` (``settings.device`` if given), or IncompatibleTargetError."""
+    """The OpenVINO device for ``target`` (``settings.device`` if given), or IncompatibleTargetError.
+
+    Without ``device=``: the first ``openvino-gpu`` / ``openvino-npu`` in the target's backends (a
+    target named for its accelerator lists it first), else ``"CPU"`` on a CPU target.
+
+    Example:
+        >>> import aigc_opt as ao
+        >>> openvino_device(ao.Compile("openvino"), ao.Target.get("intel-core-ultra-7-155h"))
+        'NPU'
+        >>> openvino_device(ao.Compile("openvino", device="GPU"), ao.Target.get("intel-core-ultra-7-155h"))
+        'GPU'
+    """
     if settings.device is None:
+        listed = [_BACKEND_DEVICES[b] for b in target.backends if b in _BACKEND_DEVICES]
+        if listed:
+            return listed[0]
         if target.device_type == "cpu":
             return "CPU"
-        for device, backend in _DEVICE_BACKENDS.items():
-            if backend in target.backends:
-                return device
         raise IncompatibleTargetError(
             f"Compile('openvino') runs on CPUs, and on Intel GPUs/NPUs whose target lists 'openvino-gpu' or "
             f"'openvino-npu'; target {target.name!r} is a {target.device_type} device with backends "
@@ -58,6 +76,18 @@ def openvino_device(settings: Compile, target: Target) -> str:
     return settings.device
 
 
+def openvino_shapes(settings: Compile, device: str) -> str:
+    """``"static"`` or ``"dynamic"``: ``settings.shapes``, else dynamic, except on devices that
+    compile static shapes only (the NPU), which refuse ``"dynamic"`` (IncompatibleTargetError)."""
+    if device in _STATIC_ONLY:
+        if settings.shapes == "dynamic":
+            raise IncompatibleTargetError(
+                f"Compile('openvino', shapes='dynamic'): OpenVINO's {device} plugin compiles static shapes only; "
+                "use shapes='static' (the default there), which compiles for the example inputs' shapes.")
+        return "static"
+    return settings.shapes or "dynamic"
+
+
 def openvino_precision(settings: Compile, target: Target, device: str) -> str:
     if settings.precision is not None:
         return settings.precision
@@ -68,18 +98,18 @@ def openvino_precision(settings: Compile, target: Target, device: str) -> str:
 
 def _check_openvino(settings: Compile, target: Target) -> None:
     device = openvino_device(settings, target)  # before the import: a wrong target is said first
-    ov = require("openvino", extra="openvino", purpose="Compile('openvino')")
-    if device != "CPU" and not any(d.startswith(device) for d in ov.Core().available_devices):
-        raise IncompatibleTargetError(
-            f"Compile('openvino') for target {target.name!r} needs an OpenVINO {device} device, and this "
-            f"machine's OpenVINO sees only {ov.Core().available_devices}. Compile on the target machine.")
+    openvino_shapes(settings, device)
+    require("openvino", extra="openvino", purpose="Compile('openvino')")
+    from ..runtime.openvino import check_device
+
+    check_device(device, what=f"Compile('openvino') for target {target.name!r}")
 
 
 def _run_openvino(model: Model, settings: Compile) -> tuple[Any, dict[str, Any]]:
     device = openvino_device(settings, model.target)
     precision = openvino_precision(settings, model.target, device)
     threads = settings.threads or (model.target.cores if device == "CPU" else None) or 0
-    static = _static_shapes(model) if settings.shapes == "static" else None
+    static = _static_shapes(model) if openvino_shapes(settings, device) == "static" else None
     artifact = model.artifact.with_settings(device=device, threads=threads, precision=precision,
                                             static_shapes=static)
     start = time.perf_counter()

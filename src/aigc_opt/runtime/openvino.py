@@ -31,11 +31,11 @@ import torch
 from .._deps import require
 from .._safety import contained
 from .._tree import Inputs, describe, flatten_tensors
-from ..errors import IntegrityError, InvalidInputError
+from ..errors import IncompatibleTargetError, IntegrityError, InvalidInputError
 from .base import RUNTIMES, BuildOnceCache, ModelFacts, rebuild_outputs
 
 __all__ = ["OpenVINOArtifact", "OpenVINORuntime", "OV_DEVICES", "OV_PRECISIONS", "MAX_STATIC_SHAPES", "MASK_INPUT",
-           "compile_config", "openvino_core", "trim_padding"]
+           "check_device", "compile_config", "openvino_core", "trim_padding"]
 
 # The devices and precision hints a saved model may name (anything else is refused on load).
 OV_DEVICES = ("CPU", "GPU", "NPU")
@@ -65,6 +65,24 @@ def openvino_core() -> Any:
         ov = require("openvino", extra="openvino", purpose="Running an OpenVINO model")
         _CORE.append(ov.Core())
     return _CORE[0]
+
+
+def check_device(device: str, *, what: str) -> None:
+    """IncompatibleTargetError unless this machine's OpenVINO lists ``device`` (``"GPU"`` matches
+    ``"GPU.0"``); the CPU is always there. Said before OpenVINO's own error, which names a missing
+    shared library (``libOpenCL.so.1``, the NPU compiler) rather than the device.
+
+    Example:
+        >>> check_device("CPU", what="Compile('openvino')")
+    """
+    if device == "CPU":
+        return
+    available = list(openvino_core().available_devices)
+    if not any(d == device or d.startswith(device + ".") for d in available):
+        raise IncompatibleTargetError(
+            f"{what} needs an OpenVINO {device} device, and this machine's OpenVINO lists only {available} "
+            f"(openvino.Core().available_devices). Run it on a machine with the {device} and its driver "
+            f"installed, or compile it for the CPU (Compile('openvino', device='CPU')).")
 
 
 class _CompiledCache(BuildOnceCache):
@@ -206,6 +224,7 @@ class OpenVINOArtifact:
         return None if self.static_shapes is None else self._cache.recompile_seconds
 
     def _compile_for(self, shapes: tuple[tuple[int, ...], ...] | None) -> Any:
+        check_device(self.device, what=f"This OpenVINO model (compiled for device {self.device!r})")
         model = self.ov_model()
         if shapes is not None:
             model = model.clone()
