@@ -203,19 +203,19 @@ def test_int8_static_calibrates_a_decoder_on_prompts_and_fp16_keeps_it_generatin
 
 def test_skip_names_the_users_modules_in_a_decoder_export(lm, onnx_lm):
     """The decoder is traced through a wrapper; skip= still takes the user's module names."""
-    import onnx
+    import onnx_ir as ir
 
     from aigc_opt.passes._export_decoder import DECODER_WRAPPER, _DecoderStep
     from aigc_opt.passes._quant_onnx import _torch_module_path
 
     assert DECODER_WRAPPER == f"{_DecoderStep.__module__}.{_DecoderStep.__qualname__}"
-    graph = onnx.load(str(onnx_lm.artifact.path)).graph
-    paths = {_torch_module_path(n) for n in graph.node}
+    graph = ir.load(str(onnx_lm.artifact.path)).graph
+    paths = {_torch_module_path(n) for n in graph}
     assert {"lm_head", "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= paths
     every = ao.quantize(onnx_lm, "int8-static", data=[onnx_lm.example_inputs]).history[-1].details
     kept = ao.quantize(onnx_lm, "int8-static", data=[onnx_lm.example_inputs], skip=("lm_head",)).history[-1].details
     (head,) = kept["nodes_skipped"]
-    assert _torch_module_path(next(n for n in graph.node if n.name == head)) == "lm_head"
+    assert _torch_module_path(next(n for n in graph if n.name == head)) == "lm_head"
     assert kept["nodes_quantized"] == every["nodes_quantized"] - 1
     with pytest.raises(ConfigError, match=r"skip=\['lm_haed'\] matches no node.*'lm_head'"):
         ao.quantize(onnx_lm, "int8-dynamic", skip=("lm_haed",))

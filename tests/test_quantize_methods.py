@@ -242,6 +242,20 @@ def test_onnx_int8_static_symmetric_and_skip(onnx_mlp, x):
         ao.quantize(onnx_mlp, "int8-static", data=_calib(1), group_size=32)
 
 
+def test_onnx_skip_matches_the_torch_module_path_or_the_node_name(onnx_mlp):
+    """skip= on an ONNX model matches the torch module a node came from (the exporter's name scopes, read
+    with onnx-ir) or the node's own name; fp16 then keeps that node's weight and bias float32."""
+    every = ao.quantize(onnx_mlp, "fp16").history[-1].details
+    by_module = ao.quantize(onnx_mlp, "fp16", skip=("head",)).history[-1].details  # MLP.head
+    by_node = ao.quantize(onnx_mlp, "fp16", skip=("node_linear_2",)).history[-1].details
+    assert every["nodes_skipped"] == [] and by_module["nodes_skipped"] == by_node["nodes_skipped"] == ["node_linear_2"]
+    assert by_module["fp16_initializers"] == every["fp16_initializers"] - 2
+    static = ao.quantize(onnx_mlp, "int8-static", data=_calib(2), skip=("fc*",), verbose=False).history[-1].details
+    assert static["nodes_skipped"] == ["node_linear", "node_linear_1"]
+    with pytest.raises(ConfigError, match=r"skip=\['haed'\] matches no node .* did you mean \['head'\]"):
+        ao.quantize(onnx_mlp, "fp16", skip=("haed",))
+
+
 def test_onnx_fp16_keeps_float32_io(onnx_mlp, x):
     q = ao.quantize(onnx_mlp, "fp16")
     out = q(x)

@@ -311,15 +311,6 @@ def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -
             + "or skip= those layers.")
 
 
-def _named_nodes(graph: Any) -> Any:
-    """``graph``'s node names and metadata as ``_quant_onnx._excluded_nodes`` reads them (protobuf-shaped:
-    ``.node``, each with ``.name`` and ``.metadata_props`` entries of ``.key``/``.value``)."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(node=[SimpleNamespace(name=n.name or "", metadata_props=[
-        SimpleNamespace(key=k, value=v) for k, v in n.metadata_props.items()]) for n in graph])
-
-
 def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[list[str], list[str], dict[str, Any]]:
     """The graph surgery before ONNX Runtime's quantizer, in place on ``loaded`` (an ``onnx_ir.Model``):
     the tied lm_head untied, GGUF blocks reused, then nodes and initializers nothing reads removed
@@ -330,7 +321,7 @@ def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[l
     from ._quant_onnx import _excluded_nodes
 
     graph = loaded.graph
-    excluded = _excluded_nodes(_named_nodes(graph), settings)
+    excluded = _excluded_nodes(graph, settings)
     untied = _untie_transposed_weights(graph)
     reused: dict[str, Any] = {"formats": {}, "helpers": [], "merged_groups": 0}
     if settings.reuse_blocks and block == GGUF_BLOCK:

@@ -27,16 +27,18 @@ log = logging.getLogger("aigc_opt")
 def int8_dynamic_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
     """ONNX Runtime's dynamic int8 quantization (MatMulInteger/DynamicQuantizeLinear kernels)."""
     import onnx
+    import onnx_ir as ir
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from .._deps import quiet_import_logs
     from ..runtime.onnxruntime import new_workdir
 
     source = model.artifact
-    graph = onnx.load(str(source.path), load_external_data=False).graph
+    graph = ir.load(str(source.path)).graph  # weights stored beside the graph are not read
     excluded = _excluded_nodes(graph, settings)
     # quantize_dynamic first splits each Gemm into MatMul + Add, renaming it "<name>_MatMul".
-    excluded += [f"{n.name}_MatMul" for n in graph.node if n.op_type == "Gemm" and n.name in excluded]
+    gemms = [n.name or "" for n in graph if n.op_type == "Gemm"]
+    excluded += [f"{name}_MatMul" for name in gemms if name in excluded]
     workdir = new_workdir("quant")
     target = workdir / "model.onnx"
     graph_path, fusions = _fused_for_quantization(model, settings, workdir)
@@ -126,23 +128,27 @@ def _max_relative_difference(source: Any, fused_path: Any, inputs: Any) -> float
 
 
 def _torch_module_path(node: Any) -> str:
-    """The torch module a node came from ("encoder.layer.0.attention.self.query"), read from
-    the name scopes the torch.onnx exporter records in the node's metadata; "" if unknown.
+    """The torch module ``node`` (an ``onnx_ir.Node``) came from ("encoder.layer.0.attention.self.query"),
+    read from the name scopes the torch.onnx exporter records in the node's metadata; "" if unknown.
 
     The scopes are cumulative (``['', 'lm', 'lm.transformer', ..., 'lm.lm_head', 'linear_16']``):
     the innermost module is the last but one. A decoder exported with its KV cache is traced
     through aigc_opt's wrapper, whose ``lm.`` prefix is dropped so names match the user's model.
+
+    Example:
+        >>> import onnx_ir as ir
+        >>> node = ir.Node("", "MatMul", [], metadata_props={
+        ...     "pkg.torch.onnx.name_scopes": "['', 'encoder', 'encoder.query', 'linear']"})
+        >>> _torch_module_path(node)
+        'encoder.query'
     """
     import ast
 
+    props = node.metadata_props
     scopes: list[str] = []
-    wrapped = False
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            with contextlib.suppress(ValueError, SyntaxError):
-                scopes = [s for s in ast.literal_eval(prop.value)[1:-1] if s]
-        elif prop.key == "pkg.torch.onnx.class_hierarchy":
-            wrapped = prop.value.startswith(f"['{DECODER_WRAPPER}'")
+    with contextlib.suppress(ValueError, SyntaxError):
+        scopes = [s for s in ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))[1:-1] if s]
+    wrapped = props.get("pkg.torch.onnx.class_hierarchy", "").startswith(f"['{DECODER_WRAPPER}'")
     if not scopes:
         return ""
     nested = all(inner.startswith(outer + ".") for outer, inner in zip(scopes, scopes[1:]))
@@ -153,11 +159,14 @@ def _torch_module_path(node: Any) -> str:
 
 
 def _excluded_nodes(graph: Any, settings: Quantize) -> list[str]:
+    """The names of the nodes of ``graph`` (an ``onnx_ir.Graph``) that ``settings.skip`` keeps in float:
+    a pattern matches a node's name or the torch module it came from (:func:`_torch_module_path`).
+    A pattern that matches no node is refused (``ConfigError``), with the closest module names."""
     if not settings.skip:
         return []
     from ._quant_registry import closest_names_hint, unmatched_patterns
 
-    names = [(n.name, _torch_module_path(n)) for n in graph.node]
+    names = [(n.name or "", _torch_module_path(n)) for n in graph]
     modules = [path for _, path in names if path]
     unmatched = unmatched_patterns(settings.skip, [n for pair in names for n in pair])
     if unmatched:
@@ -246,23 +255,23 @@ _TRANSFORMER_OPS = {"Softmax", "LayerNormalization", "Attention", "MultiHeadAtte
 
 def int8_static_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
     import onnx
+    import onnx_ir as ir
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .._deps import quiet_import_logs
     from ..runtime.onnxruntime import new_workdir
 
     source = model.artifact
-    graph = onnx.load(str(source.path), load_external_data=False).graph
+    graph = ir.load(str(source.path)).graph  # weights stored beside the graph are not read
     excluded = _excluded_nodes(graph, settings)
     # Matmuls with a weight (an initializer); activation x activation matmuls (attention scores)
     # stay float: quantizing them costs MiniLM 0.05 of embedding cosine.
-    initializers = {t.name for t in graph.initializer}
-    weighted = [n.name for n in graph.node if n.op_type in _STATIC_OPS and n.name not in excluded
-                and any(i in initializers for i in n.input[1:])]
+    weighted = [n.name or "" for n in graph if n.op_type in _STATIC_OPS and (n.name or "") not in excluded
+                and any(v is not None and v.name in graph.initializers for v in n.inputs[1:])]
     if not weighted:
         raise UnsupportedModelError("Quantize('int8-static'): this ONNX graph has no MatMul/Gemm/Conv with a "
                                     "weight initializer outside skip; nothing to quantize.")
-    transformer = any(n.op_type in _TRANSFORMER_OPS for n in graph.node)
+    transformer = any(n.op_type in _TRANSFORMER_OPS for n in graph)
     reader = _Reader(source, list(settings.data), settings.verbose)
     if settings.calibration_method != "minmax":
         _check_one_shape(reader.shapes, settings.calibration_method)
@@ -299,13 +308,14 @@ def int8_static_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, A
 
 def fp16_onnx(model: Model, settings: Quantize) -> tuple[Any, dict[str, Any]]:
     import onnx
+    import onnx_ir as ir
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from ..runtime.onnxruntime import new_workdir
 
     source = model.artifact
-    proto = onnx.load(str(source.path))
-    excluded = _excluded_nodes(proto.graph, settings)
+    proto = onnx.load(str(source.path))  # the converter takes and returns a ModelProto
+    excluded = _excluded_nodes(ir.from_proto(proto.graph), settings)  # tensors wrapped, not copied
     converted = convert_float_to_float16(proto, keep_io_types=True, node_block_list=excluded or None,
                                          disable_shape_infer=True)
     target = new_workdir("quant") / "model.onnx"
