@@ -36,8 +36,8 @@ def test_every_number_has_a_source(target):
 def test_intel_gpu_and_npu_targets_say_which_openvino_device_they_have():
     arc, soc = ao.Target.get("a770"), ao.Target.get("meteor-lake")
     assert (arc.name, soc.name) == ("intel-arc-a770", "intel-core-ultra-7-155h")
-    # torch runs on the host CPU for both (the schema has no Intel GPU/NPU device type)
-    assert arc.device_type == soc.device_type == "cpu" and arc.torch_device == "cpu"
+    # the Arc is an Intel GPU (torch's "xpu"); the SoC's CPU runs torch, its NPU is reached through OpenVINO
+    assert (arc.device_type, arc.torch_device) == ("xpu", "xpu") and soc.device_type == "cpu"
     assert arc.has_backend("openvino") and "openvino-gpu" in arc.backends and "openvino-npu" not in arc.backends
     # the NPU is the SoC's first OpenVINO accelerator; its iGPU is there too
     accelerators = [b for b in soc.backends if b in ("openvino-gpu", "openvino-npu")]

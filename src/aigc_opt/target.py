@@ -30,8 +30,10 @@ __all__ = ["Target", "DEVICE_TYPES", "DTYPES"]
 
 log = logging.getLogger("aigc_opt")
 
-DeviceType = Literal["cpu", "cuda", "mps", "tpu", "fpga"]
-DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "mps", "tpu", "fpga")
+# "xpu" is torch's name for Intel GPUs (reached through OpenVINO's GPU plugin here). An NPU is part
+# of a client SoC whose CPU runs torch, so such a target is a "cpu" that lists "openvino-npu".
+DeviceType = Literal["cpu", "cuda", "xpu", "mps", "tpu", "fpga"]
+DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps", "tpu", "fpga")
 DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 
 _REQUIRED = ("name", "device_type", "arch", "memory_gb")
@@ -117,7 +119,7 @@ class Target:
     @property
     def torch_device(self) -> str:
         """The torch device string models for this target run on."""
-        return {"cpu": "cpu", "cuda": "cuda", "mps": "mps"}.get(self.device_type, "cpu")
+        return {"cpu": "cpu", "cuda": "cuda", "xpu": "xpu", "mps": "mps"}.get(self.device_type, "cpu")
 
     def peak(self, dtype: str) -> float | None:
         """Peak dense TFLOP/s (TOPS for integers) for ``dtype``, or None when unknown."""

@@ -116,7 +116,8 @@ class Compile(Pass):
         buckets: inductor with ``shapes="buckets"``: the sequence lengths to compile (at most 8).
             None: the example inputs' length and up to three halvings of it, down to the target's
             vector width and the shortest real example sequence.
-        device: openvino: ``"CPU"``, ``"GPU"`` or ``"NPU"`` (default: the target's kind).
+        device: openvino: ``"CPU"``, ``"GPU"`` or ``"NPU"`` (default: the first of ``openvino-gpu`` /
+            ``openvino-npu`` the target lists, else ``"CPU"`` on CPU targets).
         precision: openvino inference precision hint, ``"f32"``, ``"bf16"`` or ``"f16"`` (default:
             bf16 where the target has AVX512-BF16 or AMX, f16 on GPU/NPU, else f32).
 
