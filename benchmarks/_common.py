@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_machine", "latency_fields",
            "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results", "OPTIMUM_VENV",
-           "optimum_python", "peer_python"]
+           "optimum_python", "peer_python", "tpot"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,6 +97,20 @@ def latency_fields(entry: Any) -> dict[str, Any]:
     baseline's p50), ``ratio_ci95`` ([low, high], paired bootstrap) and ``p50_ms``."""
     ratio, lo, hi = entry.latency_ratio
     return {"latency_ratio": ratio, "ratio_ci95": [lo, hi], "p50_ms": entry.measurement.median * 1e3}
+
+
+def tpot(total_s: float, ttft_s: float, new_tokens: int) -> float:
+    """Time per output token, in seconds: a generate of ``new_tokens`` tokens took ``total_s``, one of a
+    single token (the prompt and the first token) ``ttft_s``; the other ``new_tokens - 1`` tokens shared
+    the difference. As ``aigc_opt.bench.generation`` computes it for ``ao.compare`` (one token: the
+    difference itself), so the peers' numbers and ours are the same quantity.
+
+        >>> tpot(1.0, 0.1, 10)
+        0.1
+    """
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"tpot: new_tokens={new_tokens!r} is not a token count; give the int >= 1 generated.")
+    return (total_s - ttft_s) / max(new_tokens - 1, 1)
 
 
 def fmt_ratio(ratio: float, lo: float | None = None, hi: float | None = None) -> str:

@@ -24,6 +24,7 @@ import torch
 import aigc_opt as ao
 from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
 from aigc_opt.passes._quant_torch_int4cpu import int4_cpu_weight_only
+from _common import tpot
 from aigc_opt.runtime import torch_module
 from llm_decode import QUESTIONS, default_model
 
@@ -53,17 +54,17 @@ def timed(model: ao.Model, ids: torch.Tensor, new_tokens: int, rounds: int, old_
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         first = time.perf_counter() - start
-        tpot = []
+        per_token = []
         for _ in range(rounds):
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1)
             one = time.perf_counter() - start
             start = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            tpot.append((time.perf_counter() - start - one) / (new_tokens - 1))
+            per_token.append(tpot(time.perf_counter() - start, one, new_tokens))
     stats = dict(getattr(model.artifact, "decode_stats", {}))
-    return {"first_generate_s": round(first, 2), "ms_per_token": round(1e3 * statistics.median(tpot), 2),
-            "ms_per_token_all": [round(1e3 * t, 2) for t in tpot], "decode_stats": stats,
+    return {"first_generate_s": round(first, 2), "ms_per_token": round(1e3 * statistics.median(per_token), 2),
+            "ms_per_token_all": [round(1e3 * t, 2) for t in per_token], "decode_stats": stats,
             "tokens": out[0, ids.shape[1]:].tolist()}
 
 
@@ -83,7 +84,7 @@ def interleaved(base: ao.Model, ids: torch.Tensor, new_tokens: int, rounds: int)
             one = time.perf_counter() - start
             start = time.perf_counter()
             m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            times[name].append(1e3 * (time.perf_counter() - start - one) / (new_tokens - 1))
+            times[name].append(1e3 * tpot(time.perf_counter() - start, one, new_tokens))
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.1f} | {[round(x, 1) for x in t]} | "
               f"{getattr(models[name].artifact, 'decode_stats', {}).get('graphs_per_call', '-')} |")

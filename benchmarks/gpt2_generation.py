@@ -26,7 +26,7 @@ import torch
 
 import aigc_opt as ao
 from aigc_opt.bench import generation
-from _common import base_parser, optimum_python, result_header, write_results
+from _common import base_parser, optimum_python, result_header, tpot, write_results
 
 HERE = Path(__file__).parent
 PEER_OUT = HERE / ".peer-artifacts" / "gpt2"
@@ -132,12 +132,12 @@ def peer_rows(peer: dict, reference: list[list[int]], reference_predictions: lis
     base = timings[base_name]
     rows = []
     for name, t in timings.items():
-        tpot = [(total - first) / (n - 1) for total, first in zip(t["total"], t["ttft"])]
-        base_tpot = [(total - first) / (n - 1) for total, first in zip(base["total"], base["ttft"])]
+        per_token = [tpot(total, first, n) for total, first in zip(t["total"], t["ttft"])]
+        base_tpot = [tpot(total, first, n) for total, first in zip(base["total"], base["ttft"])]
         same = np.asarray(t["tokens"]) == np.asarray(reference)
-        rows.append({"name": name, "ttft_p50": float(np.median(t["ttft"])), "tpot_p50": float(np.median(tpot)),
+        rows.append({"name": name, "ttft_p50": float(np.median(t["ttft"])), "tpot_p50": float(np.median(per_token)),
                      "ttft_ratio": None if name == base_name else list(ratio_ci(base["ttft"], t["ttft"])),
-                     "tpot_ratio": None if name == base_name else list(ratio_ci(base_tpot, tpot)),
+                     "tpot_ratio": None if name == base_name else list(ratio_ci(base_tpot, per_token)),
                      "tokens_per_second": n * peer["batch_size"] / float(np.median(t["total"])),
                      "token_agreement_with_our_fp32": float(same.mean()),
                      "next_token_agreement_with_our_fp32": float(np.mean(

@@ -44,7 +44,7 @@ import torch
 
 import aigc_opt as ao
 from _common import (OPTIMUM_PACKAGES, OPTIMUM_VENV, base_parser, cpu_lock, machine_info, markdown_table, peer_python,
-                     result_header, write_results)
+                     result_header, tpot, write_results)
 from aigc_opt.bench import generation
 from aigc_opt.bench.llm import agreement, heldout_text, text_scores, text_windows
 
@@ -138,8 +138,8 @@ def alone(model: ao.Model, prompt: list[int], new_tokens: int, rounds: int, work
     if out.returncode != 0 or not out.stdout.strip():
         return None
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    tpot = [(t - f) / max(new_tokens - 1, 1) for t, f in zip(result["total"], result["ttft"])]
-    return {**result, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(result["ttft"]))}
+    per_token = [tpot(t, f, new_tokens) for t, f in zip(result["total"], result["ttft"])]
+    return {**result, "tpot_p50": float(np.median(per_token)), "ttft_p50": float(np.median(result["ttft"]))}
 
 
 def llamacpp_peer(job: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +168,7 @@ def optimum_peer(path: Path, args: Any, prompt_ids: list[int], windows: torch.Te
                              capture_output=True, text=True, check=True)
     peer = json.loads(out.stdout)
     for m in peer["models"].values():
-        m["tpot_p50"] = float(np.median([(t - f) / max(args.max_new_tokens - 1, 1) for t, f in zip(m["total"], m["ttft"])]))
+        m["tpot_p50"] = float(np.median([tpot(t, f, args.max_new_tokens) for t, f in zip(m["total"], m["ttft"])]))
         m["ttft_p50"] = float(np.median(m["ttft"]))
         m["agreement"] = float((torch.tensor(m.pop("predictions")) == reference).double().mean())
         m["nll"] = None
@@ -269,9 +269,9 @@ def main() -> None:
         job = {"model": str(path), "threads": args.threads, "prompt": prompt_ids, "new_tokens": args.max_new_tokens,
                "rounds": args.rounds, "windows": windows.tolist()}
         peer = llamacpp_peer(job)
-        tpot = [(t - f) / max(args.max_new_tokens - 1, 1) for t, f in zip(peer["total"], peer["ttft"])]
+        peer_tpot = [tpot(t, f, args.max_new_tokens) for t, f in zip(peer["total"], peer["ttft"])]
         preds = torch.tensor(peer["predictions"])
-        llamacpp = {**peer, "tpot_p50": float(np.median(tpot)), "ttft_p50": float(np.median(peer["ttft"])),
+        llamacpp = {**peer, "tpot_p50": float(np.median(peer_tpot)), "ttft_p50": float(np.median(peer["ttft"])),
                     "agreement": float((preds == reference.predictions).double().mean()),
                     "greedy_agreement_with_fp32": float(np.mean(np.asarray(peer["tokens"][:args.max_new_tokens])
                                                                 == np.asarray(reports[1].baseline.tokens[0][
@@ -309,17 +309,17 @@ def main() -> None:
     for batch, report in reports.items():
         for e in [report.baseline, *report.candidates]:
             name = e.name
-            tpot = e.tpot_p50
+            step_s = e.tpot_p50
             per_token = bytes_per_token[name] + kv
             solo = isolated.get(name) if batch == 1 else None
-            rows.append({"batch": batch, "name": name, "tpot_ms": tpot * 1e3,
+            rows.append({"batch": batch, "name": name, "tpot_ms": step_s * 1e3,
                          "alone_tpot_ms": solo["tpot_p50"] * 1e3 if solo else None,
                          "alone_roofline_fraction": per_token / solo["tpot_p50"] / bandwidth if solo else None, "tpot_ci95_ms": [x * 1e3 for x in
                                                                                                 e.to_dict()["tpot_ci95"]],
                          "ttft_ms": e.ttft_p50 * 1e3,
                          "prefill_tokens_per_s": batch * padded[batch] / e.ttft_p50,
-                         "tokens_per_s": batch / tpot, "bytes_per_token": per_token,
-                         "roofline_fraction": per_token / tpot / bandwidth if batch == 1 else None,
+                         "tokens_per_s": batch / step_s, "bytes_per_token": per_token,
+                         "roofline_fraction": per_token / step_s / bandwidth if batch == 1 else None,
                          "file_bytes": size[name], "peak_rss_bytes": rss.get(name),
                          **{f"fidelity_{k}": v for k, v in fidelity[name].items()}})
     if llamacpp:

@@ -259,3 +259,17 @@ def test_optimum_venv_is_completed_when_its_marker_is_missing_or_stale(tmp_path,
     (venv / ".installed").write_text("torch==2.13.0\n")  # an older, shorter list
     common.optimum_python(venv)
     assert len(calls) == len(common.OPTIMUM_PACKAGES)
+
+
+# ------------------------------------------------------------------------------ tpot
+def test_tpot_shares_the_time_after_the_first_token_among_the_others():
+    from aigc_opt.bench.generation import GenerationStats
+
+    assert common.tpot(1.0, 0.1, 10) == pytest.approx(0.1)  # 9 tokens after the first in 0.9 s
+    assert common.tpot(0.5, 0.2, 1) == pytest.approx(0.3)  # one token: the difference itself
+    # the same quantity ao.compare reports, so the peers' numbers and ours compare
+    stats = GenerationStats(name="x", ttft=[0.1, 0.2], total=[1.0, 1.5], new_tokens=10, batch_size=1)
+    assert [common.tpot(t, f, 10) for t, f in zip(stats.total, stats.ttft)] == pytest.approx(stats.tpot)
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="is not a token count"):
+            common.tpot(1.0, 0.1, bad)
