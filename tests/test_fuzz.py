@@ -322,6 +322,10 @@ def test_quantize(method: str, spec: Spec, data: Any, tmp_path_factory: Any) -> 
         fitting = [None, *[g for g in (2, 4, 8, 16, 32) if all(w % g == 0 for w in widths if w > 1)]]
         options["group_size"] = data.draw(st.sampled_from(fitting) | st.sampled_from([2, 4, 8, 16, 32]),
                                           label="group_size")
+        if options["group_size"] is not None and not options["per_channel"]:  # one scale per tensor, or groups
+            with pytest.raises(ConfigError, match="contradict each other"):
+                ao.Quantize(method, **options)
+            options["per_channel"] = True
     if data.draw(st.booleans(), label="use skip"):
         names = ao.Quantize(method).selected(spec.build().artifact)
         if names:
