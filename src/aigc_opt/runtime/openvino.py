@@ -82,7 +82,7 @@ def check_device(device: str, *, what: str) -> None:
         raise IncompatibleTargetError(
             f"{what} needs an OpenVINO {device} device, and this machine's OpenVINO lists only {available} "
             f"(openvino.Core().available_devices). Run it on a machine with the {device} and its driver "
-            f"installed, or compile it for the CPU (Compile('openvino', device='CPU')).")
+            f"installed, or compile it for this machine's CPU (target='host', or device='CPU' on a CPU target).")
 
 
 class _CompiledCache(BuildOnceCache):
