@@ -34,7 +34,8 @@ from typing import Any
 
 __all__ = ["RESULTS", "base_parser", "result_header", "machine_info", "describe_machine", "latency_fields",
            "fmt_ratio", "fmt_ci", "markdown_table", "write_text_atomic", "write_results", "OPTIMUM_VENV",
-           "optimum_python", "peer_python", "tpot"]
+           "optimum_python", "peer_python", "tpot",
+           "ST_VENV", "ST_PACKAGES", "st_python"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -237,6 +238,7 @@ def peer_python(venv: Path, packages: tuple[tuple[str, ...], ...]) -> Path:
         return py
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        (venv / ".gitignore").write_text("*\n")  # as Python >= 3.13's venv writes: git never sees it
     for spec in packages:
         subprocess.run([str(py), "-m", "pip", "install", "--quiet", *spec], check=True)
     marker.write_text(wanted)
@@ -246,3 +248,18 @@ def peer_python(venv: Path, packages: tuple[tuple[str, ...], ...]) -> Path:
 def optimum_python(venv: Path = OPTIMUM_VENV) -> Path:
     """The Optimum venv's python, creating or completing the venv first (needs the package index)."""
     return peer_python(venv, OPTIMUM_PACKAGES)
+
+
+# sentence-transformers' own ONNX and OpenVINO backends (embed_corpus.py's peer-st-* rows). Its 6.x
+# needs transformers >= 5, which optimum-onnx 0.1.0 (< 4.58) refuses, so 5.7.0 is the newest that
+# installs beside both extras; datasets only feeds its static OpenVINO int8 export (a local csv).
+ST_VENV = Path(__file__).parent / ".venv-st"
+ST_PACKAGES: tuple[tuple[str, ...], ...] = (
+    ("torch==2.13.0",),  # first: any other torch spec pulls several GB of CUDA wheels
+    ("sentence-transformers[onnx,openvino]==5.7.0", "datasets==4.4.2"),
+)  # no MiniLM package: embed_corpus.py hands _st_peer.py a copy of its own model directory
+
+
+def st_python(venv: Path = ST_VENV) -> Path:
+    """The sentence-transformers venv's python, creating or completing it first (needs the package index)."""
+    return peer_python(venv, ST_PACKAGES)

@@ -14,8 +14,18 @@ Rows: fp32 eager; torch.compile (inductor, torch's default shapes); aigc_opt's r
 (int8-dynamic + inductor and PT2E int8-static + inductor, both with ``shapes="buckets"``; ONNX
 int8 + ONNX Runtime; OpenVINO IR + NNCF int8 + Compile("openvino")); and the peers, used through
 their own APIs: OpenVINO + NNCF int8 (``ov.convert_model``, ``nncf.quantize(model_type=TRANSFORMER)``,
-LATENCY hint) and Hugging Face Optimum's int8 ONNX (its avx512_vnni dynamic recipe, made in its own
-venv, run in ONNX Runtime). Static int8 rows calibrate on the demo sentences (not the corpus).
+LATENCY hint), Hugging Face Optimum's int8 ONNX (its avx512_vnni dynamic recipe, made in its own
+venv, run in ONNX Runtime) and sentence-transformers' own backends (``peer-st-*``, in their own venv
+``benchmarks/.venv-st`` and process, ``benchmarks/_st_peer.py``): ``SentenceTransformer(dir,
+backend="onnx")`` and ``backend="openvino"`` (each exports on load), and their int8 exports,
+``export_dynamic_quantized_onnx_model(model, "avx512_vnni", dir)`` and
+``export_static_quantized_openvino_model`` (its default config); each is timed on this worker's batches
+through ``SentenceTransformer.forward`` (the model's own mean pooling and Normalize, as the fp32
+reference pools), with fp32 eager for its speed-up being the same model with ``backend="torch"``
+in that process, and the same threads (ORT ``intra_op_num_threads``, no spin-wait; OpenVINO
+``INFERENCE_NUM_THREADS`` and the LATENCY hint). Static int8 rows calibrate on the demo sentences
+(not the corpus), sentence-transformers' OpenVINO export included (a local csv for its
+``dataset_name``: its default, GLUE SST-2, is a download).
 
 Every row runs in its own process (a runtime's idle threads, torch's compile caches and
 OpenVINO's TBB pool would otherwise bias the rows after it), with a fresh inductor cache (compiles
@@ -51,7 +61,12 @@ ROWS = {
     "peer-openvino-nncf-int8": "peer: OpenVINO + NNCF int8 (by hand)",
     "peer-openvino": "peer: OpenVINO by hand, no quantization (its default precision)",
     "peer-optimum-int8-onnx": "peer: Optimum int8 ONNX + ONNX Runtime",
+    "peer-st-onnx": "peer: sentence-transformers `backend='onnx'` (ONNX Runtime, fp32)",
+    "peer-st-onnx-int8": "peer: sentence-transformers `backend='onnx'` + its avx512_vnni dynamic int8 export",
+    "peer-st-openvino": "peer: sentence-transformers `backend='openvino'` (its default precision)",
+    "peer-st-openvino-int8": "peer: sentence-transformers `backend='openvino'` + its static int8 export",
 }
+ST_PREFIX = "peer-st-"  # rows run by sentence-transformers in benchmarks/.venv-st (benchmarks/_st_peer.py)
 
 
 SHAPES = "dynamic shapes with trim_padding (no trim: batches are padded to their longest)"
@@ -86,6 +101,26 @@ def worker(row: str, args: Any) -> dict[str, Any]:
     calib = [dict(tok(demo_sentences()[s:s + 8], padding=True, return_tensors="pt"))
              for s in range(0, len(demo_sentences()), 8)]
 
+    if row.startswith(ST_PREFIX):  # in sentence-transformers' own venv and process, fp32 eager included
+        timed, outputs = _sentence_transformers(row, model_dir, batches, args)
+    else:
+        timed, outputs = _measure(row, base, batches, calib, args)
+    emb = torch.cat([o if isinstance(o, torch.Tensor) else torch.as_tensor(np.asarray(o)) for o in outputs]).float()
+    emb = torch.nn.functional.normalize(emb, dim=1)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    np.save(args.embeddings, emb[inverse].numpy())
+    n, fp32_s, steady_s = len(sentences), timed.pop("fp32_s"), timed["steady_s"]
+    return {"row": row, "label": ROWS[row], **timed, "total_s": timed["prep_s"] + timed["first_pass_s"],
+            "steady_sps": n / steady_s, "fp32_sps": n / fp32_s, "speedup": fp32_s / steady_s}
+
+
+def _measure(row: str, base: Any, batches: list[dict], calib: list[dict],
+             args: Any) -> tuple[dict[str, Any], list]:
+    """fp32 eager (when ``--passes`` > 0 or it is the row), then the row's prep, first pass and steady passes,
+    in this process; returns the timings (``prep_s``, ``first_pass_s``, ``steady_s``, ``fp32_s``, ``details``)
+    and the first pass's outputs, batch by batch."""
+
     def passes(run: Any) -> tuple[float, Any]:
         start = time.perf_counter()
         out = [run(b) for b in batches]
@@ -109,15 +144,50 @@ def worker(row: str, args: Any) -> dict[str, Any]:
     first_s, outputs = passes(run)
     details["graphs_compiled_in_first_pass"] = graphs_compiled() - graphs
     steady_s = steady(run) if args.passes > 0 else first_s  # --passes 0: the first pass stands in
-    emb = torch.cat([o if isinstance(o, torch.Tensor) else torch.as_tensor(np.asarray(o)) for o in outputs]).float()
-    emb = torch.nn.functional.normalize(emb, dim=1)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    np.save(args.embeddings, emb[inverse].numpy())
-    n = len(sentences)
-    return {"row": row, "label": ROWS[row], "prep_s": prep_s, "first_pass_s": first_s, "total_s": prep_s + first_s,
-            "steady_s": steady_s, "steady_sps": n / steady_s, "fp32_sps": n / fp32_s,
-            "speedup": fp32_s / steady_s, "details": details}
+    return {"prep_s": prep_s, "first_pass_s": first_s, "steady_s": steady_s, "fp32_s": fp32_s,
+            "details": details}, outputs
+
+
+def _sentence_transformers(row: str, model_dir: Path, batches: list[dict],
+                           args: Any) -> tuple[dict[str, Any], list]:
+    """A ``peer-st-*`` row: benchmarks/_st_peer.py run by benchmarks/.venv-st's python (made here on first
+    use) on a copy of the model (the int8 exports write beside it) and this worker's own batches, with
+    torch's thread count here; returns its timings and its embeddings (batch order). A venv that cannot
+    be made or a backend that fails ends the worker with the reason (the row is listed as failed)."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from _common import ST_VENV, st_python
+    from aigc_opt.demo import demo_sentences
+
+    variant = row[len(ST_PREFIX):]
+    try:
+        py = st_python()
+    except subprocess.CalledProcessError as e:  # the reason is on the lines pip wrote just above
+        command = " ".join(map(str, e.cmd[1:]))
+        raise SystemExit(f"{row}: {ST_VENV} not made: `{command}` exited {e.returncode}") from e
+    except OSError as e:
+        raise SystemExit(f"{row}: {ST_VENV} not made: {e}") from e
+    with tempfile.TemporaryDirectory(prefix="st-peer-") as tmp:
+        work = Path(tmp)
+        shutil.copytree(model_dir, work / "model")
+        arrays = {f"{i}/{k}": v.numpy() for i, b in enumerate(batches) for k, v in b.items()}
+        np.savez(work / "batches.npz", **arrays)
+        job = {"variant": variant, "model_dir": str(work / "model"), "batches": str(work / "batches.npz"),
+               "keys": list(batches[0]), "n_batches": len(batches), "passes": args.passes,
+               "threads": torch.get_num_threads(), "calib": demo_sentences(),
+               "embeddings": str(work / "emb.npy")}
+        (work / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([str(py), str(HERE / "_st_peer.py"), str(work / "job.json")],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise SystemExit(f"{row}: sentence-transformers' {variant} backend failed "
+                             f"(exit {proc.returncode}): {tail}")
+        return json.loads(line[len("RESULT "):]), [torch.from_numpy(np.load(work / "emb.npy"))]
 
 
 def _prepare(row: str, base: Any, calib: list[dict], details: dict[str, Any]) -> Any:

@@ -261,6 +261,23 @@ def test_optimum_venv_is_completed_when_its_marker_is_missing_or_stale(tmp_path,
     assert len(calls) == len(common.OPTIMUM_PACKAGES)
 
 
+@pytest.mark.parametrize("make", [common.optimum_python, common.st_python], ids=["optimum", "st"])
+def test_a_new_peer_venv_installs_torch_first_and_is_git_ignored(tmp_path, monkeypatch, make):
+    """Every peer venv gets the CPU torch pin before anything that depends on torch (else pip pulls the
+    CUDA wheels), and a ``*`` .gitignore in the new venv so ``git status`` never lists its files."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    venv = tmp_path / "venv"
+    venv.mkdir()  # what the (mocked) `python -m venv` makes
+    assert make(venv) == venv / "bin" / "python"
+    assert calls[0][1:] == ["-m", "venv", str(venv)]
+    assert calls[1][calls[1].index("--quiet") + 1:] == ["torch==2.13.0"]
+    assert (venv / ".gitignore").read_text() == "*\n"
+    assert (venv / ".installed").read_text().splitlines()[0] == "torch==2.13.0"
+
+
 # ------------------------------------------------------------------------------ tpot
 def test_tpot_shares_the_time_after_the_first_token_among_the_others():
     from aigc_opt.bench.generation import GenerationStats
