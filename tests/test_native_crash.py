@@ -49,9 +49,15 @@ def ctrl_c_is_handled():
 """
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the child gets Ctrl-C's default back, as a terminal has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, cwd=TESTS)
+                          timeout=timeout, cwd=TESTS, preexec_fn=_default_sigint)
 
 
 def test_an_unmapped_alternate_stack_kills_the_process_at_the_next_signal():
