@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import platform
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -33,7 +34,7 @@ log = logging.getLogger("aigc_opt")
 # "xpu" is torch's name for Intel GPUs (reached through OpenVINO's GPU plugin here). An NPU is part
 # of a client SoC whose CPU runs torch, so such a target is a "cpu" that lists "openvino-npu".
 DeviceType = Literal["cpu", "cuda", "xpu", "mps", "tpu", "fpga"]
-DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps", "tpu", "fpga")
+DEVICE_TYPES: tuple[str, ...] = typing.get_args(DeviceType)  # one statement of the set
 DTYPES: tuple[str, ...] = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 
 _REQUIRED = ("name", "device_type", "arch", "memory_gb")
