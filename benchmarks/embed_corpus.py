@@ -66,6 +66,7 @@ ROWS = {
     "peer-st-openvino": "peer: sentence-transformers `backend='openvino'` (its default precision)",
     "peer-st-openvino-int8": "peer: sentence-transformers `backend='openvino'` + its static int8 export",
 }
+RESULT = "RESULT "  # the line a worker process prints its JSON result on
 ST_PREFIX = "peer-st-"  # rows run by sentence-transformers in benchmarks/.venv-st (benchmarks/_st_peer.py)
 
 
@@ -182,12 +183,18 @@ def _sentence_transformers(row: str, model_dir: Path, batches: list[dict],
         (work / "job.json").write_text(json.dumps(job))
         proc = subprocess.run([str(py), str(HERE / "_st_peer.py"), str(work / "job.json")],
                               capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
+        result = _child_result(proc)
+        if result is None:
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise SystemExit(f"{row}: sentence-transformers' {variant} backend failed "
                              f"(exit {proc.returncode}): {tail}")
-        return json.loads(line[len("RESULT "):]), [torch.from_numpy(np.load(work / "emb.npy"))]
+        return result, [torch.from_numpy(np.load(work / "emb.npy"))]
+
+
+def _child_result(proc: subprocess.CompletedProcess) -> dict[str, Any] | None:
+    """The ``RESULT {json}`` line a worker process printed, or None when it failed or printed none."""
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT)), None)
+    return None if proc.returncode or line is None else json.loads(line[len(RESULT):])
 
 
 def _prepare(row: str, base: Any, calib: list[dict], details: dict[str, Any]) -> Any:
@@ -311,7 +318,7 @@ def main() -> None:
     parser.add_argument("--embeddings", default=None, help=argparse_hidden())
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
+        print(RESULT + json.dumps(worker(args.worker, args)), flush=True)
         return
     rows, failures = [], {}
     # fp32 eager once: it is the cosine reference, not a contender
@@ -329,12 +336,11 @@ def main() -> None:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / f"inductor-{row}")}
             print(f"--- {row}" + (" (warm inductor cache)" if warm else ""), flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
+            result = _child_result(proc)
+            if result is None:
                 failures[row] = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                 print(f"    failed: {failures[row]}", flush=True)
                 continue
-            result = json.loads(line[len("RESULT "):])
             if warm:  # same cache directory as the row's first run: what a user's second run pays
                 result.update(row=f"{row}-warm", label=f"{result['label']}, 2nd run (warm inductor cache)")
             result["embeddings"] = str(emb)
