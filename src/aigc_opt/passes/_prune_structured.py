@@ -1,23 +1,20 @@
 """Structured pruning with Torch-Pruning (the ``structured`` method of ``passes/prune.py``).
 
 ``_run_structured`` traces the model's dependency graph, decides which layers are left alone
-(ignore patterns, embeddings, layers whose channels are model outputs), plans per-layer ratios
-that keep a multiple of ``round_to`` channels, prunes (in ``iterative_steps`` steps, importance
-re-estimated each time) and checks the output shapes. Transformers' attention heads are handled
-by the adapters in ``_prune_hf``. What changed is recorded as new sizes per module, which
-``_replay_structure`` gives a freshly built skeleton on ``Model.load``. torch_pruning is imported
-only when a structured prune runs.
+(ignore patterns, embeddings, layers whose channels are model outputs; both in ``_prune_select``),
+plans per-layer ratios that keep a multiple of ``round_to`` channels, prunes (in ``iterative_steps``
+steps, importance re-estimated each time) and checks the output shapes. Transformers' attention heads
+are handled by the adapters in ``_prune_hf``. What changed is recorded as new sizes per module
+(``_prune_structure``), which ``_replay_structure`` gives a freshly built skeleton on ``Model.load``.
+torch_pruning is imported only when a structured prune runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,27 +25,15 @@ from .._tree import flatten_tensors, map_tensors, normalize_inputs, split_inputs
 from ..errors import ConfigError, UnsupportedModelError
 from . import _prune_hf as hf
 from ._prune_rules import IMPORTANCES, STRUCTURE_RULES, default_round_to, structure_rule_key
+from ._prune_select import Selection, roots, select, touches
+from ._prune_structure import diff, snapshot
+from ._prune_structure import replay_structure as _replay_structure
 
 if TYPE_CHECKING:
     from ..model import Model
     from .prune import Prune
 
-__all__: list[str] = []
-
-log = logging.getLogger("aigc_opt")
-
-
-@dataclass
-class _Selection:
-    """What Torch-Pruning may touch: its dependency graph, the layers left alone and why."""
-
-    dg: Any
-    reasons: dict[str, str]
-    ignored_params: Any
-    frozen: set[nn.Module]
-    ignored: list[nn.Module]
-    untraced: list[str]
-    num_heads: dict[nn.Module, int]
+__all__ = ["_run_structured", "_replay_structure"]  # what passes/prune.py imports
 
 
 def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[str, Any]:
@@ -73,15 +58,15 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
                      else default_round_to(model.target))
     reference, ran = _forward(module, forward)
     macs_before = _macs(module, forward_one)
-    before, q_before = _snapshot(module), hf.head_snapshot(module, attention)
+    before, q_before = snapshot(module), hf.head_snapshot(module, attention)
     names = {m: n for n, m in module.named_modules()}
     with _traceable(module), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # importance="random" is reproducible; the caller's RNG is restored
-        selection = _select(tp, module, settings, one, forward_one, ran, attention, names)
+        selection = select(tp, module, settings, one, forward_one, ran, attention, names)
         plan = _prune_in_place(tp, module, settings, selection, attention, names, one, forward_one, round_to, device)
     _apply_structure_rules(module, forward_one)
     heads = _heads(module, attention, q_before)
-    modules, layers = _diff(before, _snapshot(module))
+    modules, layers = diff(before, snapshot(module))
     for n, a in attention.items():
         if a.finish:
             a.finish(module.get_submodule(n))
@@ -102,27 +87,7 @@ def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[st
     }
 
 
-def _select(tp: Any, module: nn.Module, settings: Prune, one: Any, forward_one: Any, ran: Any,
-            attention: dict[str, Any], names: dict[nn.Module, str]) -> _Selection:
-    """Trace the module and decide what stays: ignored layers, fixed channels, untraced layers."""
-    dg, output_fns = _trace(tp, module, one, forward_one, ran)
-    reasons, ignored_params = _ignored(tp, dg, module, settings, names, output_fns)
-    fixed = {**_fixed_convs(tp, dg, names), **_tied_layers(module)}  # channels that must not move
-    for name, why in fixed.items():
-        reasons.setdefault(name, why)
-    untraced = sorted(n for n in ran if module.get_submodule(n) not in dg.module2node
-                      and not any(n == r or n.startswith(r + ".") for r in reasons))
-    if untraced:
-        log.warning("Prune: Torch-Pruning did not see %s in its trace (not reached from the outputs "
-                    "through autograd); they are left unchanged.", untraced)
-    num_heads = {layer: a.num_heads(module.get_submodule(n)) for n, a in attention.items()
-                 for layer in a.head_layers(module.get_submodule(n))}
-    return _Selection(dg=dg, reasons=reasons, ignored_params=ignored_params,
-                      frozen={module.get_submodule(n) for n in fixed},
-                      ignored=[module.get_submodule(n) for n in reasons], untraced=untraced, num_heads=num_heads)
-
-
-def _prune_in_place(tp: Any, module: nn.Module, settings: Prune, sel: _Selection, attention: dict[str, Any],
+def _prune_in_place(tp: Any, module: nn.Module, settings: Prune, sel: Selection, attention: dict[str, Any],
                     names: dict[nn.Module, str], one: Any, forward_one: Any, round_to: int,
                     device: torch.device) -> dict[str, Any]:
     """Plan each layer's channels, then remove them in ``iterative_steps`` steps; returns the plan."""
@@ -166,7 +131,7 @@ class _Tracked:
 
     def __call__(self, group: Any) -> Any:
         self.layer = self.names.get(group[0].dep.target.module, "?")
-        if _touches(group, self.frozen):
+        if touches(group, self.frozen):
             return None  # Torch-Pruning skips a group without importance
         if not self.grads:
             return self.inner(group)
@@ -184,7 +149,7 @@ def _step(tp: Any, pruner: Any, importance: _Tracked, ignored_params: list[torch
     try:
         for group in pruner.step(interactive=True):
             importance.layer = names.get(group[0].dep.target.module, "?")
-            if not any(dep.target.module is p for dep, _ in group for p in ignored_params) and not _touches(
+            if not any(dep.target.module is p for dep, _ in group for p in ignored_params) and not touches(
                     group, importance.frozen):
                 group.prune()
     except Exception as e:
@@ -218,130 +183,6 @@ def _traceable(module: nn.Module) -> Iterator[None]:
             c.use_cache = caches[k]
 
 
-def _trace(tp: Any, module: nn.Module, inputs: Any, forward: Callable[..., Any],
-           ran: list[str]) -> tuple[Any, set[Any]]:
-    """Torch-Pruning's dependency graph, and the grad_fns of the model's outputs."""
-    outputs: list[Any] = []
-
-    def capture(m: nn.Module, x: Any) -> Any:
-        outputs.append(forward(m, x))
-        return outputs[-1]
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(module, example_inputs=inputs, forward_fn=capture,
-                                                       verbose=False)
-        error = None
-    except Exception as e:
-        dg, error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    returned = flatten_tensors(outputs[-1] if outputs else None)
-    floats = {k: t for k, t in returned.items() if t.is_floating_point()}
-    detached = sorted(k for k, t in floats.items() if t.grad_fn is None)
-    if error or detached or not floats:
-        unseen = [n for n in ran if dg is None or module.get_submodule(n) not in dg.module2node]
-        raise UnsupportedModelError(
-            f"Torch-Pruning cannot trace {type(module).__name__}: "
-            + (error or f"output(s) {detached or 'all'} do not depend on the weights through autograd")
-            + f"; layers it cannot see: {unseen}. It follows the autograd graph of one forward pass on "
-            "example_inputs, so forward must not use torch.no_grad, detach or non-torch ops on the way to "
-            "the outputs. Use structured=False for this model."
-        )
-    return dg, {t.grad_fn for t in floats.values()}
-
-
-def _ignored(tp: Any, dg: Any, module: nn.Module, settings: Prune, names: dict[Any, str],
-             output_fns: set[Any]) -> tuple[dict[str, str], list[torch.Tensor]]:
-    """Layers left alone (name -> why), and unwrapped parameters of ignored layers."""
-    reasons: dict[str, str] = {}
-    for name, m in module.named_modules():
-        if not name or any(name.startswith(r + ".") for r in reasons):
-            continue
-        pattern = next((p for p in settings.ignore if fnmatch.fnmatch(name, p)), None)
-        if pattern:
-            reasons[name] = f"matches ignore pattern {pattern!r}"
-        elif isinstance(m, nn.Embedding):
-            reasons[name] = "embedding: the hidden width is kept"
-        elif isinstance(m, nn.MultiheadAttention):
-            reasons[name] = "nn.MultiheadAttention: not pruned"
-    for m, node in dg.module2node.items():  # a layer whose own output is returned
-        if isinstance(m, nn.Module) and node.grad_fn in output_fns and m in names:
-            reasons.setdefault(names[m], "its output is a model output")
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=_roots(tp)):
-        if any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group):  # reaches one through ops
-            root = names.get(group[0].dep.target.module, "?")
-            reasons.setdefault(root, "its channels are a model output")
-    param_names = {id(p): n for n, p in module.named_parameters()}
-    ignored_params = []
-    for p, _dim in dg.unwrapped_parameters:
-        if p not in dg.module2node or sum(s > 1 for s in p.shape) < 2:
-            continue  # unused, or a vector Torch-Pruning prunes along its one dimension
-        pname = param_names.get(id(p), "?")
-        owner = pname.rpartition(".")[0]
-        if any(owner == r or owner.startswith(r + ".") for r in reasons):
-            ignored_params.append(p)
-            continue
-        raise UnsupportedModelError(
-            f"Prune: layer {owner!r} ({type(module.get_submodule(owner)).__name__}) uses its "
-            f"{tuple(p.shape)} parameter {pname!r} in a way Torch-Pruning has no rule for (it is not a "
-            "Linear, Conv, norm or Embedding), so the channels it touches cannot be removed consistently. "
-            f"Add {owner!r} to ignore= to leave them alone, or use structured=False."
-        )
-    return reasons, ignored_params
-
-
-def _roots(tp: Any) -> list[type]:
-    return [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
-
-
-def _touches(group: Any, modules: set[nn.Module]) -> bool:
-    return bool(modules) and any(dep.target.module in modules for dep, _ in group)
-
-
-def _fixed_convs(tp: Any, dg: Any, names: dict[Any, str]) -> dict[str, str]:
-    """Grouped convolutions whose channels Torch-Pruning 1.6.1 cannot remove consistently, so they
-    and every layer coupled to their channels are left alone (name -> why):
-
-    - ``groups`` equal to the input or the output channels but not both (a depthwise convolution
-      with a channel multiplier, or its reverse): its importance has the wrong length (IndexError)
-      or the depthwise rule removes as many input as output channels;
-    - a depthwise convolution whose channels come straight from a model input: the depthwise rule
-      removes output and input channels together, but nothing can remove the input's channels.
-    """
-    fixed = {}
-    for m, node in dg.module2node.items():
-        if not isinstance(m, nn.modules.conv._ConvNd) or m.groups == 1 or m not in names:
-            continue
-        if m.in_channels != m.out_channels and m.groups in (m.in_channels, m.out_channels):
-            fixed[names[m]] = (f"grouped convolution (groups={m.groups}, {m.in_channels} -> {m.out_channels} "
-                               "channels): Torch-Pruning 1.6.1 cannot remove its channels consistently")
-        elif m.groups == m.in_channels == m.out_channels:
-            group = dg.get_pruning_group(m, tp.prune_depthwise_conv_out_channels, [0])
-            producers = [dep.target.module for dep, _ in group if dep.target.module is not m
-                         and isinstance(dep.target.module, (nn.Linear, nn.modules.conv._ConvNd))
-                         and dg.is_out_channel_pruning_fn(dep.handler)]
-            if not producers:
-                fixed[names[m]] = ("depthwise convolution on a model input's channels, which cannot be "
-                                   "removed (Torch-Pruning 1.6.1 would remove them from the weights only)")
-    return fixed
-
-
-def _tied_layers(module: nn.Module) -> dict[str, str]:
-    """Layers sharing a weight with another module (name -> why), such as BERT's MLM decoder and its
-    word embeddings: removing channels from one copy would untie them and store the weight twice."""
-    owners: dict[int, list[str]] = {}
-    for name, m in module.named_modules(remove_duplicate=False):
-        for p in m.parameters(recurse=False):
-            if name not in owners.setdefault(id(p), []):
-                owners[id(p)].append(name)
-    tied = {}
-    for names in owners.values():
-        for name in names if len(names) > 1 else ():
-            others = [n for n in names if n != name]
-            tied[name] = f"its weight is tied to {others} (pruning it would untie and duplicate the weight)"
-    return tied
-
-
 def _plan(tp: Any, dg: Any, ignored: list[nn.Module], num_heads: dict[nn.Module, int], settings: Prune,
           round_to: int, names: dict[Any, str],
           frozen: set[nn.Module] | None = None) -> tuple[dict[nn.Module, float], dict[str, list[int]]]:
@@ -350,8 +191,8 @@ def _plan(tp: Any, dg: Any, ignored: list[nn.Module], num_heads: dict[nn.Module,
     ratio = float(settings.ratio)  # type: ignore[arg-type]
     skip = [sub for m in ignored for sub in m.modules()]
     ratios, plan = {}, {}
-    groups = [g for g in dg.get_all_groups(ignored_layers=skip, root_module_types=_roots(tp))
-              if not _touches(g, frozen or set())]
+    groups = [g for g in dg.get_all_groups(ignored_layers=skip, root_module_types=roots(tp))
+              if not touches(g, frozen or set())]
     for group in groups:
         root = group[0].dep.target.module
         name = names.get(root, "?")
@@ -513,62 +354,3 @@ def _heads(module: nn.Module, attention: dict[str, hf.AttentionAdapter],
                            "removed": hf.removed_heads(q_before[name], adapter.head_layers(sub)[0].weight,
                                                        dim)}
     return heads
-
-
-# ------------------------------------------------------------------ structure: record and replay
-def _snapshot(module: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per module: integer attributes (sizes such as out_features, num_heads) and tensor shapes."""
-    def sizes(v: Any) -> bool:
-        return (isinstance(v, int) and not isinstance(v, bool)) or (
-            isinstance(v, tuple) and bool(v) and all(type(x) is int for x in v))
-
-    return {name: {"attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and sizes(v)},
-                   "tensors": {k: list(t.shape) for store in (m._parameters, m._buffers)
-                               for k, t in store.items() if t is not None}}
-            for name, m in module.named_modules()}
-
-
-def _diff(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what restore replays: new sizes per module, what the report shows: attr [before, after])."""
-    modules, layers = {}, {}
-    for name, new in after.items():
-        old = before.get(name, {"attrs": {}, "tensors": {}})
-        attrs = {k: v for k, v in new["attrs"].items() if k in old["attrs"] and old["attrs"][k] != v}
-        tensors = {k: s for k, s in new["tensors"].items() if old["tensors"].get(k) != s}
-        if attrs or tensors:
-            modules[name] = {"attrs": {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()},
-                             "tensors": tensors}
-        if attrs:
-            layers[name] = {k: [old["attrs"][k], v] for k, v in attrs.items()}
-    return modules, layers
-
-
-def _replay_structure(module: nn.Module, state: dict[str, Any]) -> None:
-    """Restore: give a freshly built skeleton the pruned structure (weights come after)."""
-    structure = state["structure"]
-    try:
-        for name, adapter in structure.get("attention_prepared", {}).items():
-            hf.ATTENTION_ADAPTERS.get(adapter).prepare(module.get_submodule(name))
-        hf.convert_conv1d(module, list(structure.get("conv1d", [])))
-        memo: dict[int, torch.Tensor] = {}  # tied weights stay tied
-        for name, entry in structure["modules"].items():
-            sub = module.get_submodule(name)
-            for key, shape in entry["tensors"].items():
-                store = sub._parameters if key in sub._parameters else sub._buffers
-                old = store[key]
-                if id(old) not in memo:
-                    new = torch.zeros(shape, dtype=old.dtype, device=old.device)
-                    memo[id(old)] = (nn.Parameter(new, requires_grad=old.requires_grad)
-                                     if isinstance(old, nn.Parameter) else new)
-                store[key] = memo[id(old)]
-            for key, value in entry["attrs"].items():
-                setattr(sub, key, tuple(value) if isinstance(getattr(sub, key, None), tuple) else value)
-        for name, adapter in structure.get("attention_prepared", {}).items():
-            finish = hf.ATTENTION_ADAPTERS.get(adapter).finish
-            if finish:
-                finish(module.get_submodule(name))
-        hf.apply_config(module, structure.get("config", {}))
-    except (AttributeError, KeyError) as e:
-        raise UnsupportedModelError(f"The rebuilt module does not have the layers this Prune record "
-                                    f"changed ({e}); load it with module= an instance of the saved "
-                                    "architecture.") from e
