@@ -12,6 +12,10 @@ verification below compares outputs instead, which is what matters). The verific
 on the example's first ``VERIFY_ROWS`` rows at full length, a shape other than the slice's, which
 also proves the traced graph is not tied to the slice's shape; if it is (the outputs differ), the
 module is converted again on the full example.
+
+The traced graph is converted with ``convert_model``'s own steps (the PyTorch frontend, then the MOC
+transformations) rather than ``convert_model`` itself, whose driver around them took 1.3 of 1.6 s
+on MiniLM (:func:`_convert_direct`; the same graph, checked in the tests).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
     full = dict(model.example_inputs) if isinstance(model.example_inputs, dict) \
         else tuple(split_inputs(model.example_inputs)[0])
     for trace_on in ([small, full] if small is not None and settings.verify else [full]):
-        artifact = _convert(ov, module, model.name, {**options, "example_input": trace_on}, spec_text)
+        artifact = _convert(ov, module, model.name, {**options, "example_input": trace_on}, spec_text, details)
         details["traced_on"] = describe(trace_on)
         if not settings.verify:
             break
@@ -125,8 +129,38 @@ def _decoder(module: torch.nn.Module, options: dict[str, Any]) -> Any:
     return decoder
 
 
-def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any], spec_text: str | None) -> Any:
-    """``openvino.convert_model`` with ``options``, saved into a new work directory: the artifact."""
+def _convert_direct(decoder: Any) -> Any | None:
+    """The IR ``openvino.convert_model(decoder)`` gives, built with the steps it takes for a PyTorch
+    decoder and no other option: the PyTorch frontend's ``convert``, then the MOC transformations, weight
+    compression of FakeQuantize constants and fused-names cleanup (ovc's ``moc_emit_ir``). ovc's driver
+    around them (argument parsing, telemetry, and an empty pre-processing ``build`` that re-infers every
+    node's types) took 1.3 of its 1.6 s on MiniLM. None where this OpenVINO lacks one of those
+    functions or where ``decoder`` is a module (no decoder took the trace options): the caller runs
+    ``convert_model``. ``tests/test_openvino.py`` checks both give the same graph."""
+    try:
+        from openvino._offline_transformations import (  # what ovc itself imports for these steps
+            apply_fused_names_cleanup,
+            apply_moc_transformations,
+            compress_quantize_weights_transformation,
+        )
+        from openvino.frontend import FrontEndManager
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+    except ImportError:
+        return None
+    if not isinstance(decoder, TorchScriptPythonDecoder):
+        return None
+    frontend = FrontEndManager().load_by_framework("pytorch")
+    converted = frontend.convert(frontend.load(decoder))
+    apply_moc_transformations(converted, cf=False, smart_reshape=True)
+    compress_quantize_weights_transformation(converted)
+    apply_fused_names_cleanup(converted)
+    return converted
+
+
+def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any], spec_text: str | None,
+             details: dict[str, Any]) -> Any:
+    """``openvino.convert_model`` with ``options`` (or its steps, :func:`_convert_direct`), saved into a
+    new work directory: the artifact. ``details["exporter"]`` says which ran."""
     from .._workdir import new_workdir
     from ..runtime.openvino import OpenVINOArtifact
 
@@ -136,7 +170,11 @@ def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any
     try:
         with quiet_import_logs("torch.jit", "nncf"), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            converted = ov.convert_model(_decoder(module, options), **options)
+            source = _decoder(module, options)
+            converted = _convert_direct(source) if not options else None
+            details["exporter"] = "openvino.convert_model" if converted is None else \
+                "openvino.convert_model's steps (PyTorch frontend, MOC transformations)"
+            converted = converted if converted is not None else ov.convert_model(source, **options)
             ov.save_model(converted, str(path), compress_to_fp16=False)
     except Exception as e:
         raise UnsupportedModelError(
