@@ -1,8 +1,8 @@
 """The distillation training loop: AdamW, warm-up + cosine schedule, clipping, eval/best weights,
 atomic checkpoints written by rank 0, resume, and DDP / FSDP under ``torchrun``.
 
-Process groups come only from ``torch.distributed.init_process_group`` reading the ``torchrun``
-environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); nothing here schedules processes.
+Joining torchrun's process group, the DDP / FSDP wrapping and the (gathered) states a checkpoint
+holds live in ``_distill_distributed``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,22 @@ import torch
 from torch import nn
 
 from .._progress import progress_bar
-from .._store import atomic_write
 from .._tree import map_tensors, normalize_inputs
 from ..errors import ConfigError, InvalidInputError, PassError
 from . import _distill_losses as L
+from ._distill_distributed import (
+    CHECKPOINT_FILE,
+    atomic_save,
+    checkpoint_path,
+    full_state,
+    init_from_torchrun,
+    load_full_state,
+    mean_across,
+    optimizer_state,
+    student_state,
+    world,
+    wrap,
+)
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -31,53 +43,6 @@ if TYPE_CHECKING:
 __all__ = ["train", "split_batch", "world", "CHECKPOINT_FILE"]
 
 log = logging.getLogger("aigc_opt")
-CHECKPOINT_FILE = "last.pt"
-
-
-# ---------------------------------------------------------------------- distributed (torchrun)
-def world() -> tuple[int, int]:
-    """(rank, world size): from the initialized default group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _init_from_torchrun() -> bool:
-    """Join the process group torchrun describes in the environment; True when we started it."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
-    return True
-
-
-def _wrap(trainee: nn.Module, strategy: str, device: torch.device) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard  # FSDP2: CPU (gloo) and GPU (nccl)
-
-        for child in trainee.student.children():  # each top-level block is its own shard unit
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child)
-        return fully_shard(trainee)
-    return DDP(trainee, device_ids=[device] if device.type == "cuda" else None)
-
-
-def _mean_across(value: torch.Tensor, size: int) -> torch.Tensor:
-    if size > 1:
-        import torch.distributed as dist
-
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= size
-    return value
 
 
 # ---------------------------------------------------------------------- data
@@ -107,50 +72,6 @@ def _batches(data: Any, rank: int, size: int) -> list[Any]:
     return items[rank:usable:size]
 
 
-# ---------------------------------------------------------------------- checkpoints
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _checkpoint_path(where: str | os.PathLike[str]) -> Path:
-    path = Path(where)
-    return path / CHECKPOINT_FILE if path.is_dir() or not path.suffix else path
-
-
-def _full_state(wrapped: nn.Module, trainee: nn.Module, strategy: str, size: int) -> dict[str, torch.Tensor]:
-    if size > 1 and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
-    else:
-        state = trainee.state_dict()
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def _optimizer_state(wrapped: nn.Module, optimizer: Any, strategy: str, size: int) -> dict[str, Any]:
-    if size > 1 and strategy == "fsdp":  # gather the shards: rank 0 writes the whole state
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True))
-    return optimizer.state_dict()
-
-
-def _student_state(wrapped: nn.Module, trainee: nn.Module, strategy: str, size: int) -> dict[str, torch.Tensor]:
-    return {k[len("student."):]: v for k, v in _full_state(wrapped, trainee, strategy, size).items()
-            if k.startswith("student.")}
-
-
-def _load_full_state(wrapped: nn.Module, trainee: nn.Module, state: dict[str, torch.Tensor],
-                     strategy: str, size: int) -> None:
-    if size > 1 and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(wrapped, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        trainee.load_state_dict(state)
-
-
 # ---------------------------------------------------------------------- the loop
 def _to_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
@@ -167,7 +88,7 @@ def train(cfg: Distill, model: Model, teacher: nn.Module) -> tuple[nn.Module, di
     """Train a copy of ``model``'s module against ``teacher``; returns (student, details)."""
     from ..runtime.torch_module import module_device, unwrap
 
-    started = _init_from_torchrun()
+    started = init_from_torchrun()
     try:
         return _train(cfg, model, teacher, unwrap(model.artifact), module_device)
     finally:
@@ -247,7 +168,7 @@ def _train(cfg: Distill, model: Model, teacher: nn.Module, source: nn.Module,
         run, student, widths = _start(cfg, teacher, source, device, batches, _AUTOCAST_DTYPES.get(precision))
         _resume(run)
         _epochs(run, model)
-    final = _student_state(run.wrapped, run.trainee, cfg.strategy, size)
+    final = student_state(run.wrapped, run.trainee, cfg.strategy, size)
     result = copy.deepcopy(source)
     result.load_state_dict(run.best_state if run.best_state is not None else final)
     result.eval()
@@ -284,7 +205,7 @@ def _start(cfg: Distill, teacher: nn.Module, source: nn.Module, device: torch.de
 
     torch.manual_seed(cfg.seed)  # projections start the same on every rank and every run
     run.trainee = L.Trainee(student, pairs, widths).to(device)
-    run.wrapped = _wrap(run.trainee, cfg.strategy, device) if size > 1 else run.trainee
+    run.wrapped = wrap(run.trainee, cfg.strategy, device) if size > 1 else run.trainee
     decay = [p for n, p in run.wrapped.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in run.wrapped.named_parameters() if p.ndim < 2]
     run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -301,12 +222,12 @@ def _resume(run: _Run) -> None:
     cfg = run.cfg
     if not cfg.resume_from:
         return
-    path = _checkpoint_path(cfg.resume_from)
+    path = checkpoint_path(cfg.resume_from)
     if not path.is_file():
         raise ConfigError(f"Distill: resume_from={str(cfg.resume_from)!r} has no checkpoint ({path} is "
                           "missing); give the checkpoint_dir of an earlier run.")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    _load_full_state(run.wrapped, run.trainee, ck["trainee"], cfg.strategy, run.size)
+    load_full_state(run.wrapped, run.trainee, ck["trainee"], cfg.strategy, run.size)
     if run.size > 1 and cfg.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -365,7 +286,7 @@ def _step(run: _Run, batch: Any, epoch: int, index: int) -> float:
     if run.amp_dtype is not None:
         s_out, t_out, s_feats, t_feats = map_tensors(_to_fp32, (s_out, t_out, s_feats, t_feats))
     loss = _loss(cfg, s_out, t_out, s_feats, t_feats, labels, run.pairs)
-    shown = _mean_across(loss, run.size)
+    shown = mean_across(loss, run.size)
     if not torch.isfinite(shown):
         where = f"last good checkpoint: {run.last_good}" if run.last_good else "no checkpoint was written"
         raise PassError(f"Distill: loss became {shown.item()} at step {run.step + 1} (epoch {epoch + 1}, "
@@ -391,16 +312,16 @@ def _end_epoch(run: _Run, model: Model, epoch: int, mean_loss: float) -> None:
         score = _evaluate(cfg, model, run.trainee, run.wrapped, run.size)
         entry["score"] = score
         if run.best_score is None or score > run.best_score:
-            run.best_score, run.best_state = score, _student_state(run.wrapped, run.trainee, cfg.strategy, run.size)
+            run.best_score, run.best_state = score, student_state(run.wrapped, run.trainee, cfg.strategy, run.size)
     run.history.append(entry)
     log.info("Distill epoch %d/%d: %s", epoch + 1, cfg.epochs, entry)
     if cfg.checkpoint_dir is None:
         return
     path = Path(cfg.checkpoint_dir) / CHECKPOINT_FILE
-    state = _full_state(run.wrapped, run.trainee, cfg.strategy, run.size)  # collective under FSDP
-    optim = _optimizer_state(run.wrapped, run.optimizer, cfg.strategy, run.size)
+    state = full_state(run.wrapped, run.trainee, cfg.strategy, run.size)  # collective under FSDP
+    optim = optimizer_state(run.wrapped, run.optimizer, cfg.strategy, run.size)
     if run.rank == 0:
-        _atomic_save({"epoch": epoch + 1, "step": run.step, "trainee": state, "optimizer": optim,
+        atomic_save({"epoch": epoch + 1, "step": run.step, "trainee": state, "optimizer": optim,
                       "scheduler": run.scheduler.state_dict(), "best_score": run.best_score,
                       "best_state": run.best_state, "history": run.history, "config": cfg.config_dict()}, path)
     run.last_good = str(path)
@@ -450,7 +371,7 @@ def _evaluate(cfg: Distill, model: Model, trainee: nn.Module, wrapped: nn.Module
         student = trainee.student
         if size > 1 and cfg.strategy == "fsdp":  # sharded weights: evaluate a full copy
             student = copy.deepcopy(unwrap_source(model)).to(next(trainee.parameters()).device.type)
-            student.load_state_dict(_student_state(wrapped, trainee, cfg.strategy, size))
+            student.load_state_dict(student_state(wrapped, trainee, cfg.strategy, size))
             student.eval()
         with torch.no_grad():
             score = float(cfg.eval_fn(model.derive(student)))
