@@ -9,6 +9,10 @@ holding either the previous save or the new one, complete, and at most a work di
 has no ``manifest.json`` of its own, so it is never taken for a Model. The next save to the same
 target removes work directories whose owner process is gone (and, after a kill between the two
 renames of the fallback, first moves the parked previous save back).
+
+The work directories and the removal of stale ones are in :mod:`aigc_opt._stale_saves`; the
+manifest's checksums, shape check and file verification in :mod:`aigc_opt._manifest` (both
+re-exported here).
 """
 
 from __future__ import annotations
@@ -17,21 +21,28 @@ import contextlib
 import ctypes
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import socket
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ._safety import contained, refuse_symlinks
+from ._manifest import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    MAX_MANIFEST_BYTES,
+    check_shape,
+    is_saved_model,
+    manifest_digest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
+from ._stale_saves import HOST_TAG, PARKED, STAGED, TMP_MARK, clean_stale_saves, parked_saves, write_owner
 from ._workdir import terminate_raises
 from .errors import IntegrityError, NotASavedModelError, SaveConflictError
 
@@ -40,24 +51,9 @@ __all__ = ["MANIFEST", "atomic_directory", "atomic_write", "atomic_write_text", 
 
 log = logging.getLogger("aigc_opt")
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-MAX_MANIFEST_BYTES = 32 << 20  # far above any real manifest; bounds memory before validation
-TMP_MARK = ".tmp-"  # work directories are named ".<target name>.tmp-<host tag>-<pid>-<random>"
-OWNER = "owner.json"  # in a work directory: the writing process's host and start time (pid reuse)
-STAGED = "model"  # in a work directory: the save being written (or, after the swap, the previous one)
-PARKED = "previous"  # in a work directory: the previous save between the two renames of the fallback
-FOREIGN_STALE_SECONDS = 24 * 3600  # another machine's work directory (shared filesystem) is stale after this
-_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_WORK_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]*")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# The private names these had before they moved (tests read them from here).
+_HOST_TAG = HOST_TAG
+_manifest_digest = manifest_digest
 
 
 def _fsync_tree(root: Path) -> None:
@@ -75,10 +71,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def is_saved_model(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
 
 
 # ---------------------------------------------------------------------------------- atomic files
@@ -147,11 +139,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             _refuse_unknown_entries(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_saves(target)
-    prefix = f".{target.name}{TMP_MARK}{_HOST_TAG}-{os.getpid()}-"  # who writes it, from its first moment
+    prefix = f".{target.name}{TMP_MARK}{HOST_TAG}-{os.getpid()}-"  # who writes it, from its first moment
     work = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         with terminate_raises():  # SIGTERM unwinds like Ctrl-C, so the finally below removes the work
-            _write_owner(work)
+            write_owner(work)
             staged = work / STAGED
             staged.mkdir()  # mode 0777 less the umask: a saved model gets normal permissions
             yield staged
@@ -240,126 +232,12 @@ def _exchange(a: Path, b: Path) -> bool:
     return False
 
 
-# ---------------------------------------------------------------------------------- leftovers of killed saves
-def _write_owner(work: Path) -> None:
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _process_start(os.getpid()),
-             "created": time.time()}
-    (work / OWNER).write_text(json.dumps(owner))
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields 3 onwards of ``/proc/<pid>/stat`` (state, ppid, ...), or None off Linux or if gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
-
-
-def _process_start(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: start time in ticks
-
-
-def _process_alive(pid: int, started: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, as another user's process
-        pass
-    fields = _proc_stat(pid)
-    if fields is None:  # no /proc (not Linux): os.kill said it exists; on Linux it just exited
-        return not sys.platform.startswith("linux")
-    if fields[0] in ("Z", "X"):  # exited, not yet reaped
-        return False
-    return started is None or _process_start(pid) == started  # else its pid was reused
-
-
-def _is_stale(work: Path, prefix: str) -> bool:
-    """True if no live process is writing ``work`` (a work directory of a save)."""
-    name = _WORK_NAME.fullmatch(work.name[len(prefix):])
-    if name and name["host"] == _HOST_TAG and os.name == "posix":
-        try:  # written just after the directory: absent if the writer was killed in between
-            started = json.loads((work / OWNER).read_text()).get("pid_start")
-        except (OSError, ValueError, AttributeError):
-            started = None
-        return not _process_alive(int(name["pid"]), started if isinstance(started, int) else None)
-    try:  # another machine's (shared filesystem), or not named by this version: by age
-        return work.stat().st_mtime < time.time() - FOREIGN_STALE_SECONDS
-    except OSError:
-        return False
-
-
-def _is_ours(work: Path) -> bool:
-    """True if ``work`` holds only what :func:`atomic_directory` writes there (its owner record,
-    the staged save, the parked previous one), or nothing. A directory the user named like one,
-    holding anything else, is never removed."""
-    try:
-        return {p.name for p in work.iterdir()} <= {OWNER, STAGED, PARKED}
-    except OSError:
-        return False
-
-
-def _work_dirs(target: Path) -> list[Path]:
-    prefix = f".{target.name}{TMP_MARK}"
-    try:
-        entries = list(target.parent.iterdir())
-    except OSError:
-        return []
-    return sorted(p for p in entries if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
-
-
-def clean_stale_saves(target: Path) -> list[Path]:
-    """Remove the work directories that killed saves to ``target`` left beside it; return them.
-
-    If a kill between the two renames of the fallback swap left ``target`` missing, the previous
-    save parked in the work directory is moved back first. Work directories of saves still
-    running (their owner process is alive) are left alone.
-    """
-    target = Path(target).absolute()
-    prefix = f".{target.name}{TMP_MARK}"
-    removed = []
-    for work in _work_dirs(target):
-        if not _is_ours(work) or not _is_stale(work, prefix):
-            continue
-        parked = work / PARKED
-        if not os.path.lexists(target) and is_saved_model(parked):
-            with contextlib.suppress(OSError):
-                os.rename(parked, target)
-                log.warning("%s: a save was interrupted while swapping; the previous save was put back.",
-                            target)
-        shutil.rmtree(work, ignore_errors=True)
-        log.info("removed %s, left by an interrupted save", work)
-        removed.append(work)
-    return removed
-
-
-def _parked_saves(target: Path) -> list[Path]:
-    return [work / PARKED for work in _work_dirs(Path(target).absolute()) if is_saved_model(work / PARKED)]
-
 
 # ---------------------------------------------------------------------------------- manifests
-def _manifest_digest(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` with the sha256 of every other file and of the manifest itself."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[path.relative_to(directory).as_posix()] = sha256_file(path)
-    manifest = {"aigc_opt_manifest": MANIFEST_VERSION, **manifest, "files": files}
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
-
-
 def read_manifest(directory: Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
-        parked = _parked_saves(directory) if not directory.exists() else []
+        parked = parked_saves(directory) if not directory.exists() else []
         hint = (f" A save to it was interrupted while swapping directories; the previous save is in "
                 f"{str(parked[0])!r} (the next save to this path puts it back first, or move it back "
                 "yourself)." if parked else "")
@@ -391,52 +269,10 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     missing = [k for k in ("format", "target", "architecture", "history", "files") if k not in manifest]
     if missing:
         raise NotASavedModelError(f"{str(path)!r} lacks the field(s) {missing}; it was not written by Model.save.")
-    _check_shape(manifest, path)
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+    check_shape(manifest, path)
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise IntegrityError(
             f"{str(path)!r} was changed after it was saved (its checksum does not match). "
             "Save the model again or restore the original file."
         )
     return manifest
-
-
-# The top-level fields of a manifest and the JSON types they must have ("?": may be absent).
-_FIELD_TYPES: dict[str, tuple[type | None, ...]] = {
-    "format": (str,), "target": (dict,), "architecture": (dict, type(None)), "history": (list,),
-    "files": (dict,), "manifest_sha256": (str,), "name?": (str,), "weights?": (dict,), "artifact?": (dict,),
-    "versions?": (dict,), "aigc_opt_version?": (str,), "name_covers_passes?": (int,),
-}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _check_shape(manifest: dict[str, Any], path: Path) -> None:
-    """Every field of the expected JSON type before anything reads it: a manifest of the wrong
-    shape is an :class:`IntegrityError`, never a bare TypeError deep inside a loader."""
-    for key, types in _FIELD_TYPES.items():
-        name = key.rstrip("?")
-        if name not in manifest and key.endswith("?"):
-            continue
-        if not isinstance(manifest.get(name), types):
-            raise IntegrityError(f"{str(path)!r}: field {name!r} is {type(manifest.get(name)).__name__}, expected "
-                                 f"{' or '.join(t.__name__ for t in types)}; the save is damaged or was crafted.")
-    bad = [k for k, v in manifest["files"].items() if not isinstance(v, str) or not _SHA256.fullmatch(v)]
-    if bad:
-        raise IntegrityError(f"{str(path)!r}: the checksum of {bad[0]!r:.80} is not a sha256 hex digest.")
-    if not all(isinstance(r, dict) for r in manifest["history"]):
-        raise IntegrityError(f"{str(path)!r}: every 'history' entry must be a JSON object.")
-
-
-def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing, changed, outside the
-    directory or a symlink (a save holds only plain files, and nothing outside it is ever read)."""
-    refuse_symlinks(directory)
-    for rel, expected in manifest.get("files", {}).items():
-        path = contained(directory, rel, what="file")
-        if not path.is_file():
-            raise IntegrityError(f"Saved model {str(directory)!r} is missing {rel!r} listed in its manifest.")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise IntegrityError(
-                f"{rel!r} in {str(directory)!r} was changed after saving (sha256 {actual[:12]}... "
-                f"!= {expected[:12]}... in the manifest). Save the model again or restore the file."
-            )
