@@ -13,6 +13,9 @@ of the MatMul, so the quantizer would leave the largest matmul of a small LLM (v
 fp32. It is untied here on purpose: the transposed weight becomes the MatMul's own constant and is
 quantized; the embedding's ``Gather`` is quantized too (``GatherBlockQuantized``, 4-bit) unless
 ``skip=`` names it. Measured on SmolLM2-135M (benchmarks/results/llm_decode.md).
+
+The graph helpers, the untying and the search for weights already on a GGUF block grid are in
+:mod:`aigc_opt.passes._nbits_graph`; the blocks reused, the quantizer run and its record are here.
 """
 
 from __future__ import annotations
@@ -21,8 +24,17 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, UnsupportedModelError
+from ._nbits_graph import (
+    BLOCK_SIZES,
+    GGUF_BLOCK,
+    check_block_size,
+    grid_fit,
+    grid_fits,
+    initializer,
+    rank,
+    untie_transposed_weights,
+)
 from ._quant_auto import INT8_DOT_FEATURES
-from ._quant_settings import MATMUL_NBITS_BLOCK_SIZES
 
 if TYPE_CHECKING:
     from ..model import Model
@@ -34,7 +46,6 @@ __all__ = ["matmul_nbits_onnx", "accuracy_level_for", "grid_fit", "check_nbits",
 
 log = logging.getLogger("aigc_opt")
 
-BLOCK_SIZES = MATMUL_NBITS_BLOCK_SIZES  # the weight-only settings classes state them (_quant_settings)
 DEFAULT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1/Q8_0 blocks
 
 
@@ -57,92 +68,8 @@ def check_nbits(settings: Quantize, target: Target, fmt: str) -> None:
             "input width; 32 is llama.cpp's block).")
 
 
-def _initializer(graph: Any, name: str, array: Any) -> Any:
-    """A new initializer ``name`` holding ``array``, registered on ``graph`` (an ``onnx_ir.Graph``)."""
-    import onnx_ir as ir
-
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _constant(value: Any) -> Any:
-    """The initializer tensor behind ``value`` (an ``onnx_ir.Value``), or None."""
-    return value.const_value if value is not None and value.is_initializer() else None
-
-
-def _rank(value: Any) -> int:
-    """The recorded rank of ``value``: 3 when nothing is recorded about it (as a decoder's hidden states),
-    0 when its type is recorded without a shape."""
-    if value.shape is not None:
-        return len(value.shape)
-    return 3 if value.type is None else 0
-
-
-def _untie_transposed_weights(graph: Any) -> list[str]:
-    """MatMul(x, Transpose(W)) with a constant 2-D W (a tied lm_head): give the MatMul W.T as its own
-    constant so it can be quantized. Returns the MatMul node names rewritten; a Transpose nothing reads
-    any more is left for the dead-code pass."""
-    rewritten = []
-    for node in graph:
-        if node.op_type != "MatMul" or len(node.inputs) < 2 or _constant(node.inputs[1]) is not None:
-            continue
-        transpose = node.inputs[1].producer() if node.inputs[1] is not None else None
-        if transpose is None or transpose.op_type != "Transpose" or _constant(transpose.inputs[0]) is None:
-            continue
-        weight = transpose.inputs[0]
-        perm = transpose.attributes.get_ints("perm")
-        if len(weight.const_value.shape) != 2 or (perm is not None and list(perm) != [1, 0]):
-            continue
-        name = f"{weight.name}.transposed"
-        untied = graph.initializers.get(name)
-        if untied is None:
-            untied = _initializer(graph, name, weight.const_value.numpy().T.copy())
-        node.replace_input_with(1, untied)
-        rewritten.append(node.name)
-    return rewritten
-
-
 # --------------------------------------------------------------------------- GGUF blocks, reused
-GGUF_BLOCK = 32  # llama.cpp's Q4_0, Q4_1 and Q8_0 blocks
-
-
-def grid_fit(weight: Any, block: int = GGUF_BLOCK) -> tuple[str, Any, Any, Any] | None:
-    """Whether a MatMul weight ``(K, N)`` already lies exactly on a llama.cpp block grid along K (it was
-    dequantized from a GGUF): ``("Q8_0", q, d, None)`` (d*q, q in -127..127), ``("Q4_0", q, d, None)``
-    (d*(q-8), q in 0..15) or ``("Q4_1", q, d, m)`` (d*q + m, q in 0..15), with ``q`` of shape
-    ``(N, K/block, block)`` and per-block ``d``/``m`` of shape ``(N, K/block)``; None if none fits.
-
-    The fit is checked, not assumed: every weight must be reproduced to 1e-3 of its block's step."""
-    import numpy as np
-
-    k, n = weight.shape
-    if k % block:
-        return None
-    w = np.asarray(weight, dtype=np.float64).T.reshape(n, k // block, block)
-    lo, hi = w.min(-1), w.max(-1)
-    amax = np.maximum(-lo, hi)
-
-    def exact(recon: Any, step: Any) -> bool:
-        return bool((np.abs(recon - w) <= 1e-3 * step[..., None] + 1e-30).all())
-
-    d = amax / 127
-    step = np.where(d > 0, d, 1.0)
-    q = np.rint(w / step[..., None])
-    if exact(q * d[..., None], step):
-        return "Q8_0", q.astype(np.int8), d.astype(np.float32), None
-    for d in (amax / 8, amax / 7):  # the largest magnitude sits at -8d or at +7d
-        step = np.where(d > 0, d, 1.0)
-        q = np.rint(w / step[..., None]) + 8
-        if q.min() >= 0 and q.max() <= 15 and exact((q - 8) * d[..., None], step):
-            return "Q4_0", q.astype(np.uint8), d.astype(np.float32), None
-    d = (hi - lo) / 15
-    step = np.where(d > 0, d, 1.0)
-    q = np.rint((w - lo[..., None]) / step[..., None])
-    if q.max() <= 15 and exact(q * d[..., None] + lo[..., None], step):
-        return "Q4_1", q.astype(np.uint8), d.astype(np.float32), lo.astype(np.float32)
-    return None
-
+# (Which weights lie on a GGUF block grid is found in _nbits_graph: grid_fit, grid_fits.)
 
 # Merging Q/K/V and gate/up into one MatMulNBits (+ Split) each. Before attention was fused into
 # GroupQueryAttention it measured 10.1 ms/step against 9.7 unmerged on SmolLM2 (2 threads, spinning);
@@ -154,20 +81,6 @@ MERGE_SHARED_INPUTS = True
 # MatMulNBits blocks (8): ~1 bit per weight less to read per token, at a second (small) rounding.
 OFFSET_BITS = 32
 OFFSET_BLOCK = 16
-
-
-def _grid_fits(graph: Any, excluded: set[str]) -> dict[int, tuple[str, Any, Any, Any]]:
-    """Index (in ``list(graph)``) of each MatMul whose constant 2-D weight lies on a GGUF block grid -> its
-    :func:`grid_fit` (Q4_1 only where the input is 2-D or 3-D: its block sums reshape the input)."""
-    fits: dict[int, tuple[str, Any, Any, Any]] = {}
-    for i, node in enumerate(graph):
-        weight = _constant(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) > 1 else None
-        if weight is None or node.name in excluded or len(weight.shape) != 2:
-            continue
-        fit = grid_fit(weight.numpy())
-        if fit is not None and (fit[0] != "Q4_1" or _rank(node.inputs[0]) in (2, 3)):
-            fits[i] = fit
-    return fits
 
 
 class _BlockEmitter:
@@ -201,7 +114,7 @@ class _BlockEmitter:
             packed, bits = (q.astype(np.int16) + 128).astype(np.uint8), 8
         else:
             packed, bits = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), 4
-        weights = [_initializer(self.graph, name, packed), _initializer(self.graph, f"{name}.scales", d.reshape(-1))]
+        weights = [initializer(self.graph, name, packed), initializer(self.graph, f"{name}.scales", d.reshape(-1))]
         made = [self._nbits([a, *weights], f"{base}_{kind}", q.shape[1] * GGUF_BLOCK, q.shape[0], bits, GGUF_BLOCK)]
         result = made[0].outputs[0]
         if kind == "Q4_1":
@@ -212,7 +125,7 @@ class _BlockEmitter:
         if len(nodes) == 1:
             return made, [result]  # named after the MatMul's output when it takes its place
         result.name = y
-        sizes = _initializer(self.graph, f"{y}.split", np.asarray([f[1].shape[0] for f in fits], np.int64))
+        sizes = initializer(self.graph, f"{y}.split", np.asarray([f[1].shape[0] for f in fits], np.int64))
         made.append(ir.node("Split", [result, sizes], {"axis": -1}, num_outputs=len(nodes), name=f"{base}_split"))
         return made, list(made[-1].outputs)
 
@@ -223,9 +136,9 @@ class _BlockEmitter:
 
         made = []
         if a.name not in self.block_sums:
-            dims = [0, 0, blocks, GGUF_BLOCK] if _rank(a) == 3 else [0, blocks, GGUF_BLOCK]
-            shape = _initializer(self.graph, f"{a.name}.block_shape", np.asarray(dims, np.int64))
-            axis = _initializer(self.graph, f"{a.name}.block_axis", np.asarray([-1], np.int64))
+            dims = [0, 0, blocks, GGUF_BLOCK] if rank(a) == 3 else [0, blocks, GGUF_BLOCK]
+            shape = initializer(self.graph, f"{a.name}.block_shape", np.asarray(dims, np.int64))
+            axis = initializer(self.graph, f"{a.name}.block_axis", np.asarray([-1], np.int64))
             reshape = ir.node("Reshape", [a, shape], name=f"{a.name}_blocks")
             reshape.outputs[0].name = f"{a.name}.blocks"
             sums = ir.node("ReduceSum", [reshape.outputs[0], axis], {"keepdims": 0}, name=f"{a.name}_block_sums")
@@ -236,7 +149,7 @@ class _BlockEmitter:
         if OFFSET_BITS == 8:
             made.append(self._offsets_8bit(self.block_sums[a.name], offsets, name, f"{base}_offsets"))
         else:
-            weight = _initializer(self.graph, f"{name}.offsets", offsets)
+            weight = initializer(self.graph, f"{name}.offsets", offsets)
             made.append(ir.node("MatMul", [self.block_sums[a.name], weight], name=f"{base}_offsets"))
         made[-1].outputs[0].name = f"{y}.offsets"
         return made + [ir.node("Add", [out, made[-1].outputs[0]], name=f"{base}_add_offsets")]
@@ -254,8 +167,8 @@ class _BlockEmitter:
         scale = np.abs(w).max(-1) / 127
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = (np.clip(np.rint(w / scale[..., None]), -127, 127) + 128).astype(np.uint8)
-        weights = [_initializer(self.graph, f"{name}.offsets8", q),
-                   _initializer(self.graph, f"{name}.offsets8.scales", scale.reshape(-1))]
+        weights = [initializer(self.graph, f"{name}.offsets8", q),
+                   initializer(self.graph, f"{name}.offsets8.scales", scale.reshape(-1))]
         return self._nbits([sums, *weights], node, k, n, 8, OFFSET_BLOCK)
 
 
@@ -274,7 +187,7 @@ def _reuse_blocks(graph: Any, excluded: set[str], level: int) -> dict[str, Any]:
     import onnx_ir as ir
 
     nodes = list(graph)
-    fits = _grid_fits(nodes, excluded)
+    fits = grid_fits(nodes, excluded)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, fit in fits.items():
         key = (nodes[i].inputs[0], fit[0]) if MERGE_SHARED_INPUTS else (i,)
@@ -292,24 +205,6 @@ def _reuse_blocks(graph: Any, excluded: set[str], level: int) -> dict[str, Any]:
     return {"formats": counts, "helpers": emitter.helpers, "merged_groups": sum(len(g) > 1 for g in groups.values())}
 
 
-def _check_block_size(graph: Any, block: int, excluded: set[str], method: str) -> None:
-    """The block runs along each MatMul weight's input axis (K): it must divide K, or the last block of
-    every column would be padded with zeros and its scale fitted to fewer weights."""
-    bad = []
-    for node in graph:
-        weight = _constant(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) > 1 else None
-        if weight is not None and node.name not in excluded and len(weight.shape) == 2 and weight.shape[0] % block:
-            bad.append((node.name, weight.shape[0]))
-    if bad:
-        shown = ", ".join(f"{name} (input width {k})" for name, k in bad[:3]) + (
-            f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        fits = [b for b in BLOCK_SIZES if all(k % b == 0 for _, k in bad)]
-        raise ConfigError(
-            f"Quantize(method={method!r}): group_size={block} does not divide the input width of {shown}; "
-            "blocks run along a weight's input features. Use "
-            + (f"group_size={max(fits)} (divides them), " if fits else "")
-            + "or skip= those layers.")
-
 
 def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[list[str], list[str], dict[str, Any]]:
     """The graph surgery before ONNX Runtime's quantizer, in place on ``loaded`` (an ``onnx_ir.Model``):
@@ -322,12 +217,12 @@ def _rewrite(loaded: Any, settings: Quantize, block: int, level: int) -> tuple[l
 
     graph = loaded.graph
     excluded = _excluded_nodes(graph, settings)
-    untied = _untie_transposed_weights(graph)
+    untied = untie_transposed_weights(graph)
     reused: dict[str, Any] = {"formats": {}, "helpers": [], "merged_groups": 0}
     if settings.reuse_blocks and block == GGUF_BLOCK:
         reused = _reuse_blocks(graph, set(excluded), level)
     remove_unused_nodes(loaded)
-    _check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
+    check_block_size(graph, block, set(excluded) | set(reused["helpers"]), settings.method)
     return excluded, untied, reused
 
 
