@@ -1,6 +1,8 @@
 """Model: one artifact plus what is needed to reason about it (format, target, inputs, history).
 
 A Model is treated as immutable: every pass returns a new Model and leaves its input untouched.
+How one is built back from a save or around an ONNX file, without ``__init__``, is in
+:mod:`aigc_opt._model_load`.
 
 Example:
     >>> import aigc_opt as ao, torch
@@ -16,7 +18,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +26,21 @@ import torch
 
 from ._architecture import describe_architecture, structure_only
 from ._deps import library_versions
-from ._safety import contained, no_unpickling
-from ._tokenizer_store import load_tokenizer, save_tokenizer
+from ._model_load import EXAMPLE_INPUTS, load_verified, manifest_values, wrap_onnx_file
+from ._safety import no_unpickling
+from ._tokenizer_store import save_tokenizer
 from ._store import atomic_directory, read_manifest, verify_files, write_manifest
 from ._tree import (Inputs, batch_size, describe, is_empty_batch, normalize_inputs, require_data, with_rows,
                     without_rows)
 from .errors import (
     AigcOptError,
-    IntegrityError,
     InvalidInputError,
     UnsupportedModelError,
 )
 from ._version import __version__
 from .model_sources import MODEL_SOURCES
 from .record import PassRecord
-from .runtime import RUNTIMES, runtime_for
-from .runtime._torch_store import load_tensors
+from .runtime import runtime_for
 from .runtime.base import ModelFacts, manifest_field
 from .runtime.torch_module import unwrap
 from .target import Target
@@ -47,8 +48,6 @@ from .target import Target
 __all__ = ["Model"]
 
 log = logging.getLogger("aigc_opt")
-
-EXAMPLE_INPUTS = "example_inputs.pt"
 
 
 class Model:
@@ -325,48 +324,8 @@ class Model:
         verify_files(path, manifest)
         # Defence in depth: without trust, any unpickling of a global anywhere below is refused.
         guard = contextlib.nullcontext() if trust else no_unpickling(f"Model.load({str(path)!r})")
-        with guard, _manifest_values(path):
-            return cls._load_verified(path, manifest, target=target, module=module, trust=trust)
-
-    @classmethod
-    def _load_verified(cls, path: Path, manifest: dict[str, Any], *, target: str | Target | None,
-                       module: torch.nn.Module | None, trust: bool) -> Model:
-        history = tuple(PassRecord.from_dict(r) for r in manifest["history"])
-        if manifest["format"] not in RUNTIMES:
-            raise UnsupportedModelError(
-                f"Saved format {manifest['format']!r:.40} is not supported by this aigc_opt "
-                f"(it reads {RUNTIMES.names()}); upgrade aigc-opt."
-            )
-        runtime = runtime_for(manifest["format"])
-        facts = ModelFacts(name=str(manifest.get("name", "")), architecture=manifest["architecture"],
-                           history=history, module=module)
-        artifact = runtime.load(path, manifest.get(manifest_field(runtime)) or {}, files=manifest["files"],
-                                trust=trust, facts=facts)
-        model = cls._loaded(path, manifest, artifact, history, target)
-        model._skeleton = facts.found.get("structure")
-        tokenizer = load_tokenizer(path, manifest.get("tokenizer"), files=manifest["files"], trust=trust)
-        if tokenizer is not None:
-            model.tokenizer = tokenizer
-        return model
-
-    @classmethod
-    def _loaded(cls, path: Path, manifest: dict[str, Any], module: Any, history: tuple[PassRecord, ...],
-                target: str | Target | None) -> Model:
-        example_path = path / EXAMPLE_INPUTS
-        model = cls.__new__(cls)
-        model.artifact = module
-        model.format = manifest["format"]
-        model.target = Target.get(target) if target is not None else Target.from_dict(manifest["target"])
-        model.example_inputs = (load_tensors(contained(path, EXAMPLE_INPUTS, listed=manifest["files"]), trust=False)
-                                if example_path.exists() else None)
-        model.name = manifest.get("name", type(unwrap(module)).__name__)  # before history: label = name+passes
-        model.history = history
-        covered = manifest.get("name_covers_passes", 0)
-        if isinstance(covered, int) and not isinstance(covered, bool) and 0 <= covered <= len(history):
-            object.__setattr__(model, "_named_at", covered)  # a name given after some passes keeps covering them
-        model.architecture = manifest["architecture"]
-        model._skeleton = None
-        return model
+        with guard, manifest_values(path):
+            return load_verified(cls, path, manifest, target=target, module=module, trust=trust)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str], *, example_inputs: Any = None,
@@ -376,35 +335,8 @@ class Model:
         The file is checked with the ONNX checker and used in place (never modified). Outputs
         come back as one tensor, or a tuple in graph order.
         """
-        from ._deps import require
-        from .runtime.onnxruntime import OnnxArtifact
-
-        onnx = require("onnx", extra="onnx", purpose="Model.from_onnx")
-        require("onnxruntime", extra="onnx", purpose="Model.from_onnx")
-        path = Path(path)
-        if not path.is_file():
-            raise UnsupportedModelError(f"ONNX file {str(path)!r} does not exist.")
-        try:
-            onnx.checker.check_model(str(path))
-        except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-            raise UnsupportedModelError(
-                f"{str(path)!r} fails the ONNX checker: {str(e).strip().splitlines()[0]}"
-            ) from None
-        except Exception as e:  # not protobuf at all
-            raise UnsupportedModelError(f"{str(path)!r} is not a readable ONNX model: {e}") from None
-        model = cls.__new__(cls)
-        model.artifact = OnnxArtifact(path=path.absolute())
-        model.format = "onnx"
-        model.target = Target.get(target)
-        model.example_inputs = None if example_inputs is None else normalize_inputs(example_inputs,
-                                                                                    what="example_inputs")
-        model.history = ()
-        model.name = name or path.stem
-        model.architecture = None
-        model._skeleton = None
-        if validate and model.example_inputs is not None:
-            model._validate_example_inputs()
-        return model
+        return wrap_onnx_file(cls, path, example_inputs=example_inputs, target=target, name=name,
+                              validate=validate)
 
     @classmethod
     def from_hf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Model:
@@ -422,22 +354,6 @@ class Model:
         """A diffusers UNet or VAE component (``component="unet"``/``"vae"``; needs
         ``aigc-opt[diffusion]``); see :func:`aigc_opt.diffusion.from_diffusers`."""
         return MODEL_SOURCES.get("diffusers")(path, **kwargs)
-
-
-@contextlib.contextmanager
-def _manifest_values(path: Path) -> Iterator[None]:
-    """Values read from a verified manifest that have the wrong type or an impossible value reach
-    code that expects them (dataclass constructors, transformers configs); what fails there is an
-    :class:`IntegrityError` naming the save, not a bare TypeError or KeyError."""
-    try:
-        yield
-    except AigcOptError:
-        raise
-    except (TypeError, KeyError, AttributeError, ValueError, IndexError, RecursionError, OverflowError) as e:
-        raise IntegrityError(
-            f"The manifest of {str(path)!r} holds a value aigc_opt cannot use ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}); the save is damaged or was crafted. Save it again."
-        ) from e
 
 
 def _refuse_empty_batch(inputs: Any) -> None:
