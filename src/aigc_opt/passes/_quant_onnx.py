@@ -194,7 +194,7 @@ class _Reader:
     def __init__(self, artifact: Any, batches: list[Any], verbose: bool):
         from tqdm.auto import tqdm
 
-        from ..runtime.onnxruntime import _to_numpy
+        from ..runtime._onnx_inputs import to_numpy
 
         declared = artifact.declared_inputs()
         names = [d[0] for d in declared]
@@ -215,7 +215,7 @@ class _Reader:
             if len(values) != len(declared):
                 raise ConfigError(f"Quantize('int8-static'): a calibration batch has {len(values)} inputs, "
                                   f"the ONNX model takes {names}.")
-            feeds.append({d[0]: _to_numpy(v, d[1], d[0]) for d, v in zip(declared, values)})
+            feeds.append({d[0]: to_numpy(v, d[1], d[0]) for d, v in zip(declared, values)})
         self.shapes = [{k: tuple(v.shape) for k, v in feed.items()} for feed in feeds]
         self._bar = tqdm(total=len(feeds), desc="calibrating int8-static (onnx)", unit="batch",
                          disable=not verbose or None)

@@ -24,7 +24,7 @@ from .._deps import require
 from .._tree import Inputs, flatten_tensors
 from .._safety import contained
 from ..errors import IntegrityError
-from ._onnx_inputs import check_shared_axes, input_values, make_feed, session_run, to_numpy
+from ._onnx_inputs import check_shared_axes, input_values, make_feed, session_run
 from .base import RUNTIMES, BuildOnceCache, ModelFacts, rebuild_outputs
 
 __all__ = ["OnnxArtifact", "OnnxRuntime", "new_workdir", "ORT_OPT_LEVELS"]
@@ -34,9 +34,6 @@ ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
 # The execution providers a saved model may name (others are refused on load: docs/security.md).
 KNOWN_PROVIDERS = frozenset({"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
                              "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider"})
-
-# The private name it had before it moved to _onnx_inputs (passes/_quant_onnx.py reads it from here).
-_to_numpy = to_numpy
 
 
 def new_workdir(prefix: str) -> Path:
