@@ -10,7 +10,7 @@ import torch
 
 import aigc_opt as ao
 from aigc_opt._deps import is_available
-from aigc_opt.errors import ConfigError, IncompatibleTargetError, IntegrityError, MissingDependencyError
+from aigc_opt.errors import ConfigError, IncompatibleTargetError, IntegrityError, MissingDependencyError, UnsupportedModelError
 
 needs_openvino = pytest.mark.skipif(not (is_available("openvino") and is_available("nncf")),
                                     reason='openvino/nncf not installed: pip install "aigc-opt[openvino]"')
@@ -336,6 +336,12 @@ def test_direct_conversion_gives_convert_models_graph_and_outputs():
     got, want = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(inputs)[0]
                  for m in (direct, reference))
     assert abs(got - want).max() == 0.0
+
+
+def test_compile_openvino_on_a_torch_model_says_to_export_to_openvino_first():
+    model = ao.Model(torch.nn.Linear(4, 4).eval(), example_inputs=(torch.randn(2, 4),), target="host")
+    with pytest.raises(UnsupportedModelError, match=r"Export it first: ao\.Export\('openvino'\)"):
+        ao.compile(model, "openvino")
 
 
 # ---------------------------------------------------------------- Intel GPU / NPU targets (#19)

@@ -190,7 +190,8 @@ class Compile(Pass):
     def check_static(self, fmt: str, target: Target) -> None:
         backend = COMPILE_BACKENDS.get(self.backend)
         if fmt not in backend.formats:
-            hint = " Export it first: ao.Export('onnx')." if "onnx" in backend.formats else ""
+            # every format a Compile backend takes besides torch is an Export target of the same name
+            hint = f" Export it first: ao.Export({backend.formats[0]!r})." if fmt == "torch" else ""
             raise UnsupportedModelError(
                 f"Compile({self.backend!r}) takes a model in format {' or '.join(map(repr, backend.formats))}, "
                 f"but got format {fmt!r}.{hint}"
