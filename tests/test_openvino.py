@@ -331,6 +331,7 @@ def test_direct_conversion_gives_convert_models_graph_and_outputs():
                 Counter(op.get_type_name() for op in model.get_ops()))
 
     assert shape(direct) == shape(reference)
+    assert direct.get_rt_info("Runtime_version").astype(str) == ov.get_version()
     inputs = {k: v.numpy() for k, v in batch(3, 21, seed=4).items()}
     core = ov.Core()
     got, want = (core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(inputs)[0]

@@ -143,6 +143,7 @@ def _convert_direct(decoder: Any) -> Any | None:
             apply_moc_transformations,
             compress_quantize_weights_transformation,
         )
+        from openvino import get_version
         from openvino.frontend import FrontEndManager
         from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
     except ImportError:
@@ -154,6 +155,7 @@ def _convert_direct(decoder: Any) -> Any | None:
     apply_moc_transformations(converted, cf=False, smart_reshape=True)
     compress_quantize_weights_transformation(converted)
     apply_fused_names_cleanup(converted)
+    converted.set_rt_info(get_version(), "Runtime_version")  # as convert_model stamps its IRs
     return converted
 
 
