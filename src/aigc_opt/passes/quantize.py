@@ -6,7 +6,7 @@ converts a module in place (on the pass's private copy). ``check`` reads those f
 method is one function and one ``@quant_method(...)`` line.
 
 The methods themselves live beside this file: ``_quant_torch`` (torchao int8 dynamic and
-weight-only, fp16/bf16, fp8, int4), ``_quant_pt2e`` (static int8 via torch.export),
+weight-only, fp8, int4), ``_quant_half`` (fp16/bf16 casts), ``_quant_pt2e`` (static int8 via torch.export),
 ``_quant_onnx`` (ONNX Runtime static int8 and fp16), ``_quant_bnb`` (bitsandbytes);
 ``_quant_auto`` picks one from the target and ``_quant_fallback`` keeps sensitive layers in
 float to meet an accuracy budget.
@@ -38,7 +38,7 @@ from .._deps import require
 from ..errors import ConfigError, IncompatibleTargetError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from ._prune_hf import convert_conv1d, is_conv1d
-from . import _quant_bnb, _quant_onnx, _quant_pt2e, _quant_torch  # noqa: F401  (each registers its methods)
+from . import _quant_bnb, _quant_half, _quant_onnx, _quant_pt2e, _quant_torch  # noqa: F401  (each registers its methods)
 from ._quant_registry import (
     QUANT_METHODS,
     QuantMethod,
