@@ -26,7 +26,7 @@ demo: install
 # The security tests run in a pytest process of their own. The one-process crash they used to hit
 # (SIGSEGV in the SIGTERM test after OpenVINO work: an unmapped alternate signal stack, see CHANGELOG
 # and tests/test_native_crash.py) is fixed; the split stays until the whole suite has passed twice in
-# one process.
+# one process. Once so far: 2026-12-02 at 9430fd7, 832 passed, 8 skipped, in one pytest process.
 test: install
 	$(PY) -m pytest --ignore=tests/test_security.py --ignore=tests/test_security_runtime.py
 	$(PY) -m pytest tests/test_security.py tests/test_security_runtime.py
