@@ -88,8 +88,7 @@ def export_openvino(model: Model, settings: Export) -> tuple[Any, dict[str, Any]
         spec_text = pytree.treespec_dumps(spec)
     except Exception:  # an output type pytree cannot serialize: outputs come back as a tuple
         spec_text = None
-    details: dict[str, Any] = {"exporter": "openvino.convert_model", "openvino": ov.__version__,
-                               "dynamic": settings.dynamic is not False}
+    details: dict[str, Any] = {"openvino": ov.__version__, "dynamic": settings.dynamic is not False}
     # a slice only where verification follows: unverified, the trace sees the full example
     full = dict(model.example_inputs) if isinstance(model.example_inputs, dict) \
         else tuple(split_inputs(model.example_inputs)[0])
@@ -173,10 +172,12 @@ def _convert(ov: Any, module: torch.nn.Module, name: str, options: dict[str, Any
         with quiet_import_logs("torch.jit", "nncf"), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             source = _decoder(module, options)
-            converted = _convert_direct(source) if not options else None
-            details["exporter"] = "openvino.convert_model" if converted is None else \
-                "openvino.convert_model's steps (PyTorch frontend, MOC transformations)"
-            converted = converted if converted is not None else ov.convert_model(source, **options)
+            converted = _convert_direct(source) if not options else None  # an option left: convert_model takes it
+            if converted is None:
+                converted = ov.convert_model(source, **options)
+                details["exporter"] = "openvino.convert_model"
+            else:
+                details["exporter"] = "openvino.convert_model's steps (PyTorch frontend, MOC transformations)"
             ov.save_model(converted, str(path), compress_to_fp16=False)
     except Exception as e:
         raise UnsupportedModelError(
