@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import aigc_opt as ao
+from aigc_opt._stale_saves import HOST_TAG
 from aigc_opt.errors import (
     ConfigError,
     IntegrityError,
@@ -426,7 +427,7 @@ def test_next_save_removes_what_killed_saves_left(mlp_model, tmp_path, x):
 
     target = tmp_path / "m"
     mlp_model.save(target)
-    tag = store._HOST_TAG
+    tag = HOST_TAG
     other = "0" * 8 if tag != "0" * 8 else "1" * 8  # another machine's tag (shared filesystem)
     killed = tmp_path / f".m.tmp-{tag}-{_dead_pid()}-killed00"  # its process is gone
     (killed / "model").mkdir(parents=True)
@@ -462,7 +463,7 @@ def test_kill_between_the_fallback_renames_is_repaired(mlp_model, tmp_path, x):
     mlp_model.save(target)
     # Where no atomic exchange exists, a kill between the two renames leaves the path missing
     # and the previous save parked in the work directory.
-    work = tmp_path / f".m.tmp-{store._HOST_TAG}-{_dead_pid()}-parked00"
+    work = tmp_path / f".m.tmp-{HOST_TAG}-{_dead_pid()}-parked00"
     work.mkdir()
     os.rename(target, work / "previous")
     (work / "model").mkdir()

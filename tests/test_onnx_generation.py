@@ -288,7 +288,7 @@ def test_one_decoder_layout_for_both_loops_and_old_saves_load(lm, onnx_lm, tmp_p
     and a malformed layout is refused at load with the directory named."""
     import json
 
-    from aigc_opt._store import _manifest_digest
+    from aigc_opt._manifest import manifest_digest
     from aigc_opt.errors import IntegrityError
     from aigc_opt.runtime.onnx_generation import DecoderLayout, decoder_layout
 
@@ -306,7 +306,7 @@ def test_one_decoder_layout_for_both_loops_and_old_saves_load(lm, onnx_lm, tmp_p
 
     def rewrite(generation):
         manifest["artifact"]["generation"] = generation
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         manifest_path.write_text(json.dumps(manifest))
 
     old = {k: v for k, v in onnx_lm.artifact.generation.items() if k not in ("eos_token_id", "pad_token_id")}

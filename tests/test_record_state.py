@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import aigc_opt as ao
-import aigc_opt._store as store
+from aigc_opt._manifest import manifest_digest
 from aigc_opt.errors import IntegrityError, RecipeError
 from aigc_opt.record import STATE_VERSION, PassRecord
 from toy_models import make_mlp
@@ -21,7 +21,7 @@ from toy_models import make_mlp
 def _rewrite(directory, edit) -> None:
     manifest = json.loads((directory / "manifest.json").read_text())
     edit(manifest)
-    manifest["manifest_sha256"] = store._manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -16,6 +16,7 @@ import torch
 
 import aigc_opt as ao
 import aigc_opt._store as store
+from aigc_opt._manifest import manifest_digest
 from aigc_opt.errors import (
     AigcOptError,
     ConfigError,
@@ -55,7 +56,7 @@ def sign(directory: Path, manifest: dict, *, rehash: bool = True) -> None:
             path = directory / rel
             if isinstance(rel, str) and path.is_file():
                 manifest["files"][rel] = store.sha256_file(path)
-    manifest["manifest_sha256"] = store._manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 

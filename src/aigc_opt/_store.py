@@ -51,10 +51,6 @@ __all__ = ["MANIFEST", "atomic_directory", "atomic_write", "atomic_write_text", 
 
 log = logging.getLogger("aigc_opt")
 
-# The private names these had before they moved (tests read them from here).
-_HOST_TAG = HOST_TAG
-_manifest_digest = manifest_digest
-
 
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
