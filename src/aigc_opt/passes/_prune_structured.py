@@ -5,7 +5,7 @@
 plans per-layer ratios that keep a multiple of ``round_to`` channels, prunes (in ``iterative_steps``
 steps, importance re-estimated each time) and checks the output shapes. Transformers' attention heads
 are handled by the adapters in ``_prune_hf``. What changed is recorded as new sizes per module
-(``_prune_structure``), which ``_replay_structure`` gives a freshly built skeleton on ``Model.load``.
+(``_prune_structure``), which ``replay_structure`` there gives a freshly built skeleton on ``Model.load``.
 torch_pruning is imported only when a structured prune runs.
 """
 
@@ -27,13 +27,12 @@ from . import _prune_hf as hf
 from ._prune_rules import IMPORTANCES, STRUCTURE_RULES, default_round_to, structure_rule_key
 from ._prune_select import Selection, roots, select, touches
 from ._prune_structure import diff, snapshot
-from ._prune_structure import replay_structure as _replay_structure
 
 if TYPE_CHECKING:
     from ..model import Model
     from .prune import Prune
 
-__all__ = ["_run_structured", "_replay_structure"]  # what passes/prune.py imports
+__all__ = ["_run_structured"]  # what passes/prune.py imports
 
 
 def _run_structured(module: nn.Module, settings: Prune, model: Model) -> dict[str, Any]:

@@ -46,7 +46,8 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..runtime.torch_module import unwrap
 from . import _prune_hf as hf
 from ._prune_rules import IMPORTANCES, STRUCTURE_RULES, default_round_to
-from ._prune_structured import _replay_structure, _run_structured
+from ._prune_structure import replay_structure
+from ._prune_structured import _run_structured
 from .base import Pass, PassRecord, PassResult, named, register_pass, runtime_field, split_state, validate_choice
 
 if TYPE_CHECKING:
@@ -392,7 +393,7 @@ def _restore_nm(module: nn.Module, state: dict[str, Any]) -> None:
 
 
 PRUNE_METHODS.register("structured", PruneMethod(name="structured", run=_run_structured,
-                                                 restore=_replay_structure, simulated=False,
+                                                 restore=replay_structure, simulated=False,
                                                  package="torch_pruning", state_keys=("structure",)))
 PRUNE_METHODS.register("unstructured", PruneMethod(name="unstructured", run=_run_unstructured,
                                                    restore=lambda module, details: None, simulated=True))
